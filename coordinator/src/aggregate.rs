@@ -1,0 +1,169 @@
+//! The results consumer.
+//!
+//! Owns the results queue: it takes results in batches (up to the prefetch), records each
+//! device's first terminal outcome in one pipelined round trip ([`shared::store::Scripts`]),
+//! and only then acks the batch. A result counted twice is impossible: a redelivered or
+//! duplicate result finds its device already terminal and changes nothing. An undecodable
+//! result is dead-lettered with the reason. If Redis is unreachable the batch is retried, not
+//! acked. It never publishes tasks.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions},
+    types::FieldTable,
+};
+use redis::aio::ConnectionManager;
+use shared::{
+    amqp::{self, Publisher},
+    job::DeviceStatus,
+    messages::{self, TaskResult},
+    store::{Outcome, Scripts},
+    topology::Names,
+};
+use tokio_util::sync::CancellationToken;
+
+/// What the aggregator needs.
+#[derive(Debug)]
+pub struct Aggregator {
+    /// Names.
+    pub names: Names,
+    /// Redis.
+    pub redis: ConnectionManager,
+    /// For dead-lettering.
+    pub publisher: Publisher,
+    /// Status scripts.
+    pub scripts: Scripts,
+    /// Results per batch, and the consumer prefetch.
+    pub prefetch: u16,
+    /// Fires on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// Consumes results until shutdown or a channel failure.
+///
+/// # Errors
+/// The channel failed.
+pub async fn run(agg: Arc<Aggregator>, channel: Channel, tag: String) -> anyhow::Result<()> {
+    channel
+        .basic_qos(agg.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            agg.names.results_queue().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut redis = agg.redis.clone();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = agg.shutdown.cancelled() => return Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+        };
+        // Take whatever else is already here, up to the prefetch, without waiting.
+        let mut batch = vec![first];
+        while batch.len() < usize::from(agg.prefetch) {
+            match tokio::time::timeout(Duration::from_millis(2), consumer.next()).await {
+                Ok(Some(Ok(d))) => batch.push(d),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        process_batch(&agg, &mut redis, batch).await?;
+    }
+}
+
+async fn process_batch(
+    agg: &Aggregator,
+    redis: &mut ConnectionManager,
+    batch: Vec<Delivery>,
+) -> anyhow::Result<()> {
+    let mut results: Vec<(TaskResult, &Delivery)> = Vec::with_capacity(batch.len());
+    for d in &batch {
+        match messages::decode_result(&d.data) {
+            Ok(r) => results.push((r, d)),
+            Err(e) => {
+                let reason = format!("undecodable result: {e}: {e:?}");
+                tracing::error!(%reason, queue = %agg.names.results_queue(), "dead-lettering a result");
+                match amqp::dead_letter(
+                    &agg.publisher,
+                    &agg.names,
+                    &agg.names.results_queue(),
+                    &d.data,
+                    &d.properties,
+                    &reason,
+                )
+                .await
+                {
+                    Ok(()) => d.acker.ack(BasicAckOptions::default()).await?,
+                    Err(_) => {
+                        d.acker
+                            .reject(BasicRejectOptions { requeue: false })
+                            .await?
+                    }
+                };
+            }
+        }
+    }
+    let statuses: Vec<DeviceStatus> = results
+        .iter()
+        .map(|(r, _)| DeviceStatus {
+            state: r.state,
+            attempts: r.attempts,
+            error: r.error.clone(),
+            updated_at_ms: r.finished_at_ms,
+            next_attempt_at_ms: None,
+            worker: Some(r.worker.clone()),
+        })
+        .collect();
+    let outcomes: Vec<Outcome<'_>> = results
+        .iter()
+        .zip(&statuses)
+        .map(|((r, _), status)| Outcome {
+            job_id: r.job_id,
+            device_id: &r.device_id,
+            status,
+        })
+        .collect();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match agg
+            .scripts
+            .record_terminal(redis, &agg.names, &outcomes)
+            .await
+        {
+            Ok(summary) => {
+                if summary.finished_jobs > 0 {
+                    tracing::info!(jobs = summary.finished_jobs, "job finished");
+                }
+                if summary.duplicates > 0 {
+                    tracing::debug!(duplicates = summary.duplicates, "duplicate results ignored");
+                }
+                break;
+            }
+            Err(e) => {
+                // Nothing is acked until it is recorded: wait for Redis.
+                tracing::warn!(error.message = %e, error.cause_chain = ?e, "recording results failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = agg.shutdown.cancelled() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if let Some((_, last)) = results.iter().max_by_key(|(_, d)| d.delivery_tag) {
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    Ok(())
+}

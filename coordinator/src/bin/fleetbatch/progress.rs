@@ -1,0 +1,94 @@
+//! Following a job: a progress bar with counts per state, rate and ETA, and the summary.
+
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::client::Client;
+
+pub(crate) fn count(job: &Value, field: &str) -> u64 {
+    job.get(field).and_then(Value::as_u64).unwrap_or(0)
+}
+
+pub(crate) fn is_finished(job: &Value) -> bool {
+    matches!(
+        job.get("state").and_then(Value::as_str),
+        Some("COMPLETED") | Some("CANCELED")
+    )
+}
+
+fn message(job: &Value) -> String {
+    format!(
+        "{} ok {} failed {} rejected {} timed out {} canceled {} skipped",
+        count(job, "succeeded"),
+        count(job, "failed"),
+        count(job, "rejected"),
+        count(job, "timed_out"),
+        count(job, "canceled"),
+        count(job, "skipped"),
+    )
+}
+
+/// Polls the job until it finishes (or `timeout`), drawing a progress bar on stderr.
+pub(crate) async fn follow(
+    client: &Client,
+    job_id: &str,
+    expected: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let bar = ProgressBar::new(expected.unwrap_or(0));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    loop {
+        let job: Value = client.get(&format!("/v1/jobs/{job_id}")).await?;
+        let targeted = count(&job, "targeted");
+        if expected.is_none() || targeted > bar.length().unwrap_or(0) {
+            bar.set_length(targeted.max(expected.unwrap_or(0)));
+        }
+        bar.set_position(count(&job, "terminal"));
+        bar.set_message(message(&job));
+        if is_finished(&job) {
+            bar.finish();
+            return Ok(job);
+        }
+        if started.elapsed() > timeout {
+            bar.abandon();
+            anyhow::bail!("job {job_id} did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A table of the job's counters.
+pub(crate) fn summary(job: &Value) -> String {
+    let mut out = String::new();
+    let name = job.get("name").and_then(Value::as_str).unwrap_or("-");
+    out.push_str(&format!(
+        "job {} ({name}): {}\n",
+        job.get("job_id").and_then(Value::as_str).unwrap_or("?"),
+        job.get("state").and_then(Value::as_str).unwrap_or("?")
+    ));
+    out.push_str(&format!(
+        "  {:<12} {:>10}\n",
+        "targeted",
+        count(job, "targeted")
+    ));
+    for f in [
+        "succeeded",
+        "failed",
+        "rejected",
+        "timed_out",
+        "canceled",
+        "skipped",
+        "pending",
+    ] {
+        out.push_str(&format!("  {f:<12} {:>10}\n", count(job, f)));
+    }
+    out
+}

@@ -1,0 +1,289 @@
+//! The planner: publishes a job's tasks.
+//!
+//! Owns the loop that walks a job's targets ([`crate::split`]) and, batch by batch:
+//! publishes a task per device on a confirm channel (persistent, mandatory), waits for every
+//! confirm, records SKIPPED devices, and checkpoints its cursor and count in Redis. A
+//! coordinator that dies mid-job resumes from the checkpoint: at most one batch is published
+//! again, and the workers' idempotency keys absorb it. When the job is canceled, devices not
+//! yet published are recorded CANCELED instead. One planner per job runs at a time across
+//! coordinators (a lease in Redis). It never consumes results.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use lapin::types::FieldTable;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use shared::{
+    amqp::{self, Outgoing, Publisher},
+    config::Settings,
+    job::{DeviceStatus, ExecutionState, JobState},
+    messages::{self, DeviceTask, TASK_TYPE, WIRE_VERSION},
+    now_ms,
+    store::{self, Outcome, Scripts},
+    topology::{HEADER_ATTEMPT, HEADER_JOB_ID, Names, TASK_ROUTING_KEY},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::split::{Decision, Targets};
+
+/// What every planner shares.
+#[derive(Debug)]
+pub struct Planners {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Names.
+    pub names: Names,
+    /// Redis.
+    pub redis: ConnectionManager,
+    /// Confirmed publishing.
+    pub publisher: Publisher,
+    /// Status scripts.
+    pub scripts: Scripts,
+    /// This coordinator's id (planner leases).
+    pub instance: String,
+    /// Fires on shutdown; planners stop after their current batch.
+    pub shutdown: CancellationToken,
+}
+
+const LEASE: Duration = Duration::from_secs(15);
+
+/// Plans `job_id` to the end (or until shutdown). Waits for another coordinator's lease to
+/// lapse if one holds it.
+///
+/// # Errors
+/// Redis or broker errors that outlasted their retries.
+pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
+    let span = tracing::info_span!("plan job", job_id = %job_id, otel.kind = "producer");
+    async move {
+        let mut redis = p.redis.clone();
+        let lock = p.names.planner_lock(job_id);
+        loop {
+            let opts = redis::SetOptions::default()
+                .conditional_set(redis::ExistenceCheck::NX)
+                .with_expiration(redis::SetExpiry::PX(LEASE.as_millis() as u64));
+            let got: Option<String> = redis.set_options(&lock, &p.instance, opts).await?;
+            let holder: Option<String> = redis.get(&lock).await?;
+            if got.is_some() || holder.as_deref() == Some(p.instance.as_str()) {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = p.shutdown.cancelled() => return Ok(()),
+            }
+        }
+        let result = plan(&p, &mut redis, job_id).await;
+        let _: Result<i64, _> = redis.del(&lock).await;
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyhow::Result<()> {
+    let job_key = p.names.job(job_id);
+    let Some(record) = store::load_job(redis, &p.names, job_id).await? else {
+        anyhow::bail!("job {job_id} vanished before planning");
+    };
+    if record.planning_done {
+        return Ok(());
+    }
+    let (cursor, planned): (Option<String>, Option<u64>) = redis::pipe()
+        .hget(&job_key, "cursor")
+        .hget(&job_key, "planned")
+        .query_async(redis)
+        .await?;
+    let mut cursor = cursor.filter(|c| !c.is_empty());
+    let mut planned = planned.unwrap_or(0);
+    if cursor.is_some() {
+        tracing::info!(%job_id, planned, "resuming planning from checkpoint");
+    }
+
+    let rate = record
+        .spec
+        .rollout
+        .max_per_second
+        .unwrap_or(p.settings.coordinator.default_max_per_second);
+    let batch = if rate > 0 {
+        p.settings
+            .coordinator
+            .publish_batch
+            .min((rate as usize / 4).max(1))
+    } else {
+        p.settings.coordinator.publish_batch
+    };
+    let targets = Targets::new(&p.names, &record.spec, batch);
+    let started = tokio::time::Instant::now();
+    let mut sent_here: u64 = 0;
+    let mut state = record.state;
+
+    loop {
+        if p.shutdown.is_cancelled() {
+            tracing::info!(%job_id, planned, "planner stopping for shutdown; will resume");
+            return Ok(());
+        }
+        let _: bool = redis
+            .pexpire(p.names.planner_lock(job_id), LEASE.as_millis() as i64)
+            .await?;
+        if state == JobState::InProgress {
+            state = store::load_job_state(redis, &p.names, job_id)
+                .await?
+                .unwrap_or(JobState::Canceling);
+        }
+        let (decisions, next) = targets
+            .next_batch(redis, &p.names, cursor.as_deref())
+            .await
+            .context("reading targets")?;
+        let Some(next) = next else {
+            let finished = p
+                .scripts
+                .finish_planning(redis, &p.names, job_id, planned)
+                .await?;
+            tracing::info!(%job_id, planned, finished, "planning done");
+            return Ok(());
+        };
+
+        let canceling = state != JobState::InProgress;
+        let now = now_ms();
+        let mut sent = Vec::new();
+        let mut final_statuses = Vec::new();
+        for d in &decisions {
+            match d {
+                Decision::Send(device) if !canceling => sent.push(device.as_str()),
+                Decision::Send(device) => final_statuses.push((
+                    device.as_str(),
+                    status(
+                        ExecutionState::Canceled,
+                        "job canceled before the device was sent the job",
+                        now,
+                    ),
+                )),
+                Decision::Skip { device, reason } => final_statuses.push((
+                    device.as_str(),
+                    status(ExecutionState::Skipped, reason, now),
+                )),
+            }
+        }
+        publish_batch(p, job_id, &sent, now).await?;
+        let outcomes: Vec<Outcome<'_>> = final_statuses
+            .iter()
+            .map(|(device, status)| Outcome {
+                job_id,
+                device_id: device,
+                status,
+            })
+            .collect();
+        p.scripts
+            .record_terminal(redis, &p.names, &outcomes)
+            .await?;
+
+        // Checkpoint: cursor and count move together, after the batch is safely out.
+        planned += decisions.len() as u64;
+        let queued = serde_json::to_string(&DeviceStatus {
+            state: ExecutionState::Queued,
+            attempts: 0,
+            error: None,
+            updated_at_ms: now,
+            next_attempt_at_ms: None,
+            worker: None,
+        })?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for device in &sent {
+            pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
+                .ignore();
+        }
+        pipe.hset_multiple(
+            &job_key,
+            &[
+                ("cursor", next.clone()),
+                ("planned", planned.to_string()),
+                ("updated_at_ms", now_ms().to_string()),
+            ],
+        )
+        .ignore();
+        let () = pipe.query_async(redis).await?;
+        cursor = Some(next);
+
+        sent_here += sent.len() as u64;
+        if rate > 0 && !sent.is_empty() {
+            let due = started + Duration::from_secs_f64(sent_here as f64 / f64::from(rate));
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = p.shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceStatus {
+    DeviceStatus {
+        state,
+        attempts: 0,
+        error: Some(reason.to_owned()),
+        updated_at_ms: now,
+        next_attempt_at_ms: None,
+        worker: None,
+    }
+}
+
+/// Publishes one task per device and waits for all confirms.
+async fn publish_batch(
+    p: &Planners,
+    job_id: Uuid,
+    devices: &[&str],
+    now: u64,
+) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let span = tracing::info_span!(
+        "publish fleetbatch.tasks",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.destination.name = %p.names.tasks_exchange(),
+        job_id = %job_id,
+        messaging.batch.message_count = devices.len(),
+    );
+    async {
+        let mut headers = FieldTable::default();
+        amqp::set_header(&mut headers, HEADER_JOB_ID, &job_id.to_string());
+        amqp::set_header(&mut headers, HEADER_ATTEMPT, "0");
+        amqp::inject_current_context(&mut headers);
+        let exchange = p.names.tasks_exchange();
+        let mut pending = Vec::with_capacity(devices.len());
+        for device in devices {
+            let task = DeviceTask {
+                version: WIRE_VERSION,
+                job_id,
+                execution_id: shared::job::execution_id(job_id, device),
+                device_id: (*device).to_owned(),
+                attempts: 0,
+                parked: 0,
+                published_at_ms: now,
+            };
+            let payload = messages::encode(&task)?;
+            pending.push(
+                p.publisher
+                    .send(Outgoing {
+                        exchange: &exchange,
+                        routing_key: TASK_ROUTING_KEY,
+                        payload: &payload,
+                        properties: amqp::properties(
+                            TASK_TYPE,
+                            &task.execution_id.to_string(),
+                            headers.clone(),
+                        ),
+                    })
+                    .await?,
+            );
+        }
+        for confirm in pending {
+            confirm.wait().await.context("publishing tasks")?;
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,145 @@
+//! Accepting jobs.
+//!
+//! Owns job creation: parse and validate the spec (the error names the field), check that
+//! explicit devices and groups exist, assign a UUID v7, store the job document once in Redis
+//! (tasks reference it by id), mark the job active and hand it to a planner. It never
+//! publishes tasks itself.
+
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use shared::{
+    job::{JobSpec, JobState, SpecError, SpecFormat, SpecLimits},
+    now_ms,
+    store::StoreError,
+    topology::Names,
+};
+use uuid::Uuid;
+
+/// Why a job was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The spec is invalid.
+    #[error("invalid job: {0}")]
+    Invalid(#[from] SpecError),
+    /// Redis failed.
+    #[error("cannot store the job")]
+    Store(#[from] StoreError),
+}
+
+impl From<redis::RedisError> for IntakeError {
+    fn from(e: redis::RedisError) -> Self {
+        IntakeError::Store(StoreError::Redis(e))
+    }
+}
+
+/// A created job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    /// Its id.
+    pub job_id: Uuid,
+}
+
+/// Validates and stores a job. The caller starts its planner.
+///
+/// # Errors
+/// An invalid spec (naming the field), unknown devices or groups, or Redis errors.
+pub async fn create(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    text: &str,
+    format: SpecFormat,
+    limits: SpecLimits,
+) -> Result<(Uuid, JobSpec), IntakeError> {
+    let spec = JobSpec::parse(text, format, limits)?;
+    check_targets_exist(redis, names, &spec).await?;
+    let id = Uuid::now_v7();
+    let now = now_ms();
+    let spec_json = serde_json::to_string(&spec).map_err(|e| SpecError {
+        field: ".".into(),
+        problem: e.to_string(),
+    })?;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .hset_multiple(
+            names.job(id),
+            &[
+                ("spec", spec_json),
+                ("name", spec.name.clone().unwrap_or_default()),
+                ("state", JobState::InProgress.as_str().to_owned()),
+                ("created_at_ms", now.to_string()),
+                ("updated_at_ms", now.to_string()),
+                ("planned", "0".to_owned()),
+                ("planning_done", "0".to_owned()),
+            ],
+        )
+        .ignore()
+        .zadd(names.jobs(), id.to_string(), now)
+        .ignore()
+        .sadd(names.active_jobs(), id.to_string())
+        .ignore();
+    let () = pipe.query_async(redis).await?;
+    tracing::info!(job_id = %id, action = spec.action.kind(), "job created");
+    Ok((id, spec))
+}
+
+async fn check_targets_exist(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    spec: &JobSpec,
+) -> Result<(), IntakeError> {
+    if !spec.target.devices.is_empty() {
+        let mut pipe = redis::pipe();
+        for d in &spec.target.devices {
+            pipe.exists(names.device(d));
+        }
+        let exists: Vec<bool> = pipe.query_async(redis).await?;
+        let unknown: Vec<&str> = spec
+            .target
+            .devices
+            .iter()
+            .zip(exists)
+            .filter(|(_, e)| !e)
+            .map(|(d, _)| d.as_str())
+            .collect();
+        if !unknown.is_empty() {
+            let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
+            return Err(SpecError {
+                field: "target.devices".into(),
+                problem: format!(
+                    "{} unknown device(s): {}{}",
+                    unknown.len(),
+                    shown.join(", "),
+                    if unknown.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ),
+            }
+            .into());
+        }
+    }
+    if !spec.target.groups.is_empty() {
+        let mut pipe = redis::pipe();
+        for g in &spec.target.groups {
+            pipe.exists(names.group(g));
+        }
+        let exists: Vec<bool> = pipe.query_async(redis).await?;
+        if let Some((i, g)) = spec
+            .target
+            .groups
+            .iter()
+            .enumerate()
+            .zip(exists)
+            .find(|(_, e)| !e)
+            .map(|(x, _)| x)
+        {
+            return Err(SpecError {
+                field: format!("target.groups[{i}]"),
+                problem: format!("no device is in group {g:?}"),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}

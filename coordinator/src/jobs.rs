@@ -1,0 +1,351 @@
+//! Reading and cancelling jobs, for the API.
+//!
+//! Owns the views served to users: a job's state and counters, the job list, per-device
+//! status pages with a state filter, and the failure report. Cancelling flips the job to
+//! CANCELING (only from IN_PROGRESS, atomically) and tells the workers at once over the
+//! control exchange. It never records device outcomes.
+
+use std::collections::BTreeMap;
+
+use lapin::types::FieldTable;
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use serde::Serialize;
+use shared::{
+    amqp::{self, Outgoing, Publisher},
+    job::{DeviceStatus, ExecutionState},
+    messages::{self, CONTROL_TYPE, ControlMessage},
+    now_ms,
+    store::{self, JobRecord, StoreError},
+    topology::Names,
+};
+use uuid::Uuid;
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    /// Id.
+    pub job_id: Uuid,
+    /// Name.
+    pub name: Option<String>,
+    /// State.
+    pub state: String,
+    /// Action kind.
+    pub action: String,
+    /// Creation time (ms).
+    pub created_at_ms: u64,
+    /// End time (ms).
+    pub finished_at_ms: Option<u64>,
+    /// Devices targeted so far (final once `planning_done`).
+    pub targeted: u64,
+    /// Whether every target has been planned.
+    pub planning_done: bool,
+    /// Devices in a terminal state.
+    pub terminal: u64,
+    /// Terminal counts.
+    pub succeeded: u64,
+    /// Terminal counts.
+    pub failed: u64,
+    /// Terminal counts.
+    pub rejected: u64,
+    /// Terminal counts.
+    pub timed_out: u64,
+    /// Terminal counts.
+    pub canceled: u64,
+    /// Terminal counts.
+    pub skipped: u64,
+    /// Devices not terminal yet.
+    pub pending: u64,
+    /// The job document.
+    pub spec: shared::job::JobSpec,
+}
+
+impl From<JobRecord> for JobView {
+    fn from(r: JobRecord) -> Self {
+        let c = |s| r.count(s);
+        JobView {
+            job_id: r.id,
+            name: r.spec.name.clone(),
+            state: r.state.as_str().to_owned(),
+            action: r.spec.action.kind().to_owned(),
+            created_at_ms: r.created_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            targeted: r.planned,
+            planning_done: r.planning_done,
+            terminal: r.terminal(),
+            succeeded: c(ExecutionState::Succeeded),
+            failed: c(ExecutionState::Failed),
+            rejected: c(ExecutionState::Rejected),
+            timed_out: c(ExecutionState::TimedOut),
+            canceled: c(ExecutionState::Canceled),
+            skipped: c(ExecutionState::Skipped),
+            pending: r.planned.saturating_sub(r.terminal()),
+            spec: r.spec,
+        }
+    }
+}
+
+/// Reads one job.
+///
+/// # Errors
+/// Redis errors or a corrupt record.
+pub async fn get(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+) -> Result<Option<JobView>, StoreError> {
+    Ok(store::load_job(redis, names, id).await?.map(JobView::from))
+}
+
+/// The newest jobs first.
+///
+/// # Errors
+/// Redis errors.
+pub async fn list(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    limit: usize,
+) -> Result<Vec<JobView>, StoreError> {
+    let ids: Vec<String> = redis
+        .zrevrange(names.jobs(), 0, limit.saturating_sub(1) as isize)
+        .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Ok(id) = Uuid::parse_str(&id)
+            && let Some(v) = get(redis, names, id).await?
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// One device's status in a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceEntry {
+    /// Device id.
+    pub device_id: String,
+    /// Its status.
+    #[serde(flatten)]
+    pub status: DeviceStatus,
+}
+
+/// A page of device statuses.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevicePage {
+    /// The entries.
+    pub devices: Vec<DeviceEntry>,
+    /// Cursor of the next page (`None` at the end).
+    pub next_cursor: Option<String>,
+}
+
+/// Lists device statuses, optionally only those in `state`, a page at a time.
+///
+/// # Errors
+/// Redis errors.
+pub async fn devices(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+    state: Option<ExecutionState>,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<DevicePage, StoreError> {
+    let cursor: u64 = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit = limit.clamp(1, 10_000);
+    let (next, pairs): (u64, Vec<(String, String)>) = match state {
+        Some(s) if s.is_terminal() => {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(names.job_state_set(id, s))
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(redis)
+                .await?;
+            let values: Vec<Option<String>> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                redis::cmd("HMGET")
+                    .arg(names.job_status(id))
+                    .arg(&ids)
+                    .query_async(redis)
+                    .await?
+            };
+            let pairs = ids
+                .into_iter()
+                .zip(values)
+                .filter_map(|(d, v)| v.map(|v| (d, v)))
+                .collect();
+            (next, pairs)
+        }
+        _ => {
+            let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(names.job_status(id))
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(redis)
+                .await?;
+            let pairs = flat
+                .chunks_exact(2)
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect();
+            (next, pairs)
+        }
+    };
+    let mut devices: Vec<DeviceEntry> = pairs
+        .into_iter()
+        .filter_map(|(device_id, json)| {
+            let status: DeviceStatus = serde_json::from_str(&json).ok()?;
+            Some(DeviceEntry { device_id, status })
+        })
+        .filter(|e| state.is_none_or(|s| e.status.state == s))
+        .collect();
+    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(DevicePage {
+        devices,
+        next_cursor: (next != 0).then(|| next.to_string()),
+    })
+}
+
+/// The failure report of a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The job.
+    pub job: JobView,
+    /// Devices that did not succeed (FAILED, REJECTED, TIMED_OUT), with their last error.
+    pub failures: Vec<DeviceEntry>,
+    /// How many devices failed with each error.
+    pub errors: BTreeMap<String, u64>,
+    /// Whether `failures` was cut at the limit.
+    pub truncated: bool,
+}
+
+/// Builds the failure report, listing at most `limit` devices.
+///
+/// # Errors
+/// Redis errors.
+pub async fn report(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+    limit: usize,
+) -> Result<Option<Report>, StoreError> {
+    let Some(job) = get(redis, names, id).await? else {
+        return Ok(None);
+    };
+    let mut failures = Vec::new();
+    let mut errors = BTreeMap::new();
+    let mut truncated = false;
+    for state in [
+        ExecutionState::Failed,
+        ExecutionState::Rejected,
+        ExecutionState::TimedOut,
+    ] {
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = devices(redis, names, id, Some(state), cursor.as_deref(), 1000).await?;
+            for e in page.devices {
+                *errors
+                    .entry(
+                        e.status
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| "(no error given)".into()),
+                    )
+                    .or_insert(0) += 1;
+                if failures.len() < limit {
+                    failures.push(e);
+                } else {
+                    truncated = true;
+                }
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+    }
+    failures.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(Some(Report {
+        job,
+        failures,
+        errors,
+        truncated,
+    }))
+}
+
+/// Why a cancel did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such job.
+    #[error("no job {0}")]
+    NotFound(Uuid),
+    /// The job is already over or being canceled.
+    #[error("job {id} is {state}; only IN_PROGRESS jobs can be canceled")]
+    NotCancelable {
+        /// Job.
+        id: Uuid,
+        /// Its state.
+        state: String,
+    },
+    /// Redis failed.
+    #[error("cannot cancel the job")]
+    Store(#[from] StoreError),
+    /// The broadcast failed (the cancel still holds; workers notice within their cache TTL).
+    #[error("job canceled, but the workers could not be told at once")]
+    Broadcast(#[from] shared::amqp::AmqpError),
+}
+
+/// Cancels a job: queued and unpublished executions end CANCELED; deliveries already under
+/// way finish.
+///
+/// # Errors
+/// See [`CancelError`].
+pub async fn cancel(
+    redis: &mut ConnectionManager,
+    publisher: &Publisher,
+    names: &Names,
+    id: Uuid,
+) -> Result<(), CancelError> {
+    let script = Script::new(
+        r"
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return 'MISSING' end
+if s ~= 'IN_PROGRESS' then return s end
+redis.call('HSET', KEYS[1], 'state', 'CANCELING', 'updated_at_ms', ARGV[1], 'canceled_at_ms', ARGV[1])
+return 'OK'
+",
+    );
+    let answer: String = script
+        .key(names.job(id))
+        .arg(now_ms())
+        .invoke_async(redis)
+        .await
+        .map_err(StoreError::from)?;
+    match answer.as_str() {
+        "OK" => {}
+        "MISSING" => return Err(CancelError::NotFound(id)),
+        state => {
+            return Err(CancelError::NotCancelable {
+                id,
+                state: state.to_owned(),
+            });
+        }
+    }
+    tracing::info!(job_id = %id, "job canceling");
+    let payload = messages::encode(&ControlMessage::JobCanceled { job_id: id })
+        .map_err(shared::amqp::AmqpError::from)?;
+    match publisher
+        .publish(Outgoing {
+            exchange: &names.control_exchange(),
+            routing_key: "",
+            payload: &payload,
+            properties: amqp::properties(CONTROL_TYPE, &id.to_string(), FieldTable::default()),
+        })
+        .await
+    {
+        // No worker is listening: nobody to tell.
+        Ok(()) | Err(shared::amqp::AmqpError::Unroutable { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,251 @@
+//! A local deployment: a coordinator and workers as child processes, for the demo, the
+//! benchmark and the end-to-end tests.
+//!
+//! Owns finding the binaries (next to the running executable, or one directory up for test
+//! binaries in `target/*/deps`), starting them with settings given as `FLEETBATCH_*`
+//! environment variables, logging each to its own file, and signalling them (SIGTERM to
+//! stop, SIGKILL to crash). Every child is killed when the [`Cluster`] is dropped. It never
+//! talks to RabbitMQ or Redis itself.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::process::{Child, Command};
+
+/// The directory holding the `coordinator` and `worker` binaries.
+///
+/// # Errors
+/// The current executable's path is unknown or no sibling binaries exist.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    for _ in 0..2 {
+        if dir.join("coordinator").exists() && dir.join("worker").exists() {
+            return Ok(dir);
+        }
+        match dir.parent() {
+            Some(p) => dir = p.to_path_buf(),
+            None => break,
+        }
+    }
+    bail!(
+        "the coordinator and worker binaries are not next to {} (build them with `cargo build --bins`)",
+        exe.display()
+    )
+}
+
+/// A free TCP port on 127.0.0.1.
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A coordinator and workers running as child processes.
+#[derive(Debug)]
+pub struct Cluster {
+    bin_dir: PathBuf,
+    log_dir: PathBuf,
+    env: Vec<(String, String)>,
+    /// The coordinator's API base URL.
+    pub api: String,
+    coordinator: Option<Child>,
+    coordinator_starts: usize,
+    workers: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    /// A cluster whose processes get `env` (e.g. `FLEETBATCH_NAMESPACE`) and log into
+    /// `log_dir`. The API listens on a free port.
+    ///
+    /// # Errors
+    /// No free port.
+    pub fn new(
+        bin_dir: PathBuf,
+        log_dir: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let mut env = env;
+        env.push((
+            "FLEETBATCH_COORDINATOR__LISTEN".into(),
+            format!("127.0.0.1:{port}"),
+        ));
+        Ok(Self {
+            bin_dir,
+            log_dir,
+            env,
+            api: format!("http://127.0.0.1:{port}"),
+            coordinator: None,
+            coordinator_starts: 0,
+            workers: Vec::new(),
+        })
+    }
+
+    fn spawn(
+        &self,
+        binary: &str,
+        log_name: &str,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<Child> {
+        std::fs::create_dir_all(&self.log_dir)?;
+        let log_path = self.log_dir.join(log_name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut cmd = Command::new(self.bin_dir.join(binary));
+        cmd.envs(self.env.iter().cloned())
+            .envs(extra.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        cmd.spawn().with_context(|| format!("starting {binary}"))
+    }
+
+    /// The log file of the coordinator.
+    pub fn coordinator_log(&self) -> PathBuf {
+        self.log_dir.join("coordinator.log")
+    }
+
+    /// The log file of worker `i`.
+    pub fn worker_log(&self, i: usize) -> PathBuf {
+        self.log_dir.join(format!("worker-{i}.log"))
+    }
+
+    /// Starts (or restarts) the coordinator and waits until its API answers.
+    ///
+    /// # Errors
+    /// It did not start, or did not answer within 30 s.
+    pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let child = self.spawn("coordinator", "coordinator.log", &[])?;
+        self.coordinator = Some(child);
+        self.coordinator_starts += 1;
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}/healthz", self.api)).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.coordinator.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "the coordinator exited with {status}; see {}",
+                    self.coordinator_log().display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the coordinator did not answer within 30 s; see {}",
+                    self.coordinator_log().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts a worker with extra environment; returns its index.
+    ///
+    /// # Errors
+    /// It could not be started.
+    pub fn start_worker_with(&mut self, extra: &[(String, String)]) -> anyhow::Result<usize> {
+        let i = self.workers.len();
+        let child = self.spawn("worker", &format!("worker-{i}.log"), extra)?;
+        self.workers.push(Some(child));
+        Ok(i)
+    }
+
+    /// Starts a worker; returns its index.
+    ///
+    /// # Errors
+    /// It could not be started.
+    pub fn start_worker(&mut self) -> anyhow::Result<usize> {
+        self.start_worker_with(&[])
+    }
+
+    /// Process id of worker `i`, if running.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref()?.id()
+    }
+
+    /// Sends `signal` to worker `i`.
+    ///
+    /// # Errors
+    /// No such running worker, or the signal failed.
+    pub fn signal_worker(&self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.worker_pid(i).context("no such running worker")?;
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).context("signalling a worker")
+    }
+
+    /// Waits for worker `i` to exit.
+    ///
+    /// # Errors
+    /// Not running, or not exited within `timeout`.
+    pub async fn wait_worker(&mut self, i: usize, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self
+            .workers
+            .get_mut(i)
+            .and_then(Option::as_mut)
+            .context("no such worker")?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .context("worker did not exit in time")??;
+        self.workers[i] = None;
+        Ok(status)
+    }
+
+    /// Sends `signal` to the coordinator.
+    ///
+    /// # Errors
+    /// Not running, or the signal failed.
+    pub fn signal_coordinator(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self
+            .coordinator
+            .as_ref()
+            .and_then(Child::id)
+            .context("coordinator not running")?;
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)
+            .context("signalling the coordinator")
+    }
+
+    /// Waits for the coordinator to exit.
+    ///
+    /// # Errors
+    /// Not running, or not exited within `timeout`.
+    pub async fn wait_coordinator(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self
+            .coordinator
+            .as_mut()
+            .context("coordinator not running")?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .context("coordinator did not exit in time")??;
+        self.coordinator = None;
+        Ok(status)
+    }
+
+    /// SIGTERMs every process and waits for them (up to `timeout` each).
+    pub async fn stop_all(&mut self, timeout: Duration) {
+        for i in 0..self.workers.len() {
+            if self.signal_worker(i, Signal::SIGTERM).is_ok() {
+                let _ = self.wait_worker(i, timeout).await;
+            }
+        }
+        if self.signal_coordinator(Signal::SIGTERM).is_ok() {
+            let _ = self.wait_coordinator(timeout).await;
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The device registry in Redis.
+//!
+//! Owns device records (`{ns}:dev:{id}` hashes) and the sorted sets that index them (every
+//! device, and each group's members), ordered by id so targets can be streamed with a cursor.
+//! Imports are line-oriented (CSV with a header row, or NDJSON), streamed, and written in
+//! pipelined batches; an invalid line is reported by number and the valid lines are still
+//! imported. It never touches jobs.
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use shared::{job::validate_id, store::StoreError, topology::Names};
+
+/// One device as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Unique id.
+    pub id: String,
+    /// Groups it belongs to.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Model.
+    #[serde(default)]
+    pub model: String,
+    /// Hardware revision.
+    #[serde(default)]
+    pub hardware_revision: String,
+    /// Firmware version.
+    #[serde(default)]
+    pub firmware_version: String,
+    /// Free-form tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Import file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportFormat {
+    /// `id,groups,model,hardware_revision,firmware_version,tags` with a header row; groups
+    /// separated by `;`, tags as `key=value;key=value`.
+    Csv,
+    /// One JSON object per line, fields as in [`Device`].
+    Ndjson,
+}
+
+/// A line that could not be imported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: u64,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImportReport {
+    /// Devices written.
+    pub imported: u64,
+    /// Lines refused.
+    pub failed: u64,
+    /// The first refused lines (at most [`MAX_REPORTED_ERRORS`]).
+    pub errors: Vec<LineError>,
+}
+
+/// How many line errors an import report lists.
+pub const MAX_REPORTED_ERRORS: usize = 1000;
+
+const CSV_COLUMNS: [&str; 6] = [
+    "id",
+    "groups",
+    "model",
+    "hardware_revision",
+    "firmware_version",
+    "tags",
+];
+
+/// Parses the CSV header; the columns may come in any order, `id` is required.
+///
+/// # Errors
+/// A missing `id` column or an unknown column.
+pub fn parse_csv_header(line: &str) -> Result<Vec<usize>, String> {
+    let fields = split_csv(line)?;
+    let mut order = Vec::new();
+    for f in &fields {
+        let f = f.trim();
+        match CSV_COLUMNS.iter().position(|c| *c == f) {
+            Some(i) => order.push(i),
+            None => {
+                return Err(format!(
+                    "unknown column {f:?}; expected some of {}",
+                    CSV_COLUMNS.join(",")
+                ));
+            }
+        }
+    }
+    if !order.contains(&0) {
+        return Err("the header has no id column".into());
+    }
+    Ok(order)
+}
+
+fn split_csv(line: &str) -> Result<Vec<String>, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(line.as_bytes());
+    match reader.records().next() {
+        Some(Ok(r)) => Ok(r.iter().map(str::to_owned).collect()),
+        Some(Err(e)) => Err(format!("not valid CSV: {e}")),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Parses one CSV data line given the header's column order.
+///
+/// # Errors
+/// Wrong field count, an invalid id or group, or a malformed tag.
+pub fn parse_csv_line(line: &str, columns: &[usize]) -> Result<Device, String> {
+    let fields = split_csv(line)?;
+    if fields.len() != columns.len() {
+        return Err(format!(
+            "{} fields; the header has {}",
+            fields.len(),
+            columns.len()
+        ));
+    }
+    let mut d = Device {
+        id: String::new(),
+        groups: vec![],
+        model: String::new(),
+        hardware_revision: String::new(),
+        firmware_version: String::new(),
+        tags: BTreeMap::new(),
+    };
+    for (value, col) in fields.into_iter().zip(columns) {
+        let value = value.trim().to_owned();
+        match col {
+            0 => d.id = value,
+            1 => {
+                d.groups = value
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
+            2 => d.model = value,
+            3 => d.hardware_revision = value,
+            4 => d.firmware_version = value,
+            _ => {
+                for pair in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .ok_or_else(|| format!("tag {pair:?} is not key=value"))?;
+                    d.tags.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+    }
+    validate(&d)?;
+    Ok(d)
+}
+
+/// Parses one NDJSON line.
+///
+/// # Errors
+/// Invalid JSON, a missing id, or an invalid id or group.
+pub fn parse_ndjson_line(line: &str) -> Result<Device, String> {
+    let d: Device = serde_json::from_str(line).map_err(|e| format!("not a device object: {e}"))?;
+    validate(&d)?;
+    Ok(d)
+}
+
+fn validate(d: &Device) -> Result<(), String> {
+    validate_id(&d.id).map_err(|e| format!("id: {e}"))?;
+    for g in &d.groups {
+        validate_id(g).map_err(|e| format!("groups: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The attributes stored per device, in the order [`ATTRIBUTE_FIELDS`] reads them.
+pub const ATTRIBUTE_FIELDS: [&str; 5] = ["model", "hw", "fw", "groups", "tags"];
+
+/// Writes a batch of devices (upsert: a re-imported device leaves groups it no longer lists).
+///
+/// # Errors
+/// Redis errors.
+pub async fn write_batch(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    devices: &[Device],
+) -> Result<(), StoreError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let mut read = redis::pipe();
+    for d in devices {
+        read.hget(names.device(&d.id), "groups");
+    }
+    let old: Vec<Option<String>> = read.query_async(redis).await?;
+    let mut write = redis::pipe();
+    for (d, old) in devices.iter().zip(old) {
+        let key = names.device(&d.id);
+        if let Some(old) = old {
+            for g in old.split(',').filter(|g| !g.is_empty()) {
+                if !d.groups.iter().any(|n| n == g) {
+                    write.zrem(names.group(g), &d.id).ignore();
+                }
+            }
+        }
+        let tags = serde_json::to_string(&d.tags).unwrap_or_else(|_| "{}".into());
+        write
+            .hset_multiple(
+                &key,
+                &[
+                    ("model", d.model.as_str()),
+                    ("hw", d.hardware_revision.as_str()),
+                    ("fw", d.firmware_version.as_str()),
+                    ("groups", &d.groups.join(",")),
+                    ("tags", &tags),
+                ],
+            )
+            .ignore();
+        write.zadd(names.devices(), &d.id, 0).ignore();
+        for g in &d.groups {
+            write.zadd(names.group(g), &d.id, 0).ignore();
+            write.sadd(names.groups(), g).ignore();
+        }
+    }
+    let () = write.query_async(redis).await?;
+    Ok(())
+}
+
+/// Builds a [`Device`] from the fields read in [`ATTRIBUTE_FIELDS`] order.
+pub fn from_fields(id: &str, f: &[Option<String>]) -> Device {
+    let get = |i: usize| f.get(i).cloned().flatten().unwrap_or_default();
+    Device {
+        id: id.to_owned(),
+        model: get(0),
+        hardware_revision: get(1),
+        firmware_version: get(2),
+        groups: get(3)
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        tags: serde_json::from_str(&get(4)).unwrap_or_default(),
+    }
+}
+
+/// Reads the attributes of a batch of devices; `None` for ids not in the registry.
+///
+/// # Errors
+/// Redis errors.
+pub async fn read_batch(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    ids: &[String],
+) -> Result<Vec<Option<Device>>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("HMGET")
+            .arg(names.device(id))
+            .arg(&ATTRIBUTE_FIELDS);
+    }
+    let rows: Vec<Vec<Option<String>>> = pipe.query_async(redis).await?;
+    Ok(ids
+        .iter()
+        .zip(rows)
+        .map(|(id, f)| {
+            if f.iter().all(Option::is_none) {
+                None
+            } else {
+                Some(from_fields(id, &f))
+            }
+        })
+        .collect())
+}
+
+/// Ids of a sorted set after `after` (exclusive), in id order, at most `limit`.
+///
+/// # Errors
+/// Redis errors.
+pub async fn range_after(
+    redis: &mut ConnectionManager,
+    key: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let min = match after {
+        Some(a) => format!("({a}"),
+        None => "-".to_owned(),
+    };
+    let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+        .arg(key)
+        .arg(min)
+        .arg("+")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit)
+        .query_async(redis)
+        .await?;
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_csv_line_parses_with_groups_and_tags() {
+        let cols = parse_csv_header("id,groups,model,hardware_revision,firmware_version,tags")
+            .expect("header");
+        let d =
+            parse_csv_line("d1,eu;canary,gw-100,B,1.2.0,site=berlin;rack=4", &cols).expect("line");
+        assert_eq!(d.groups, vec!["eu", "canary"]);
+        assert_eq!(d.tags.get("site").map(String::as_str), Some("berlin"));
+        assert_eq!(d.hardware_revision, "B");
+    }
+
+    #[test]
+    fn csv_columns_may_come_in_any_order_but_need_an_id() {
+        let cols = parse_csv_header("model,id").expect("header");
+        let d = parse_csv_line("gw,d9", &cols).expect("line");
+        assert_eq!((d.id.as_str(), d.model.as_str()), ("d9", "gw"));
+        assert!(parse_csv_header("model,colour").is_err());
+        assert!(parse_csv_header("model").is_err());
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        let cols = parse_csv_header("id,groups").expect("header");
+        assert!(
+            parse_csv_line("d1", &cols)
+                .expect_err("count")
+                .contains("fields")
+        );
+        assert!(
+            parse_csv_line("bad id,g", &cols)
+                .expect_err("id")
+                .contains("id")
+        );
+        assert!(parse_ndjson_line("{\"model\":\"x\"}").is_err());
+        assert!(parse_ndjson_line("{\"id\":\"d1\",\"groups\":[\"a b\"]}").is_err());
+        assert_eq!(
+            parse_ndjson_line("{\"id\":\"d1\",\"groups\":[\"g\"]}")
+                .expect("ok")
+                .groups,
+            vec!["g"]
+        );
+    }
+
+    #[test]
+    fn stored_fields_round_trip() {
+        let f = vec![
+            Some("gw".to_owned()),
+            Some("B".to_owned()),
+            Some("1.0".to_owned()),
+            Some("a,b".to_owned()),
+            Some("{\"k\":\"v\"}".to_owned()),
+        ];
+        let d = from_fields("d1", &f);
+        assert_eq!(d.groups, vec!["a", "b"]);
+        assert_eq!(d.tags.get("k").map(String::as_str), Some("v"));
+    }
+}

@@ -1,0 +1,657 @@
+//! The job model: what a user asks for (a [`JobSpec`]), and the states a job and each of its
+//! device executions move through.
+//!
+//! Owns parsing and validation of job files, so the API, the CLI and tests report the same
+//! error for the same mistake, always naming the field. It never talks to Redis or RabbitMQ.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What a job does to each device, and to which devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// A human name for lists and dashboards.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which devices the job targets.
+    pub target: TargetSpec,
+    /// What each device is asked to do.
+    pub action: Action,
+    /// Devices that cannot take the job are SKIPPED, with the reason, instead of being sent it.
+    #[serde(default)]
+    pub compatibility: Option<Compatibility>,
+    /// Retries and timeouts.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Publishing rate.
+    #[serde(default)]
+    pub rollout: Rollout,
+}
+
+/// Target selection: the union of explicit `devices` and the members of `groups`, narrowed by
+/// `filter`. With neither devices nor groups, the filter applies to the whole registry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetSpec {
+    /// Explicit device ids.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Device groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Attribute filter; every given attribute must match.
+    #[serde(default)]
+    pub filter: Option<AttributeFilter>,
+}
+
+/// Match on registry attributes. Every given field must match exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttributeFilter {
+    /// Device model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Hardware revision.
+    #[serde(default)]
+    pub hardware_revision: Option<String>,
+    /// Current firmware version.
+    #[serde(default)]
+    pub firmware_version: Option<String>,
+    /// Tags that must all be present with these values.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Which devices can take the job; the others are SKIPPED.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compatibility {
+    /// Hardware revisions that can take it (empty: any).
+    #[serde(default)]
+    pub hardware_revisions: Vec<String>,
+    /// Models that can take it (empty: any).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// Retries and timeouts of each device execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Delivery attempts per device before it is FAILED (transient errors only; permanent
+    /// errors and rejections are final at once).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Timeout of one delivery attempt; the worker's default when unset.
+    #[serde(default)]
+    pub attempt_timeout_secs: Option<u64>,
+    /// Devices not finished this long after the job was created end TIMED_OUT.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            attempt_timeout_secs: None,
+            deadline_secs: None,
+        }
+    }
+}
+
+/// Publishing rate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Devices per second the planner publishes at most (unset: the deployment default).
+    #[serde(default)]
+    pub max_per_second: Option<u32>,
+}
+
+/// What a device is asked to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// Download, verify and install a firmware image.
+    FirmwareUpdate(FirmwareUpdate),
+    /// Apply a configuration patch.
+    Configuration(Configuration),
+    /// Reboot.
+    Reboot(Reboot),
+    /// A named command with free-form arguments.
+    Command(Command),
+}
+
+/// Parameters of a firmware update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirmwareUpdate {
+    /// Where the device downloads the image.
+    pub url: String,
+    /// The version being installed.
+    pub version: String,
+    /// SHA-256 of the image, 64 hex digits.
+    pub sha256: String,
+}
+
+/// Parameters of a configuration change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Configuration {
+    /// The patch document (JSON object).
+    pub document: serde_json::Value,
+}
+
+/// Parameters of a reboot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reboot {
+    /// Seconds to wait before rebooting.
+    #[serde(default)]
+    pub delay_secs: u64,
+}
+
+/// Parameters of a custom command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Command name.
+    pub name: String,
+    /// Arguments (any JSON value).
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+impl Action {
+    /// Short name of the action kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::FirmwareUpdate(_) => "firmware_update",
+            Action::Configuration(_) => "configuration",
+            Action::Reboot(_) => "reboot",
+            Action::Command(_) => "command",
+        }
+    }
+}
+
+/// A job file or request body that cannot be accepted. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct SpecError {
+    /// Dotted path of the offending field (`.` for the document itself).
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Limits that depend on the deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecLimits {
+    /// Largest serialized job document.
+    pub max_document_bytes: usize,
+    /// Largest explicit device list.
+    pub max_explicit_devices: usize,
+}
+
+/// Format of a job file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    /// JSON.
+    Json,
+    /// TOML.
+    Toml,
+}
+
+impl JobSpec {
+    /// Parses and validates a job file.
+    ///
+    /// # Errors
+    /// A [`SpecError`] naming the field: a syntax error, a missing or mistyped field, or a
+    /// value that fails validation.
+    pub fn parse(text: &str, format: SpecFormat, limits: SpecLimits) -> Result<Self, SpecError> {
+        let value: serde_json::Value = match format {
+            SpecFormat::Json => serde_json::from_str(text).map_err(|e| {
+                SpecError::new(format!("line {}", e.line()), format!("not valid JSON: {e}"))
+            })?,
+            SpecFormat::Toml => {
+                let table: toml::Table = toml::from_str(text).map_err(|e| {
+                    let line = e
+                        .span()
+                        .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                        .unwrap_or(1);
+                    SpecError::new(
+                        format!("line {line}"),
+                        format!("not valid TOML: {}", e.message()),
+                    )
+                })?;
+                serde_json::to_value(table)
+                    .map_err(|e| SpecError::new(".", format!("not representable: {e}")))?
+            }
+        };
+        let spec = Self::from_value(&value)?;
+        spec.validate(limits)?;
+        Ok(spec)
+    }
+
+    /// Deserializes a spec from a JSON value, naming the exact field on error. Serde buffers
+    /// internally tagged enums, which hides the path inside `action`; on an error there, the
+    /// action is decoded again as its own variant to find the field.
+    fn from_value(value: &serde_json::Value) -> Result<Self, SpecError> {
+        fn at<T: serde::de::DeserializeOwned>(
+            prefix: &str,
+            v: &serde_json::Value,
+        ) -> Result<T, SpecError> {
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let path = e.path().to_string();
+                let field = match (prefix, path.as_str()) {
+                    ("", p) => p.to_owned(),
+                    (pre, ".") => pre.to_owned(),
+                    (pre, p) => format!("{pre}.{p}"),
+                };
+                SpecError::new(field, e.into_inner().to_string())
+            })
+        }
+        match at::<JobSpec>("", value) {
+            Ok(spec) => Ok(spec),
+            Err(err) if err.field == "action" => {
+                let action = &value["action"];
+                let deeper = match action.get("type").and_then(|t| t.as_str()) {
+                    Some("firmware_update") => at::<FirmwareUpdate>("action", action).err(),
+                    Some("configuration") => at::<Configuration>("action", action).err(),
+                    Some("reboot") => at::<Reboot>("action", action).err(),
+                    Some("command") => at::<Command>("action", action).err(),
+                    _ => None,
+                };
+                Err(deeper.unwrap_or(err))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Checks the values of a spec that parsed.
+    ///
+    /// # Errors
+    /// The first problem found, naming its field.
+    pub fn validate(&self, limits: SpecLimits) -> Result<(), SpecError> {
+        let t = &self.target;
+        if t.devices.is_empty() && t.groups.is_empty() && t.filter.is_none() {
+            return Err(SpecError::new(
+                "target",
+                "name at least one of devices, groups or filter",
+            ));
+        }
+        if t.devices.len() > limits.max_explicit_devices {
+            return Err(SpecError::new(
+                "target.devices",
+                format!(
+                    "{} devices listed; at most {} (use groups or a filter)",
+                    t.devices.len(),
+                    limits.max_explicit_devices
+                ),
+            ));
+        }
+        for (i, d) in t.devices.iter().enumerate() {
+            validate_id(d).map_err(|p| SpecError::new(format!("target.devices[{i}]"), p))?;
+        }
+        for (i, g) in t.groups.iter().enumerate() {
+            validate_id(g).map_err(|p| SpecError::new(format!("target.groups[{i}]"), p))?;
+        }
+        match &self.action {
+            Action::FirmwareUpdate(FirmwareUpdate {
+                url,
+                version,
+                sha256,
+            }) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(SpecError::new(
+                        "action.url",
+                        format!("{url:?} is not an http(s) URL"),
+                    ));
+                }
+                if version.trim().is_empty() {
+                    return Err(SpecError::new("action.version", "must not be empty"));
+                }
+                if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(SpecError::new(
+                        "action.sha256",
+                        "must be 64 hexadecimal digits",
+                    ));
+                }
+            }
+            Action::Configuration(Configuration { document }) => {
+                if !document.is_object() {
+                    return Err(SpecError::new("action.document", "must be a JSON object"));
+                }
+            }
+            Action::Reboot(_) => {}
+            Action::Command(Command { name, .. }) => {
+                if name.trim().is_empty() {
+                    return Err(SpecError::new("action.name", "must not be empty"));
+                }
+            }
+        }
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
+            return Err(SpecError::new(
+                "retry.max_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        if self.retry.attempt_timeout_secs == Some(0) {
+            return Err(SpecError::new(
+                "retry.attempt_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.retry.deadline_secs == Some(0) {
+            return Err(SpecError::new("retry.deadline_secs", "must be at least 1"));
+        }
+        if self.rollout.max_per_second == Some(0) {
+            return Err(SpecError::new(
+                "rollout.max_per_second",
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        let size = serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0);
+        if size > limits.max_document_bytes {
+            return Err(SpecError::new(
+                ".",
+                format!(
+                    "job document is {size} bytes; at most {} are accepted",
+                    limits.max_document_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Device and group ids: 1 to 128 printable ASCII characters without spaces or commas.
+///
+/// # Errors
+/// What is wrong with the id.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > 128 {
+        return Err(format!("{} characters; at most 128", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || *c == ',' || *c == '/')
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; use printable ASCII without spaces, ',' or '/'"
+        ));
+    }
+    Ok(())
+}
+
+/// The execution id of a job on a device: UUID v5 of the device id in the job's namespace.
+/// Every delivery of the job to the device carries it, so the device can ignore repeats, and
+/// re-planning the job yields the same id.
+pub fn execution_id(job_id: Uuid, device_id: &str) -> Uuid {
+    Uuid::new_v5(&job_id, device_id.as_bytes())
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Tasks are being published or executed.
+    InProgress,
+    /// Canceled by a user; queued executions are being canceled.
+    Canceling,
+    /// Every device reached a terminal state.
+    Completed,
+    /// Canceled, and every device reached a terminal state.
+    Canceled,
+}
+
+impl JobState {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::InProgress => "IN_PROGRESS",
+            JobState::Canceling => "CANCELING",
+            JobState::Completed => "COMPLETED",
+            JobState::Canceled => "CANCELED",
+        }
+    }
+    /// Parses the storage name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "IN_PROGRESS" => JobState::InProgress,
+            "CANCELING" => JobState::Canceling,
+            "COMPLETED" => JobState::Completed,
+            "CANCELED" => JobState::Canceled,
+            _ => return None,
+        })
+    }
+    /// Whether new deliveries may start.
+    pub fn is_live(self) -> bool {
+        self == JobState::InProgress
+    }
+    /// Whether the job is over.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Canceled)
+    }
+}
+
+/// State of one device's execution of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExecutionState {
+    /// Published, waiting for a worker.
+    Queued,
+    /// Parked on a delayed-retry queue after transient failures.
+    RetryScheduled,
+    /// The device did it.
+    Succeeded,
+    /// The device failed permanently, or every attempt failed.
+    Failed,
+    /// The device refused it (e.g. incompatible hardware).
+    Rejected,
+    /// The job's deadline passed first.
+    TimedOut,
+    /// The job was canceled first.
+    Canceled,
+    /// The device cannot take the job (compatibility constraint); never sent.
+    Skipped,
+}
+
+impl ExecutionState {
+    /// Every terminal state, in report order.
+    pub const TERMINAL: [ExecutionState; 6] = [
+        ExecutionState::Succeeded,
+        ExecutionState::Failed,
+        ExecutionState::Rejected,
+        ExecutionState::TimedOut,
+        ExecutionState::Canceled,
+        ExecutionState::Skipped,
+    ];
+
+    /// Storage and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionState::Queued => "QUEUED",
+            ExecutionState::RetryScheduled => "RETRY_SCHEDULED",
+            ExecutionState::Succeeded => "SUCCEEDED",
+            ExecutionState::Failed => "FAILED",
+            ExecutionState::Rejected => "REJECTED",
+            ExecutionState::TimedOut => "TIMED_OUT",
+            ExecutionState::Canceled => "CANCELED",
+            ExecutionState::Skipped => "SKIPPED",
+        }
+    }
+
+    /// Parses the storage name, case-insensitively (`failed`, `timed_out`, `TIMED_OUT`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let up = s.to_ascii_uppercase().replace('-', "_");
+        [
+            ExecutionState::Queued,
+            ExecutionState::RetryScheduled,
+            ExecutionState::Succeeded,
+            ExecutionState::Failed,
+            ExecutionState::Rejected,
+            ExecutionState::TimedOut,
+            ExecutionState::Canceled,
+            ExecutionState::Skipped,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == up)
+    }
+
+    /// Whether no further change can happen.
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            ExecutionState::Queued | ExecutionState::RetryScheduled
+        )
+    }
+
+    /// The counter field of this state in the job's counters (`succeeded`, `timed_out`...).
+    pub fn counter(self) -> &'static str {
+        match self {
+            ExecutionState::Queued => "queued",
+            ExecutionState::RetryScheduled => "retry_scheduled",
+            ExecutionState::Succeeded => "succeeded",
+            ExecutionState::Failed => "failed",
+            ExecutionState::Rejected => "rejected",
+            ExecutionState::TimedOut => "timed_out",
+            ExecutionState::Canceled => "canceled",
+            ExecutionState::Skipped => "skipped",
+        }
+    }
+}
+
+/// What is known about one device's execution, as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Current state.
+    pub state: ExecutionState,
+    /// Delivery attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// The last error, for failed, rejected and retried executions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the state was last set (ms since epoch).
+    pub updated_at_ms: u64,
+    /// When a parked execution is due again (ms since epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at_ms: Option<u64>,
+    /// The worker that produced the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SpecLimits = SpecLimits {
+        max_document_bytes: 4096,
+        max_explicit_devices: 10,
+    };
+
+    const GOOD_TOML: &str = r#"
+name = "fw 2.1"
+[target]
+groups = ["eu"]
+[action]
+type = "firmware_update"
+url = "https://fw.example.com/2.1.bin"
+version = "2.1.0"
+sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+[compatibility]
+hardware_revisions = ["A", "B"]
+"#;
+
+    #[test]
+    fn a_toml_job_file_parses() {
+        let spec = JobSpec::parse(GOOD_TOML, SpecFormat::Toml, LIMITS).expect("valid");
+        assert_eq!(spec.target.groups, vec!["eu"]);
+        assert_eq!(spec.action.kind(), "firmware_update");
+        assert_eq!(spec.retry.max_attempts, 5);
+    }
+
+    #[test]
+    fn a_bad_checksum_is_refused_naming_the_field() {
+        let text = GOOD_TOML.replace(&"a".repeat(64), "xyz");
+        let err = JobSpec::parse(&text, SpecFormat::Toml, LIMITS).expect_err("refused");
+        assert_eq!(err.field, "action.sha256");
+    }
+
+    #[test]
+    fn a_mistyped_json_field_is_refused_with_its_path() {
+        let text =
+            r#"{"target":{"devices":["d1"]},"action":{"type":"reboot","delay_secs":"soon"}}"#;
+        let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("refused");
+        assert_eq!(err.field, "action.delay_secs", "{err}");
+    }
+
+    #[test]
+    fn an_unknown_action_type_is_refused() {
+        let text = r#"{"target":{"devices":["d1"]},"action":{"type":"explode"}}"#;
+        let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("refused");
+        assert!(err.to_string().contains("explode"), "{err}");
+    }
+
+    #[test]
+    fn a_job_without_targets_is_refused() {
+        let text = r#"{"target":{},"action":{"type":"reboot"}}"#;
+        let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("refused");
+        assert_eq!(err.field, "target");
+    }
+
+    #[test]
+    fn too_many_explicit_devices_are_refused() {
+        let ids: Vec<String> = (0..11).map(|i| format!("\"d{i}\"")).collect();
+        let text = format!(
+            r#"{{"target":{{"devices":[{}]}},"action":{{"type":"reboot"}}}}"#,
+            ids.join(",")
+        );
+        let err = JobSpec::parse(&text, SpecFormat::Json, LIMITS).expect_err("refused");
+        assert_eq!(err.field, "target.devices");
+    }
+
+    #[test]
+    fn an_oversized_document_is_refused() {
+        let big = "x".repeat(5000);
+        let text = format!(
+            r#"{{"target":{{"devices":["d1"]}},"action":{{"type":"command","name":"c","args":"{big}"}}}}"#
+        );
+        let err = JobSpec::parse(&text, SpecFormat::Json, LIMITS).expect_err("refused");
+        assert!(err.problem.contains("bytes"), "{err}");
+    }
+
+    #[test]
+    fn execution_ids_are_stable_per_job_and_device() {
+        let job = Uuid::now_v7();
+        assert_eq!(execution_id(job, "d1"), execution_id(job, "d1"));
+        assert_ne!(execution_id(job, "d1"), execution_id(job, "d2"));
+        assert_ne!(execution_id(job, "d1"), execution_id(Uuid::now_v7(), "d1"));
+    }
+
+    #[test]
+    fn execution_states_parse_loosely_and_print_strictly() {
+        assert_eq!(
+            ExecutionState::parse("timed-out"),
+            Some(ExecutionState::TimedOut)
+        );
+        assert_eq!(
+            ExecutionState::parse("failed"),
+            Some(ExecutionState::Failed)
+        );
+        assert_eq!(ExecutionState::parse("nope"), None);
+        assert!(ExecutionState::TERMINAL.iter().all(|s| s.is_terminal()));
+    }
+}

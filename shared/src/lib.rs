@@ -1,0 +1,41 @@
+//! Types and plumbing shared by both sides of the broker: the coordinator and the workers.
+//!
+//! This crate holds no business logic. It owns what both processes must agree on
+//! byte for byte: the wire format, the names of exchanges, queues and Redis keys, and how
+//! settings, telemetry and shutdown are set up.
+//!
+//! # Layout
+//! - [`config`]: the one [`config::Settings`] struct, loaded in layers (defaults, file, env).
+//! - [`job`]: the job model (spec, actions, targets, states) and its validation.
+//! - [`messages`]: the MessagePack wire types (`DeviceTask`, `TaskResult`, `ControlMessage`).
+//! - [`topology`]: exchange, queue, header and Redis key names, and `declare()`.
+//! - [`amqp`]: connecting, confirmed publishing and the trace-context header carrier.
+//! - [`store`]: Redis connection and the job records both sides read.
+//! - [`telemetry`]: tracing subscriber and OTLP export, set up in one place.
+//! - [`shutdown`]: the SIGTERM/SIGINT trigger.
+//! - [`backoff`]: the pure exponential backoff policy used for device retries.
+//!
+//! # Flow of one job
+//! ```text
+//! coordinator: intake -> split -> dispatch ──tasks──▶ worker: consume -> handle -> deliver -> report
+//!                                   aggregate ◀──results──────────────────────────────────┘
+//! ```
+#![warn(missing_docs)]
+
+pub mod amqp;
+pub mod backoff;
+pub mod config;
+pub mod job;
+pub mod messages;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+/// Milliseconds since the Unix epoch, the timestamp unit used on the wire and in Redis.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,406 @@
+//! Redis: the connection, the job record both sides read, and the atomic scripts that change
+//! a device's execution state.
+//!
+//! Owns the layout of a job in Redis (see [`crate::topology::Names`] for key names) and the
+//! rule that makes counters exact: a device's first terminal outcome is recorded, and the
+//! counters incremented, in one Lua script, so no crash or duplicate result can count a
+//! device twice or leave a count behind its status. It never decides outcomes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{
+    config::RedisSettings,
+    job::{DeviceStatus, ExecutionState, JobSpec, JobState},
+    topology::Names,
+};
+
+/// Errors reading or writing Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis is unreachable or returned an error.
+    #[error("redis operation failed")]
+    Redis(#[from] redis::RedisError),
+    /// A stored record does not parse.
+    #[error("stored record {key} is corrupt: {problem}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (connection trouble rather than bad data).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+            }
+            StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+/// Connects with a [`ConnectionManager`], which multiplexes every caller over one
+/// connection and reconnects on its own after Redis restarts.
+///
+/// # Errors
+/// Bad URL or Redis unreachable.
+pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(settings.url.as_str())?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(6)
+        .set_max_delay(std::time::Duration::from_secs(2));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: Uuid,
+    /// The validated spec.
+    pub spec: JobSpec,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// Creation time (ms).
+    pub created_at_ms: u64,
+    /// When the job reached COMPLETED or CANCELED (ms).
+    pub finished_at_ms: Option<u64>,
+    /// Devices targeted so far (all of them once `planning_done`).
+    pub planned: u64,
+    /// Whether the planner has gone through every target.
+    pub planning_done: bool,
+    /// Counters per execution state, plus `terminal`.
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl JobRecord {
+    /// Count of one state.
+    pub fn count(&self, state: ExecutionState) -> u64 {
+        self.counts.get(state.counter()).copied().unwrap_or(0)
+    }
+    /// Devices in a terminal state.
+    pub fn terminal(&self) -> u64 {
+        self.counts.get("terminal").copied().unwrap_or(0)
+    }
+    /// When devices not finished by then end TIMED_OUT.
+    pub fn deadline_ms(&self) -> Option<u64> {
+        self.spec
+            .retry
+            .deadline_secs
+            .map(|s| self.created_at_ms + s * 1000)
+    }
+}
+
+/// Reads a job record with its counters. `None` if there is no such job.
+///
+/// # Errors
+/// Redis errors or a corrupt record.
+pub async fn load_job(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+) -> Result<Option<JobRecord>, StoreError> {
+    let key = names.job(id);
+    let (fields, counts): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
+        .hgetall(&key)
+        .hgetall(names.job_counts(id))
+        .query_async(conn)
+        .await?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let corrupt = |problem: String| StoreError::Corrupt {
+        key: key.clone(),
+        problem,
+    };
+    let spec: JobSpec = serde_json::from_str(fields.get("spec").map(String::as_str).unwrap_or(""))
+        .map_err(|e| corrupt(format!("spec: {e}")))?;
+    let state = fields
+        .get("state")
+        .and_then(|s| JobState::parse(s))
+        .ok_or_else(|| corrupt("state missing or unknown".into()))?;
+    let num = |f: &str| fields.get(f).and_then(|v| v.parse::<u64>().ok());
+    Ok(Some(JobRecord {
+        id,
+        spec,
+        state,
+        created_at_ms: num("created_at_ms").unwrap_or(0),
+        finished_at_ms: num("finished_at_ms"),
+        planned: num("planned").unwrap_or(0),
+        planning_done: num("planning_done") == Some(1),
+        counts: counts.into_iter().collect(),
+    }))
+}
+
+/// Reads just a job's state (the worker's liveness check).
+///
+/// # Errors
+/// Redis errors.
+pub async fn load_job_state(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+) -> Result<Option<JobState>, StoreError> {
+    let state: Option<String> = conn.hget(names.job(id), "state").await?;
+    Ok(state.as_deref().and_then(JobState::parse))
+}
+
+// Shared by the scripts below: when planning is done and every planned device is terminal,
+// move the job to its final state exactly once. Expects `terminal` to hold the terminal count
+// and KEYS[1] (job), KEYS[5] (active set), ARGV[5] (now), ARGV[6] (job id).
+const FINISH_IF_DONE_LUA: &str = r#"
+local function finish_if_done(terminal)
+  local j = redis.call('HMGET', KEYS[1], 'planning_done', 'planned', 'state')
+  if j[1] == '1' and tonumber(j[2]) == terminal and (j[3] == 'IN_PROGRESS' or j[3] == 'CANCELING') then
+    local final = 'COMPLETED'
+    if j[3] == 'CANCELING' then final = 'CANCELED' end
+    redis.call('HSET', KEYS[1], 'state', final, 'finished_at_ms', ARGV[5], 'updated_at_ms', ARGV[5])
+    redis.call('SREM', KEYS[5], ARGV[6])
+    return 2
+  end
+  return 1
+end
+"#;
+
+const TERMINAL_CHECK_LUA: &str = r#"
+local function is_terminal(raw)
+  if not raw then return false end
+  local ok, st = pcall(function() return cjson.decode(raw)['state'] end)
+  if not ok then return false end
+  return st ~= 'QUEUED' and st ~= 'RETRY_SCHEDULED'
+end
+"#;
+
+/// `record_terminal`: KEYS job, counts, status, state-set, active; ARGV device, counter,
+/// status-json, state, now, job-id. Returns 0 (already terminal: ignored), 1 (recorded),
+/// 2 (recorded, and the job is now finished).
+fn record_terminal_script() -> Script {
+    Script::new(&format!(
+        r#"{TERMINAL_CHECK_LUA}{FINISH_IF_DONE_LUA}
+if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
+return finish_if_done(terminal)
+"#
+    ))
+}
+
+/// `finish_planning`: KEYS job, counts, -, -, active; ARGV -, -, planned, -, now, job-id.
+fn finish_planning_script() -> Script {
+    Script::new(&format!(
+        r#"{FINISH_IF_DONE_LUA}
+redis.call('HSET', KEYS[1], 'planning_done', '1', 'planned', ARGV[3])
+local terminal = tonumber(redis.call('HGET', KEYS[2], 'terminal') or '0')
+return finish_if_done(terminal)
+"#
+    ))
+}
+
+/// `record_progress`: KEYS status; ARGV device, status-json. Sets a non-terminal status
+/// unless the device is already terminal. Returns 1 if set.
+fn record_progress_script() -> Script {
+    Script::new(&format!(
+        r#"{TERMINAL_CHECK_LUA}
+if is_terminal(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#
+    ))
+}
+
+/// One terminal outcome to record.
+#[derive(Debug, Clone)]
+pub struct Outcome<'a> {
+    /// The job.
+    pub job_id: Uuid,
+    /// The device.
+    pub device_id: &'a str,
+    /// What is recorded for it.
+    pub status: &'a DeviceStatus,
+}
+
+/// What recording a batch of outcomes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordSummary {
+    /// Outcomes counted.
+    pub recorded: usize,
+    /// Outcomes ignored because the device already had one.
+    pub duplicates: usize,
+    /// Jobs that reached their final state in this batch.
+    pub finished_jobs: usize,
+}
+
+/// The state-changing scripts, loaded once per process.
+#[derive(Debug, Clone)]
+pub struct Scripts {
+    record_terminal: std::sync::Arc<Script>,
+    finish_planning: std::sync::Arc<Script>,
+    record_progress: std::sync::Arc<Script>,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scripts {
+    /// Compiles the scripts (loading happens lazily, and again after a Redis restart).
+    pub fn new() -> Self {
+        Self {
+            record_terminal: std::sync::Arc::new(record_terminal_script()),
+            finish_planning: std::sync::Arc::new(finish_planning_script()),
+            record_progress: std::sync::Arc::new(record_progress_script()),
+        }
+    }
+
+    async fn load_all(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
+        for s in [
+            &self.record_terminal,
+            &self.finish_planning,
+            &self.record_progress,
+        ] {
+            s.load_async(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a batch of terminal outcomes in one round trip; for each device only the first
+    /// terminal outcome counts. Safe to repeat: a replayed batch changes nothing.
+    ///
+    /// # Errors
+    /// Redis errors; on error nothing or part of the batch was recorded, and replaying the
+    /// whole batch is correct.
+    pub async fn record_terminal(
+        &self,
+        conn: &mut ConnectionManager,
+        names: &Names,
+        outcomes: &[Outcome<'_>],
+    ) -> Result<RecordSummary, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(RecordSummary::default());
+        }
+        let now = crate::now_ms().to_string();
+        let mut pipe = redis::pipe();
+        for o in outcomes {
+            let json = serde_json::to_string(o.status).map_err(|e| StoreError::Corrupt {
+                key: names.job_status(o.job_id),
+                problem: e.to_string(),
+            })?;
+            pipe.cmd("EVALSHA")
+                .arg(self.record_terminal.get_hash())
+                .arg(5)
+                .arg(names.job(o.job_id))
+                .arg(names.job_counts(o.job_id))
+                .arg(names.job_status(o.job_id))
+                .arg(names.job_state_set(o.job_id, o.status.state))
+                .arg(names.active_jobs())
+                .arg(o.device_id)
+                .arg(o.status.state.counter())
+                .arg(json)
+                .arg(o.status.state.as_str())
+                .arg(&now)
+                .arg(o.job_id.to_string());
+        }
+        let codes: Vec<i64> = self.run(conn, &pipe).await?;
+        let mut summary = RecordSummary::default();
+        for c in codes {
+            match c {
+                0 => summary.duplicates += 1,
+                2 => {
+                    summary.recorded += 1;
+                    summary.finished_jobs += 1;
+                }
+                _ => summary.recorded += 1,
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Marks planning done with its final target count; finishes the job if every device is
+    /// already terminal. Returns whether the job finished now.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn finish_planning(
+        &self,
+        conn: &mut ConnectionManager,
+        names: &Names,
+        job_id: Uuid,
+        planned: u64,
+    ) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.finish_planning.get_hash())
+            .arg(5)
+            .arg(names.job(job_id))
+            .arg(names.job_counts(job_id))
+            .arg(names.job_status(job_id))
+            .arg(names.job_status(job_id))
+            .arg(names.active_jobs())
+            .arg("")
+            .arg("")
+            .arg(planned)
+            .arg("")
+            .arg(crate::now_ms())
+            .arg(job_id.to_string());
+        let codes: Vec<i64> = self.run(conn, &pipe).await?;
+        Ok(codes.first() == Some(&2))
+    }
+
+    /// Sets a non-terminal status (e.g. RETRY_SCHEDULED) unless the device already finished.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn record_progress(
+        &self,
+        conn: &mut ConnectionManager,
+        names: &Names,
+        job_id: Uuid,
+        device_id: &str,
+        status: &DeviceStatus,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(status).map_err(|e| StoreError::Corrupt {
+            key: names.job_status(job_id),
+            problem: e.to_string(),
+        })?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.record_progress.get_hash())
+            .arg(1)
+            .arg(names.job_status(job_id))
+            .arg(device_id)
+            .arg(json);
+        let _: Vec<i64> = self.run(conn, &pipe).await?;
+        Ok(())
+    }
+
+    /// Runs a pipeline of EVALSHA calls, loading the scripts first if Redis lost them (after a
+    /// restart). The scripts are idempotent, so re-running the pipeline is safe.
+    async fn run(
+        &self,
+        conn: &mut ConnectionManager,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<i64>, StoreError> {
+        match pipe.query_async::<Vec<i64>>(conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.load_all(conn).await?;
+                Ok(pipe.query_async(conn).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

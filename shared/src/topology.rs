@@ -1,0 +1,279 @@
+//! Every name two processes must agree on: exchanges, queues, routing keys, AMQP headers and
+//! Redis keys, all prefixed by the deployment's namespace; and [`declare`], which creates the
+//! broker topology idempotently (whichever process starts first declares it, the others find
+//! it in place).
+//!
+//! ```text
+//! {ns}.tasks (direct) ──"task"──▶ queue {ns}.tasks ──reject──▶ {ns}.dead (fanout) ─▶ queue {ns}.dead
+//!      ▲                                    │
+//!      └── dead-letter after TTL ── queue {ns}.tasks.retry.{n}  (x-message-ttl = retry_delays_ms[n])
+//! {ns}.results (direct) ──"result"──▶ queue {ns}.results (the coordinators')
+//! {ns}.control (fanout) ──▶ one exclusive queue per worker
+//! ```
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use uuid::Uuid;
+
+use crate::{amqp::AmqpError, config::Settings, job::ExecutionState};
+
+/// Routing key of tasks.
+pub const TASK_ROUTING_KEY: &str = "task";
+/// Routing key of results.
+pub const RESULT_ROUTING_KEY: &str = "result";
+/// Header carrying the job id (lets tools filter without decoding bodies).
+pub const HEADER_JOB_ID: &str = "x-job-id";
+/// Header carrying the delivery attempt count.
+pub const HEADER_ATTEMPT: &str = "x-attempt";
+/// Header naming why a message was dead-lettered.
+pub const HEADER_DEAD_REASON: &str = "x-fleetbatch-reason";
+/// Header naming the queue a dead-lettered message came from.
+pub const HEADER_DEAD_SOURCE: &str = "x-fleetbatch-source-queue";
+
+/// Names of one deployment's exchanges, queues and Redis keys.
+#[derive(Debug, Clone)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Names under `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            ns: namespace.to_owned(),
+        }
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    // ---- AMQP ----
+
+    /// Exchange tasks are published to.
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+    /// The durable queue workers consume.
+    pub fn tasks_queue(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+    /// Delayed-retry queue `n` (0-based).
+    pub fn retry_queue(&self, n: usize) -> String {
+        format!("{}.tasks.retry.{n}", self.ns)
+    }
+    /// Exchange results are published to.
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    /// The coordinators' durable results queue.
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    /// Dead-letter exchange.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    /// Dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    /// Control broadcast exchange.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+
+    // ---- Redis: device registry ----
+
+    /// Hash of one device's attributes.
+    pub fn device(&self, id: &str) -> String {
+        format!("{}:dev:{id}", self.ns)
+    }
+    /// Sorted set (all scores 0, ordered by id) of every device.
+    pub fn devices(&self) -> String {
+        format!("{}:devices", self.ns)
+    }
+    /// Sorted set of a group's members.
+    pub fn group(&self, group: &str) -> String {
+        format!("{}:group:{group}", self.ns)
+    }
+    /// Set of group names.
+    pub fn groups(&self) -> String {
+        format!("{}:groups", self.ns)
+    }
+
+    // ---- Redis: jobs ----
+
+    /// Hash of a job record (spec, state, planner checkpoint).
+    pub fn job(&self, job: Uuid) -> String {
+        format!("{}:job:{job}", self.ns)
+    }
+    /// Hash of a job's counters per execution state.
+    pub fn job_counts(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:counts", self.ns)
+    }
+    /// Hash device id -> JSON [`crate::job::DeviceStatus`].
+    pub fn job_status(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:status", self.ns)
+    }
+    /// Set of the devices of a job in one terminal state.
+    pub fn job_state_set(&self, job: Uuid, state: ExecutionState) -> String {
+        format!("{}:job:{job}:in:{}", self.ns, state.as_str())
+    }
+    /// Sorted set of every job, scored by creation time.
+    pub fn jobs(&self) -> String {
+        format!("{}:jobs", self.ns)
+    }
+    /// Set of jobs not finished yet (the coordinator resumes these at start).
+    pub fn active_jobs(&self) -> String {
+        format!("{}:jobs:active", self.ns)
+    }
+    /// Idempotency record of one execution.
+    pub fn idempotency(&self, execution: Uuid) -> String {
+        format!("{}:idem:{execution}", self.ns)
+    }
+    /// Lock held by the coordinator planning a job.
+    pub fn planner_lock(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:planner", self.ns)
+    }
+
+    // ---- Redis: the built-in simulator's device state ----
+
+    /// Hash execution id -> deliveries seen by the simulated device.
+    pub fn sim_deliveries(&self, job: Uuid) -> String {
+        format!("{}:sim:{job}:deliveries", self.ns)
+    }
+    /// Hash execution id -> 1 once the simulated device applied it (its memory of repeats).
+    pub fn sim_done(&self, job: Uuid) -> String {
+        format!("{}:sim:{job}:done", self.ns)
+    }
+    /// Hash device id -> times the simulated device applied this job.
+    pub fn sim_applied(&self, job: Uuid) -> String {
+        format!("{}:sim:{job}:applied", self.ns)
+    }
+    /// Hash of the simulator's totals for a job (deliveries, applications, duplicates).
+    pub fn sim_totals(&self, job: Uuid) -> String {
+        format!("{}:sim:{job}:totals", self.ns)
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn queue_args(settings: &Settings, extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(ms) = settings.amqp.queue_expires_ms {
+        args.insert(
+            ShortString::from("x-expires"),
+            AMQPValue::LongLongInt(ms as i64),
+        );
+    }
+    for (k, v) in extra {
+        args.insert(ShortString::from(*k), v.clone());
+    }
+    args
+}
+
+/// Declares exchanges, queues and bindings. Safe to call from every process at every start:
+/// declarations with identical arguments are no-ops.
+///
+/// # Errors
+/// The broker refused a declaration (e.g. an existing queue with other arguments) or the
+/// connection failed.
+pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), AmqpError> {
+    let names = Names::new(&settings.namespace);
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+
+    channel
+        .exchange_declare(
+            names.dead_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(names.dead_queue().into(), queue, queue_args(settings, &[]))
+        .await?;
+    channel
+        .queue_bind(
+            names.dead_queue().into(),
+            names.dead_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let dlx = [("x-dead-letter-exchange", long(&names.dead_exchange()))];
+    for (exchange, q, key) in [
+        (
+            names.tasks_exchange(),
+            names.tasks_queue(),
+            TASK_ROUTING_KEY,
+        ),
+        (
+            names.results_exchange(),
+            names.results_queue(),
+            RESULT_ROUTING_KEY,
+        ),
+    ] {
+        channel
+            .exchange_declare(
+                exchange.clone().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(q.clone().into(), queue, queue_args(settings, &dlx))
+            .await?;
+        channel
+            .queue_bind(
+                q.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+
+    for (n, delay) in settings.worker.retry_delays_ms.iter().enumerate() {
+        let args = [
+            ("x-message-ttl", AMQPValue::LongLongInt(*delay as i64)),
+            ("x-dead-letter-exchange", long(&names.tasks_exchange())),
+            ("x-dead-letter-routing-key", long(TASK_ROUTING_KEY)),
+        ];
+        channel
+            .queue_declare(
+                names.retry_queue(n).into(),
+                queue,
+                queue_args(settings, &args),
+            )
+            .await?;
+    }
+
+    channel
+        .exchange_declare(
+            names.control_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}

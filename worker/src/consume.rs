@@ -1,0 +1,144 @@
+//! The tasks consumer.
+//!
+//! Owns the tasks channel, its prefetch, the consumer and every ack, nack and reject: a
+//! handler decides an [`Outcome`], and [`settle`] applies it. On shutdown it cancels the
+//! consumer first (no new deliveries), hands back anything delivered after that, and lets
+//! in-flight handlers finish. It never decides an outcome itself.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, BasicRejectOptions,
+    },
+    types::FieldTable,
+};
+use shared::amqp::AmqpError;
+use tokio_util::task::TaskTracker;
+
+use crate::handle::{self, Context, Outcome};
+
+/// Consumes tasks until shutdown fires or the channel fails; handlers run on `tracker`.
+///
+/// # Errors
+/// The channel or connection failed.
+pub async fn run(
+    ctx: Arc<Context>,
+    channel: Channel,
+    tracker: TaskTracker,
+) -> Result<(), AmqpError> {
+    // Prefetch equals concurrency: the broker hands this worker at most as many tasks as it
+    // works on at once, so a SIGKILL strands no more than that and other workers get the rest.
+    channel
+        .basic_qos(ctx.settings.worker.concurrency, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{}-tasks", ctx.worker_id);
+    let mut consumer = channel
+        .basic_consume(
+            ctx.names.tasks_queue().into(),
+            tag.clone().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %ctx.names.tasks_queue(), prefetch = ctx.settings.worker.concurrency, "consuming tasks");
+
+    let result = loop {
+        tokio::select! {
+            biased;
+            // Shutdown: stop taking tasks at once.
+            _ = ctx.shutdown.cancelled() => break Ok(()),
+            // The next task.
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let ctx = ctx.clone();
+                    tracker.spawn(async move {
+                        let outcome = handle::handle(
+                            &ctx,
+                            &delivery.data,
+                            delivery.properties.headers().as_ref(),
+                        )
+                        .await;
+                        settle(&ctx, delivery, outcome).await;
+                    });
+                }
+                // The channel or connection failed: in-flight tasks return to the queue.
+                Some(Err(e)) => break Err(AmqpError::from(e)),
+                // The broker cancelled the consumer (queue deleted).
+                None => break Ok(()),
+            },
+        }
+    };
+
+    if result.is_ok() {
+        if let Err(e) = channel
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error.message = %e, "cancelling the consumer failed");
+        }
+        // Deliveries already on their way when we cancelled: hand them back untouched.
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), consumer.next()).await
+        {
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+    result
+}
+
+/// Applies a handler's decision to the broker.
+pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {
+    let acker = &delivery.acker;
+    let settled = match outcome {
+        Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+        Outcome::Forward { to, task } => {
+            match handle::forward(&ctx.publisher, &ctx.names, to, &task).await {
+                Ok(()) => acker.ack(BasicAckOptions::default()).await,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, error.cause_chain = ?e, "could not forward a task; handing it back");
+                    acker.nack(requeue()).await
+                }
+            }
+        }
+        Outcome::DeadLetter(reason) => {
+            tracing::error!(%reason, queue = %ctx.names.tasks_queue(), "dead-lettering a task");
+            match shared::amqp::dead_letter(
+                &ctx.publisher,
+                &ctx.names,
+                &ctx.names.tasks_queue(),
+                &delivery.data,
+                &delivery.properties,
+                &reason,
+            )
+            .await
+            {
+                Ok(()) => acker.ack(BasicAckOptions::default()).await,
+                // The queue's own dead-letter exchange still keeps the message.
+                Err(_) => acker.reject(BasicRejectOptions { requeue: false }).await,
+            }
+        }
+        Outcome::Requeue => acker.nack(requeue()).await,
+    };
+    if let Err(e) = settled {
+        // The channel is gone; the broker will redeliver the task.
+        tracing::warn!(error.message = %e, "could not settle a delivery");
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,156 @@
+//! Reaching devices: the transports, and the attempt loop around them.
+//!
+//! Owns how one execution is attempted: each attempt runs under a timeout; transient errors
+//! are retried in-process with exponential backoff and jitter ([`shared::backoff`]) until the
+//! in-process budget or the job's attempt limit is spent; the backoff sleeps race the shutdown
+//! token so a stopping worker hands tasks back instead of sleeping on them. It never talks to
+//! RabbitMQ and never records outcomes.
+
+pub mod simulator;
+
+use std::{sync::Arc, time::Duration};
+
+use backoff::backoff::Backoff;
+use shared::{config::BackoffSettings, job::JobSpec};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// One delivery of a job to a device.
+#[derive(Debug, Clone)]
+pub struct DeliveryRequest {
+    /// The job.
+    pub job_id: Uuid,
+    /// Stable id of the job on this device; devices ignore repeats of it.
+    pub execution_id: Uuid,
+    /// The device.
+    pub device_id: String,
+    /// What to do.
+    pub spec: Arc<JobSpec>,
+    /// 1-based number of this attempt across the task's whole life.
+    pub attempt: u32,
+}
+
+/// Why an attempt did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    /// Worth retrying: the device was unreachable, busy or too slow.
+    #[error("transient device error: {0}")]
+    Transient(String),
+    /// The device tried and failed; retrying will not help.
+    #[error("device failed: {0}")]
+    Permanent(String),
+    /// The device refused the job (e.g. incompatible hardware).
+    #[error("device rejected the job: {0}")]
+    Rejected(String),
+}
+
+/// The transport chosen for this deployment.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The built-in fleet simulator.
+    Simulator(simulator::Simulator),
+}
+
+impl Transport {
+    /// One attempt, without timeout (the caller adds it).
+    ///
+    /// # Errors
+    /// What the device (or the way to it) answered.
+    pub async fn attempt(&self, req: &DeliveryRequest) -> Result<(), DeliverError> {
+        match self {
+            Transport::Simulator(sim) => sim.deliver(req).await,
+        }
+    }
+}
+
+/// How the attempts of one task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// The device did it.
+    Succeeded {
+        /// Attempts made in total.
+        attempts: u32,
+    },
+    /// Permanent failure, or the last allowed attempt failed.
+    Failed {
+        /// Attempts made in total.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
+    /// The device refused.
+    Rejected {
+        /// Attempts made in total.
+        attempts: u32,
+        /// Its reason.
+        error: String,
+    },
+    /// The in-process budget is spent but attempts remain: park the task on a retry queue.
+    Park {
+        /// Attempts made in total.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
+    /// Shutdown began during a backoff wait: hand the task back.
+    Interrupted {
+        /// Attempts made in total.
+        attempts: u32,
+    },
+}
+
+/// Limits of one task's attempts.
+#[derive(Debug, Clone)]
+pub struct AttemptPolicy {
+    /// Timeout of each attempt.
+    pub attempt_timeout: Duration,
+    /// Attempts allowed over the task's life.
+    pub max_attempts: u32,
+    /// In-process backoff.
+    pub backoff: BackoffSettings,
+}
+
+/// Attempts delivery until success, a final error, the in-process budget, or shutdown.
+/// `attempts_before` counts attempts made by earlier holders of the task.
+pub async fn run(
+    transport: &Transport,
+    mut req: DeliveryRequest,
+    attempts_before: u32,
+    policy: &AttemptPolicy,
+    shutdown: &CancellationToken,
+) -> Delivered {
+    let mut backoff = shared::backoff::in_process(&policy.backoff);
+    let mut attempts = attempts_before;
+    loop {
+        attempts += 1;
+        req.attempt = attempts;
+        let error =
+            match tokio::time::timeout(policy.attempt_timeout, transport.attempt(&req)).await {
+                Ok(Ok(())) => return Delivered::Succeeded { attempts },
+                Ok(Err(DeliverError::Permanent(e))) => {
+                    return Delivered::Failed { attempts, error: e };
+                }
+                Ok(Err(DeliverError::Rejected(e))) => {
+                    return Delivered::Rejected { attempts, error: e };
+                }
+                Ok(Err(DeliverError::Transient(e))) => e,
+                Err(_) => format!("no answer within {} ms", policy.attempt_timeout.as_millis()),
+            };
+        tracing::debug!(attempt = attempts, %error, "transient delivery error");
+        if attempts >= policy.max_attempts {
+            return Delivered::Failed {
+                attempts,
+                error: format!("{error} (after {attempts} attempts)"),
+            };
+        }
+        let Some(delay) = backoff.next_backoff() else {
+            return Delivered::Park { attempts, error };
+        };
+        tokio::select! {
+            // The normal case: wait, then try again.
+            _ = tokio::time::sleep(delay) => {}
+            // Stopping: no new attempts; the task goes back to the queue.
+            _ = shutdown.cancelled() => return Delivered::Interrupted { attempts },
+        }
+    }
+}

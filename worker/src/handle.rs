@@ -1,0 +1,325 @@
+//! One task, start to finish.
+//!
+//! Owns the decision for a delivery: decode, claim the execution, check the job is still
+//! live and within its deadline, deliver, record and report; and returns an [`Outcome`] that
+//! [`crate::consume`] applies to the broker. Errors of Redis or RabbitMQ never turn into a
+//! device outcome: the task is handed back instead and nothing is recorded that did not
+//! happen.
+//!
+//! Order of the final steps, and why: the result is stored in the idempotency record first,
+//! then published (confirmed), then the task is acked. A worker dying after the record is
+//! written leaves a task whose next copy re-publishes the stored result without reaching the
+//! device again, so a device is re-sent a task only when a worker died mid-delivery.
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::types::FieldTable;
+use redis::aio::ConnectionManager;
+use shared::{
+    amqp::{self, Publisher},
+    config::Settings,
+    job::{DeviceStatus, ExecutionState},
+    messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
+    now_ms,
+    store::Scripts,
+    topology::Names,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field::Empty};
+
+use crate::{
+    deliver::{self, AttemptPolicy, Delivered, DeliveryRequest, Transport},
+    idempotency::{self, NextAction},
+    jobs::JobCache,
+    report,
+};
+
+/// Everything a handler needs, shared by all handlers of a worker.
+#[derive(Debug)]
+pub struct Context {
+    /// This worker's id (claims, results, logs).
+    pub worker_id: String,
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Names of queues and keys.
+    pub names: Names,
+    /// Redis (multiplexed; clone per use).
+    pub redis: ConnectionManager,
+    /// Confirmed publishing (results, forwarded and dead-lettered tasks).
+    pub publisher: Publisher,
+    /// Job documents and states.
+    pub jobs: JobCache,
+    /// How devices are reached.
+    pub transport: Transport,
+    /// Status scripts.
+    pub scripts: Scripts,
+    /// Fires when the worker starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// Where a forwarded copy of a task goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardTo {
+    /// Back to the tasks queue, at once.
+    Tasks,
+    /// Delayed-retry queue `n`.
+    Retry(usize),
+}
+
+/// What to do with the delivery once the handler is done.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// Done (result reported, or it had been before): ack.
+    Ack,
+    /// Publish this updated copy of the task, then ack the original.
+    Forward {
+        /// Destination.
+        to: ForwardTo,
+        /// The copy (with updated attempt counts).
+        task: DeviceTask,
+    },
+    /// Bad message: move it to the dead-letter queue with this reason.
+    DeadLetter(String),
+    /// Infrastructure trouble: give the task back to the broker unchanged.
+    Requeue,
+}
+
+/// Handles one delivery's body and headers.
+pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) -> Outcome {
+    let task = match messages::decode_task(data) {
+        Ok(t) => t,
+        Err(e) => return Outcome::DeadLetter(format!("undecodable task: {e}: {e:?}")),
+    };
+    let span = tracing::info_span!(
+        "process fleetbatch.tasks",
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.destination.name = %ctx.names.tasks_queue(),
+        messaging.message.id = %task.execution_id,
+        job_id = %task.job_id,
+        task_id = %task.execution_id,
+        device_id = %task.device_id,
+        attempt = task.attempts + 1,
+        outcome = Empty,
+    );
+    amqp::continue_trace(&span, headers);
+    async {
+        match process(ctx, &task).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(
+                    error.message = %e,
+                    error.cause_chain = ?e,
+                    "task handed back: infrastructure error"
+                );
+                // Give the infrastructure a moment instead of spinning on the task.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Outcome::Requeue
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
+    let mut redis = ctx.redis.clone();
+    let Some(job) = ctx.jobs.get(&mut redis, &ctx.names, task.job_id).await? else {
+        return Ok(Outcome::DeadLetter(format!("unknown job {}", task.job_id)));
+    };
+    if shared::job::execution_id(task.job_id, &task.device_id) != task.execution_id {
+        return Ok(Outcome::DeadLetter(format!(
+            "execution id {} does not belong to job {} and device {:?}",
+            task.execution_id, task.job_id, task.device_id
+        )));
+    }
+    let attempt_timeout = job
+        .spec
+        .retry
+        .attempt_timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
+    let lease = ctx.settings.worker.claim_lease() + attempt_timeout;
+
+    match idempotency::try_claim(
+        &mut redis,
+        &ctx.names,
+        task.execution_id,
+        &ctx.worker_id,
+        lease,
+    )
+    .await?
+    {
+        NextAction::StartProcessing => {}
+        NextAction::ReturnSavedResult(result) => {
+            tracing::Span::current().record("outcome", "already_done");
+            report::publish(&ctx.publisher, &ctx.names, &result).await?;
+            return Ok(Outcome::Ack);
+        }
+        NextAction::HeldByOther { holder } => {
+            tracing::debug!(%holder, "execution claimed by another worker; retrying later");
+            return Ok(Outcome::Forward {
+                to: ForwardTo::Retry(0),
+                task: task.clone(),
+            });
+        }
+    }
+
+    let now = now_ms();
+    let (state, attempts, error) = if !job.state.is_live() {
+        (
+            ExecutionState::Canceled,
+            task.attempts,
+            Some("job canceled before delivery".to_owned()),
+        )
+    } else if job.deadline_ms.is_some_and(|d| now >= d) {
+        (
+            ExecutionState::TimedOut,
+            task.attempts,
+            Some("job deadline passed before delivery".to_owned()),
+        )
+    } else {
+        let policy = AttemptPolicy {
+            attempt_timeout,
+            max_attempts: job.spec.retry.max_attempts,
+            backoff: ctx.settings.worker.backoff.clone(),
+        };
+        let req = DeliveryRequest {
+            job_id: task.job_id,
+            execution_id: task.execution_id,
+            device_id: task.device_id.clone(),
+            spec: job.spec.clone(),
+            attempt: task.attempts + 1,
+        };
+        match deliver::run(&ctx.transport, req, task.attempts, &policy, &ctx.shutdown).await {
+            Delivered::Succeeded { attempts } => (ExecutionState::Succeeded, attempts, None),
+            Delivered::Failed { attempts, error } => {
+                (ExecutionState::Failed, attempts, Some(error))
+            }
+            Delivered::Rejected { attempts, error } => {
+                (ExecutionState::Rejected, attempts, Some(error))
+            }
+            Delivered::Park { attempts, error } => {
+                let delays = &ctx.settings.worker.retry_delays_ms;
+                let idx = shared::backoff::retry_queue_index(task.parked, delays.len());
+                let due = now_ms() + delays[idx];
+                if job.deadline_ms.is_some_and(|d| due >= d) {
+                    (
+                        ExecutionState::TimedOut,
+                        attempts,
+                        Some(format!(
+                            "{error}; the job deadline passes before the next attempt"
+                        )),
+                    )
+                } else {
+                    ctx.scripts
+                        .record_progress(
+                            &mut redis,
+                            &ctx.names,
+                            task.job_id,
+                            &task.device_id,
+                            &DeviceStatus {
+                                state: ExecutionState::RetryScheduled,
+                                attempts,
+                                error: Some(error),
+                                updated_at_ms: now_ms(),
+                                next_attempt_at_ms: Some(due),
+                                worker: Some(ctx.worker_id.clone()),
+                            },
+                        )
+                        .await?;
+                    idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id)
+                        .await?;
+                    tracing::Span::current().record("outcome", "retry_scheduled");
+                    return Ok(Outcome::Forward {
+                        to: ForwardTo::Retry(idx),
+                        task: DeviceTask {
+                            attempts,
+                            parked: task.parked + 1,
+                            ..task.clone()
+                        },
+                    });
+                }
+            }
+            Delivered::Interrupted { attempts } => {
+                idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id)
+                    .await?;
+                tracing::Span::current().record("outcome", "handed_back");
+                return Ok(Outcome::Forward {
+                    to: ForwardTo::Tasks,
+                    task: DeviceTask {
+                        attempts,
+                        ..task.clone()
+                    },
+                });
+            }
+        }
+    };
+
+    tracing::Span::current().record("outcome", state.as_str());
+    let result = TaskResult {
+        version: WIRE_VERSION,
+        job_id: task.job_id,
+        execution_id: task.execution_id,
+        device_id: task.device_id.clone(),
+        state,
+        attempts,
+        error,
+        worker: ctx.worker_id.clone(),
+        published_at_ms: task.published_at_ms,
+        finished_at_ms: now_ms(),
+    };
+    idempotency::mark_done(
+        &mut redis,
+        &ctx.names,
+        &result,
+        Duration::from_secs(ctx.settings.worker.done_retention_secs),
+    )
+    .await?;
+    report::publish(&ctx.publisher, &ctx.names, &result).await?;
+    Ok(Outcome::Ack)
+}
+
+/// Publishes a copy of a task (to the tasks exchange or a retry queue), confirmed.
+///
+/// # Errors
+/// Broker errors.
+pub async fn forward(
+    publisher: &Publisher,
+    names: &Names,
+    to: ForwardTo,
+    task: &DeviceTask,
+) -> Result<(), shared::amqp::AmqpError> {
+    let payload = messages::encode(task)?;
+    let mut headers = FieldTable::default();
+    amqp::set_header(
+        &mut headers,
+        shared::topology::HEADER_JOB_ID,
+        &task.job_id.to_string(),
+    );
+    amqp::set_header(
+        &mut headers,
+        shared::topology::HEADER_ATTEMPT,
+        &task.attempts.to_string(),
+    );
+    amqp::inject_current_context(&mut headers);
+    let (exchange, routing_key) = match to {
+        ForwardTo::Tasks => (
+            names.tasks_exchange(),
+            shared::topology::TASK_ROUTING_KEY.to_owned(),
+        ),
+        ForwardTo::Retry(n) => (String::new(), names.retry_queue(n)),
+    };
+    publisher
+        .publish(amqp::Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            payload: &payload,
+            properties: amqp::properties(
+                messages::TASK_TYPE,
+                &task.execution_id.to_string(),
+                headers,
+            ),
+        })
+        .await
+}

@@ -1,0 +1,30 @@
+//! The fleetbatch worker: takes device tasks off RabbitMQ and delivers them to devices,
+//! exactly once in effect.
+//!
+//! # Layout
+//! - [`startup`]: builds a [`startup::Worker`] from settings (connections, topology,
+//!   transport) and runs it until a shutdown trigger fires.
+//! - [`consume`]: owns the tasks channel and the consumer; spawns one handler per delivery and
+//!   settles it (ack, forward, dead-letter). Only this module touches the acker.
+//! - [`handle`]: one task, start to finish; decides an [`handle::Outcome`].
+//! - [`idempotency`]: the claim / done record per execution in Redis.
+//! - [`jobs`]: a short-lived cache of job documents and states, invalidated by control
+//!   messages when a job is canceled.
+//! - [`deliver`]: the device transports (today the built-in simulator) and the retry loop
+//!   with per-attempt timeout and exponential backoff.
+//! - [`report`]: publishes results to the results exchange, confirmed.
+//!
+//! # Flow of one task
+//! ```text
+//! consume ─▶ handle: decode ─▶ claim (idempotency) ─▶ job live? ─▶ deliver (retry, backoff)
+//!        ◀── outcome ◀── report (result confirmed) ◀── mark done ◀──┘
+//!   ack / forward to a retry queue / dead-letter
+//! ```
+
+pub mod consume;
+pub mod deliver;
+pub mod handle;
+pub mod idempotency;
+pub mod jobs;
+pub mod report;
+pub mod startup;

@@ -1,0 +1,40 @@
+//! `worker`: a fleetbatch worker process. Run as many as the fleet needs.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Delivers fleetbatch device tasks from RabbitMQ to devices.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Settings file (YAML, TOML or JSON); defaults to $FLEETBATCH_CONFIG, then built-ins.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        tracing::error!(error.message = %e, error.cause_chain = ?e, "worker failed");
+        eprintln!("worker: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings =
+        shared::config::Settings::load(args.config.as_deref()).context("loading settings")?;
+    let id = worker::startup::worker_id();
+    let _telemetry = shared::telemetry::init("fleetbatch-worker", &id, &settings.telemetry)
+        .context("setting up telemetry")?;
+    let worker = worker::startup::Worker::build(settings, id)
+        .await
+        .context("starting the worker")?;
+    worker
+        .run_until_stopped(shared::shutdown::signal())
+        .await
+        .context("running the worker")
+}

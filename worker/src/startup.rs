@@ -1,0 +1,182 @@
+//! Building and running a worker.
+//!
+//! Owns the worker's lifetime: connections, topology, the transport, the tasks consumer and
+//! the control listener, and the shutdown sequence (stop consuming, hand back what has not
+//! started, let in-flight deliveries finish within the grace period, close the connection).
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use lapin::{
+    Channel, Connection,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use shared::{amqp, config::Settings, messages, store, topology};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    consume,
+    deliver::{Transport, simulator::Simulator},
+    handle::Context,
+    jobs::JobCache,
+};
+
+/// A unique id for this worker process: host, pid and a random suffix.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+}
+
+/// A worker, connected and ready to run.
+#[derive(Debug)]
+pub struct Worker {
+    ctx: Arc<Context>,
+    connection: Connection,
+    tasks_channel: Channel,
+    control_channel: Channel,
+}
+
+impl Worker {
+    /// Connects to RabbitMQ and Redis, declares the topology and prepares the transport.
+    ///
+    /// # Errors
+    /// Unreachable services or a topology conflict.
+    pub async fn build(settings: Settings, worker_id: String) -> anyhow::Result<Self> {
+        let names = topology::Names::new(&settings.namespace);
+        let connection = amqp::connect(&settings.amqp, &format!("fleetbatch-worker {worker_id}"))
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?;
+        let publisher = amqp::Publisher::new(&connection, &settings.amqp).await?;
+        topology::declare(publisher.channel(), &settings)
+            .await
+            .context("declaring the broker topology")?;
+        let redis = store::connect(&settings.redis)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
+        let transport = match settings.worker.transport {
+            shared::config::Transport::Simulator => Transport::Simulator(Simulator::new(
+                settings.simulator.clone(),
+                redis.clone(),
+                names.clone(),
+            )),
+        };
+        let tasks_channel = connection.create_channel().await?;
+        let control_channel = connection.create_channel().await?;
+        let ctx = Arc::new(Context {
+            worker_id,
+            jobs: JobCache::new(settings.worker.job_cache()),
+            settings: Arc::new(settings),
+            names,
+            redis,
+            publisher,
+            transport,
+            scripts: store::Scripts::new(),
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Self {
+            ctx,
+            connection,
+            tasks_channel,
+            control_channel,
+        })
+    }
+
+    /// This worker's id.
+    pub fn id(&self) -> &str {
+        &self.ctx.worker_id
+    }
+
+    /// Runs until `shutdown` resolves (or the broker connection fails), then drains.
+    ///
+    /// # Errors
+    /// The broker connection failed; in-flight tasks return to the queue.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Worker {
+            ctx,
+            connection,
+            tasks_channel,
+            control_channel,
+        } = self;
+        let tracker = TaskTracker::new();
+        let control = tokio::spawn(listen_for_control(ctx.clone(), control_channel));
+        let consuming = consume::run(ctx.clone(), tasks_channel.clone(), tracker.clone());
+        tokio::pin!(consuming);
+        tokio::pin!(shutdown);
+
+        let result = tokio::select! {
+            // The consumer ended on its own: the broker connection failed.
+            r = &mut consuming => r.map_err(anyhow::Error::from),
+            // SIGTERM or SIGINT: stop taking tasks, then drain.
+            _ = &mut shutdown => {
+                tracing::info!(in_flight = tracker.len(), "shutting down: no new tasks");
+                ctx.shutdown.cancel();
+                consuming.await.map_err(anyhow::Error::from)
+            }
+        };
+        ctx.shutdown.cancel();
+        control.abort();
+
+        tracker.close();
+        let grace = ctx.settings.worker.shutdown_grace();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                in_flight = tracker.len(),
+                "grace period over; unfinished tasks return to the queue"
+            );
+        }
+        let _ = tasks_channel.close(200, "worker stopping".into()).await;
+        let _ = connection.close(200, "worker stopping".into()).await;
+        tracing::info!("worker stopped");
+        result
+    }
+}
+
+/// Listens on a private queue bound to the control exchange and applies what it hears.
+async fn listen_for_control(ctx: Arc<Context>, channel: Channel) -> anyhow::Result<()> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            ctx.names.control_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            format!("{}-control", ctx.worker_id).into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    while let Some(Ok(delivery)) = consumer.next().await {
+        match messages::decode_control(&delivery.data) {
+            Ok(messages::ControlMessage::JobCanceled { job_id }) => {
+                tracing::info!(%job_id, "job canceled: no new deliveries");
+                ctx.jobs.invalidate(job_id);
+            }
+            Err(e) => tracing::warn!(error.message = %e, "ignoring an undecodable control message"),
+        }
+    }
+    Ok(())
+}
