@@ -150,15 +150,51 @@ pub async fn devices(
     cursor: Option<&str>,
     limit: usize,
 ) -> Result<DevicePage, StoreError> {
-    let cursor: u64 = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut cursor: u64 = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
     let limit = limit.clamp(1, 10_000);
-    let (next, pairs): (u64, Vec<(String, String)>) = match state {
+    let mut devices = Vec::new();
+    // SCAN pages may come back short (even empty) with more to follow: keep scanning until
+    // the page is full or the scan is complete.
+    loop {
+        let (next, pairs) = scan_statuses(redis, names, id, state, cursor, limit).await?;
+        devices.extend(
+            pairs
+                .into_iter()
+                .filter_map(|(device_id, json)| {
+                    let status: DeviceStatus = serde_json::from_str(&json).ok()?;
+                    Some(DeviceEntry { device_id, status })
+                })
+                .filter(|e| state.is_none_or(|s| e.status.state == s)),
+        );
+        cursor = next;
+        if cursor == 0 || devices.len() >= limit {
+            break;
+        }
+    }
+    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(DevicePage {
+        devices,
+        next_cursor: (cursor != 0).then(|| cursor.to_string()),
+    })
+}
+
+/// One SCAN step over a job's statuses: the per-state set for terminal states, the status
+/// hash otherwise. Returns the next cursor and (device, status JSON) pairs.
+async fn scan_statuses(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+    state: Option<ExecutionState>,
+    cursor: u64,
+    count: usize,
+) -> Result<(u64, Vec<(String, String)>), StoreError> {
+    match state {
         Some(s) if s.is_terminal() => {
             let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
                 .arg(names.job_state_set(id, s))
                 .arg(cursor)
                 .arg("COUNT")
-                .arg(limit)
+                .arg(count)
                 .query_async(redis)
                 .await?;
             let values: Vec<Option<String>> = if ids.is_empty() {
@@ -175,36 +211,23 @@ pub async fn devices(
                 .zip(values)
                 .filter_map(|(d, v)| v.map(|v| (d, v)))
                 .collect();
-            (next, pairs)
+            Ok((next, pairs))
         }
         _ => {
             let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
                 .arg(names.job_status(id))
                 .arg(cursor)
                 .arg("COUNT")
-                .arg(limit)
+                .arg(count)
                 .query_async(redis)
                 .await?;
             let pairs = flat
                 .chunks_exact(2)
                 .map(|c| (c[0].clone(), c[1].clone()))
                 .collect();
-            (next, pairs)
+            Ok((next, pairs))
         }
-    };
-    let mut devices: Vec<DeviceEntry> = pairs
-        .into_iter()
-        .filter_map(|(device_id, json)| {
-            let status: DeviceStatus = serde_json::from_str(&json).ok()?;
-            Some(DeviceEntry { device_id, status })
-        })
-        .filter(|e| state.is_none_or(|s| e.status.state == s))
-        .collect();
-    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-    Ok(DevicePage {
-        devices,
-        next_cursor: (next != 0).then(|| next.to_string()),
-    })
+    }
 }
 
 /// The failure report of a job.

@@ -1,1 +1,14 @@
-fn main() {}
+//! End-to-end suite: real RabbitMQ, real Redis, real `coordinator` and `worker` processes.
+//!
+//! Each test gets its own namespace (exchanges, queues and Redis keys prefixed `t<uuid>`),
+//! so tests run in parallel against shared servers. Service URLs come from
+//! `FLEETBATCH_TEST_AMQP_URL` and `FLEETBATCH_TEST_REDIS_URL` (default: loopback).
+
+#![allow(unreachable_pub, missing_debug_implementations)]
+
+mod cancel;
+mod dead_letter;
+mod helpers;
+mod invalid_input;
+mod job_roundtrip;
+mod shutdown;

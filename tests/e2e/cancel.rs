@@ -1,0 +1,52 @@
+use std::time::Duration;
+
+use serde_json::json;
+use shared::job::ExecutionState;
+
+use crate::helpers::{firmware_job, fleet_ids, spawn_app};
+
+#[tokio::test]
+async fn cancelling_mid_job_leaves_every_device_succeeded_or_canceled() {
+    // Arrange: slow enough that the job is mid-way when cancelled.
+    let app = spawn_app(2, &[("FLEETBATCH_SIMULATOR__LATENCY_MS", "20")]).await;
+    let n = 10_000;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 2000}})))
+        .await;
+    app.wait_for_terminal(id, 1_000, Duration::from_secs(120))
+        .await;
+
+    // Act
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status().as_u16(), 200);
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+
+    // Assert: CANCELED, every device terminal and either done or canceled, counts exact.
+    assert_eq!(job["state"], "CANCELED");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    assert!(statuses.values().all(|s| matches!(
+        s.state,
+        ExecutionState::Succeeded | ExecutionState::Canceled
+    )));
+    let succeeded = job["succeeded"].as_u64().unwrap_or(0);
+    let canceled = job["canceled"].as_u64().unwrap_or(0);
+    assert!(succeeded >= 1_000 && canceled > 0, "{job}");
+    // Nothing canceled was applied.
+    let totals = app.sim_totals(id).await;
+    assert_eq!(totals["applications"], succeeded);
+    // A second cancel is refused: the job is over.
+    let again = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(again.status().as_u16(), 409);
+    app.teardown().await;
+}

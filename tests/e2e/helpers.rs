@@ -1,0 +1,316 @@
+//! The test harness: a namespaced deployment of real processes, and assertions on outcomes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
+
+use coordinator::local::Cluster;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use serde_json::Value;
+use shared::{
+    config::Settings,
+    job::{DeviceStatus, ExecutionState},
+    topology::Names,
+};
+use uuid::Uuid;
+
+/// A running deployment for one test.
+pub struct TestApp {
+    pub cluster: Cluster,
+    pub names: Names,
+    /// The settings the child processes run with.
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    pub redis: ConnectionManager,
+}
+
+fn service_env() -> Vec<(String, String)> {
+    let amqp = std::env::var("FLEETBATCH_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let redis = std::env::var("FLEETBATCH_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    vec![
+        ("FLEETBATCH_AMQP__URL".into(), amqp),
+        ("FLEETBATCH_REDIS__URL".into(), redis),
+    ]
+}
+
+/// Starts a coordinator and `workers` workers in a fresh namespace; `env` adds settings
+/// (as `FLEETBATCH_*` variables) for every process.
+pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
+    let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let mut child_env = service_env();
+    child_env.push(("FLEETBATCH_NAMESPACE".into(), namespace.clone()));
+    child_env.push(("FLEETBATCH_AMQP__QUEUE_EXPIRES_MS".into(), "600000".into()));
+    child_env.push((
+        "RUST_LOG".into(),
+        std::env::var("TEST_LOG").unwrap_or_else(|_| "info,lapin=warn".into()),
+    ));
+    for (k, v) in env {
+        child_env.push(((*k).into(), (*v).into()));
+    }
+    let map: HashMap<String, String> = child_env.iter().cloned().collect();
+    let settings = Settings::load_from(None, &map).expect("test settings load");
+    let log_dir = std::env::temp_dir().join("fleetbatch-e2e").join(&namespace);
+    let mut cluster = Cluster::new(
+        coordinator::local::bin_dir().expect("binaries built (cargo build --bins)"),
+        log_dir,
+        child_env,
+    )
+    .expect("cluster");
+    cluster
+        .start_coordinator()
+        .await
+        .expect("coordinator starts");
+    for _ in 0..workers {
+        cluster.start_worker().expect("worker starts");
+    }
+    let redis = shared::store::connect(&settings.redis)
+        .await
+        .expect("redis");
+    TestApp {
+        cluster,
+        names: Names::new(&namespace),
+        settings,
+        http: reqwest::Client::new(),
+        redis,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.cluster.api)
+    }
+
+    /// Registers generated devices `0..n` (all in group `fleet`).
+    pub async fn import_fleet(&self, n: u64) {
+        let r = self
+            .http
+            .post(self.url("/v1/devices/import?format=ndjson"))
+            .body(coordinator::fleet::ndjson(n))
+            .send()
+            .await
+            .expect("import request");
+        assert!(r.status().is_success(), "import failed: {}", r.status());
+        let v: Value = r.json().await.expect("import report");
+        assert_eq!(v["imported"].as_u64(), Some(n), "{v}");
+    }
+
+    /// Posts a job; returns the status and body.
+    pub async fn post_job(&self, body: &str, content_type: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/v1/jobs"))
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("create request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a job that must be accepted.
+    pub async fn create_job(&self, spec: &Value) -> Uuid {
+        let (status, body) = self.post_job(&spec.to_string(), "application/json").await;
+        assert_eq!(status, 201, "job refused: {body}");
+        Uuid::parse_str(body["job_id"].as_str().expect("job id")).expect("uuid")
+    }
+
+    pub async fn job(&self, id: Uuid) -> Value {
+        self.http
+            .get(self.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .expect("get job")
+            .json()
+            .await
+            .expect("job json")
+    }
+
+    /// Polls until the job is COMPLETED or CANCELED.
+    pub async fn wait_for_job(&self, id: Uuid, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if matches!(job["state"].as_str(), Some("COMPLETED") | Some("CANCELED")) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job did not finish within {timeout:?}: {job}\nlogs: {}",
+                self.cluster
+                    .coordinator_log()
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls until at least `n` devices of the job are terminal.
+    pub async fn wait_for_terminal(&self, id: Uuid, n: u64, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if job["terminal"].as_u64().unwrap_or(0) >= n {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not {n} terminal in time: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Every device's stored status.
+    pub async fn statuses(&self, id: Uuid) -> HashMap<String, DeviceStatus> {
+        let mut redis = self.redis.clone();
+        let raw: HashMap<String, String> = redis
+            .hgetall(self.names.job_status(id))
+            .await
+            .expect("statuses");
+        raw.into_iter()
+            .map(|(d, s)| (d, serde_json::from_str(&s).expect("status json")))
+            .collect()
+    }
+
+    /// The simulator's counters for a job.
+    pub async fn sim_totals(&self, id: Uuid) -> HashMap<String, u64> {
+        let mut redis = self.redis.clone();
+        redis
+            .hgetall(self.names.sim_totals(id))
+            .await
+            .expect("sim totals")
+    }
+
+    /// Asserts the guarantees on a finished job targeting exactly `expected` devices: one
+    /// terminal status per device, counters equal to those statuses and summing to the target
+    /// count, and no device applying the job twice. Returns the statuses.
+    pub async fn assert_exact(
+        &self,
+        id: Uuid,
+        expected: &HashSet<String>,
+    ) -> HashMap<String, DeviceStatus> {
+        let job = self.job(id).await;
+        let statuses = self.statuses(id).await;
+        assert_eq!(
+            job["targeted"].as_u64(),
+            Some(expected.len() as u64),
+            "{job}"
+        );
+        let got: HashSet<String> = statuses.keys().cloned().collect();
+        assert_eq!(got.len(), expected.len(), "one status per targeted device");
+        assert!(
+            got == *expected,
+            "statuses are for exactly the targeted devices"
+        );
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (device, s) in &statuses {
+            assert!(s.state.is_terminal(), "{device} is {:?}", s.state);
+            *by_state.entry(s.state.counter()).or_default() += 1;
+        }
+        let mut sum = 0;
+        for state in ExecutionState::TERMINAL {
+            let counter = job[state.counter()].as_u64().unwrap_or(0);
+            assert_eq!(
+                counter,
+                by_state.get(state.counter()).copied().unwrap_or(0),
+                "counter {} matches the per-device states: {job}",
+                state.counter()
+            );
+            sum += counter;
+        }
+        assert_eq!(
+            sum,
+            expected.len() as u64,
+            "counters sum to the target count"
+        );
+        assert_eq!(job["terminal"].as_u64(), Some(sum));
+        let totals = self.sim_totals(id).await;
+        assert_eq!(
+            totals.get("duplicate_applications").copied().unwrap_or(0),
+            0,
+            "{totals:?}"
+        );
+        statuses
+    }
+
+    /// Messages in the namespace's dead-letter queue (taken off the queue).
+    pub async fn drain_dead_letters(&self) -> Vec<lapin::message::BasicGetMessage> {
+        let conn = shared::amqp::connect(&self.settings.amqp, "e2e-dlq")
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                self.names.dead_queue().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic_get")
+        {
+            out.push(m);
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    }
+
+    /// Stops every process and deletes the namespace's Redis keys.
+    pub async fn teardown(mut self) {
+        self.cluster.stop_all(Duration::from_secs(30)).await;
+        let mut redis = self.redis.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.names.namespace()))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("unlink");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// The ids of generated devices `0..n`.
+pub fn fleet_ids(n: u64) -> HashSet<String> {
+    (0..n).map(coordinator::fleet::device_id).collect()
+}
+
+/// A firmware-update job for group `fleet`.
+pub fn firmware_job(extra: Value) -> Value {
+    let mut spec = serde_json::json!({
+        "name": "e2e",
+        "target": {"groups": ["fleet"]},
+        "action": {
+            "type": "firmware_update",
+            "url": "https://fw.example.com/2.0.bin",
+            "version": "2.0.0",
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        }
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    spec
+}
