@@ -67,7 +67,8 @@ pub async fn run(agg: Arc<Aggregator>, channel: Channel, tag: String) -> anyhow:
             next = consumer.next() => match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
-                None => return Ok(()),
+                // Ended without our cancel: the channel is gone.
+                None => anyhow::bail!("the results consumer ended: the channel is gone"),
             },
         };
         // Take whatever else is already here, up to the prefetch, without waiting.

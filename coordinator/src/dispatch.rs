@@ -73,7 +73,24 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
                 _ = p.shutdown.cancelled() => return Ok(()),
             }
         }
-        let result = plan(&p, &mut redis, job_id).await;
+        // Redis or broker trouble mid-plan: retry from the checkpoint until it works or the
+        // coordinator stops (a broker outage rebuilds the whole coordinator, which resumes
+        // this job with a fresh planner).
+        let mut delay = Duration::from_millis(250);
+        let result = loop {
+            match plan(&p, &mut redis, job_id).await {
+                Ok(()) => break Ok(()),
+                Err(e) if p.shutdown.is_cancelled() => break Err(e),
+                Err(e) => {
+                    tracing::warn!(%job_id, error.message = %e, error.cause_chain = ?e, "planning interrupted; resuming from the checkpoint");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = p.shutdown.cancelled() => break Ok(()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
         let _: Result<i64, _> = redis.del(&lock).await;
         result
     }

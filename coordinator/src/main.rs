@@ -33,10 +33,15 @@ async fn run() -> anyhow::Result<()> {
         &settings.telemetry,
     )
     .context("setting up telemetry")?;
-    let app = coordinator::startup::Application::build(settings)
-        .await
-        .context("starting the coordinator")?;
-    app.run_until_stopped(shared::shutdown::signal())
-        .await
-        .context("running the coordinator")
+    let stop = shared::shutdown::token();
+    shared::supervise::with_reconnect("coordinator", stop, |stop| {
+        let settings = settings.clone();
+        async move {
+            let app = coordinator::startup::Application::build(settings)
+                .await
+                .context("starting the coordinator")?;
+            app.run_until_stopped(stop.cancelled_owned()).await
+        }
+    })
+    .await
 }

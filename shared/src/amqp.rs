@@ -40,6 +40,9 @@ pub enum AmqpError {
     /// No confirm arrived in time.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// The broker ended a consumer we did not cancel (channel closed, queue deleted).
+    #[error("the broker cancelled the consumer")]
+    ConsumerCancelled,
     /// The message could not be encoded.
     #[error("cannot encode the message")]
     Encode(#[from] crate::messages::WireError),
@@ -51,7 +54,7 @@ impl AmqpError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             AmqpError::Lapin(e) => !e.is_amqp_soft_error(),
-            AmqpError::ConfirmTimeout(_) => true,
+            AmqpError::ConfirmTimeout(_) | AmqpError::ConsumerCancelled => true,
             AmqpError::Nacked { .. } | AmqpError::Unroutable { .. } | AmqpError::Encode(_) => false,
         }
     }

@@ -13,6 +13,7 @@
 //! - [`store`]: Redis connection and the job records both sides read.
 //! - [`telemetry`]: tracing subscriber and OTLP export, set up in one place.
 //! - [`shutdown`]: the SIGTERM/SIGINT trigger.
+//! - [`supervise`]: the reconnect loop that keeps a service up through outages.
 //! - [`backoff`]: the pure exponential backoff policy used for device retries.
 //!
 //! # Flow of one job
@@ -29,6 +30,7 @@ pub mod job;
 pub mod messages;
 pub mod shutdown;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod topology;
 

@@ -27,3 +27,18 @@ pub async fn signal() {
         }
     }
 }
+
+/// A token cancelled on the first SIGTERM or SIGINT. A second signal exits the process at
+/// once (with status 130): an operator who insists does not wait for the grace period.
+pub fn token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        signal().await;
+        t.cancel();
+        signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+    token
+}

@@ -68,8 +68,8 @@ pub async fn run(
                 }
                 // The channel or connection failed: in-flight tasks return to the queue.
                 Some(Err(e)) => break Err(AmqpError::from(e)),
-                // The broker cancelled the consumer (queue deleted).
-                None => break Ok(()),
+                // The stream ended without our cancel: the channel is gone.
+                None => break Err(AmqpError::ConsumerCancelled),
             },
         }
     };

@@ -112,6 +112,12 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
                     error.cause_chain = ?e,
                     "task handed back: infrastructure error"
                 );
+                // Let the next copy be taken at once rather than after our lease. A stored
+                // result is never removed by this (only our claim is).
+                let mut redis = ctx.redis.clone();
+                let _ =
+                    idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id)
+                        .await;
                 // Give the infrastructure a moment instead of spinning on the task.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Outcome::Requeue

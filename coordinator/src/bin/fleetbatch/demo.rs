@@ -90,10 +90,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let mut cluster = Cluster::new(coordinator::local::bin_dir()?, log_dir, env)?;
     let outcome = rollout(&args, &settings, &Names::new(&namespace), &mut cluster).await;
     cluster.stop_all(Duration::from_secs(30)).await;
-    if !args.keep {
-        if let Err(e) = cleanup(&settings, &namespace).await {
-            eprintln!("fleetbatch demo: cleanup of {namespace} failed: {e:#}");
-        }
+    if !args.keep
+        && let Err(e) = cleanup(&settings, &namespace).await
+    {
+        eprintln!("fleetbatch demo: cleanup of {namespace} failed: {e:#}");
     }
     let summary = outcome?;
     let ok = summary["all_terminal"].as_bool() == Some(true)

@@ -122,7 +122,7 @@ fn urlencode(s: &str) -> String {
 #[derive(Debug, Subcommand)]
 enum JobCmd {
     /// Create a job from a TOML or JSON file, or from flags.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Show a job's state and counters.
     Get {
         /// Job id.
