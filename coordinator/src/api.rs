@@ -18,6 +18,8 @@
 //! | POST | /v1/jobs/{id}/cancel | cancel |
 //! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
 //! | GET | /v1/jobs/{id}/report?limit= | failures with their last error |
+//! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
+//! | POST | /v1/dlq/replay | put dead letters back on their source queues |
 
 use std::sync::Arc;
 
@@ -57,6 +59,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/devices", get(job_devices))
         .route("/v1/jobs/{id}/report", get(job_report))
+        .route("/v1/dlq", get(list_dead_letters))
+        .route("/v1/dlq/replay", post(replay_dead_letters))
         .with_state(state)
 }
 
@@ -447,4 +451,25 @@ async fn job_report(
         Some(r) => Ok(Json(r)),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}"))),
     }
+}
+
+async fn list_dead_letters(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let list = crate::deadletters::list(&app.connection, &app.names, q.limit.unwrap_or(100).clamp(1, 10_000))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"messages": list})))
+}
+
+async fn replay_dead_letters(
+    State(app): State<Arc<AppState>>,
+    body: Option<Json<crate::deadletters::ReplayRequest>>,
+) -> ApiResult<Json<crate::deadletters::ReplayReport>> {
+    let request = body.map(|Json(r)| r).unwrap_or_default();
+    let report = crate::deadletters::replay(&app.connection, &app.publisher, &app.names, &request)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(report))
 }

@@ -16,6 +16,8 @@
 //!   jobs.
 //! - [`jobs`]: reading jobs for the API (state, counters, per-device status, reports) and
 //!   cancelling them.
+//! - [`audit`]: checks a job against the guarantees (chaos runs, tests).
+//! - [`deadletters`]: listing and replaying the dead-letter queue.
 //! - [`local`] and [`fleet`]: a local deployment of child processes and a generated fleet,
 //!   for the demo, the benchmark and the end-to-end tests.
 //!
@@ -25,7 +27,9 @@
 //! ```
 
 pub mod aggregate;
+pub mod audit;
 pub mod api;
+pub mod deadletters;
 pub mod dispatch;
 pub mod fleet;
 pub mod intake;

@@ -36,6 +36,8 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
+    /// The broker connection (dead-letter tools open short-lived channels on it).
+    pub connection: Arc<Connection>,
     planners: Arc<dispatch::Planners>,
     tracker: TaskTracker,
 }
@@ -57,7 +59,7 @@ impl AppState {
 pub struct Application {
     state: Arc<AppState>,
     listener: TcpListener,
-    connection: Connection,
+    connection: Arc<Connection>,
     aggregator: Arc<aggregate::Aggregator>,
     instance: String,
 }
@@ -74,9 +76,11 @@ impl Application {
             &Uuid::new_v4().simple().to_string()[..6]
         );
         let names = Names::new(&settings.namespace);
-        let connection = amqp::connect(&settings.amqp, &format!("fleetbatch-{instance}"))
-            .await
-            .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?;
+        let connection = Arc::new(
+            amqp::connect(&settings.amqp, &format!("fleetbatch-{instance}"))
+                .await
+                .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?,
+        );
         let publisher = Publisher::new(&connection, &settings.amqp).await?;
         topology::declare(publisher.channel(), &settings)
             .await
@@ -114,6 +118,7 @@ impl Application {
             redis,
             publisher,
             shutdown,
+            connection: connection.clone(),
             planners,
             tracker: TaskTracker::new(),
         });

@@ -8,7 +8,9 @@
 
 mod cancel;
 mod dead_letter;
+mod faults;
 mod helpers;
 mod invalid_input;
 mod job_roundtrip;
+mod services;
 mod shutdown;

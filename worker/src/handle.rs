@@ -189,6 +189,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             attempt_timeout,
             max_attempts: job.spec.retry.max_attempts,
             backoff: ctx.settings.worker.backoff.clone(),
+            deadline_ms: job.deadline_ms,
         };
         let req = DeliveryRequest {
             job_id: task.job_id,
@@ -205,6 +206,14 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             Delivered::Rejected { attempts, error } => {
                 (ExecutionState::Rejected, attempts, Some(error))
             }
+            Delivered::TimedOut { attempts, error } => (
+                ExecutionState::TimedOut,
+                attempts,
+                Some(match error {
+                    Some(e) => format!("job deadline passed; last error: {e}"),
+                    None => "job deadline passed".to_owned(),
+                }),
+            ),
             Delivered::Park { attempts, error } => {
                 let delays = &ctx.settings.worker.retry_delays_ms;
                 let idx = shared::backoff::retry_queue_index(task.parked, delays.len());

@@ -92,6 +92,13 @@ pub enum Delivered {
         /// The last error.
         error: String,
     },
+    /// The job's deadline passed before the device succeeded.
+    TimedOut {
+        /// Attempts made in total.
+        attempts: u32,
+        /// The last error, if an attempt was made.
+        error: Option<String>,
+    },
     /// Shutdown began during a backoff wait: hand the task back.
     Interrupted {
         /// Attempts made in total.
@@ -108,6 +115,8 @@ pub struct AttemptPolicy {
     pub max_attempts: u32,
     /// In-process backoff.
     pub backoff: BackoffSettings,
+    /// No attempt starts after this time (ms since epoch): the job's deadline.
+    pub deadline_ms: Option<u64>,
 }
 
 /// Attempts delivery until success, a final error, the in-process budget, or shutdown.
@@ -121,7 +130,17 @@ pub async fn run(
 ) -> Delivered {
     let mut backoff = shared::backoff::in_process(&policy.backoff);
     let mut attempts = attempts_before;
+    let mut last_error = None;
     loop {
+        if policy
+            .deadline_ms
+            .is_some_and(|d| shared::now_ms() >= d)
+        {
+            return Delivered::TimedOut {
+                attempts,
+                error: last_error,
+            };
+        }
         attempts += 1;
         req.attempt = attempts;
         let error =
@@ -137,6 +156,7 @@ pub async fn run(
                 Err(_) => format!("no answer within {} ms", policy.attempt_timeout.as_millis()),
             };
         tracing::debug!(attempt = attempts, %error, "transient delivery error");
+        last_error = Some(error.clone());
         if attempts >= policy.max_attempts {
             return Delivered::Failed {
                 attempts,

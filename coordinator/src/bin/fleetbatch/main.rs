@@ -39,9 +39,34 @@ enum Command {
     /// Jobs.
     #[command(subcommand)]
     Job(JobCmd),
+    /// The dead-letter queue: messages that could not be processed, with the reason.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
     /// Start a coordinator and workers against the local RabbitMQ and Redis, register a
     /// simulated fleet, roll a firmware update out to it, and print a summary.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// List dead-lettered messages (they stay in the queue).
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead-lettered messages back on the queue they came from.
+    Replay {
+        /// Only this message id (repeatable); all when absent.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Only messages that decode (skip garbage).
+        #[arg(long)]
+        only_decodable: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -229,6 +254,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Groups => print_json(&client.get::<Value>("/v1/groups").await?),
         Command::Devices(cmd) => devices(&client, cmd).await?,
         Command::Job(cmd) => job(&client, cmd).await?,
+        Command::Dlq(cmd) => dlq(&client, cmd).await?,
     }
     Ok(())
 }
@@ -289,6 +315,40 @@ async fn devices(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> {
                 .get(&format!("/v1/devices/count?{}", filter.query()))
                 .await?;
             println!("{}", v["count"]);
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
+    match cmd {
+        DlqCmd::List { limit, json } => {
+            let v: Value = client.get(&format!("/v1/dlq?limit={limit}")).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let messages = v["messages"].as_array().cloned().unwrap_or_default();
+            println!("{} dead-lettered message(s)", messages.len());
+            for m in messages {
+                println!(
+                    "{:<38} from {:<28} {} bytes: {}",
+                    m["message_id"].as_str().unwrap_or("-"),
+                    m["source_queue"].as_str().unwrap_or("?"),
+                    m["size"],
+                    m["reason"].as_str().unwrap_or("(no reason)")
+                );
+            }
+        }
+        DlqCmd::Replay { ids, only_decodable } => {
+            let mut body = json!({"only_decodable": only_decodable});
+            if !ids.is_empty() {
+                body["message_ids"] = json!(ids);
+            }
+            let v: Value = client
+                .post("/v1/dlq/replay", "application/json", body.to_string())
+                .await?;
+            println!("replayed {}, kept {}", v["replayed"], v["kept"]);
         }
     }
     Ok(())

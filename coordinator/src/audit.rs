@@ -1,0 +1,120 @@
+//! Checking a job against the guarantees, from what Redis holds.
+//!
+//! Owns the arithmetic the chaos command and the tests judge a run by: one terminal status per
+//! targeted device, counters equal to those statuses and summing to the target count, no
+//! duplicate applications, and how many deliveries were extra (made by attempts whose record
+//! was lost, i.e. by a worker that died mid-delivery). Reads only; streams the status hash
+//! with HSCAN, so it works for a million devices.
+
+use std::collections::BTreeMap;
+
+use redis::{AsyncCommands, aio::ConnectionManager};
+use serde::Serialize;
+use shared::{
+    job::{DeviceStatus, ExecutionState},
+    store::{self, StoreError},
+    topology::Names,
+};
+use uuid::Uuid;
+
+/// The verdict on one job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    /// Devices the job targeted.
+    pub targeted: u64,
+    /// Devices with a status.
+    pub with_status: u64,
+    /// Devices whose status is not terminal.
+    pub not_terminal: u64,
+    /// Targeted devices without a terminal status: lost.
+    pub lost: u64,
+    /// The job's counters.
+    pub counters: BTreeMap<String, u64>,
+    /// Counts of the per-device terminal states.
+    pub statuses: BTreeMap<String, u64>,
+    /// Counters equal the per-device states and sum to the target count.
+    pub counters_exact: bool,
+    /// Delivery attempts recorded in the statuses.
+    pub recorded_attempts: u64,
+    /// Deliveries the simulated devices saw.
+    pub deliveries: u64,
+    /// Applications the simulated devices made.
+    pub applications: u64,
+    /// Devices that applied the job more than once.
+    pub duplicate_applications: u64,
+    /// Deliveries to a device that had already applied the execution.
+    pub redundant_deliveries: u64,
+    /// Deliveries beyond the recorded attempts (attempts by workers that died before
+    /// recording them).
+    pub extra_deliveries: u64,
+}
+
+/// Audits a job.
+///
+/// # Errors
+/// Redis errors, or no such job.
+pub async fn audit(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    job_id: Uuid,
+) -> Result<Audit, StoreError> {
+    let Some(job) = store::load_job(redis, names, job_id).await? else {
+        return Err(StoreError::Corrupt {
+            key: names.job(job_id),
+            problem: "no such job".into(),
+        });
+    };
+    let mut a = Audit {
+        targeted: job.planned,
+        ..Audit::default()
+    };
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(names.job_status(job_id))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(2000)
+            .query_async(redis)
+            .await?;
+        for pair in flat.chunks_exact(2) {
+            let Ok(status) = serde_json::from_str::<DeviceStatus>(&pair[1]) else {
+                continue;
+            };
+            a.with_status += 1;
+            a.recorded_attempts += u64::from(status.attempts);
+            if status.state.is_terminal() {
+                *a.statuses.entry(status.state.counter().to_owned()).or_default() += 1;
+            } else {
+                a.not_terminal += 1;
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    for state in ExecutionState::TERMINAL {
+        a.counters
+            .insert(state.counter().to_owned(), job.count(state));
+    }
+    let terminal_statuses: u64 = a.statuses.values().sum();
+    a.lost = a.targeted.saturating_sub(terminal_statuses);
+    let counter_sum: u64 = a.counters.values().sum();
+    a.counters_exact = counter_sum == a.targeted
+        && terminal_statuses == a.targeted
+        && a.with_status == a.targeted
+        && ExecutionState::TERMINAL.iter().all(|s| {
+            a.counters.get(s.counter()).copied().unwrap_or(0)
+                == a.statuses.get(s.counter()).copied().unwrap_or(0)
+        });
+    let totals: std::collections::HashMap<String, u64> =
+        redis.hgetall(names.sim_totals(job_id)).await?;
+    let t = |k: &str| totals.get(k).copied().unwrap_or(0);
+    a.deliveries = t("deliveries");
+    a.applications = t("applications");
+    a.duplicate_applications = t("duplicate_applications");
+    a.redundant_deliveries = t("redundant_deliveries");
+    a.extra_deliveries = a.deliveries.saturating_sub(a.recorded_attempts);
+    Ok(a)
+}

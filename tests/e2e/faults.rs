@@ -1,0 +1,245 @@
+//! Fault injection: processes killed, servers restarted, devices offline. Every test runs a
+//! job of 20,000 simulated devices with latency, transient failures and offline devices,
+//! and asserts the guarantees with the same audit the chaos command prints.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use shared::job::ExecutionState;
+use uuid::Uuid;
+
+use crate::{
+    helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
+    services::{PrivateRabbit, PrivateRedis},
+};
+
+const DEVICES: u64 = 20_000;
+const CONCURRENCY: u64 = 64;
+
+/// Devices with latency, glitches and offline spells; short timeouts and leases so the
+/// faults play out within seconds.
+fn mixed_fleet_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("FLEETBATCH_SIMULATOR__LATENCY_MS", "4".into()),
+        ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "4".into()),
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.03".into()),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0.01".into()),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "2".into()),
+        ("FLEETBATCH_WORKER__CONCURRENCY", CONCURRENCY.to_string()),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "300".into()),
+        ("FLEETBATCH_WORKER__CLAIM_LEASE_MS", "2000".into()),
+        ("FLEETBATCH_WORKER__BACKOFF__INITIAL_MS", "20".into()),
+        ("FLEETBATCH_WORKER__BACKOFF__BUDGET_MS", "500".into()),
+        ("FLEETBATCH_WORKER__RETRY_DELAYS_MS", "200,500,1000".into()),
+    ]
+}
+
+async fn spawn_mixed(workers: usize, extra: &[(&'static str, String)]) -> TestApp {
+    let mut env = mixed_fleet_env();
+    env.extend(extra.iter().cloned());
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    spawn_app(workers, &refs).await
+}
+
+/// The guarantees after a fault: nothing lost, counters exact, nothing applied twice, and at
+/// most `max_extra` deliveries beyond the recorded attempts.
+async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> coordinator::audit::Audit {
+    app.assert_exact(id, &fleet_ids(DEVICES)).await;
+    let mut redis = app.redis.clone();
+    let audit = coordinator::audit::audit(&mut redis, &app.names, id).await.expect("audit");
+    assert_eq!(audit.lost, 0, "{audit:?}");
+    assert!(audit.counters_exact, "{audit:?}");
+    assert_eq!(audit.duplicate_applications, 0, "{audit:?}");
+    assert!(audit.extra_deliveries <= max_extra, "extra deliveries {} > {max_extra}: {audit:?}", audit.extra_deliveries);
+    assert!(audit.redundant_deliveries <= audit.extra_deliveries, "{audit:?}");
+    audit
+}
+
+#[tokio::test]
+async fn killing_workers_mid_delivery_loses_nothing_and_applies_nothing_twice() {
+    // Arrange
+    let mut app = spawn_mixed(3, &[]).await;
+    app.import_fleet(DEVICES).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+
+    // Act: SIGKILL a worker three times mid-job, starting a replacement each time.
+    let kills = 3;
+    for k in 0..kills {
+        app.wait_for_terminal(id, (k + 1) * 4_000, Duration::from_secs(300)).await;
+        app.cluster.signal_worker(k as usize, Signal::SIGKILL).expect("kill");
+        app.cluster.wait_worker(k as usize, Duration::from_secs(10)).await.expect("dead");
+        app.cluster.start_worker().expect("replacement");
+    }
+    app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert: re-sends only for what the killed workers had in flight.
+    let audit = assert_guarantees(&app, id, kills * CONCURRENCY).await;
+    eprintln!("worker kills: {audit:?}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_the_job() {
+    // Arrange: a rate limit keeps the planner publishing for several seconds.
+    let mut app = spawn_mixed(2, &[]).await;
+    app.import_fleet(DEVICES).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 4000}})))
+        .await;
+
+    // Act 1: SIGKILL while tasks are still being published.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = app.job(id).await;
+        if job["targeted"].as_u64().unwrap_or(0) >= 4_000 {
+            assert_eq!(job["planning_done"], false, "still publishing when killed");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.cluster.signal_coordinator(Signal::SIGKILL).expect("kill");
+    app.cluster.wait_coordinator(Duration::from_secs(10)).await.expect("dead");
+    app.cluster.start_coordinator().await.expect("restart");
+
+    // Act 2: SIGKILL again once planning is done but results are still coming in.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let job = app.job(id).await;
+        if job["planning_done"] == true {
+            assert!(job["terminal"].as_u64() < job["targeted"].as_u64(), "still aggregating: {job}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.cluster.signal_coordinator(Signal::SIGKILL).expect("kill");
+    app.cluster.wait_coordinator(Duration::from_secs(10)).await.expect("dead");
+    app.cluster.start_coordinator().await.expect("restart");
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert: nobody resubmitted anything; re-published tasks were absorbed.
+    assert_eq!(job["state"], "COMPLETED");
+    let audit = assert_guarantees(&app, id, 0).await;
+    assert_eq!(audit.redundant_deliveries, 0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_rabbitmq_restart_mid_job_is_survived() {
+    // Arrange: a RabbitMQ node of this test's own.
+    let rabbit = PrivateRabbit::start().await;
+    let app = spawn_mixed(2, &[("FLEETBATCH_AMQP__URL", rabbit.url())]).await;
+    app.import_fleet(DEVICES).await;
+    let id = app.create_job(&firmware_job(json!({"rollout": {"max_per_second": 5000}}))).await;
+    app.wait_for_terminal(id, 5_000, Duration::from_secs(300)).await;
+
+    // Act: stop the broker, keep it down for a moment, start it again.
+    rabbit.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbit.start_again().await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert
+    assert_eq!(job["state"], "COMPLETED");
+    let audit = assert_guarantees(&app, id, 2 * CONCURRENCY).await;
+    eprintln!("rabbitmq restart: {audit:?}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_mid_job_is_survived() {
+    // Arrange: a Redis of this test's own, with its append-only file.
+    let mut redis = PrivateRedis::start().await;
+    let app = spawn_mixed(2, &[("FLEETBATCH_REDIS__URL", redis.url())]).await;
+    app.import_fleet(DEVICES).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    app.wait_for_terminal(id, 5_000, Duration::from_secs(300)).await;
+
+    // Act
+    redis.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.start_again().await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert
+    assert_eq!(job["state"], "COMPLETED");
+    let audit = assert_guarantees(&app, id, 2 * CONCURRENCY).await;
+    eprintln!("redis restart: {audit:?}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_attempts_or_time() {
+    // Arrange: 5% of devices stay silent for their first 3 deliveries of each job.
+    let app = spawn_mixed(
+        2,
+        &[
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0.05".into()),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "3".into()),
+        ],
+    )
+    .await;
+    app.import_fleet(DEVICES).await;
+    let offline: Vec<String> = fleet_ids(DEVICES)
+        .into_iter()
+        .filter(|d| worker::deliver::simulator::DeviceProfile::for_device(&app.settings.simulator, d).offline_attempts > 0)
+        .collect();
+    assert!(offline.len() > 500);
+
+    // Act 1: enough attempts; watch a parked device's status while it waits.
+    let id = app.create_job(&firmware_job(json!({"retry": {"max_attempts": 6}}))).await;
+    let mut saw_parked = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !saw_parked && tokio::time::Instant::now() < deadline {
+        let statuses = app.statuses(id).await;
+        saw_parked = offline.iter().any(|d| {
+            statuses.get(d).is_some_and(|s| {
+                s.state == ExecutionState::RetryScheduled && s.next_attempt_at_ms.is_some() && s.attempts >= 2
+            })
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert 1: parked devices were visible with their next attempt time, and every device
+    // succeeded; the offline ones on their 4th attempt.
+    assert!(saw_parked, "a parked device showed RETRY_SCHEDULED with its next attempt time");
+    let statuses = assert_guarantees(&app, id, 0).await;
+    assert_eq!(statuses.statuses.get("succeeded").copied(), Some(DEVICES));
+    let all = app.statuses(id).await;
+    for d in &offline {
+        assert!(all[d].attempts >= 4, "{d}: {:?}", all[d]);
+    }
+
+    // Act 2 and assert: too few attempts -> FAILED; a deadline first -> TIMED_OUT.
+    let region = coordinator::fleet::REGIONS[0];
+    let in_region = |d: &String| {
+        let i: u64 = d.trim_start_matches("dev-").parse().expect("id");
+        coordinator::fleet::device(i).groups.iter().any(|g| g == region)
+    };
+    let few = app
+        .create_job(&firmware_job(json!({"target": {"groups": [region]}, "retry": {"max_attempts": 2}})))
+        .await;
+    app.wait_for_job(few, Duration::from_secs(120)).await;
+    let s = app.statuses(few).await;
+    for d in offline.iter().filter(|d| in_region(d)) {
+        assert_eq!(s[d].state, ExecutionState::Failed, "{d}: {:?}", s[d]);
+        assert_eq!(s[d].attempts, 2);
+    }
+    assert!(s.values().filter(|x| x.state == ExecutionState::Succeeded).count() > 0);
+
+    let late = app
+        .create_job(&firmware_job(json!({
+            "target": {"groups": [region]},
+            "retry": {"max_attempts": 20, "deadline_secs": 1}
+        })))
+        .await;
+    app.wait_for_job(late, Duration::from_secs(120)).await;
+    let s = app.statuses(late).await;
+    for d in offline.iter().filter(|d| in_region(d)) {
+        assert_eq!(s[d].state, ExecutionState::TimedOut, "{d}: {:?}", s[d]);
+    }
+    app.teardown().await;
+}
