@@ -99,6 +99,13 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+fn no_broker() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not connected to RabbitMQ at the moment; try again shortly",
+    )
+}
+
 fn parse_id(id: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(id)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{id:?} is not a job id")))
@@ -390,7 +397,8 @@ async fn cancel_job(
 ) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id)?;
     let mut redis = app.redis.clone();
-    match jobs::cancel(&mut redis, &app.publisher, &app.names, id).await {
+    let broker = app.broker().ok_or_else(no_broker)?;
+    match jobs::cancel(&mut redis, &broker.publisher, &app.names, id).await {
         Ok(()) => Ok(Json(json!({"job_id": id, "state": "CANCELING"}))),
         Err(CancelError::NotFound(_)) => {
             Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
@@ -457,9 +465,14 @@ async fn list_dead_letters(
     State(app): State<Arc<AppState>>,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let list = crate::deadletters::list(&app.connection, &app.names, q.limit.unwrap_or(100).clamp(1, 10_000))
-        .await
-        .map_err(ApiError::internal)?;
+    let broker = app.broker().ok_or_else(no_broker)?;
+    let list = crate::deadletters::list(
+        &broker.connection,
+        &app.names,
+        q.limit.unwrap_or(100).clamp(1, 10_000),
+    )
+    .await
+    .map_err(ApiError::internal)?;
     Ok(Json(json!({"messages": list})))
 }
 
@@ -468,8 +481,10 @@ async fn replay_dead_letters(
     body: Option<Json<crate::deadletters::ReplayRequest>>,
 ) -> ApiResult<Json<crate::deadletters::ReplayReport>> {
     let request = body.map(|Json(r)| r).unwrap_or_default();
-    let report = crate::deadletters::replay(&app.connection, &app.publisher, &app.names, &request)
-        .await
-        .map_err(ApiError::internal)?;
+    let broker = app.broker().ok_or_else(no_broker)?;
+    let report =
+        crate::deadletters::replay(&broker.connection, &broker.publisher, &app.names, &request)
+            .await
+            .map_err(ApiError::internal)?;
     Ok(Json(report))
 }

@@ -84,7 +84,9 @@ pub async fn audit(
             a.with_status += 1;
             a.recorded_attempts += u64::from(status.attempts);
             if status.state.is_terminal() {
-                *a.statuses.entry(status.state.counter().to_owned()).or_default() += 1;
+                *a.statuses
+                    .entry(status.state.counter().to_owned())
+                    .or_default() += 1;
             } else {
                 a.not_terminal += 1;
             }

@@ -56,9 +56,8 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
         message_type: p.kind().as_ref().map(|s| s.to_string()),
         source_queue: amqp::header_str(headers, HEADER_DEAD_SOURCE)
             .or_else(|| x_death_queue(headers)),
-        reason: amqp::header_str(headers, HEADER_DEAD_REASON).or_else(|| {
-            x_death_queue(headers).map(|q| format!("rejected by a consumer of {q}"))
-        }),
+        reason: amqp::header_str(headers, HEADER_DEAD_REASON)
+            .or_else(|| x_death_queue(headers).map(|q| format!("rejected by a consumer of {q}"))),
         size: data.len(),
         head_hex: decoded.is_none().then(|| {
             data.iter()
@@ -171,9 +170,11 @@ pub async fn replay(
             break;
         };
         let d = describe(&m);
-        let wanted = request.message_ids.as_ref().is_none_or(|ids| {
-            d.message_id.as_ref().is_some_and(|id| ids.contains(id))
-        }) && (!request.only_decodable || d.decoded.is_some());
+        let wanted = request
+            .message_ids
+            .as_ref()
+            .is_none_or(|ids| d.message_id.as_ref().is_some_and(|id| ids.contains(id)))
+            && (!request.only_decodable || d.decoded.is_some());
         let Some(source) = d.source_queue.filter(|_| wanted) else {
             keep_tags.push(m.delivery.delivery_tag);
             report.kept += 1;
@@ -216,6 +217,10 @@ pub async fn replay(
             .await?;
     }
     let _ = channel.close(200, "replayed".into()).await;
-    tracing::info!(replayed = report.replayed, kept = report.kept, "dead letters replayed");
+    tracing::info!(
+        replayed = report.replayed,
+        kept = report.kept,
+        "dead letters replayed"
+    );
     Ok(report)
 }

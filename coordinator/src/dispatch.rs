@@ -45,6 +45,21 @@ pub struct Planners {
     pub instance: String,
     /// Fires on shutdown; planners stop after their current batch.
     pub shutdown: CancellationToken,
+    /// Jobs this process is planning now (a job is never planned twice at once).
+    pub running: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+}
+
+/// Removes a job from [`Planners::running`] when its planner ends, however it ends.
+struct RunningGuard(Arc<Planners>, Uuid);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
 }
 
 const LEASE: Duration = Duration::from_secs(15);
@@ -55,6 +70,15 @@ const LEASE: Duration = Duration::from_secs(15);
 /// # Errors
 /// Redis or broker errors that outlasted their retries.
 pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
+    if !p
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(job_id)
+    {
+        return Ok(());
+    }
+    let _running = RunningGuard(p.clone(), job_id);
     let span = tracing::info_span!("plan job", job_id = %job_id, otel.kind = "producer");
     async move {
         let mut redis = p.redis.clone();

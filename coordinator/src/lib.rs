@@ -27,8 +27,8 @@
 //! ```
 
 pub mod aggregate;
-pub mod audit;
 pub mod api;
+pub mod audit;
 pub mod deadletters;
 pub mod dispatch;
 pub mod fleet;

@@ -34,6 +34,7 @@ async fn run() -> anyhow::Result<()> {
     )
     .context("setting up telemetry")?;
     let stop = shared::shutdown::token();
+    // Redis must be reachable to start; the broker may come and go (see `startup`).
     shared::supervise::with_reconnect("coordinator", stop, |stop| {
         let settings = settings.clone();
         async move {

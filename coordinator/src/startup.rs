@@ -1,12 +1,20 @@
 //! Building and running the coordinator.
 //!
-//! Owns the coordinator's lifetime: connections, topology, the HTTP listener, the results
-//! consumer, the planners (including those resumed at start for jobs that were running when
-//! a previous coordinator stopped), and the shutdown sequence: stop accepting jobs, let
-//! planners finish their current batch (their confirms awaited), stop the results consumer
-//! after its current batch is recorded and acked, close the connection.
+//! Owns the coordinator's lifetime. The HTTP API and the Redis connection live as long as the
+//! process; everything that needs RabbitMQ lives in a *broker session* (connection, topology,
+//! publishers, the results consumer, the planners), which is rebuilt with backoff whenever the
+//! broker goes away. While there is no session the API keeps answering reads and refuses only
+//! what needs the broker; jobs created meanwhile are planned when the session comes back.
+//!
+//! Shutdown: stop accepting jobs, let planners finish their current batch (confirms
+//! awaited), stop the results consumer after its current batch is recorded and acked, close
+//! the broker connection, then stop the HTTP server.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
 
 use anyhow::Context as _;
 use lapin::Connection;
@@ -23,6 +31,17 @@ use uuid::Uuid;
 
 use crate::{aggregate, api, dispatch};
 
+/// The parts of the coordinator that exist while it is connected to RabbitMQ.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// The connection (dead-letter tools open short-lived channels on it).
+    pub connection: Arc<Connection>,
+    /// Confirmed publishing (control messages, dead-letter replays).
+    pub publisher: Publisher,
+    planners: Arc<dispatch::Planners>,
+    tracker: TaskTracker,
+}
+
 /// What request handlers share.
 #[derive(Debug)]
 pub struct AppState {
@@ -32,101 +51,77 @@ pub struct AppState {
     pub names: Names,
     /// Redis.
     pub redis: ConnectionManager,
-    /// Confirmed publishing (control messages).
-    pub publisher: Publisher,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
-    /// The broker connection (dead-letter tools open short-lived channels on it).
-    pub connection: Arc<Connection>,
-    planners: Arc<dispatch::Planners>,
-    tracker: TaskTracker,
+    broker: RwLock<Option<Broker>>,
 }
 
 impl AppState {
-    /// Starts planning a job in the background.
+    /// The current broker session, if connected.
+    pub fn broker(&self) -> Option<Broker> {
+        self.broker
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_broker(&self, broker: Option<Broker>) {
+        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = broker;
+    }
+
+    /// Starts planning a job in the background. Without a broker session the job waits in
+    /// the active set and is planned when the session starts.
     pub fn start_planner(&self, job_id: Uuid) {
-        let planners = self.planners.clone();
-        self.tracker.spawn(async move {
-            if let Err(e) = dispatch::run(planners, job_id).await {
-                tracing::error!(%job_id, error.message = %e, error.cause_chain = ?e, "planner failed; it resumes at the next coordinator start");
-            }
-        });
+        if let Some(broker) = self.broker() {
+            spawn_planner(&broker, job_id);
+        }
     }
 }
 
-/// A coordinator, connected and listening.
+fn spawn_planner(broker: &Broker, job_id: Uuid) {
+    let planners = broker.planners.clone();
+    broker.tracker.spawn(async move {
+        if let Err(e) = dispatch::run(planners, job_id).await {
+            tracing::error!(%job_id, error.message = %e, error.cause_chain = ?e, "planner stopped; the job resumes with the next broker session");
+        }
+    });
+}
+
+/// A coordinator, listening.
 #[derive(Debug)]
 pub struct Application {
     state: Arc<AppState>,
     listener: TcpListener,
-    connection: Arc<Connection>,
-    aggregator: Arc<aggregate::Aggregator>,
     instance: String,
 }
 
 impl Application {
-    /// Connects, declares the topology and binds the HTTP listener.
+    /// Connects to Redis and binds the HTTP listener.
     ///
     /// # Errors
-    /// Unreachable services, a topology conflict, or an address in use.
+    /// Redis unreachable or the address in use.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let instance = format!(
             "coordinator-{}-{}",
             std::process::id(),
             &Uuid::new_v4().simple().to_string()[..6]
         );
-        let names = Names::new(&settings.namespace);
-        let connection = Arc::new(
-            amqp::connect(&settings.amqp, &format!("fleetbatch-{instance}"))
-                .await
-                .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?,
-        );
-        let publisher = Publisher::new(&connection, &settings.amqp).await?;
-        topology::declare(publisher.channel(), &settings)
-            .await
-            .context("declaring the broker topology")?;
         let redis = store::connect(&settings.redis)
             .await
             .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
         let listener = TcpListener::bind(&settings.coordinator.listen)
             .await
             .with_context(|| format!("binding the API to {}", settings.coordinator.listen))?;
-        let shutdown = CancellationToken::new();
-        let scripts = Scripts::new();
-        let settings = Arc::new(settings);
-        let planner_publisher = Publisher::new(&connection, &settings.amqp).await?;
-        let planners = Arc::new(dispatch::Planners {
-            settings: settings.clone(),
-            names: names.clone(),
-            redis: redis.clone(),
-            publisher: planner_publisher,
-            scripts: scripts.clone(),
-            instance: instance.clone(),
-            shutdown: shutdown.clone(),
-        });
-        let aggregator = Arc::new(aggregate::Aggregator {
-            names: names.clone(),
-            redis: redis.clone(),
-            publisher: publisher.clone(),
-            scripts,
-            prefetch: settings.coordinator.results_prefetch,
-            shutdown: shutdown.clone(),
-        });
         let state = Arc::new(AppState {
-            settings,
-            names,
+            names: Names::new(&settings.namespace),
+            settings: Arc::new(settings),
             redis,
-            publisher,
-            shutdown,
-            connection: connection.clone(),
-            planners,
-            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            broker: RwLock::new(None),
         });
         Ok(Self {
             state,
             listener,
-            connection,
-            aggregator,
             instance,
         })
     }
@@ -139,70 +134,135 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves or a component fails, then shuts down in order.
+    /// Serves until `shutdown` resolves, keeping a broker session up (reconnecting with
+    /// backoff), then shuts down in order.
     ///
     /// # Errors
-    /// The broker connection or the HTTP server failed.
+    /// The HTTP server failed.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Application {
             state,
             listener,
-            connection,
-            aggregator,
             instance,
         } = self;
         tracing::info!(address = %listener.local_addr()?, namespace = %state.names.namespace(), "coordinator listening");
 
-        // Resume jobs that were running when a coordinator last stopped.
-        let mut redis = state.redis.clone();
-        let active: Vec<String> = redis.smembers(state.names.active_jobs()).await?;
-        for id in active.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
-            tracing::info!(job_id = %id, "resuming job");
-            state.start_planner(id);
-        }
-
-        let results_channel = connection.create_channel().await?;
-        let mut aggregating = tokio::spawn(aggregate::run(
-            aggregator,
-            results_channel.clone(),
-            format!("{instance}-results"),
-        ));
-        let http_shutdown = state.shutdown.clone();
+        // The HTTP server stops last: it ends when the broker session is closed.
+        let http_stop = CancellationToken::new();
+        let http_stop_signal = http_stop.clone();
         let mut serving = tokio::spawn(
             axum::serve(listener, api::router(state.clone()))
-                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
                 .into_future(),
         );
+        let sessions =
+            shared::supervise::with_reconnect("coordinator", state.shutdown.clone(), |stop| {
+                broker_session(state.clone(), instance.clone(), stop)
+            });
+        tokio::pin!(sessions);
         tokio::pin!(shutdown);
 
-        let result: anyhow::Result<()> = tokio::select! {
-            // SIGTERM or SIGINT.
-            _ = &mut shutdown => Ok(()),
-            // The results consumer ended: the broker connection failed.
-            r = &mut aggregating => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.context("results consumer failed")),
-                Err(e) => Err(anyhow::Error::from(e).context("results consumer panicked")),
-            },
+        let result = tokio::select! {
+            // SIGTERM or SIGINT: the session loop sees the cancelled token and drains.
+            _ = &mut shutdown => {
+                tracing::info!("coordinator stopping");
+                state.shutdown.cancel();
+                sessions.await
+            }
+            // Only ends once the token is cancelled; listed so a failure cannot go unseen.
+            r = &mut sessions => r,
             // The HTTP server ended on its own.
-            r = &mut serving => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server failed")),
-                Err(e) => Err(anyhow::Error::from(e).context("HTTP server panicked")),
-            },
+            r = &mut serving => {
+                state.shutdown.cancel();
+                match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server failed")),
+                    Err(e) => Err(anyhow::Error::from(e).context("HTTP server panicked")),
+                }
+            }
         };
-        tracing::info!("coordinator stopping");
-        state.shutdown.cancel();
-        state.tracker.close();
-        let grace = std::time::Duration::from_secs(30);
-        let _ = tokio::time::timeout(grace, state.tracker.wait()).await;
-        let _ = tokio::time::timeout(grace, &mut aggregating).await;
-        let _ = tokio::time::timeout(grace, &mut serving).await;
-        let _ = results_channel
-            .close(200, "coordinator stopping".into())
-            .await;
-        let _ = connection.close(200, "coordinator stopping".into()).await;
+        http_stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut serving).await;
         tracing::info!("coordinator stopped");
         result
+    }
+}
+
+/// One broker session: connect, declare, resume active jobs, aggregate results until the
+/// connection fails (an error: the caller reconnects) or `stop` fires (Ok).
+async fn broker_session(
+    state: Arc<AppState>,
+    instance: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = &state.settings;
+    let connection = Arc::new(
+        amqp::connect(&settings.amqp, &format!("fleetbatch-{instance}"))
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?,
+    );
+    let publisher = Publisher::new(&connection, &settings.amqp).await?;
+    topology::declare(publisher.channel(), settings)
+        .await
+        .context("declaring the broker topology")?;
+    // Planners and the aggregator stop with the session, whether it ends by shutdown or by
+    // a lost connection.
+    let session = stop.child_token();
+    let scripts = Scripts::new();
+    let planners = Arc::new(dispatch::Planners {
+        settings: settings.clone(),
+        names: state.names.clone(),
+        redis: state.redis.clone(),
+        publisher: Publisher::new(&connection, &settings.amqp).await?,
+        scripts: scripts.clone(),
+        instance: instance.clone(),
+        shutdown: session.clone(),
+        running: Default::default(),
+    });
+    let aggregator = Arc::new(aggregate::Aggregator {
+        names: state.names.clone(),
+        redis: state.redis.clone(),
+        publisher: publisher.clone(),
+        scripts,
+        prefetch: settings.coordinator.results_prefetch,
+        shutdown: session.clone(),
+    });
+    let broker = Broker {
+        connection: connection.clone(),
+        publisher,
+        planners,
+        tracker: TaskTracker::new(),
+    };
+    state.set_broker(Some(broker.clone()));
+    tracing::info!("connected to RabbitMQ");
+
+    // Resume jobs that were running when a coordinator (or this session) last stopped.
+    let mut redis = state.redis.clone();
+    let active: Vec<String> = redis.smembers(state.names.active_jobs()).await?;
+    for id in active.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
+        tracing::info!(job_id = %id, "resuming job");
+        spawn_planner(&broker, id);
+    }
+
+    let results_channel = connection.create_channel().await?;
+    let result = aggregate::run(
+        aggregator,
+        results_channel.clone(),
+        format!("{instance}-results"),
+    )
+    .await;
+
+    // Tear the session down: no new planners, running ones stop after their batch.
+    state.set_broker(None);
+    session.cancel();
+    broker.tracker.close();
+    let grace = std::time::Duration::from_secs(30);
+    let _ = tokio::time::timeout(grace, broker.tracker.wait()).await;
+    let _ = results_channel.close(200, "session ending".into()).await;
+    let _ = connection.close(200, "session ending".into()).await;
+    match result {
+        Ok(()) if stop.is_cancelled() => Ok(()),
+        Ok(()) => anyhow::bail!("the results consumer stopped"),
+        Err(e) => Err(e.context("broker session lost")),
     }
 }

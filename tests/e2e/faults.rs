@@ -23,7 +23,10 @@ fn mixed_fleet_env() -> Vec<(&'static str, String)> {
     vec![
         ("FLEETBATCH_SIMULATOR__LATENCY_MS", "4".into()),
         ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "4".into()),
-        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.03".into()),
+        (
+            "FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE",
+            "0.03".into(),
+        ),
         ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0.01".into()),
         ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "2".into()),
         ("FLEETBATCH_WORKER__CONCURRENCY", CONCURRENCY.to_string()),
@@ -47,12 +50,21 @@ async fn spawn_mixed(workers: usize, extra: &[(&'static str, String)]) -> TestAp
 async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> coordinator::audit::Audit {
     app.assert_exact(id, &fleet_ids(DEVICES)).await;
     let mut redis = app.redis.clone();
-    let audit = coordinator::audit::audit(&mut redis, &app.names, id).await.expect("audit");
+    let audit = coordinator::audit::audit(&mut redis, &app.names, id)
+        .await
+        .expect("audit");
     assert_eq!(audit.lost, 0, "{audit:?}");
     assert!(audit.counters_exact, "{audit:?}");
     assert_eq!(audit.duplicate_applications, 0, "{audit:?}");
-    assert!(audit.extra_deliveries <= max_extra, "extra deliveries {} > {max_extra}: {audit:?}", audit.extra_deliveries);
-    assert!(audit.redundant_deliveries <= audit.extra_deliveries, "{audit:?}");
+    assert!(
+        audit.extra_deliveries <= max_extra,
+        "extra deliveries {} > {max_extra}: {audit:?}",
+        audit.extra_deliveries
+    );
+    assert!(
+        audit.redundant_deliveries <= audit.extra_deliveries,
+        "{audit:?}"
+    );
     audit
 }
 
@@ -66,9 +78,15 @@ async fn killing_workers_mid_delivery_loses_nothing_and_applies_nothing_twice() 
     // Act: SIGKILL a worker three times mid-job, starting a replacement each time.
     let kills = 3;
     for k in 0..kills {
-        app.wait_for_terminal(id, (k + 1) * 4_000, Duration::from_secs(300)).await;
-        app.cluster.signal_worker(k as usize, Signal::SIGKILL).expect("kill");
-        app.cluster.wait_worker(k as usize, Duration::from_secs(10)).await.expect("dead");
+        app.wait_for_terminal(id, (k + 1) * 4_000, Duration::from_secs(300))
+            .await;
+        app.cluster
+            .signal_worker(k as usize, Signal::SIGKILL)
+            .expect("kill");
+        app.cluster
+            .wait_worker(k as usize, Duration::from_secs(10))
+            .await
+            .expect("dead");
         app.cluster.start_worker().expect("replacement");
     }
     app.wait_for_job(id, Duration::from_secs(300)).await;
@@ -99,8 +117,13 @@ async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.cluster.signal_coordinator(Signal::SIGKILL).expect("kill");
-    app.cluster.wait_coordinator(Duration::from_secs(10)).await.expect("dead");
+    app.cluster
+        .signal_coordinator(Signal::SIGKILL)
+        .expect("kill");
+    app.cluster
+        .wait_coordinator(Duration::from_secs(10))
+        .await
+        .expect("dead");
     app.cluster.start_coordinator().await.expect("restart");
 
     // Act 2: SIGKILL again once planning is done but results are still coming in.
@@ -108,14 +131,22 @@ async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_
     loop {
         let job = app.job(id).await;
         if job["planning_done"] == true {
-            assert!(job["terminal"].as_u64() < job["targeted"].as_u64(), "still aggregating: {job}");
+            assert!(
+                job["terminal"].as_u64() < job["targeted"].as_u64(),
+                "still aggregating: {job}"
+            );
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{job}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.cluster.signal_coordinator(Signal::SIGKILL).expect("kill");
-    app.cluster.wait_coordinator(Duration::from_secs(10)).await.expect("dead");
+    app.cluster
+        .signal_coordinator(Signal::SIGKILL)
+        .expect("kill");
+    app.cluster
+        .wait_coordinator(Duration::from_secs(10))
+        .await
+        .expect("dead");
     app.cluster.start_coordinator().await.expect("restart");
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
 
@@ -132,8 +163,11 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
     let rabbit = PrivateRabbit::start().await;
     let app = spawn_mixed(2, &[("FLEETBATCH_AMQP__URL", rabbit.url())]).await;
     app.import_fleet(DEVICES).await;
-    let id = app.create_job(&firmware_job(json!({"rollout": {"max_per_second": 5000}}))).await;
-    app.wait_for_terminal(id, 5_000, Duration::from_secs(300)).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 5000}})))
+        .await;
+    app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
+        .await;
 
     // Act: stop the broker, keep it down for a moment, start it again.
     rabbit.stop().await;
@@ -152,15 +186,17 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
 async fn a_redis_restart_mid_job_is_survived() {
     // Arrange: a Redis of this test's own, with its append-only file.
     let mut redis = PrivateRedis::start().await;
-    let app = spawn_mixed(2, &[("FLEETBATCH_REDIS__URL", redis.url())]).await;
+    let mut app = spawn_mixed(2, &[("FLEETBATCH_REDIS__URL", redis.url())]).await;
     app.import_fleet(DEVICES).await;
     let id = app.create_job(&firmware_job(json!({}))).await;
-    app.wait_for_terminal(id, 5_000, Duration::from_secs(300)).await;
+    app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
+        .await;
 
     // Act
     redis.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.start_again().await;
+    app.reconnect_redis().await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
 
     // Assert
@@ -184,19 +220,27 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     app.import_fleet(DEVICES).await;
     let offline: Vec<String> = fleet_ids(DEVICES)
         .into_iter()
-        .filter(|d| worker::deliver::simulator::DeviceProfile::for_device(&app.settings.simulator, d).offline_attempts > 0)
+        .filter(|d| {
+            worker::deliver::simulator::DeviceProfile::for_device(&app.settings.simulator, d)
+                .offline_attempts
+                > 0
+        })
         .collect();
     assert!(offline.len() > 500);
 
     // Act 1: enough attempts; watch a parked device's status while it waits.
-    let id = app.create_job(&firmware_job(json!({"retry": {"max_attempts": 6}}))).await;
+    let id = app
+        .create_job(&firmware_job(json!({"retry": {"max_attempts": 6}})))
+        .await;
     let mut saw_parked = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while !saw_parked && tokio::time::Instant::now() < deadline {
         let statuses = app.statuses(id).await;
         saw_parked = offline.iter().any(|d| {
             statuses.get(d).is_some_and(|s| {
-                s.state == ExecutionState::RetryScheduled && s.next_attempt_at_ms.is_some() && s.attempts >= 2
+                s.state == ExecutionState::RetryScheduled
+                    && s.next_attempt_at_ms.is_some()
+                    && s.attempts >= 2
             })
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -205,7 +249,10 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
 
     // Assert 1: parked devices were visible with their next attempt time, and every device
     // succeeded; the offline ones on their 4th attempt.
-    assert!(saw_parked, "a parked device showed RETRY_SCHEDULED with its next attempt time");
+    assert!(
+        saw_parked,
+        "a parked device showed RETRY_SCHEDULED with its next attempt time"
+    );
     let statuses = assert_guarantees(&app, id, 0).await;
     assert_eq!(statuses.statuses.get("succeeded").copied(), Some(DEVICES));
     let all = app.statuses(id).await;
@@ -217,10 +264,15 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     let region = coordinator::fleet::REGIONS[0];
     let in_region = |d: &String| {
         let i: u64 = d.trim_start_matches("dev-").parse().expect("id");
-        coordinator::fleet::device(i).groups.iter().any(|g| g == region)
+        coordinator::fleet::device(i)
+            .groups
+            .iter()
+            .any(|g| g == region)
     };
     let few = app
-        .create_job(&firmware_job(json!({"target": {"groups": [region]}, "retry": {"max_attempts": 2}})))
+        .create_job(&firmware_job(
+            json!({"target": {"groups": [region]}, "retry": {"max_attempts": 2}}),
+        ))
         .await;
     app.wait_for_job(few, Duration::from_secs(120)).await;
     let s = app.statuses(few).await;
@@ -228,7 +280,12 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
         assert_eq!(s[d].state, ExecutionState::Failed, "{d}: {:?}", s[d]);
         assert_eq!(s[d].attempts, 2);
     }
-    assert!(s.values().filter(|x| x.state == ExecutionState::Succeeded).count() > 0);
+    assert!(
+        s.values()
+            .filter(|x| x.state == ExecutionState::Succeeded)
+            .count()
+            > 0
+    );
 
     let late = app
         .create_job(&firmware_job(json!({
@@ -241,5 +298,42 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     for d in offline.iter().filter(|d| in_region(d)) {
         assert_eq!(s[d].state, ExecutionState::TimedOut, "{d}: {:?}", s[d]);
     }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_sigtermed_worker_under_load_drains_and_exits_cleanly_with_nothing_lost_or_repeated() {
+    // Arrange
+    let mut app = spawn_mixed(
+        2,
+        &[("FLEETBATCH_WORKER__SHUTDOWN_GRACE_SECS", "20".into())],
+    )
+    .await;
+    app.import_fleet(DEVICES).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
+        .await;
+
+    // Act: scale in one worker mid-job, as an autoscaler would.
+    app.cluster
+        .signal_worker(0, Signal::SIGTERM)
+        .expect("sigterm");
+    let status = app
+        .cluster
+        .wait_worker(0, Duration::from_secs(30))
+        .await
+        .expect("worker exits");
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+
+    // Assert: exit 0 after draining; nothing lost, nothing re-sent.
+    assert!(status.success(), "worker exit status {status}");
+    assert_eq!(job["state"], "COMPLETED");
+    let audit = assert_guarantees(&app, id, 0).await;
+    assert_eq!(audit.redundant_deliveries, 0);
+    let log = std::fs::read_to_string(app.cluster.worker_log(0)).unwrap_or_default();
+    assert!(
+        log.contains("worker stopped"),
+        "the worker drained and stopped: {log}"
+    );
     app.teardown().await;
 }

@@ -166,6 +166,14 @@ impl TestApp {
         }
     }
 
+    /// Replaces the test's own Redis connection (after a Redis restart the old one reports
+    /// its broken pipe once before reconnecting).
+    pub async fn reconnect_redis(&mut self) {
+        self.redis = shared::store::connect(&self.settings.redis)
+            .await
+            .expect("redis");
+    }
+
     /// Every device's stored status.
     pub async fn statuses(&self, id: Uuid) -> HashMap<String, DeviceStatus> {
         let mut redis = self.redis.clone();

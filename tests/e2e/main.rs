@@ -13,4 +13,3 @@ mod helpers;
 mod invalid_input;
 mod job_roundtrip;
 mod services;
-mod shutdown;

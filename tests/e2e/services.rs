@@ -13,7 +13,11 @@ fn port_open(port: u16) -> bool {
 async fn wait_port(port: u16, up: bool, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     while port_open(port) != up {
-        assert!(tokio::time::Instant::now() < deadline, "port {port} not {} in {timeout:?}", if up { "open" } else { "closed" });
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "port {port} not {} in {timeout:?}",
+            if up { "open" } else { "closed" }
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -43,7 +47,14 @@ impl PrivateRedis {
     pub async fn start_again(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -81,7 +92,8 @@ impl PrivateRabbit {
         let guard = tempfile::tempdir().expect("tmp");
         let dir = guard.path().to_path_buf();
         // The server runs as the rabbitmq user: let it write here.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
         let port = coordinator::local::free_port().expect("port");
         std::fs::write(
             dir.join("rabbitmq.conf"),
@@ -129,7 +141,11 @@ impl PrivateRabbit {
             .output()
             .await
             .expect("rabbitmqctl runs");
-        assert!(out.status.success(), "rabbitmqctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "rabbitmqctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_port(self.port, false, Duration::from_secs(30)).await;
     }
 }

@@ -132,10 +132,7 @@ pub async fn run(
     let mut attempts = attempts_before;
     let mut last_error = None;
     loop {
-        if policy
-            .deadline_ms
-            .is_some_and(|d| shared::now_ms() >= d)
-        {
+        if policy.deadline_ms.is_some_and(|d| shared::now_ms() >= d) {
             return Delivered::TimedOut {
                 attempts,
                 error: last_error,

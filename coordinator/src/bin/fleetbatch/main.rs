@@ -340,7 +340,10 @@ async fn dlq(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        DlqCmd::Replay { ids, only_decodable } => {
+        DlqCmd::Replay {
+            ids,
+            only_decodable,
+        } => {
             let mut body = json!({"only_decodable": only_decodable});
             if !ids.is_empty() {
                 body["message_ids"] = json!(ids);
