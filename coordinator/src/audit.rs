@@ -44,8 +44,10 @@ pub struct Audit {
     pub duplicate_applications: u64,
     /// Deliveries to a device that had already applied the execution.
     pub redundant_deliveries: u64,
-    /// Deliveries beyond the recorded attempts (attempts by workers that died before
-    /// recording them).
+    /// Deliveries beyond the recorded attempts, summed per execution: deliveries made by
+    /// attempts whose record was lost (a worker that died mid-delivery). Retries after a
+    /// timeout are recorded attempts and do not count here, even when the device had
+    /// already applied the job and only its answer was lost.
     pub extra_deliveries: u64,
 }
 
@@ -77,10 +79,14 @@ pub async fn audit(
             .arg(2000)
             .query_async(redis)
             .await?;
+        let mut executions = Vec::with_capacity(flat.len() / 2);
+        let mut attempts = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks_exact(2) {
             let Ok(status) = serde_json::from_str::<DeviceStatus>(&pair[1]) else {
                 continue;
             };
+            executions.push(shared::job::execution_id(job_id, &pair[0]).to_string());
+            attempts.push(u64::from(status.attempts));
             a.with_status += 1;
             a.recorded_attempts += u64::from(status.attempts);
             if status.state.is_terminal() {
@@ -90,6 +96,18 @@ pub async fn audit(
             } else {
                 a.not_terminal += 1;
             }
+        }
+        if !executions.is_empty() {
+            let seen: Vec<Option<u64>> = redis::cmd("HMGET")
+                .arg(names.sim_deliveries(job_id))
+                .arg(&executions)
+                .query_async(redis)
+                .await?;
+            a.extra_deliveries += seen
+                .iter()
+                .zip(&attempts)
+                .map(|(seen, recorded)| seen.unwrap_or(0).saturating_sub(*recorded))
+                .sum::<u64>();
         }
         cursor = next;
         if cursor == 0 {
@@ -117,6 +135,5 @@ pub async fn audit(
     a.applications = t("applications");
     a.duplicate_applications = t("duplicate_applications");
     a.redundant_deliveries = t("redundant_deliveries");
-    a.extra_deliveries = a.deliveries.saturating_sub(a.recorded_attempts);
     Ok(a)
 }
