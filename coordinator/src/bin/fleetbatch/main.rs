@@ -1,9 +1,11 @@
 //! `fleetbatch`: the operator's CLI. Talks to the coordinator's HTTP API; `demo` also starts a
 //! coordinator and workers of its own.
 
+mod chaos;
 mod client;
 mod demo;
 mod progress;
+mod sandbox;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -45,6 +47,10 @@ enum Command {
     /// Start a coordinator and workers against the local RabbitMQ and Redis, register a
     /// simulated fleet, roll a firmware update out to it, and print a summary.
     Demo(demo::DemoArgs),
+    /// Run a job while killing workers every few seconds and the coordinator once; print
+    /// `lost`, `duplicate_applications`, `extra_deliveries` and `counters_exact` as one JSON
+    /// line; exit non-zero if any check fails.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +257,7 @@ async fn run() -> anyhow::Result<()> {
     let client = Client::new(&cli.api)?;
     match cli.command {
         Command::Demo(args) => std::process::exit(demo::run(args).await?),
+        Command::Chaos(args) => std::process::exit(chaos::run(args).await?),
         Command::Groups => print_json(&client.get::<Value>("/v1/groups").await?),
         Command::Devices(cmd) => devices(&client, cmd).await?,
         Command::Job(cmd) => job(&client, cmd).await?,
