@@ -49,6 +49,9 @@ pub enum DeliverError {
 pub enum Transport {
     /// The built-in fleet simulator.
     Simulator(simulator::Simulator),
+    /// Answers from a script, for unit tests of the attempt loop.
+    #[cfg(test)]
+    Scripted(std::sync::Arc<tests::Script>),
 }
 
 impl Transport {
@@ -59,6 +62,8 @@ impl Transport {
     pub async fn attempt(&self, req: &DeliveryRequest) -> Result<(), DeliverError> {
         match self {
             Transport::Simulator(sim) => sim.deliver(req).await,
+            #[cfg(test)]
+            Transport::Scripted(script) => script.next().await,
         }
     }
 }
@@ -169,5 +174,173 @@ pub async fn run(
             // Stopping: no new attempts; the task goes back to the queue.
             _ = shutdown.cancelled() => return Delivered::Interrupted { attempts },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, sync::Mutex};
+
+    use super::*;
+
+    /// What a scripted device answers to successive attempts (then: success).
+    #[derive(Debug, Default)]
+    pub(crate) struct Script(Mutex<VecDeque<Option<Result<(), DeliverError>>>>);
+
+    impl Script {
+        fn new(answers: Vec<Option<Result<(), DeliverError>>>) -> Self {
+            Self(Mutex::new(answers.into()))
+        }
+
+        pub(crate) async fn next(&self) -> Result<(), DeliverError> {
+            let answer = self.0.lock().expect("script lock").pop_front();
+            match answer {
+                // None: the device never answers.
+                Some(None) => std::future::pending().await,
+                Some(Some(r)) => r,
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn transient() -> Option<Result<(), DeliverError>> {
+        Some(Err(DeliverError::Transient("reset".into())))
+    }
+
+    fn request() -> DeliveryRequest {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "target": {"devices": ["d1"]},
+            "action": {"type": "reboot"}
+        }))
+        .expect("spec");
+        DeliveryRequest {
+            job_id: Uuid::nil(),
+            execution_id: Uuid::nil(),
+            device_id: "d1".into(),
+            spec: Arc::new(spec),
+            attempt: 1,
+        }
+    }
+
+    fn policy(max_attempts: u32, budget_ms: u64) -> AttemptPolicy {
+        AttemptPolicy {
+            attempt_timeout: Duration::from_secs(5),
+            max_attempts,
+            backoff: BackoffSettings {
+                initial_ms: 100,
+                max_ms: 1000,
+                multiplier: 2.0,
+                randomization: 0.5,
+                budget_ms,
+            },
+            deadline_ms: None,
+        }
+    }
+
+    async fn run_script(
+        answers: Vec<Option<Result<(), DeliverError>>>,
+        policy: &AttemptPolicy,
+        before: u32,
+    ) -> Delivered {
+        let transport = Transport::Scripted(Arc::new(Script::new(answers)));
+        run(
+            &transport,
+            request(),
+            before,
+            policy,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_device_errors_are_retried_with_backoff_until_success() {
+        let out = run_script(vec![transient(), transient()], &policy(5, 60_000), 0).await;
+        assert_eq!(out, Delivered::Succeeded { attempts: 3 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_device_times_out_and_the_timeout_counts_as_an_attempt() {
+        let out = run_script(vec![None], &policy(5, 60_000), 0).await;
+        assert_eq!(out, Delivered::Succeeded { attempts: 2 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_and_rejections_are_final_at_once() {
+        let out = run_script(
+            vec![Some(Err(DeliverError::Permanent("bad image".into())))],
+            &policy(5, 60_000),
+            0,
+        )
+        .await;
+        assert_eq!(
+            out,
+            Delivered::Failed {
+                attempts: 1,
+                error: "bad image".into()
+            }
+        );
+        let out = run_script(
+            vec![Some(Err(DeliverError::Rejected("hw".into())))],
+            &policy(5, 60_000),
+            2,
+        )
+        .await;
+        assert_eq!(
+            out,
+            Delivered::Rejected {
+                attempts: 3,
+                error: "hw".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_attempt_limit_counts_attempts_made_by_earlier_holders() {
+        let out = run_script(
+            vec![transient(), transient(), transient()],
+            &policy(4, 60_000),
+            2,
+        )
+        .await;
+        match out {
+            Delivered::Failed { attempts, error } => {
+                assert_eq!(attempts, 4);
+                assert!(error.contains("after 4 attempts"), "{error}");
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spent_in_process_budget_parks_the_task() {
+        let out = run_script(vec![transient(), transient()], &policy(10, 0), 0).await;
+        assert!(
+            matches!(out, Delivered::Park { attempts: 1, .. }),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_during_a_backoff_wait_hands_the_task_back() {
+        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
+        let token = CancellationToken::new();
+        token.cancel();
+        let out = run(&transport, request(), 0, &policy(5, 60_000), &token).await;
+        assert_eq!(out, Delivered::Interrupted { attempts: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_attempt_starts_after_the_deadline() {
+        let mut p = policy(5, 60_000);
+        p.deadline_ms = Some(shared::now_ms().saturating_sub(1));
+        let out = run_script(vec![], &p, 1).await;
+        assert_eq!(
+            out,
+            Delivered::TimedOut {
+                attempts: 1,
+                error: None
+            }
+        );
     }
 }
