@@ -51,6 +51,7 @@ pub enum Transport {
     Simulator(simulator::Simulator),
     /// Answers from a script, for unit tests of the attempt loop.
     #[cfg(test)]
+    #[allow(private_interfaces)]
     Scripted(std::sync::Arc<tests::Script>),
 }
 
