@@ -360,6 +360,15 @@ impl Settings {
                 problem: "needs at least one delay".into(),
             });
         }
+        if self.worker.claim_lease_ms <= self.worker.backoff.budget_ms {
+            return Err(ConfigError::Value {
+                field: "worker.claim_lease_ms",
+                problem: format!(
+                    "{} ms must exceed worker.backoff.budget_ms ({} ms): a claim must outlive the retries made under it",
+                    self.worker.claim_lease_ms, self.worker.backoff.budget_ms
+                ),
+            });
+        }
         if self.coordinator.publish_batch == 0 {
             return Err(ConfigError::Value {
                 field: "coordinator.publish_batch",

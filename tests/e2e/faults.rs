@@ -172,7 +172,7 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
 
     // Assert
     assert_eq!(job["state"], "COMPLETED");
-    let audit = assert_guarantees(&app, id, 2 * CONCURRENCY).await;
+    let audit = assert_guarantees(&app, id, 0).await;
     eprintln!("rabbitmq restart: {audit:?}");
     app.teardown().await;
 }
@@ -181,7 +181,16 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
 async fn a_redis_restart_mid_job_is_survived() {
     // Arrange: a Redis of this test's own, with its append-only file.
     let mut redis = PrivateRedis::start().await;
-    let mut app = spawn_mixed(2, &[("FLEETBATCH_REDIS__URL", redis.url())]).await;
+    // The default claim lease (30 s) outlasts the outage: no claim lapses while Redis is down,
+    // so no execution is taken over by a second worker.
+    let mut app = spawn_mixed(
+        2,
+        &[
+            ("FLEETBATCH_REDIS__URL", redis.url()),
+            ("FLEETBATCH_WORKER__CLAIM_LEASE_MS", "30000".into()),
+        ],
+    )
+    .await;
     app.import_fleet(DEVICES).await;
     let id = app.create_job(&firmware_job(json!({}))).await;
     app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
@@ -196,7 +205,7 @@ async fn a_redis_restart_mid_job_is_survived() {
 
     // Assert
     assert_eq!(job["state"], "COMPLETED");
-    let audit = assert_guarantees(&app, id, 2 * CONCURRENCY).await;
+    let audit = assert_guarantees(&app, id, 0).await;
     eprintln!("redis restart: {audit:?}");
     app.teardown().await;
 }

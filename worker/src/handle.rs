@@ -147,16 +147,18 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
     let lease = ctx.settings.worker.claim_lease() + attempt_timeout;
 
-    match idempotency::try_claim(
+    let recorded_attempts = match idempotency::try_claim(
         &mut redis,
         &ctx.names,
+        task.job_id,
+        &task.device_id,
         task.execution_id,
         &ctx.worker_id,
         lease,
     )
     .await?
     {
-        NextAction::StartProcessing => {}
+        NextAction::StartProcessing { recorded_attempts } => recorded_attempts,
         NextAction::ReturnSavedResult(result) => {
             tracing::Span::current().record("outcome", "already_done");
             report::publish(&ctx.publisher, &ctx.names, &result).await?;
@@ -169,19 +171,21 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                 task: task.clone(),
             });
         }
-    }
+    };
+    // The task's own count may be behind if a holder could not publish its updated copy.
+    let attempts_before = task.attempts.max(recorded_attempts);
 
     let now = now_ms();
     let (state, attempts, error) = if !job.state.is_live() {
         (
             ExecutionState::Canceled,
-            task.attempts,
+            attempts_before,
             Some("job canceled before delivery".to_owned()),
         )
     } else if job.deadline_ms.is_some_and(|d| now >= d) {
         (
             ExecutionState::TimedOut,
-            task.attempts,
+            attempts_before,
             Some("job deadline passed before delivery".to_owned()),
         )
     } else {
@@ -196,9 +200,32 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             execution_id: task.execution_id,
             device_id: task.device_id.clone(),
             spec: job.spec.clone(),
-            attempt: task.attempts + 1,
+            attempt: attempts_before + 1,
         };
-        match deliver::run(&ctx.transport, req, task.attempts, &policy, &ctx.shutdown).await {
+        let still_ours = || {
+            let mut redis = ctx.redis.clone();
+            async move {
+                idempotency::renew(
+                    &mut redis,
+                    &ctx.names,
+                    task.execution_id,
+                    &ctx.worker_id,
+                    lease,
+                )
+                .await
+                .unwrap_or(false)
+            }
+        };
+        match deliver::run(
+            &ctx.transport,
+            req,
+            attempts_before,
+            &policy,
+            &ctx.shutdown,
+            still_ours,
+        )
+        .await
+        {
             Delivered::Succeeded { attempts } => (ExecutionState::Succeeded, attempts, None),
             Delivered::Failed { attempts, error } => {
                 (ExecutionState::Failed, attempts, Some(error))
@@ -227,24 +254,15 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         )),
                     )
                 } else {
-                    ctx.scripts
-                        .record_progress(
-                            &mut redis,
-                            &ctx.names,
-                            task.job_id,
-                            &task.device_id,
-                            &DeviceStatus {
-                                state: ExecutionState::RetryScheduled,
-                                attempts,
-                                error: Some(error),
-                                updated_at_ms: now_ms(),
-                                next_attempt_at_ms: Some(due),
-                                worker: Some(ctx.worker_id.clone()),
-                            },
-                        )
-                        .await?;
-                    idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id)
-                        .await?;
+                    let status = DeviceStatus {
+                        state: ExecutionState::RetryScheduled,
+                        attempts,
+                        error: Some(error),
+                        updated_at_ms: now_ms(),
+                        next_attempt_at_ms: Some(due),
+                        worker: Some(ctx.worker_id.clone()),
+                    };
+                    hand_back(ctx, task, &status).await?;
                     tracing::Span::current().record("outcome", "retry_scheduled");
                     return Ok(Outcome::Forward {
                         to: ForwardTo::Retry(idx),
@@ -256,9 +274,27 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     });
                 }
             }
+            Delivered::ClaimLost { attempts } => {
+                tracing::warn!("claim lapsed mid-retry; handing the task back");
+                tracing::Span::current().record("outcome", "claim_lost");
+                return Ok(Outcome::Forward {
+                    to: ForwardTo::Tasks,
+                    task: DeviceTask {
+                        attempts,
+                        ..task.clone()
+                    },
+                });
+            }
             Delivered::Interrupted { attempts } => {
-                idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id)
-                    .await?;
+                let status = DeviceStatus {
+                    state: ExecutionState::Queued,
+                    attempts,
+                    error: None,
+                    updated_at_ms: now_ms(),
+                    next_attempt_at_ms: None,
+                    worker: Some(ctx.worker_id.clone()),
+                };
+                hand_back(ctx, task, &status).await?;
                 tracing::Span::current().record("outcome", "handed_back");
                 return Ok(Outcome::Forward {
                     to: ForwardTo::Tasks,
@@ -284,15 +320,64 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         published_at_ms: task.published_at_ms,
         finished_at_ms: now_ms(),
     };
-    idempotency::mark_done(
-        &mut redis,
-        &ctx.names,
-        &result,
-        Duration::from_secs(ctx.settings.worker.done_retention_secs),
-    )
+    // The outcome is known: wait for Redis rather than lose it (losing it would send the
+    // device the job again).
+    let retention = Duration::from_secs(ctx.settings.worker.done_retention_secs);
+    persist(ctx, || {
+        let mut redis = ctx.redis.clone();
+        let result = &result;
+        async move { idempotency::mark_done(&mut redis, &ctx.names, result, retention).await }
+    })
     .await?;
     report::publish(&ctx.publisher, &ctx.names, &result).await?;
     Ok(Outcome::Ack)
+}
+
+/// Records a task's attempts in its device status (so they survive even if its updated copy
+/// cannot be published), then gives up the claim.
+async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) -> anyhow::Result<()> {
+    persist(ctx, || {
+        let mut redis = ctx.redis.clone();
+        async move {
+            ctx.scripts
+                .record_progress(&mut redis, &ctx.names, task.job_id, &task.device_id, status)
+                .await
+        }
+    })
+    .await?;
+    let mut redis = ctx.redis.clone();
+    if let Err(e) =
+        idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id).await
+    {
+        // The lease expires on its own.
+        tracing::debug!(error.message = %e, "claim not released");
+    }
+    Ok(())
+}
+
+/// Runs a Redis write until it succeeds, backing off while Redis is unreachable; gives up
+/// only when the worker is stopping.
+async fn persist<F, Fut, E>(ctx: &Context, mut write: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(()) => return Ok(()),
+            Err(e) if ctx.shutdown.is_cancelled() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "recording failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// Publishes a copy of a task (to the tasks exchange or a retry queue), confirmed.

@@ -3,7 +3,8 @@
 //! Owns the key `{ns}:idem:{execution_id}` and its three states, after zero2prod's
 //! `try_processing` / `NextAction`:
 //! - absent: nobody works on it; [`try_claim`] takes it with `SET NX PX` (a lease, so a claim
-//!   left by a worker that died expires and the task is taken over);
+//!   left by a worker that died expires and the task is taken over), in the same round trip
+//!   reading the attempts already recorded for the device;
 //! - `c:{worker}`: a worker holds the claim;
 //! - `d:{result}`: finished; the stored [`TaskResult`] is re-published instead of delivering
 //!   again.
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use shared::{
+    job::DeviceStatus,
     messages::{self, TaskResult, WireError},
     topology::Names,
 };
@@ -33,8 +35,13 @@ pub enum IdempotencyError {
 /// What to do with a task, given its idempotency record.
 #[derive(Debug)]
 pub enum NextAction {
-    /// The claim is ours: deliver.
-    StartProcessing,
+    /// The claim is ours: deliver. Carries the attempts already recorded for the device (by
+    /// a holder that parked or handed back the task), which may exceed the task's own count
+    /// when its updated copy could not be published.
+    StartProcessing {
+        /// Attempts recorded in the device's status, 0 if none.
+        recorded_attempts: u32,
+    },
     /// Already finished: re-publish this result and ack.
     ReturnSavedResult(Box<TaskResult>),
     /// Another worker holds the claim (it may be working, or dead until the lease ends).
@@ -47,6 +54,15 @@ pub enum NextAction {
 const CLAIM: &str = "c:";
 const DONE: &[u8] = b"d:";
 
+/// Claims with `SET NX PX`; on success also returns the device's recorded status, so a
+/// task's attempt count survives a holder that could not publish the task's updated copy.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('HGET', KEYS[2], ARGV[3]) or ''}
+end
+return {0, redis.call('GET', KEYS[1]) or ''}
+";
+
 /// Tries to claim an execution for `worker`.
 ///
 /// # Errors
@@ -54,59 +70,76 @@ const DONE: &[u8] = b"d:";
 pub async fn try_claim(
     redis: &mut ConnectionManager,
     names: &Names,
+    job_id: Uuid,
+    device_id: &str,
     execution: Uuid,
     worker: &str,
     lease: Duration,
 ) -> Result<NextAction, IdempotencyError> {
-    let key = names.idempotency(execution);
+    let script = Script::new(CLAIM_LUA);
     let claim = format!("{CLAIM}{worker}");
-    // Two tries: the record may expire between our SET and our GET.
+    // Two tries: the record may expire between the failed SET and the GET.
     for _ in 0..2 {
-        let opts = redis::SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(redis::SetExpiry::PX(lease.as_millis() as u64));
-        let set: Option<String> = redis.set_options(&key, &claim, opts).await?;
-        if set.is_some() {
-            return Ok(NextAction::StartProcessing);
+        let (claimed, value): (i64, Vec<u8>) = script
+            .key(names.idempotency(execution))
+            .key(names.job_status(job_id))
+            .arg(&claim)
+            .arg(lease.as_millis() as u64)
+            .arg(device_id)
+            .invoke_async(redis)
+            .await?;
+        if claimed == 1 {
+            let recorded_attempts = serde_json::from_slice::<DeviceStatus>(&value)
+                .ok()
+                .filter(|s| !s.state.is_terminal())
+                .map_or(0, |s| s.attempts);
+            return Ok(NextAction::StartProcessing { recorded_attempts });
         }
-        let current: Option<Vec<u8>> = redis.get(&key).await?;
-        match current {
-            None => continue,
-            Some(v) if v.starts_with(DONE) => {
-                let result = messages::decode_result(&v[DONE.len()..])?;
-                return Ok(NextAction::ReturnSavedResult(Box::new(result)));
-            }
-            Some(v) => {
-                let holder = String::from_utf8_lossy(&v)
-                    .trim_start_matches(CLAIM)
-                    .to_owned();
-                if holder == worker {
-                    // Our own claim (the broker redelivered to us): keep going.
-                    return Ok(NextAction::StartProcessing);
-                }
-                return Ok(NextAction::HeldByOther { holder });
-            }
+        if value.is_empty() {
+            continue;
         }
+        if value.starts_with(DONE) {
+            let result = messages::decode_result(&value[DONE.len()..])?;
+            return Ok(NextAction::ReturnSavedResult(Box::new(result)));
+        }
+        let holder = String::from_utf8_lossy(&value)
+            .trim_start_matches(CLAIM)
+            .to_owned();
+        if holder == worker {
+            // Our own claim (the broker redelivered to us): keep going.
+            return Ok(NextAction::StartProcessing {
+                recorded_attempts: 0,
+            });
+        }
+        return Ok(NextAction::HeldByOther { holder });
     }
     Ok(NextAction::HeldByOther {
         holder: "unknown".into(),
     })
 }
 
-/// Extends our claim while a long delivery goes on.
+/// Renews our claim's lease if we still hold it; `false` if it lapsed and someone else may
+/// have taken the execution over (e.g. Redis was down longer than the lease).
 ///
 /// # Errors
 /// Redis errors.
-pub async fn extend(
+pub async fn renew(
     redis: &mut ConnectionManager,
     names: &Names,
     execution: Uuid,
+    worker: &str,
     lease: Duration,
-) -> Result<(), IdempotencyError> {
-    let _: bool = redis
-        .pexpire(names.idempotency(execution), lease.as_millis() as i64)
+) -> Result<bool, IdempotencyError> {
+    let script = Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+    );
+    let renewed: i64 = script
+        .key(names.idempotency(execution))
+        .arg(format!("{CLAIM}{worker}"))
+        .arg(lease.as_millis() as u64)
+        .invoke_async(redis)
         .await?;
-    Ok(())
+    Ok(renewed == 1)
 }
 
 /// Records the final result. From now on every copy of the task re-publishes it.

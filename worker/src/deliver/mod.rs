@@ -105,6 +105,12 @@ pub enum Delivered {
         /// The last error, if an attempt was made.
         error: Option<String>,
     },
+    /// Before a retry, the claim on the execution could not be confirmed as still ours: stop
+    /// without contacting the device again and hand the task back.
+    ClaimLost {
+        /// Attempts made in total.
+        attempts: u32,
+    },
     /// Shutdown began during a backoff wait: hand the task back.
     Interrupted {
         /// Attempts made in total.
@@ -126,14 +132,21 @@ pub struct AttemptPolicy {
 }
 
 /// Attempts delivery until success, a final error, the in-process budget, or shutdown.
-/// `attempts_before` counts attempts made by earlier holders of the task.
-pub async fn run(
+/// `attempts_before` counts attempts made by earlier holders of the task. Before every retry
+/// `still_ours` must confirm (and renew) the claim on the execution, so two workers never
+/// deliver it at once.
+pub async fn run<C, CF>(
     transport: &Transport,
     mut req: DeliveryRequest,
     attempts_before: u32,
     policy: &AttemptPolicy,
     shutdown: &CancellationToken,
-) -> Delivered {
+    mut still_ours: C,
+) -> Delivered
+where
+    C: FnMut() -> CF,
+    CF: std::future::Future<Output = bool>,
+{
     let mut backoff = shared::backoff::in_process(&policy.backoff);
     let mut attempts = attempts_before;
     let mut last_error = None;
@@ -174,6 +187,9 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
             // Stopping: no new attempts; the task goes back to the queue.
             _ = shutdown.cancelled() => return Delivered::Interrupted { attempts },
+        }
+        if !still_ours().await {
+            return Delivered::ClaimLost { attempts };
         }
     }
 }
@@ -250,6 +266,7 @@ mod tests {
             before,
             policy,
             &CancellationToken::new(),
+            || async { true },
         )
         .await
     }
@@ -327,8 +344,31 @@ mod tests {
         let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
         let token = CancellationToken::new();
         token.cancel();
-        let out = run(&transport, request(), 0, &policy(5, 60_000), &token).await;
+        let out = run(
+            &transport,
+            request(),
+            0,
+            &policy(5, 60_000),
+            &token,
+            || async { true },
+        )
+        .await;
         assert_eq!(out, Delivered::Interrupted { attempts: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_claim_stops_retries_before_the_device_is_contacted_again() {
+        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
+        let out = run(
+            &transport,
+            request(),
+            0,
+            &policy(5, 60_000),
+            &CancellationToken::new(),
+            || async { false },
+        )
+        .await;
+        assert_eq!(out, Delivered::ClaimLost { attempts: 1 });
     }
 
     #[tokio::test(start_paused = true)]
