@@ -19,7 +19,7 @@ use lapin::{
 use redis::aio::ConnectionManager;
 use shared::{
     amqp::{self, Publisher},
-    job::DeviceStatus,
+    job::{DeviceStatus, ExecutionState},
     messages::{self, TaskResult},
     store::{Outcome, Scripts},
     topology::Names,
@@ -41,6 +41,10 @@ pub struct Aggregator {
     pub prefetch: u16,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
+    /// Metrics.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Webhooks.
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Consumes results until shutdown or a channel failure.
@@ -96,6 +100,7 @@ async fn process_batch(
             Err(e) => {
                 let reason = format!("undecodable result: {e}: {e:?}");
                 tracing::error!(%reason, queue = %agg.names.results_queue(), "dead-lettering a result");
+                agg.metrics.dead_lettered.inc();
                 match amqp::dead_letter(
                     &agg.publisher,
                     &agg.names,
@@ -144,8 +149,41 @@ async fn process_batch(
             .await
         {
             Ok(summary) => {
-                if summary.finished_jobs > 0 {
-                    tracing::info!(jobs = summary.finished_jobs, "job finished");
+                let now = shared::now_ms();
+                for (r, _) in &results {
+                    agg.metrics
+                        .results_recorded
+                        .with_label_values(&[r.state.counter()])
+                        .inc();
+                    if r.published_at_ms > 0 {
+                        agg.metrics
+                            .task_latency_seconds
+                            .observe(now.saturating_sub(r.published_at_ms) as f64 / 1000.0);
+                    }
+                }
+                agg.metrics
+                    .results_duplicate
+                    .inc_by(summary.duplicates as u64);
+                for ((r, _), counted) in results.iter().zip(&summary.counted) {
+                    if *counted
+                        && matches!(
+                            r.state,
+                            ExecutionState::Failed
+                                | ExecutionState::Rejected
+                                | ExecutionState::TimedOut
+                        )
+                    {
+                        agg.notifier.device_failed(
+                            r.job_id,
+                            &r.device_id,
+                            r.state.as_str(),
+                            r.error.as_deref(),
+                            r.attempts,
+                        );
+                    }
+                }
+                for job_id in &summary.finished_jobs {
+                    agg.notifier.job_finished(redis, &agg.names, *job_id).await;
                 }
                 if summary.duplicates > 0 {
                     tracing::debug!(duplicates = summary.duplicates, "duplicate results ignored");

@@ -8,6 +8,8 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | /healthz | process alive |
+//! | GET | /readyz | connected to RabbitMQ and Redis |
+//! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/devices/import?format=csv\|ndjson | import devices (streamed body) |
 //! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&after=&limit= | list |
 //! | GET | /v1/devices/count?group= | count |
@@ -18,6 +20,7 @@
 //! | POST | /v1/jobs/{id}/cancel | cancel |
 //! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
 //! | GET | /v1/jobs/{id}/report?limit= | failures with their last error |
+//! | GET | /v1/jobs/{id}/events | Server-Sent Events: `state`, `progress` (every second), `finished` |
 //! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
 //! | POST | /v1/dlq/replay | put dead letters back on their source queues |
 
@@ -50,6 +53,8 @@ use crate::{
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/devices/import", post(import_devices))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/count", get(count_devices))
@@ -59,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/devices", get(job_devices))
         .route("/v1/jobs/{id}/report", get(job_report))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/dlq", get(list_dead_letters))
         .route("/v1/dlq/replay", post(replay_dead_letters))
         .with_state(state)
@@ -98,6 +104,23 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    let mut redis = app.redis.clone();
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .is_ok();
+    match (app.broker().is_some(), redis_ok) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to RabbitMQ"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "Redis unreachable"),
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> String {
+    app.metrics.render(&app).await
+}
 
 fn no_broker() -> ApiError {
     ApiError::new(
@@ -314,6 +337,11 @@ async fn list_groups(State(app): State<Arc<AppState>>) -> ApiResult<Json<serde_j
     Ok(Json(json!({"groups": list})))
 }
 
+#[tracing::instrument(
+    name = "POST /v1/jobs",
+    skip_all,
+    fields(otel.kind = "server", job_id = tracing::field::Empty)
+)]
 async fn create_job(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -346,8 +374,20 @@ async fn create_job(
         });
     }
     let mut redis = app.redis.clone();
-    match intake::create(&mut redis, &app.names, &body, format, limits).await {
+    match intake::create(
+        &mut redis,
+        &app.names,
+        &body,
+        format,
+        limits,
+        app.settings.coordinator.webhook_secret.is_some(),
+        shared::amqp::current_traceparent(),
+    )
+    .await
+    {
         Ok((id, _)) => {
+            tracing::Span::current().record("job_id", tracing::field::display(id));
+            app.notifier.job_state(id, "IN_PROGRESS", json!({}));
             app.start_planner(id);
             Ok((StatusCode::CREATED, Json(json!({"job_id": id}))))
         }
@@ -399,7 +439,10 @@ async fn cancel_job(
     let mut redis = app.redis.clone();
     let broker = app.broker().ok_or_else(no_broker)?;
     match jobs::cancel(&mut redis, &broker.publisher, &app.names, id).await {
-        Ok(()) => Ok(Json(json!({"job_id": id, "state": "CANCELING"}))),
+        Ok(()) => {
+            app.notifier.job_state(id, "CANCELING", json!({}));
+            Ok(Json(json!({"job_id": id, "state": "CANCELING"})))
+        }
         Err(CancelError::NotFound(_)) => {
             Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
         }
@@ -487,4 +530,81 @@ async fn replay_dead_letters(
             .await
             .map_err(ApiError::internal)?;
     Ok(Json(report))
+}
+
+/// Server-Sent Events for one job: a `state` event whenever its state changes, a `progress`
+/// event with the counters every second (and at once when they change after a quiet
+/// second), and a final `finished` event, after which the stream ends.
+async fn job_events(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<
+    axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let id = parse_id(&id)?;
+    let mut redis = app.redis.clone();
+    if jobs::get(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
+    struct Watch {
+        app: Arc<AppState>,
+        id: Uuid,
+        last_state: Option<String>,
+        pending: std::collections::VecDeque<Event>,
+        done: bool,
+        first: bool,
+    }
+    let watch = Watch {
+        app,
+        id,
+        last_state: None,
+        pending: Default::default(),
+        done: false,
+        first: true,
+    };
+    let stream = futures::stream::unfold(watch, |mut w| async move {
+        loop {
+            if let Some(e) = w.pending.pop_front() {
+                return Some((Ok(e), w));
+            }
+            if w.done {
+                return None;
+            }
+            if !w.first {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            w.first = false;
+            let mut redis = w.app.redis.clone();
+            let job = match jobs::get(&mut redis, &w.app.names, w.id).await {
+                Ok(Some(job)) => job,
+                // Redis hiccup: try again at the next tick; a vanished job ends the stream.
+                Ok(None) => return None,
+                Err(_) => continue,
+            };
+            let data = serde_json::to_string(&job).unwrap_or_default();
+            if w.last_state.as_deref() != Some(job.state.as_str()) {
+                w.last_state = Some(job.state.clone());
+                w.pending.push_back(
+                    Event::default()
+                        .event("state")
+                        .data(json!({"job_id": w.id, "state": job.state}).to_string()),
+                );
+            }
+            w.pending
+                .push_back(Event::default().event("progress").data(data.clone()));
+            if matches!(job.state.as_str(), "COMPLETED" | "CANCELED") {
+                w.pending
+                    .push_back(Event::default().event("finished").data(data));
+                w.done = true;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

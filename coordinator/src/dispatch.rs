@@ -47,6 +47,10 @@ pub struct Planners {
     pub shutdown: CancellationToken,
     /// Jobs this process is planning now (a job is never planned twice at once).
     pub running: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Webhooks.
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Removes a job from [`Planners::running`] when its planner ends, however it ends.
@@ -80,6 +84,15 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
     }
     let _running = RunningGuard(p.clone(), job_id);
     let span = tracing::info_span!("plan job", job_id = %job_id, otel.kind = "producer");
+    // Join the trace of the request that created the job.
+    let mut redis = p.redis.clone();
+    let trace: Option<String> = redis
+        .hget(p.names.job(job_id), "trace")
+        .await
+        .unwrap_or(None);
+    if let Some(t) = trace.filter(|t| !t.is_empty()) {
+        shared::amqp::continue_traceparent(&span, &t);
+    }
     async move {
         let mut redis = p.redis.clone();
         let lock = p.names.planner_lock(job_id);
@@ -323,6 +336,7 @@ async fn publish_batch(
         for confirm in pending {
             confirm.wait().await.context("publishing tasks")?;
         }
+        p.metrics.tasks_published.inc_by(devices.len() as u64);
         Ok(())
     }
     .instrument(span)

@@ -49,8 +49,18 @@ pub async fn create(
     text: &str,
     format: SpecFormat,
     limits: SpecLimits,
+    can_sign_webhooks: bool,
+    trace: Option<String>,
 ) -> Result<(Uuid, JobSpec), IntakeError> {
     let spec = JobSpec::parse(text, format, limits)?;
+    if !spec.notify.webhooks.is_empty() && !can_sign_webhooks {
+        return Err(SpecError {
+            field: "notify.webhooks".into(),
+            problem: "this deployment has no coordinator.webhook_secret to sign webhooks with"
+                .into(),
+        }
+        .into());
+    }
     check_targets_exist(redis, names, &spec).await?;
     let id = Uuid::now_v7();
     let now = now_ms();
@@ -70,6 +80,7 @@ pub async fn create(
                 ("updated_at_ms", now.to_string()),
                 ("planned", "0".to_owned()),
                 ("planning_done", "0".to_owned()),
+                ("trace", trace.unwrap_or_default()),
             ],
         )
         .ignore()

@@ -17,6 +17,8 @@
 //! - [`jobs`]: reading jobs for the API (state, counters, per-device status, reports) and
 //!   cancelling them.
 //! - [`audit`]: checks a job against the guarantees (chaos runs, tests).
+//! - [`metrics`]: Prometheus metrics (`/metrics`).
+//! - [`notify`]: signed, retried webhooks for job state changes and device failures.
 //! - [`deadletters`]: listing and replaying the dead-letter queue.
 //! - [`local`] and [`fleet`]: a local deployment of child processes and a generated fleet,
 //!   for the demo, the benchmark and the end-to-end tests.
@@ -35,6 +37,8 @@ pub mod fleet;
 pub mod intake;
 pub mod jobs;
 pub mod local;
+pub mod metrics;
+pub mod notify;
 pub mod registry;
 pub mod split;
 pub mod startup;

@@ -53,6 +53,10 @@ pub struct AppState {
     pub redis: ConnectionManager,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Webhooks.
+    pub notifier: crate::notify::Notifier,
     broker: RwLock<Option<Broker>>,
 }
 
@@ -112,11 +116,26 @@ impl Application {
         let listener = TcpListener::bind(&settings.coordinator.listen)
             .await
             .with_context(|| format!("binding the API to {}", settings.coordinator.listen))?;
+        let names = Names::new(&settings.namespace);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let notifier = crate::notify::Notifier::start(
+            crate::notify::NotifierConfig {
+                deployment_urls: settings.coordinator.webhooks.clone(),
+                secret: settings.coordinator.webhook_secret.clone(),
+                max_attempts: settings.coordinator.webhook_max_attempts.max(1),
+                initial_backoff: std::time::Duration::from_secs(1),
+            },
+            redis.clone(),
+            names.clone(),
+            metrics.webhooks.clone(),
+        );
         let state = Arc::new(AppState {
-            names: Names::new(&settings.namespace),
+            names,
             settings: Arc::new(settings),
             redis,
             shutdown: CancellationToken::new(),
+            metrics,
+            notifier,
             broker: RwLock::new(None),
         });
         Ok(Self {
@@ -218,6 +237,8 @@ async fn broker_session(
         instance: instance.clone(),
         shutdown: session.clone(),
         running: Default::default(),
+        metrics: state.metrics.clone(),
+        notifier: state.notifier.clone(),
     });
     let aggregator = Arc::new(aggregate::Aggregator {
         names: state.names.clone(),
@@ -226,6 +247,8 @@ async fn broker_session(
         scripts,
         prefetch: settings.coordinator.results_prefetch,
         shutdown: session.clone(),
+        metrics: state.metrics.clone(),
+        notifier: state.notifier.clone(),
     });
     let broker = Broker {
         connection: connection.clone(),

@@ -261,6 +261,38 @@ pub fn continue_trace(span: &tracing::Span, headers: Option<&FieldTable>) {
     }
 }
 
+/// Links `span` to the trace context carried in `headers`, leaving `span` the root of a trace
+/// of its own. Device tasks use this: a job of a million devices would otherwise be one
+/// unusable trace of a million spans; instead each task is its own small trace, linked to
+/// the job's.
+pub fn link_trace(span: &tracing::Span, headers: Option<&FieldTable>) {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = extract_context(headers);
+    let remote = cx.span().span_context().clone();
+    if remote.is_valid() {
+        span.add_link(remote);
+    }
+}
+
+/// The current span's context as a W3C `traceparent` value (to store with a job, so work
+/// done later for it joins the trace of the request that created it).
+pub fn current_traceparent() -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of a stored `traceparent`.
+pub fn continue_traceparent(span: &tracing::Span, traceparent: &str) {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    if let Err(e) = span.set_parent(cx) {
+        tracing::debug!(error.message = %e, "span parent not set");
+    }
+}
+
 /// Moves a message that cannot be processed to the dead-letter exchange, keeping its body and
 /// properties and adding the reason and source queue as headers, so an operator can inspect,
 /// repair and replay it. The caller acks the original once this returns.

@@ -77,6 +77,10 @@ pub struct AmqpSettings {
 pub struct RedisSettings {
     /// `redis://host:port/db`.
     pub url: String,
+    /// How long one command (or pipeline) may take before it counts as failed. Pipelines of a
+    /// thousand scripts take a while on a busy machine: keep this in seconds, not
+    /// milliseconds.
+    pub response_timeout_ms: u64,
 }
 
 /// How log lines are printed.
@@ -134,6 +138,13 @@ pub struct CoordinatorSettings {
     pub max_explicit_devices: usize,
     /// Default publishing rate limit in devices per second when a job sets none (0: none).
     pub default_max_per_second: u32,
+    /// Endpoints POSTed on every job's state changes.
+    pub webhooks: Vec<String>,
+    /// Key of the HMAC-SHA256 signature on every webhook POST. Jobs naming webhooks are
+    /// refused while it is unset.
+    pub webhook_secret: Option<String>,
+    /// Attempts per webhook POST (exponential backoff from 1 s between them).
+    pub webhook_max_attempts: u32,
 }
 
 /// Which transport workers use to reach devices.
@@ -148,6 +159,9 @@ pub enum Transport {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
+    /// Address of the worker's `/metrics`, `/healthz` and `/readyz` (port 0: any free port,
+    /// logged at start).
+    pub listen: String,
     /// Deliveries in flight per worker. Also the AMQP prefetch: the broker never hands a
     /// worker more tasks than it can work on, so a dying worker strands at most this many.
     pub concurrency: u16,
@@ -310,6 +324,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("worker.retry_delays_ms")
+                .with_list_parse_key("coordinator.webhooks")
                 .try_parsing(true)
                 .source(Some(vars)),
         );

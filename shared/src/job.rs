@@ -28,6 +28,27 @@ pub struct JobSpec {
     /// Publishing rate.
     #[serde(default)]
     pub rollout: Rollout,
+    /// Who to tell about this job.
+    #[serde(default)]
+    pub notify: Notify,
+}
+
+/// Push notifications of a job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Notify {
+    /// Endpoints POSTed on every state change of the job (signed, retried).
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One webhook endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Webhook {
+    /// The URL to POST to.
+    pub url: String,
+    /// Also POST each device that ends FAILED, REJECTED or TIMED_OUT.
+    #[serde(default)]
+    pub device_failures: bool,
 }
 
 /// Target selection: the union of explicit `devices` and the members of `groups`, narrowed by
@@ -351,6 +372,14 @@ impl JobSpec {
         }
         if self.retry.deadline_secs == Some(0) {
             return Err(SpecError::new("retry.deadline_secs", "must be at least 1"));
+        }
+        for (i, w) in self.notify.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("https://") || w.url.starts_with("http://")) {
+                return Err(SpecError::new(
+                    format!("notify.webhooks[{i}].url"),
+                    format!("{:?} is not an http(s) URL", w.url),
+                ));
+            }
         }
         if self.rollout.max_per_second == Some(0) {
             return Err(SpecError::new(

@@ -58,7 +58,11 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Stor
     let client = redis::Client::open(settings.url.as_str())?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(6)
-        .set_max_delay(std::time::Duration::from_secs(2));
+        .set_max_delay(std::time::Duration::from_secs(2))
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_millis(
+            settings.response_timeout_ms.max(1),
+        )));
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
@@ -232,14 +236,16 @@ pub struct Outcome<'a> {
 }
 
 /// What recording a batch of outcomes did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordSummary {
     /// Outcomes counted.
     pub recorded: usize,
     /// Outcomes ignored because the device already had one.
     pub duplicates: usize,
     /// Jobs that reached their final state in this batch.
-    pub finished_jobs: usize,
+    pub finished_jobs: Vec<Uuid>,
+    /// Whether each outcome (in input order) was counted (false: a duplicate).
+    pub counted: Vec<bool>,
 }
 
 /// The state-changing scripts, loaded once per process.
@@ -316,12 +322,13 @@ impl Scripts {
         }
         let codes: Vec<i64> = self.run(conn, &pipe).await?;
         let mut summary = RecordSummary::default();
-        for c in codes {
+        for (c, o) in codes.into_iter().zip(outcomes) {
+            summary.counted.push(c != 0);
             match c {
                 0 => summary.duplicates += 1,
                 2 => {
                     summary.recorded += 1;
-                    summary.finished_jobs += 1;
+                    summary.finished_jobs.push(o.job_id);
                 }
                 _ => summary.recorded += 1,
             }

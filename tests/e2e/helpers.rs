@@ -174,6 +174,25 @@ impl TestApp {
             .expect("redis");
     }
 
+    /// Starts a worker whose `/metrics` listens on a known port; returns the port.
+    pub fn start_observed_worker(&mut self) -> u16 {
+        let port = coordinator::local::free_port().expect("port");
+        self.cluster
+            .start_worker_with(&[(
+                "FLEETBATCH_WORKER__LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            )])
+            .expect("worker starts");
+        port
+    }
+
+    /// GETs a URL's body as text.
+    pub async fn get_text(&self, url: &str) -> (u16, String) {
+        let r = self.http.get(url).send().await.expect("get");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
     /// Every device's stored status.
     pub async fn statuses(&self, id: Uuid) -> HashMap<String, DeviceStatus> {
         let mut redis = self.redis.clone();
@@ -321,4 +340,38 @@ pub fn firmware_job(extra: Value) -> Value {
         }
     }
     spec
+}
+
+/// The value of a sample in Prometheus text exposition: `name` with exactly these labels
+/// (in any order). 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric_name, label_part) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            continue;
+        }
+        let found: Vec<(String, String)> = label_part
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        if found.len() == labels.len()
+            && labels
+                .iter()
+                .all(|(k, v)| found.iter().any(|(fk, fv)| fk == k && fv == v))
+        {
+            return value.parse().unwrap_or(0.0);
+        }
+    }
+    0.0
 }

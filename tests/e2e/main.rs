@@ -12,4 +12,5 @@ mod faults;
 mod helpers;
 mod invalid_input;
 mod job_roundtrip;
+mod observability;
 mod services;

@@ -57,6 +57,7 @@ pub async fn run(
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
                     tracker.spawn(async move {
+                        ctx.metrics.in_flight.inc();
                         let outcome = handle::handle(
                             &ctx,
                             &delivery.data,
@@ -64,6 +65,7 @@ pub async fn run(
                         )
                         .await;
                         settle(&ctx, delivery, outcome).await;
+                        ctx.metrics.in_flight.dec();
                     });
                 }
                 // The channel or connection failed: in-flight tasks return to the queue.
@@ -113,6 +115,10 @@ pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {
         }
         Outcome::DeadLetter(reason) => {
             tracing::error!(%reason, queue = %ctx.names.tasks_queue(), "dead-lettering a task");
+            ctx.metrics
+                .outcomes
+                .with_label_values(&["dead_lettered"])
+                .inc();
             match shared::amqp::dead_letter(
                 &ctx.publisher,
                 &ctx.names,

@@ -55,6 +55,8 @@ pub struct Context {
     pub scripts: Scripts,
     /// Fires when the worker starts shutting down.
     pub shutdown: CancellationToken,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Where a forwarded copy of a task goes.
@@ -102,7 +104,7 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
         attempt = task.attempts + 1,
         outcome = Empty,
     );
-    amqp::continue_trace(&span, headers);
+    amqp::link_trace(&span, headers);
     async {
         match process(ctx, &task).await {
             Ok(outcome) => outcome,
@@ -160,7 +162,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     {
         NextAction::StartProcessing { recorded_attempts } => recorded_attempts,
         NextAction::ReturnSavedResult(result) => {
-            tracing::Span::current().record("outcome", "already_done");
+            mark(ctx, "already_done");
             report::publish(&ctx.publisher, &ctx.names, &result).await?;
             return Ok(Outcome::Ack);
         }
@@ -222,6 +224,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             attempts_before,
             &policy,
             &ctx.shutdown,
+            &ctx.metrics,
             still_ours,
         )
         .await
@@ -263,7 +266,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         worker: Some(ctx.worker_id.clone()),
                     };
                     hand_back(ctx, task, &status).await?;
-                    tracing::Span::current().record("outcome", "retry_scheduled");
+                    mark(ctx, "retry_scheduled");
                     return Ok(Outcome::Forward {
                         to: ForwardTo::Retry(idx),
                         task: DeviceTask {
@@ -276,7 +279,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             }
             Delivered::ClaimLost { attempts } => {
                 tracing::warn!("claim lapsed mid-retry; handing the task back");
-                tracing::Span::current().record("outcome", "claim_lost");
+                mark(ctx, "claim_lost");
                 return Ok(Outcome::Forward {
                     to: ForwardTo::Tasks,
                     task: DeviceTask {
@@ -295,7 +298,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     worker: Some(ctx.worker_id.clone()),
                 };
                 hand_back(ctx, task, &status).await?;
-                tracing::Span::current().record("outcome", "handed_back");
+                mark(ctx, "handed_back");
                 return Ok(Outcome::Forward {
                     to: ForwardTo::Tasks,
                     task: DeviceTask {
@@ -307,7 +310,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         }
     };
 
-    tracing::Span::current().record("outcome", state.as_str());
+    mark(ctx, state.as_str());
     let result = TaskResult {
         version: WIRE_VERSION,
         job_id: task.job_id,
@@ -378,6 +381,12 @@ where
             }
         }
     }
+}
+
+/// Notes how a task ended, on its span and in the metrics.
+fn mark(ctx: &Context, outcome: &str) {
+    tracing::Span::current().record("outcome", outcome);
+    ctx.metrics.outcomes.with_label_values(&[outcome]).inc();
 }
 
 /// Publishes a copy of a task (to the tasks exchange or a retry queue), confirmed.

@@ -13,6 +13,7 @@
 //! - [`deliver`]: the device transports (today the built-in simulator) and the retry loop
 //!   with per-attempt timeout and exponential backoff.
 //! - [`report`]: publishes results to the results exchange, confirmed.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //!
 //! # Flow of one task
 //! ```text
@@ -26,5 +27,6 @@ pub mod deliver;
 pub mod handle;
 pub mod idempotency;
 pub mod jobs;
+pub mod metrics;
 pub mod report;
 pub mod startup;

@@ -30,15 +30,5 @@ async fn run() -> anyhow::Result<()> {
     let id = worker::startup::worker_id();
     let _telemetry = shared::telemetry::init("fleetbatch-worker", &id, &settings.telemetry)
         .context("setting up telemetry")?;
-    let stop = shared::shutdown::token();
-    shared::supervise::with_reconnect("worker", stop, |stop| {
-        let (settings, id) = (settings.clone(), id.clone());
-        async move {
-            let worker = worker::startup::Worker::build(settings, id)
-                .await
-                .context("starting the worker")?;
-            worker.run_until_stopped(stop.cancelled_owned()).await
-        }
-    })
-    .await
+    worker::startup::run(settings, id, shared::shutdown::token()).await
 }

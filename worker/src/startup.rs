@@ -32,6 +32,42 @@ pub fn worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..6])
 }
 
+/// Runs a worker process: serves `/metrics`, `/healthz` and `/readyz` for the whole
+/// process, and keeps a connected [`Worker`] running (rebuilding it after broker or Redis
+/// outages) until `stop` fires.
+///
+/// # Errors
+/// The metrics address cannot be bound.
+pub async fn run(
+    settings: Settings,
+    worker_id: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&settings.worker.listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint to {}", settings.worker.listen))?;
+    tracing::info!(address = %listener.local_addr()?, worker_id = %worker_id, "metrics and health listening");
+    let http_stop = stop.clone();
+    let server = tokio::spawn(
+        axum::serve(listener, crate::metrics::router(metrics.clone()))
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .into_future(),
+    );
+    let result = shared::supervise::with_reconnect("worker", stop, |stop| {
+        let (settings, id, metrics) = (settings.clone(), worker_id.clone(), metrics.clone());
+        async move {
+            let worker = Worker::build(settings, id, metrics)
+                .await
+                .context("starting the worker")?;
+            worker.run_until_stopped(stop.cancelled_owned()).await
+        }
+    })
+    .await;
+    server.abort();
+    result
+}
+
 /// A worker, connected and ready to run.
 #[derive(Debug)]
 pub struct Worker {
@@ -46,7 +82,11 @@ impl Worker {
     ///
     /// # Errors
     /// Unreachable services or a topology conflict.
-    pub async fn build(settings: Settings, worker_id: String) -> anyhow::Result<Self> {
+    pub async fn build(
+        settings: Settings,
+        worker_id: String,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
         let names = topology::Names::new(&settings.namespace);
         let connection = amqp::connect(&settings.amqp, &format!("fleetbatch-worker {worker_id}"))
             .await
@@ -77,6 +117,7 @@ impl Worker {
             transport,
             scripts: store::Scripts::new(),
             shutdown: CancellationToken::new(),
+            metrics,
         });
         Ok(Self {
             ctx,
@@ -103,6 +144,12 @@ impl Worker {
             control_channel,
         } = self;
         let tracker = TaskTracker::new();
+        ctx.metrics
+            .concurrency
+            .set(i64::from(ctx.settings.worker.concurrency));
+        ctx.metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let control = tokio::spawn(listen_for_control(ctx.clone(), control_channel));
         let consuming = consume::run(ctx.clone(), tasks_channel.clone(), tracker.clone());
         tokio::pin!(consuming);
@@ -119,6 +166,9 @@ impl Worker {
             }
         };
         ctx.shutdown.cancel();
+        ctx.metrics
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         control.abort();
 
         tracker.close();

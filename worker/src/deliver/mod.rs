@@ -141,6 +141,7 @@ pub async fn run<C, CF>(
     attempts_before: u32,
     policy: &AttemptPolicy,
     shutdown: &CancellationToken,
+    metrics: &crate::metrics::Metrics,
     mut still_ours: C,
 ) -> Delivered
 where
@@ -159,19 +160,46 @@ where
         }
         attempts += 1;
         req.attempt = attempts;
-        let error =
-            match tokio::time::timeout(policy.attempt_timeout, transport.attempt(&req)).await {
-                Ok(Ok(())) => return Delivered::Succeeded { attempts },
-                Ok(Err(DeliverError::Permanent(e))) => {
-                    return Delivered::Failed { attempts, error: e };
-                }
-                Ok(Err(DeliverError::Rejected(e))) => {
-                    return Delivered::Rejected { attempts, error: e };
-                }
-                Ok(Err(DeliverError::Transient(e))) => e,
-                Err(_) => format!("no answer within {} ms", policy.attempt_timeout.as_millis()),
-            };
+        if attempts > attempts_before + 1 {
+            metrics.retries.inc();
+        }
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "deliver",
+            device_id = %req.device_id,
+            attempt = attempts,
+            result = tracing::field::Empty,
+        );
+        let answer = tracing::Instrument::instrument(
+            tokio::time::timeout(policy.attempt_timeout, transport.attempt(&req)),
+            span.clone(),
+        )
+        .await;
+        metrics
+            .attempt_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let result = match &answer {
+            Ok(Ok(())) => "ok",
+            Ok(Err(DeliverError::Transient(_))) => "transient",
+            Ok(Err(DeliverError::Permanent(_))) => "permanent",
+            Ok(Err(DeliverError::Rejected(_))) => "rejected",
+            Err(_) => "timeout",
+        };
+        metrics.attempts.with_label_values(&[result]).inc();
+        span.record("result", result);
+        let error = match answer {
+            Ok(Ok(())) => return Delivered::Succeeded { attempts },
+            Ok(Err(DeliverError::Permanent(e))) => {
+                return Delivered::Failed { attempts, error: e };
+            }
+            Ok(Err(DeliverError::Rejected(e))) => {
+                return Delivered::Rejected { attempts, error: e };
+            }
+            Ok(Err(DeliverError::Transient(e))) => e,
+            Err(_) => format!("no answer within {} ms", policy.attempt_timeout.as_millis()),
+        };
         tracing::debug!(attempt = attempts, %error, "transient delivery error");
+        let wait_span = tracing::info_span!("backoff", attempt = attempts);
         last_error = Some(error.clone());
         if attempts >= policy.max_attempts {
             return Delivered::Failed {
@@ -184,7 +212,7 @@ where
         };
         tokio::select! {
             // The normal case: wait, then try again.
-            _ = tokio::time::sleep(delay) => {}
+            _ = tracing::Instrument::instrument(tokio::time::sleep(delay), wait_span) => {}
             // Stopping: no new attempts; the task goes back to the queue.
             _ = shutdown.cancelled() => return Delivered::Interrupted { attempts },
         }
@@ -266,6 +294,7 @@ mod tests {
             before,
             policy,
             &CancellationToken::new(),
+            &crate::metrics::Metrics::new(),
             || async { true },
         )
         .await
@@ -350,6 +379,7 @@ mod tests {
             0,
             &policy(5, 60_000),
             &token,
+            &crate::metrics::Metrics::new(),
             || async { true },
         )
         .await;
@@ -365,6 +395,7 @@ mod tests {
             0,
             &policy(5, 60_000),
             &CancellationToken::new(),
+            &crate::metrics::Metrics::new(),
             || async { false },
         )
         .await;

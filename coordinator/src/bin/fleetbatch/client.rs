@@ -66,4 +66,19 @@ impl Client {
             .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
         Self::decode(resp).await
     }
+
+    /// A streaming GET (for Server-Sent Events); no overall timeout.
+    pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = reqwest::Client::new()
+            .get(self.url(path))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!("{status}: {}", resp.text().await.unwrap_or_default());
+        }
+        Ok(resp)
+    }
 }

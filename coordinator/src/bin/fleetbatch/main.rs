@@ -7,7 +7,7 @@ mod demo;
 mod progress;
 mod sandbox;
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -429,7 +429,7 @@ async fn job(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             let id = created["job_id"].as_str().unwrap_or_default().to_owned();
             println!("{id}");
             if args.watch {
-                let job = progress::follow(client, &id, None, Duration::from_secs(86_400)).await?;
+                let job = progress::watch(client, &id).await?;
                 print!("{}", progress::summary(&job));
             }
         }
@@ -523,7 +523,7 @@ async fn job(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             }
         }
         JobCmd::Watch { id } => {
-            let job = progress::follow(client, &id, None, Duration::from_secs(86_400)).await?;
+            let job = progress::watch(client, &id).await?;
             print!("{}", progress::summary(&job));
         }
     }

@@ -65,6 +65,53 @@ pub(crate) async fn follow(
     }
 }
 
+/// Follows a job through its Server-Sent Events stream (`/v1/jobs/{id}/events`) until the
+/// `finished` event, drawing a progress bar on stderr.
+pub(crate) async fn watch(client: &Client, job_id: &str) -> anyhow::Result<Value> {
+    use futures::StreamExt;
+    let resp = client.stream(&format!("/v1/jobs/{job_id}/events")).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let (mut event, mut data) = (String::new(), String::new());
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(nl) = buf.find('\n') {
+            let line = buf[..nl].trim_end_matches('\r').to_owned();
+            buf.drain(..=nl);
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            } else if line.is_empty() && !data.is_empty() {
+                let job: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                match event.as_str() {
+                    "progress" => {
+                        bar.set_length(count(&job, "targeted"));
+                        bar.set_position(count(&job, "terminal"));
+                        bar.set_message(message(&job));
+                    }
+                    "finished" => {
+                        bar.finish();
+                        return Ok(job);
+                    }
+                    _ => {}
+                }
+                event.clear();
+                data.clear();
+            }
+        }
+    }
+    bar.abandon();
+    anyhow::bail!("the event stream of job {job_id} ended before the job finished")
+}
+
 /// A table of the job's counters.
 pub(crate) fn summary(job: &Value) -> String {
     let mut out = String::new();
