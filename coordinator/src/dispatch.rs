@@ -83,7 +83,12 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
         return Ok(());
     }
     let _running = RunningGuard(p.clone(), job_id);
-    let span = tracing::info_span!("plan job", job_id = %job_id, otel.kind = "producer");
+    let span = tracing::info_span!(
+        "plan job",
+        job_id = %job_id,
+        otel.kind = "producer",
+        trace_id = tracing::field::Empty
+    );
     // Join the trace of the request that created the job.
     let mut redis = p.redis.clone();
     let trace: Option<String> = redis
@@ -93,6 +98,7 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
     if let Some(t) = trace.filter(|t| !t.is_empty()) {
         shared::amqp::continue_traceparent(&span, &t);
     }
+    shared::telemetry::record_trace_id(&span);
     async move {
         let mut redis = p.redis.clone();
         let lock = p.names.planner_lock(job_id);

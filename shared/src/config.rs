@@ -436,6 +436,15 @@ mod tests {
     }
 
     #[test]
+    fn the_production_settings_file_loads() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config/production.yaml");
+        let s = Settings::load_from(Some(&file), &HashMap::new()).expect("production.yaml loads");
+        assert_eq!(s.telemetry.log_format, LogFormat::Json);
+        assert_eq!(s.coordinator.listen, "0.0.0.0:8080");
+    }
+
+    #[test]
     fn an_out_of_range_probability_is_refused() {
         let env = HashMap::from([(
             "FLEETBATCH_SIMULATOR__REJECT_RATE".to_owned(),

@@ -131,3 +131,16 @@ pub fn init(
         .try_init()?;
     Ok(TelemetryGuard { provider })
 }
+
+/// Records the span's OpenTelemetry trace id in its `trace_id` field (declared `Empty`), so
+/// log lines inside it carry the id to look up in Jaeger. Does nothing when traces are not
+/// exported.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+    }
+}

@@ -103,8 +103,10 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
         device_id = %task.device_id,
         attempt = task.attempts + 1,
         outcome = Empty,
+        trace_id = Empty,
     );
     amqp::link_trace(&span, headers);
+    shared::telemetry::record_trace_id(&span);
     async {
         match process(ctx, &task).await {
             Ok(outcome) => outcome,
