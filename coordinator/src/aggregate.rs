@@ -127,9 +127,11 @@ async fn process_batch(
             state: r.state,
             attempts: r.attempts,
             error: r.error.clone(),
-            updated_at_ms: r.finished_at_ms,
+            // When the outcome was recorded: with `published_at_ms`, the end-to-end latency.
+            updated_at_ms: shared::now_ms(),
             next_attempt_at_ms: None,
             worker: Some(r.worker.clone()),
+            published_at_ms: (r.published_at_ms > 0).then_some(r.published_at_ms),
         })
         .collect();
     let outcomes: Vec<Outcome<'_>> = results

@@ -247,6 +247,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             updated_at_ms: now,
             next_attempt_at_ms: None,
             worker: None,
+            published_at_ms: None,
         })?;
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -285,6 +286,7 @@ fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceStatus {
         updated_at_ms: now,
         next_attempt_at_ms: None,
         worker: None,
+        published_at_ms: None,
     }
 }
 

@@ -176,6 +176,20 @@ impl Cluster {
         self.start_worker_with(&[])
     }
 
+    /// Process id of the coordinator, if running.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref()?.id()
+    }
+
+    /// Process ids of the running workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers
+            .iter()
+            .flatten()
+            .filter_map(Child::id)
+            .collect()
+    }
+
     /// Process id of worker `i`, if running.
     pub fn worker_pid(&self, i: usize) -> Option<u32> {
         self.workers.get(i)?.as_ref()?.id()

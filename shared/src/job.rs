@@ -580,6 +580,10 @@ pub struct DeviceStatus {
     /// The worker that produced the outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// When the task was first published (ms since epoch); with `updated_at_ms` of a
+    /// terminal status, the device's end-to-end latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -266,6 +266,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         updated_at_ms: now_ms(),
                         next_attempt_at_ms: Some(due),
                         worker: Some(ctx.worker_id.clone()),
+                        published_at_ms: None,
                     };
                     hand_back(ctx, task, &status).await?;
                     mark(ctx, "retry_scheduled");
@@ -298,6 +299,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     updated_at_ms: now_ms(),
                     next_attempt_at_ms: None,
                     worker: Some(ctx.worker_id.clone()),
+                    published_at_ms: None,
                 };
                 hand_back(ctx, task, &status).await?;
                 mark(ctx, "handed_back");

@@ -1,6 +1,7 @@
 //! `fleetbatch`: the operator's CLI. Talks to the coordinator's HTTP API; `demo` also starts a
 //! coordinator and workers of its own.
 
+mod bench;
 mod chaos;
 mod client;
 mod demo;
@@ -51,6 +52,9 @@ enum Command {
     /// `lost`, `duplicate_applications`, `extra_deliveries` and `counters_exact` as one JSON
     /// line; exit non-zero if any check fails.
     Chaos(chaos::ChaosArgs),
+    /// Measure throughput, latency and memory: the raw broker pipeline, then fleetbatch on
+    /// the same number of devices; medians of several runs, one JSON line per case.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +262,7 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => std::process::exit(demo::run(args).await?),
         Command::Chaos(args) => std::process::exit(chaos::run(args).await?),
+        Command::Bench(args) => std::process::exit(bench::run(args).await?),
         Command::Groups => print_json(&client.get::<Value>("/v1/groups").await?),
         Command::Devices(cmd) => devices(&client, cmd).await?,
         Command::Job(cmd) => job(&client, cmd).await?,

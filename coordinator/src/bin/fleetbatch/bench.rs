@@ -1,0 +1,488 @@
+//! `fleetbatch bench`: throughput, latency and memory, measured against the local RabbitMQ
+//! and Redis.
+//!
+//! First the **raw broker pipeline**, the physical limit on this machine: with lapin and the
+//! product's message sizes and settings (persistent messages, publisher confirms, manual
+//! acks, prefetch equal to the workers' concurrency, one Redis `SET NX` per task) it publishes
+//! N tasks, consumes them, publishes a result per task (confirmed before the task is acked)
+//! and consumes the results. Then **fleetbatch itself** on the same N: a coordinator and K
+//! workers as real processes with the built-in simulator, from job creation to COMPLETED.
+//! Each case runs several times; medians are reported, and one JSON line per latency case.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures::StreamExt;
+use lapin::{
+    BasicProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use shared::{config::Settings, job::DeviceStatus};
+
+use crate::{progress, sandbox::Sandbox};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Devices (tasks) per run.
+    #[arg(long, default_value_t = 100_000)]
+    devices: u64,
+    /// Runs per case; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Simulated device latencies to measure, in ms (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,50")]
+    latencies: Vec<u64>,
+    /// Deliveries in flight per worker (also the raw pipeline's prefetch).
+    #[arg(long, default_value_t = 1024)]
+    concurrency: u16,
+    /// Settings file for RabbitMQ and Redis URLs.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// (user + system) CPU seconds of a process so far; 0 if it is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process in MB (VmHWM).
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Pids of the broker (RabbitMQ's Erlang VM) on this machine.
+fn broker_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "beam.smp")
+        })
+        .collect()
+}
+
+fn broker_cpu() -> f64 {
+    broker_pids().into_iter().map(cpu_seconds).sum()
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    let settings = Settings::load(args.config.as_deref()).context("loading settings")?;
+    eprintln!(
+        "bench: {} devices, {} runs per case, {} workers, concurrency {}",
+        args.devices, args.repeat, args.workers, args.concurrency
+    );
+
+    let mut raw_rates = Vec::new();
+    for i in 0..args.repeat {
+        let broker_before = broker_cpu();
+        let (rate, secs) = raw_pipeline(&settings, args.devices, args.concurrency).await?;
+        eprintln!(
+            "raw pipeline run {}: {rate:.0} devices/s ({secs:.1}s, broker CPU {:.1}s)",
+            i + 1,
+            broker_cpu() - broker_before
+        );
+        raw_rates.push(rate);
+    }
+    let raw = median(raw_rates);
+    eprintln!("raw pipeline median: {raw:.0} devices/s");
+
+    let mut lines = Vec::new();
+    for &latency in &args.latencies {
+        let mut runs = Vec::new();
+        for i in 0..args.repeat {
+            let r = product_run(&args, latency).await?;
+            eprintln!(
+                "fleetbatch latency {latency} ms run {}: {:.0} devices/s, latency p50 {} ms p99 {} ms, coordinator {:.0} MB / {:.1} CPU s, workers {} MB / {} CPU s, broker {:.1} CPU s",
+                i + 1,
+                r["devices_per_s"].as_f64().unwrap_or(0.0),
+                r["latency_ms"]["p50"],
+                r["latency_ms"]["p99"],
+                r["coordinator_peak_rss_mb"].as_f64().unwrap_or(0.0),
+                r["coordinator_cpu_s"].as_f64().unwrap_or(0.0),
+                r["worker_peak_rss_mb_each"],
+                r["worker_cpu_s_each"],
+                r["broker_cpu_s"].as_f64().unwrap_or(0.0),
+            );
+            runs.push(r);
+        }
+        let med = |k: &str| median(runs.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect());
+        let med_lat = |k: &str| {
+            median(
+                runs.iter()
+                    .map(|r| r["latency_ms"][k].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
+        let rate = med("devices_per_s");
+        let line = json!({
+            "devices": args.devices,
+            "device_latency_ms": latency,
+            "workers": args.workers,
+            "runs": args.repeat,
+            "devices_per_s": rate.round(),
+            "raw_devices_per_s": raw.round(),
+            "ratio": ((rate / raw.max(1.0)) * 100.0).round() / 100.0,
+            "latency_ms": {"p50": med_lat("p50"), "p99": med_lat("p99")},
+            "coordinator_peak_rss_mb": (med("coordinator_peak_rss_mb") * 10.0).round() / 10.0,
+            "worker_peak_rss_mb": (med("worker_peak_rss_mb") * 10.0).round() / 10.0,
+            "coordinator_cpu_s": (med("coordinator_cpu_s") * 10.0).round() / 10.0,
+            "worker_cpu_s": (med("worker_cpu_s") * 10.0).round() / 10.0,
+            "broker_cpu_s": (med("broker_cpu_s") * 10.0).round() / 10.0,
+            "all_exact": runs.iter().all(|r| r["exact"] == true),
+        });
+        lines.push(line);
+    }
+    let ok = lines.iter().all(|l| l["all_exact"] == true);
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// One fleetbatch run; returns its figures.
+async fn product_run(args: &BenchArgs, latency_ms: u64) -> anyhow::Result<Value> {
+    let env = [
+        ("FLEETBATCH_SIMULATOR__LATENCY_MS", latency_ms.to_string()),
+        (
+            "FLEETBATCH_WORKER__CONCURRENCY",
+            args.concurrency.to_string(),
+        ),
+    ];
+    let sandbox = Sandbox::start(args.config.as_deref(), "bench", args.workers, &env).await?;
+    let outcome = measure(args, &sandbox).await;
+    sandbox.finish(false).await;
+    outcome
+}
+
+async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
+    sandbox.import_fleet(args.devices).await?;
+    let coordinator = sandbox
+        .cluster
+        .coordinator_pid()
+        .context("coordinator pid")?;
+    let workers = sandbox.cluster.worker_pids();
+    let cpu_before: Vec<f64> = std::iter::once(coordinator)
+        .chain(workers.iter().copied())
+        .map(cpu_seconds)
+        .collect();
+    let broker_before = broker_cpu();
+    let started = Instant::now();
+    let job_id = sandbox.create_firmware_job("bench", json!({})).await?;
+    let job = loop {
+        let job: Value = sandbox.client.get(&format!("/v1/jobs/{job_id}")).await?;
+        if progress::is_finished(&job) {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after: Vec<f64> = std::iter::once(coordinator)
+        .chain(workers.iter().copied())
+        .map(cpu_seconds)
+        .collect();
+    let cpu: Vec<f64> = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let broker_cpu_s = broker_cpu() - broker_before;
+    let coordinator_rss = peak_rss_mb(coordinator);
+    let worker_rss: Vec<f64> = workers.iter().map(|p| peak_rss_mb(*p)).collect();
+
+    // Per-device latency: first publication to outcome recorded.
+    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let job_uuid = uuid::Uuid::parse_str(&job_id)?;
+    let mut latencies = Vec::with_capacity(args.devices as usize);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(sandbox.names.job_status(job_uuid))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut redis)
+            .await?;
+        for pair in flat.chunks_exact(2) {
+            if let Ok(s) = serde_json::from_str::<DeviceStatus>(&pair[1])
+                && let Some(p) = s.published_at_ms
+            {
+                latencies.push(s.updated_at_ms.saturating_sub(p));
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    latencies.sort_unstable();
+    let audit = coordinator::audit::audit(&mut redis, &sandbox.names, job_uuid).await?;
+    let _: () = redis.del(sandbox.names.job_status(job_uuid)).await?;
+    let worker_max_rss = worker_rss.iter().copied().fold(0.0, f64::max);
+    let worker_cpu_each: Vec<f64> = cpu[1..].iter().map(|c| (c * 10.0).round() / 10.0).collect();
+    Ok(json!({
+        "devices_per_s": progress::count(&job, "targeted") as f64 / seconds,
+        "seconds": seconds,
+        "latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99)},
+        "coordinator_peak_rss_mb": coordinator_rss,
+        "worker_peak_rss_mb": worker_max_rss,
+        "worker_peak_rss_mb_each": worker_rss.iter().map(|m| (m * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        "coordinator_cpu_s": cpu[0],
+        "worker_cpu_s": cpu[1..].iter().sum::<f64>(),
+        "worker_cpu_s_each": worker_cpu_each,
+        "broker_cpu_s": broker_cpu_s,
+        "exact": audit.lost == 0 && audit.counters_exact && audit.duplicate_applications == 0,
+    }))
+}
+
+/// The raw pipeline: same messages, durability and acks as the product, nothing else.
+/// Returns (devices/s, seconds).
+async fn raw_pipeline(settings: &Settings, n: u64, prefetch: u16) -> anyhow::Result<(f64, f64)> {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let tasks_q = format!("bench-raw-{}.tasks", &tag[..8]);
+    let results_q = format!("bench-raw-{}.results", &tag[..8]);
+    let conn = shared::amqp::connect(&settings.amqp, "fleetbatch-bench-raw").await?;
+    let setup = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongLongInt(600_000),
+    );
+    for q in [&tasks_q, &results_q] {
+        setup
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args.clone(),
+            )
+            .await?;
+    }
+    let redis = shared::store::connect(&settings.redis).await?;
+    let job_id = uuid::Uuid::now_v7();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(shared::messages::CONTENT_TYPE.into());
+    let task_body = |i: u64| {
+        let device = coordinator::fleet::device_id(i);
+        shared::messages::encode(&shared::messages::DeviceTask {
+            version: shared::messages::WIRE_VERSION,
+            job_id,
+            execution_id: shared::job::execution_id(job_id, &device),
+            device_id: device,
+            attempts: 0,
+            parked: 0,
+            published_at_ms: shared::now_ms(),
+        })
+    };
+
+    let started = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+
+    // Results consumer: ack each result.
+    let results_ch = conn.create_channel().await?;
+    results_ch
+        .basic_qos(1000, BasicQosOptions::default())
+        .await?;
+    let mut results = results_ch
+        .basic_consume(
+            results_q.as_str().into(),
+            "raw-results".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let got = received.clone();
+    let results_done = tokio::spawn(async move {
+        while let Some(Ok(d)) = results.next().await {
+            d.ack(BasicAckOptions::default()).await?;
+            if got.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+                break;
+            }
+        }
+        Ok::<_, lapin::Error>(())
+    });
+
+    // Task consumer: SET NX in Redis, publish the result (confirmed), then ack the task.
+    let tasks_ch = conn.create_channel().await?;
+    tasks_ch
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let reply_ch = conn.create_channel().await?;
+    reply_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut tasks = tasks_ch
+        .basic_consume(
+            tasks_q.as_str().into(),
+            "raw-tasks".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (rq, rp, rr) = (results_q.clone(), props.clone(), redis.clone());
+    let handler = tokio::spawn(async move {
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut seen = 0;
+        while let Some(Ok(d)) = tasks.next().await {
+            let (ch, q, p, mut redis) = (reply_ch.clone(), rq.clone(), rp.clone(), rr.clone());
+            tracker.spawn(async move {
+                let task = shared::messages::decode_task(&d.data).ok()?;
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(format!("bench-raw:idem:{}", task.execution_id))
+                    .arg("c")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(600_000)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                let result = shared::messages::encode(&shared::messages::TaskResult {
+                    version: shared::messages::WIRE_VERSION,
+                    job_id: task.job_id,
+                    execution_id: task.execution_id,
+                    device_id: task.device_id,
+                    state: shared::job::ExecutionState::Succeeded,
+                    attempts: 1,
+                    error: None,
+                    worker: "raw".into(),
+                    published_at_ms: task.published_at_ms,
+                    finished_at_ms: shared::now_ms(),
+                })
+                .ok()?;
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &result,
+                    p,
+                )
+                .await
+                .ok()?
+                .await
+                .ok()?;
+                d.ack(BasicAckOptions::default()).await.ok()
+            });
+            seen += 1;
+            if seen >= n {
+                break;
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    });
+
+    // Publisher: confirmed batches of 500, like the planner.
+    let pub_ch = conn.create_channel().await?;
+    pub_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut i = 0;
+    while i < n {
+        let end = (i + 500).min(n);
+        let mut pending = Vec::with_capacity(500);
+        for k in i..end {
+            let body = task_body(k)?;
+            pending.push(
+                pub_ch
+                    .basic_publish(
+                        "".into(),
+                        tasks_q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props.clone(),
+                    )
+                    .await?,
+            );
+        }
+        for c in pending {
+            c.await?;
+        }
+        i = end;
+    }
+    handler.await?;
+    results_done.await??;
+    let secs = started.elapsed().as_secs_f64();
+
+    for q in [&tasks_q, &results_q] {
+        let _ = setup
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let mut redis = redis;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("bench-raw:idem:*")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok((n as f64 / secs, secs))
+}
