@@ -6,6 +6,7 @@
 
 #![allow(unreachable_pub, missing_debug_implementations)]
 
+mod bench;
 mod cancel;
 mod dead_letter;
 mod faults;
