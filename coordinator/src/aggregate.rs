@@ -26,6 +26,9 @@ use shared::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// Results recorded per Redis pipeline.
+const RECORD_CHUNK: usize = 2000;
+
 /// What the aggregator needs.
 #[derive(Debug)]
 pub struct Aggregator {
@@ -95,8 +98,8 @@ async fn process_batch(
 ) -> anyhow::Result<()> {
     let mut results: Vec<(TaskResult, &Delivery)> = Vec::with_capacity(batch.len());
     for d in &batch {
-        match messages::decode_result(&d.data) {
-            Ok(r) => results.push((r, d)),
+        match messages::decode_results(&d.data) {
+            Ok(rs) => results.extend(rs.into_iter().map(|r| (r, d))),
             Err(e) => {
                 let reason = format!("undecodable result: {e}: {e:?}");
                 tracing::error!(%reason, queue = %agg.names.results_queue(), "dead-lettering a result");
@@ -143,64 +146,61 @@ async fn process_batch(
             status,
         })
         .collect();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match agg
-            .scripts
-            .record_terminal(redis, &agg.names, &outcomes)
-            .await
-        {
-            Ok(summary) => {
-                let now = shared::now_ms();
-                for (r, _) in &results {
-                    agg.metrics
-                        .results_recorded
-                        .with_label_values(&[r.state.counter()])
-                        .inc();
-                    if r.published_at_ms > 0 {
-                        agg.metrics
-                            .task_latency_seconds
-                            .observe(now.saturating_sub(r.published_at_ms) as f64 / 1000.0);
+    // A batch of messages may hold many results each: record them a bounded pipeline at a
+    // time.
+    for (chunk, chunk_results) in outcomes
+        .chunks(RECORD_CHUNK)
+        .zip(results.chunks(RECORD_CHUNK))
+    {
+        let mut delay = Duration::from_millis(100);
+        let summary = loop {
+            match agg.scripts.record_terminal(redis, &agg.names, chunk).await {
+                Ok(summary) => break summary,
+                Err(e) => {
+                    // Nothing is acked until it is recorded: wait for Redis.
+                    tracing::warn!(error.message = %e, error.cause_chain = ?e, "recording results failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = agg.shutdown.cancelled() => return Ok(()),
                     }
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
+            }
+        };
+        let now = shared::now_ms();
+        for ((r, _), counted) in chunk_results.iter().zip(&summary.counted) {
+            agg.metrics
+                .results_recorded
+                .with_label_values(&[r.state.counter()])
+                .inc();
+            if r.published_at_ms > 0 {
                 agg.metrics
-                    .results_duplicate
-                    .inc_by(summary.duplicates as u64);
-                for ((r, _), counted) in results.iter().zip(&summary.counted) {
-                    if *counted
-                        && matches!(
-                            r.state,
-                            ExecutionState::Failed
-                                | ExecutionState::Rejected
-                                | ExecutionState::TimedOut
-                        )
-                    {
-                        agg.notifier.device_failed(
-                            r.job_id,
-                            &r.device_id,
-                            r.state.as_str(),
-                            r.error.as_deref(),
-                            r.attempts,
-                        );
-                    }
-                }
-                for job_id in &summary.finished_jobs {
-                    agg.notifier.job_finished(redis, &agg.names, *job_id).await;
-                }
-                if summary.duplicates > 0 {
-                    tracing::debug!(duplicates = summary.duplicates, "duplicate results ignored");
-                }
-                break;
+                    .task_latency_seconds
+                    .observe(now.saturating_sub(r.published_at_ms) as f64 / 1000.0);
             }
-            Err(e) => {
-                // Nothing is acked until it is recorded: wait for Redis.
-                tracing::warn!(error.message = %e, error.cause_chain = ?e, "recording results failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = agg.shutdown.cancelled() => return Ok(()),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+            if *counted
+                && matches!(
+                    r.state,
+                    ExecutionState::Failed | ExecutionState::Rejected | ExecutionState::TimedOut
+                )
+            {
+                agg.notifier.device_failed(
+                    r.job_id,
+                    &r.device_id,
+                    r.state.as_str(),
+                    r.error.as_deref(),
+                    r.attempts,
+                );
             }
+        }
+        agg.metrics
+            .results_duplicate
+            .inc_by(summary.duplicates as u64);
+        for job_id in &summary.finished_jobs {
+            agg.notifier.job_finished(redis, &agg.names, *job_id).await;
+        }
+        if summary.duplicates > 0 {
+            tracing::debug!(duplicates = summary.duplicates, "duplicate results ignored");
         }
     }
     if let Some((_, last)) = results.iter().max_by_key(|(_, d)| d.delivery_tag) {

@@ -20,6 +20,8 @@ pub const CONTENT_TYPE: &str = "application/msgpack";
 pub const TASK_TYPE: &str = "fleetbatch.device_task.v1";
 /// AMQP `type` of a [`TaskResult`].
 pub const RESULT_TYPE: &str = "fleetbatch.task_result.v1";
+/// AMQP `type` of a [`ResultBatch`].
+pub const RESULT_BATCH_TYPE: &str = "fleetbatch.task_results.v1";
 /// AMQP `type` of a [`ControlMessage`].
 pub const CONTROL_TYPE: &str = "fleetbatch.control.v1";
 
@@ -84,6 +86,18 @@ pub struct TaskResult {
     pub finished_at_ms: u64,
 }
 
+/// Several results in one message: a worker batches the results its handlers finish within
+/// a few milliseconds, so the broker stores and confirms one message instead of dozens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultBatch {
+    /// Wire version.
+    #[serde(rename = "v")]
+    pub version: u16,
+    /// The results.
+    #[serde(rename = "r")]
+    pub results: Vec<TaskResult>,
+}
+
 /// Broadcast from the coordinator to every worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "k")]
@@ -140,6 +154,25 @@ pub fn decode_result(bytes: &[u8]) -> Result<TaskResult, WireError> {
         return Err(WireError::Version(result.version));
     }
     Ok(result)
+}
+
+/// Decodes a results message: a [`ResultBatch`] or a single [`TaskResult`].
+///
+/// # Errors
+/// Malformed bytes or an unsupported version.
+pub fn decode_results(bytes: &[u8]) -> Result<Vec<TaskResult>, WireError> {
+    if let Ok(batch) = rmp_serde::from_slice::<ResultBatch>(bytes) {
+        if batch.version == 0 || batch.version > WIRE_VERSION {
+            return Err(WireError::Version(batch.version));
+        }
+        for r in &batch.results {
+            if r.version == 0 || r.version > WIRE_VERSION {
+                return Err(WireError::Version(r.version));
+            }
+        }
+        return Ok(batch.results);
+    }
+    decode_result(bytes).map(|r| vec![r])
 }
 
 /// Decodes a control message.
@@ -229,6 +262,34 @@ mod tests {
         };
         let bytes = encode(&r).expect("encode");
         assert_eq!(decode_result(&bytes).expect("decode"), r);
+    }
+
+    #[test]
+    fn results_decode_from_batches_and_from_single_messages() {
+        let r = TaskResult {
+            version: WIRE_VERSION,
+            job_id: Uuid::now_v7(),
+            execution_id: Uuid::now_v7(),
+            device_id: "d".into(),
+            state: ExecutionState::Succeeded,
+            attempts: 1,
+            error: None,
+            worker: "w".into(),
+            published_at_ms: 1,
+            finished_at_ms: 2,
+        };
+        let batch = ResultBatch {
+            version: WIRE_VERSION,
+            results: vec![r.clone(), r.clone()],
+        };
+        assert_eq!(
+            decode_results(&encode(&batch).expect("e"))
+                .expect("d")
+                .len(),
+            2
+        );
+        assert_eq!(decode_results(&encode(&r).expect("e")).expect("d"), vec![r]);
+        assert!(decode_results(b"\xc1").is_err());
     }
 
     #[test]

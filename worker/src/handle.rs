@@ -31,7 +31,6 @@ use crate::{
     deliver::{self, AttemptPolicy, Delivered, DeliveryRequest, Transport},
     idempotency::{self, NextAction},
     jobs::JobCache,
-    report,
 };
 
 /// Everything a handler needs, shared by all handlers of a worker.
@@ -45,8 +44,10 @@ pub struct Context {
     pub names: Names,
     /// Redis (multiplexed; clone per use).
     pub redis: ConnectionManager,
-    /// Confirmed publishing (results, forwarded and dead-lettered tasks).
+    /// Confirmed publishing (forwarded and dead-lettered tasks).
     pub publisher: Publisher,
+    /// Batched, confirmed publishing of results.
+    pub reporter: crate::report::Reporter,
     /// Job documents and states.
     pub jobs: JobCache,
     /// How devices are reached.
@@ -165,7 +166,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         NextAction::StartProcessing { recorded_attempts } => recorded_attempts,
         NextAction::ReturnSavedResult(result) => {
             mark(ctx, "already_done");
-            report::publish(&ctx.publisher, &ctx.names, &result).await?;
+            ctx.reporter.publish(*result).await?;
             return Ok(Outcome::Ack);
         }
         NextAction::HeldByOther { holder } => {
@@ -336,7 +337,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         async move { idempotency::mark_done(&mut redis, &ctx.names, result, retention).await }
     })
     .await?;
-    report::publish(&ctx.publisher, &ctx.names, &result).await?;
+    ctx.reporter.publish(result).await?;
     Ok(Outcome::Ack)
 }
 

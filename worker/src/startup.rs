@@ -105,6 +105,14 @@ impl Worker {
                 names.clone(),
             )),
         };
+        // Results get a confirm channel of their own, so their batches are not queued behind
+        // forwarded tasks.
+        let reporter = crate::report::Reporter::start(
+            amqp::Publisher::new(&connection, &settings.amqp).await?,
+            names.clone(),
+            usize::from(settings.worker.concurrency).clamp(1, 500),
+            std::time::Duration::from_millis(2),
+        );
         let tasks_channel = connection.create_channel().await?;
         let control_channel = connection.create_channel().await?;
         let ctx = Arc::new(Context {
@@ -114,6 +122,7 @@ impl Worker {
             names,
             redis,
             publisher,
+            reporter,
             transport,
             scripts: store::Scripts::new(),
             shutdown: CancellationToken::new(),
