@@ -58,6 +58,22 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Executions this process is handling now. A second copy of one (a planner that
+    /// re-published its last batch) must wait, not share the claim this process holds.
+    pub active: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+}
+
+/// Removes an execution from [`Context::active`] when its handler ends.
+struct ActiveGuard<'a>(&'a Context, uuid::Uuid);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
 }
 
 /// Where a forwarded copy of a task goes.
@@ -144,6 +160,19 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             task.execution_id, task.job_id, task.device_id
         )));
     }
+    if !ctx
+        .active
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(task.execution_id)
+    {
+        // Another handler of this process has it: this copy waits its turn.
+        return Ok(Outcome::Forward {
+            to: ForwardTo::Retry(0),
+            task: task.clone(),
+        });
+    }
+    let _active = ActiveGuard(ctx, task.execution_id);
     let attempt_timeout = job
         .spec
         .retry

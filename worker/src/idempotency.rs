@@ -106,7 +106,9 @@ pub async fn try_claim(
             .trim_start_matches(CLAIM)
             .to_owned();
         if holder == worker {
-            // Our own claim (the broker redelivered to us): keep going.
+            // Our own claim, left by an earlier broker session of this process (a copy that a
+            // handler of this process is still working on never gets here: see
+            // `handle::Context::active`).
             return Ok(NextAction::StartProcessing {
                 recorded_attempts: 0,
             });

@@ -127,6 +127,7 @@ impl Worker {
             scripts: store::Scripts::new(),
             shutdown: CancellationToken::new(),
             metrics,
+            active: Default::default(),
         });
         Ok(Self {
             ctx,
