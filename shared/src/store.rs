@@ -66,6 +66,37 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Stor
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
+/// Deletes every key matching `pattern` (e.g. `<namespace>:*`), scanning in batches so a
+/// large keyspace never blocks Redis. Returns how many keys were deleted.
+///
+/// # Errors
+/// Redis errors.
+pub async fn delete_matching(
+    conn: &mut ConnectionManager,
+    pattern: &str,
+) -> Result<u64, StoreError> {
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRecord {

@@ -291,29 +291,9 @@ impl TestApp {
     pub async fn teardown(mut self) {
         self.cluster.stop_all(Duration::from_secs(30)).await;
         let mut redis = self.redis.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}:*", self.names.namespace()))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await
-                .expect("scan");
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut redis)
-                    .await
-                    .expect("unlink");
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        shared::store::delete_matching(&mut redis, &format!("{}:*", self.names.namespace()))
+            .await
+            .expect("namespace keys deleted");
     }
 }
 

@@ -462,27 +462,7 @@ async fn raw_pipeline(settings: &Settings, n: u64, prefetch: u16) -> anyhow::Res
             .await;
     }
     let mut redis = redis;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("bench-raw:idem:*")
-            .arg("COUNT")
-            .arg(5000)
-            .query_async(&mut redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut redis)
-                .await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+    shared::store::delete_matching(&mut redis, "bench-raw:idem:*").await?;
     let _ = conn.close(200, "done".into()).await;
     Ok((n as f64 / secs, secs))
 }

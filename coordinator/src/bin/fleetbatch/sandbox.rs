@@ -154,26 +154,6 @@ async fn cleanup(settings: &Settings, namespace: &str) -> anyhow::Result<()> {
     }
     let _ = conn.close(200, "done".into()).await;
     let mut redis = shared::store::connect(&settings.redis).await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{namespace}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut redis)
-                .await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    shared::store::delete_matching(&mut redis, &format!("{namespace}:*")).await?;
     Ok(())
 }
