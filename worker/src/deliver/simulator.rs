@@ -6,7 +6,8 @@
 //! its memory outside the worker (in Redis): it counts every delivery, applies an execution
 //! once and ignores repeats of the same execution id, and a worker that dies does not reset
 //! it. Its counters (`deliveries`, `applications`, `redundant_deliveries`,
-//! `duplicate_applications`) are what tests and the demo check the guarantees against.
+//! `duplicate_applications`, and `last_delivery_ms`, the Redis clock at the latest delivery)
+//! are what tests, the demo and the benchmark check the guarantees against.
 
 use std::time::Duration;
 
@@ -84,6 +85,8 @@ impl Simulator {
             r"
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('HINCRBY', KEYS[3], 'deliveries', 1)
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[3], 'last_delivery_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 local done = redis.call('HEXISTS', KEYS[2], ARGV[1])
 if done == 1 then redis.call('HINCRBY', KEYS[3], 'redundant_deliveries', 1) end
 return {n, done}

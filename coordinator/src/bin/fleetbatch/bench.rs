@@ -54,6 +54,13 @@ pub(crate) struct BenchArgs {
     /// Settings file for RabbitMQ and Redis URLs.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Cancel each job once this fraction of its devices is done (0: never), and report how
+    /// long after the cancel the last device was contacted (`cancel_stop_ms`).
+    #[arg(long, default_value_t = 0.0)]
+    cancel_at: f64,
+    /// Skip the raw pipeline (e.g. when measuring cancel latency only).
+    #[arg(long)]
+    no_raw: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -124,7 +131,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     );
 
     let mut raw_rates = Vec::new();
-    for i in 0..args.repeat {
+    for i in 0..if args.no_raw { 0 } else { args.repeat } {
         let broker_before = broker_cpu();
         let (rate, secs) = raw_pipeline(&settings, args.devices, args.concurrency).await?;
         eprintln!(
@@ -172,7 +179,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "runs": args.repeat,
             "devices_per_s": rate.round(),
             "raw_devices_per_s": raw.round(),
-            "ratio": ((rate / raw.max(1.0)) * 100.0).round() / 100.0,
+            "ratio": if raw > 0.0 { ((rate / raw) * 100.0).round() / 100.0 } else { 0.0 },
             "latency_ms": {"p50": med_lat("p50"), "p99": med_lat("p99")},
             "coordinator_peak_rss_mb": (med("coordinator_peak_rss_mb") * 10.0).round() / 10.0,
             "worker_peak_rss_mb": (med("worker_peak_rss_mb") * 10.0).round() / 10.0,
@@ -181,6 +188,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "broker_cpu_s": (med("broker_cpu_s") * 10.0).round() / 10.0,
             "all_exact": runs.iter().all(|r| r["exact"] == true),
         });
+        let mut line = line;
+        if args.cancel_at > 0.0 {
+            line["cancel_stop_ms"] = json!(med("cancel_stop_ms"));
+        }
         lines.push(line);
     }
     let ok = lines.iter().all(|l| l["all_exact"] == true);
@@ -219,12 +230,27 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
     let broker_before = broker_cpu();
     let started = Instant::now();
     let job_id = sandbox.create_firmware_job("bench", json!({})).await?;
+    let mut canceled_at_ms = None;
     let job = loop {
         let job: Value = sandbox.client.get(&format!("/v1/jobs/{job_id}")).await?;
         if progress::is_finished(&job) {
             break job;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if args.cancel_at > 0.0
+            && canceled_at_ms.is_none()
+            && progress::count(&job, "terminal") as f64 >= args.cancel_at * args.devices as f64
+        {
+            let _: Value = sandbox
+                .client
+                .post(&format!("/v1/jobs/{job_id}/cancel"), "application/json", "")
+                .await?;
+            canceled_at_ms = Some(shared::now_ms());
+            eprintln!(
+                "canceled at {} devices done",
+                progress::count(&job, "terminal")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after: Vec<f64> = std::iter::once(coordinator)
@@ -267,6 +293,14 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
     }
     latencies.sort_unstable();
     let audit = coordinator::audit::audit(&mut redis, &sandbox.names, job_uuid).await?;
+    let last_delivery_ms: Option<u64> = redis
+        .hget(sandbox.names.sim_totals(job_uuid), "last_delivery_ms")
+        .await?;
+    // Negative: no device was contacted after the cancel.
+    let cancel_stop_ms = match (canceled_at_ms, last_delivery_ms) {
+        (Some(c), Some(l)) => l as i64 - c as i64,
+        _ => 0,
+    };
     let _: () = redis.del(sandbox.names.job_status(job_uuid)).await?;
     let worker_max_rss = worker_rss.iter().copied().fold(0.0, f64::max);
     let worker_cpu_each: Vec<f64> = cpu[1..].iter().map(|c| (c * 10.0).round() / 10.0).collect();
@@ -282,6 +316,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         "worker_cpu_s_each": worker_cpu_each,
         "broker_cpu_s": broker_cpu_s,
         "exact": audit.lost == 0 && audit.counters_exact && audit.duplicate_applications == 0,
+        "cancel_stop_ms": cancel_stop_ms,
     }))
 }
 
