@@ -208,10 +208,8 @@ impl Metrics {
     ) -> Result<(), shared::store::StoreError> {
         let recent: Vec<String> = redis.zrevrange(names.jobs(), 0, 999).await?;
         let mut pipe = redis::pipe();
-        for id in &recent {
-            pipe.cmd("HGET")
-                .arg(format!("{}:job:{id}", names.namespace()))
-                .arg("state");
+        for id in recent.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
+            pipe.cmd("HGET").arg(names.job(id)).arg("state");
         }
         let states: Vec<Option<String>> = pipe.query_async(redis).await?;
         self.jobs.reset();
