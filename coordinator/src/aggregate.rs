@@ -135,6 +135,7 @@ async fn process_batch(
             next_attempt_at_ms: None,
             worker: Some(r.worker.clone()),
             published_at_ms: (r.published_at_ms > 0).then_some(r.published_at_ms),
+            readings: r.readings.clone(),
         })
         .collect();
     let outcomes: Vec<Outcome<'_>> = results

@@ -64,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/devices", get(job_devices))
         .route("/v1/jobs/{id}/report", get(job_report))
+        .route("/v1/jobs/{id}/results", get(job_results))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/dlq", get(list_dead_letters))
         .route("/v1/dlq/replay", post(replay_dead_letters))
@@ -502,6 +503,31 @@ async fn job_report(
         Some(r) => Ok(Json(r)),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}"))),
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultsQuery {
+    format: Option<crate::readings::Format>,
+}
+
+/// Every device's result and readings, as CSV (default) or NDJSON.
+async fn job_results(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let format = q.format.unwrap_or(crate::readings::Format::Csv);
+    let mut redis = app.redis.clone();
+    let body = crate::readings::export(&mut redis, &app.names, id, format)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    let content_type = match format {
+        crate::readings::Format::Csv => "text/csv",
+        crate::readings::Format::Ndjson => "application/x-ndjson",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 async fn list_dead_letters(

@@ -248,6 +248,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             next_attempt_at_ms: None,
             worker: None,
             published_at_ms: None,
+            readings: None,
         })?;
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -287,6 +288,7 @@ fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceStatus {
         next_attempt_at_ms: None,
         worker: None,
         published_at_ms: None,
+        readings: None,
     }
 }
 

@@ -241,6 +241,9 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Whether `failures` was cut at the limit.
     pub truncated: bool,
+    /// Data-retrieval jobs: per-metric statistics of the readings of devices that succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readings: Option<BTreeMap<String, crate::readings::MetricSummary>>,
 }
 
 /// Builds the failure report, listing at most `limit` devices.
@@ -289,11 +292,13 @@ pub async fn report(
         }
     }
     failures.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    let readings = crate::readings::summary(redis, names, id).await?;
     Ok(Some(Report {
         job,
         failures,
         errors,
         truncated,
+        readings,
     }))
 }
 

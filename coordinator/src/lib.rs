@@ -16,6 +16,7 @@
 //!   jobs.
 //! - [`jobs`]: reading jobs for the API (state, counters, per-device status, reports) and
 //!   cancelling them.
+//! - [`readings`]: data-retrieval readings: the per-metric summary and CSV/NDJSON export.
 //! - [`audit`]: checks a job against the guarantees (chaos runs, tests).
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`notify`]: signed, retried webhooks for job state changes and device failures.
@@ -39,6 +40,7 @@ pub mod jobs;
 pub mod local;
 pub mod metrics;
 pub mod notify;
+pub mod readings;
 pub mod registry;
 pub mod split;
 pub mod startup;

@@ -60,6 +60,7 @@ pub struct Cluster {
     coordinator: Option<Child>,
     coordinator_starts: usize,
     workers: Vec<Option<Child>>,
+    fleet_sims: Vec<Child>,
 }
 
 impl Cluster {
@@ -87,6 +88,7 @@ impl Cluster {
             coordinator: None,
             coordinator_starts: 0,
             workers: Vec::new(),
+            fleet_sims: Vec::new(),
         })
     }
 
@@ -176,6 +178,51 @@ impl Cluster {
         self.start_worker_with(&[])
     }
 
+    /// Starts a `fleet-sim` with the cluster's settings and `args` (e.g. `--devices 1000
+    /// --mqtt fleetbatch`), listening on `port` (e.g. from [`free_port`]), and waits until it
+    /// answers. Returns its base URL (`/stats`, and HTTP devices at `/devices/{id}/jobs`).
+    ///
+    /// # Errors
+    /// It did not start, or did not answer within 30 s.
+    pub async fn start_fleet_sim(&mut self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let i = self.fleet_sims.len();
+        let log_path = self.log_dir.join(format!("fleet-sim-{i}.log"));
+        std::fs::create_dir_all(&self.log_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let child = Command::new(self.bin_dir.join("fleet-sim"))
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting fleet-sim (build it with `cargo build --bins`)")?;
+        self.fleet_sims.push(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if client
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(base);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "fleet-sim did not answer within 30 s (log: {})",
+            log_path.display()
+        )
+    }
+
     /// Process id of the coordinator, if running.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.as_ref()?.id()
@@ -261,5 +308,9 @@ impl Cluster {
         if self.signal_coordinator(Signal::SIGTERM).is_ok() {
             let _ = self.wait_coordinator(timeout).await;
         }
+        for sim in &mut self.fleet_sims {
+            let _ = sim.kill().await;
+        }
+        self.fleet_sims.clear();
     }
 }

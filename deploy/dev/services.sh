@@ -68,7 +68,9 @@ start_mosquitto() {
   echo "services: starting Mosquitto" >&2
   local bin=mosquitto
   command -v mosquitto >/dev/null 2>&1 || bin=/usr/sbin/mosquitto
-  "$bin" -d -p 1883
+  mkdir -p "$STATE_DIR"
+  printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' > "$STATE_DIR/mosquitto.conf"
+  "$bin" -d -c "$STATE_DIR/mosquitto.conf"
 }
 
 wait_for() {
@@ -98,8 +100,9 @@ case "${1:-}" in
     if command -v rabbitmqctl >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
       timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || true
     fi
-    [ "$WANT_MQTT" = 1 ] && wait_for Mosquitto 1883 30
+    if [ "$WANT_MQTT" = 1 ]; then wait_for Mosquitto 1883 30; fi
     echo "services: RabbitMQ on 5672 and Redis on 6379 are up" >&2
+    if [ "$WANT_MQTT" = 1 ]; then echo "services: Mosquitto on 1883 is up" >&2; fi
     ;;
   stop)
     if [ -f "$STATE_DIR/redis.pid" ]; then

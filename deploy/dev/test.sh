@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The test suite: brings up RabbitMQ and Redis if needed, checks formatting and lints, builds
-# the binaries and runs every test (unit tests and the end-to-end suite, which starts real
-# coordinator and worker processes against the real services).
+# The test suite: brings up RabbitMQ, Redis and Mosquitto if needed, checks formatting and
+# lints, builds the binaries and runs every test (unit tests and the end-to-end suite, which
+# starts real coordinator, worker and fleet-sim processes against the real services, and a
+# device agent written against the AWS IoT Device SDK for Python).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/dev/toolchain.sh
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+export FLEETBATCH_WANT_MQTT=1
 deploy/dev/services.sh start
 deploy/dev/services.sh wait
+deploy/dev/pyagent.sh
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The end-to-end tests start the coordinator and worker binaries: build them first.

@@ -143,7 +143,19 @@ pub enum Action {
     Reboot(Reboot),
     /// A named command with free-form arguments.
     Command(Command),
+    /// Read metrics off the device; the readings come back with the results.
+    DataRetrieval(DataRetrieval),
 }
+
+/// Parameters of a data retrieval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRetrieval {
+    /// Names of the metrics to read (e.g. `temperature`).
+    pub metrics: Vec<String>,
+}
+
+/// Most metrics one data-retrieval job may ask for.
+pub const MAX_METRICS: usize = 64;
 
 /// Parameters of a firmware update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +201,7 @@ impl Action {
             Action::Configuration(_) => "configuration",
             Action::Reboot(_) => "reboot",
             Action::Command(_) => "command",
+            Action::DataRetrieval(_) => "data_retrieval",
         }
     }
 }
@@ -355,6 +368,27 @@ impl JobSpec {
             Action::Command(Command { name, .. }) => {
                 if name.trim().is_empty() {
                     return Err(SpecError::new("action.name", "must not be empty"));
+                }
+            }
+            Action::DataRetrieval(DataRetrieval { metrics }) => {
+                if metrics.is_empty() || metrics.len() > MAX_METRICS {
+                    return Err(SpecError::new(
+                        "action.metrics",
+                        format!("must name between 1 and {MAX_METRICS} metrics"),
+                    ));
+                }
+                for (i, m) in metrics.iter().enumerate() {
+                    if m.is_empty()
+                        || m.len() > 64
+                        || !m
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                    {
+                        return Err(SpecError::new(
+                            format!("action.metrics[{i}]"),
+                            format!("{m:?} must be 1-64 ASCII letters, digits, '_', '.' or '-'"),
+                        ));
+                    }
                 }
             }
         }
@@ -584,6 +618,9 @@ pub struct DeviceStatus {
     /// terminal status, the device's end-to-end latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at_ms: Option<u64>,
+    /// Readings the device reported (data-retrieval jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readings: Option<crate::messages::Readings>,
 }
 
 #[cfg(test)]

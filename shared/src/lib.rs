@@ -15,6 +15,9 @@
 //! - [`shutdown`]: the SIGTERM/SIGINT trigger.
 //! - [`supervise`]: the reconnect loop that keeps a service up through outages.
 //! - [`backoff`]: the pure exponential backoff policy used for device retries.
+//! - [`protocol`]: the fleetbatch device protocol's JSON documents and MQTT topics.
+//! - [`mqtt`]: one MQTT 3.1.1/5 connection (TLS, credentials, resubscription).
+//! - [`simdevice`]: how a simulated device behaves (built-in simulator and `fleet-sim`).
 //!
 //! # Flow of one job
 //! ```text
@@ -28,7 +31,10 @@ pub mod backoff;
 pub mod config;
 pub mod job;
 pub mod messages;
+pub mod mqtt;
+pub mod protocol;
 pub mod shutdown;
+pub mod simdevice;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;

@@ -84,7 +84,13 @@ pub struct TaskResult {
     /// When the outcome was reached.
     #[serde(rename = "f", default)]
     pub finished_at_ms: u64,
+    /// Readings the device reported (data-retrieval jobs).
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub readings: Option<Readings>,
 }
+
+/// Metric name to value, as a device reported them.
+pub type Readings = std::collections::BTreeMap<String, f64>;
 
 /// Several results in one message: a worker batches the results its handlers finish within
 /// a few milliseconds, so the broker stores and confirms one message instead of dozens.
@@ -259,6 +265,7 @@ mod tests {
             worker: "w1".into(),
             published_at_ms: 1,
             finished_at_ms: 2,
+            readings: None,
         };
         let bytes = encode(&r).expect("encode");
         assert_eq!(decode_result(&bytes).expect("decode"), r);
@@ -277,6 +284,7 @@ mod tests {
             worker: "w".into(),
             published_at_ms: 1,
             finished_at_ms: 2,
+            readings: None,
         };
         let batch = ResultBatch {
             version: WIRE_VERSION,

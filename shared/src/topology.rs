@@ -159,6 +159,22 @@ impl Names {
     pub fn sim_totals(&self, job: Uuid) -> String {
         format!("{}:sim:{job}:totals", self.ns)
     }
+    /// Prefix of AWS IoT Jobs execution hashes: `{prefix}{job}:{thing}`.
+    pub fn aws_execution_prefix(&self) -> String {
+        format!("{}:aws:exec:", self.ns)
+    }
+    /// Hash of one AWS IoT Jobs execution (status, versions, times, holder).
+    pub fn aws_execution(&self, job: &str, thing: &str) -> String {
+        format!("{}{job}:{thing}", self.aws_execution_prefix())
+    }
+    /// Sorted set of a thing's pending (QUEUED or IN_PROGRESS) job ids, by queue time.
+    pub fn aws_pending(&self, thing: &str) -> String {
+        format!("{}:aws:pending:{thing}", self.ns)
+    }
+    /// MQTT shared-subscription group of this deployment's workers.
+    pub fn mqtt_share_group(&self) -> String {
+        format!("fleetbatch-{}", self.ns)
+    }
 }
 
 fn long(s: &str) -> AMQPValue {

@@ -9,6 +9,7 @@
 mod bench;
 mod cancel;
 mod dead_letter;
+mod devices;
 mod faults;
 mod helpers;
 mod invalid_input;

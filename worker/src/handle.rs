@@ -209,6 +209,14 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     // The task's own count may be behind if a holder could not publish its updated copy.
     let attempts_before = task.attempts.max(recorded_attempts);
 
+    let req = DeliveryRequest {
+        job_id: task.job_id,
+        execution_id: task.execution_id,
+        device_id: task.device_id.clone(),
+        spec: job.spec.clone(),
+        attempt: attempts_before + 1,
+    };
+    let mut readings = None;
     let now = now_ms();
     let (state, attempts, error) = if !job.state.is_live() {
         (
@@ -229,13 +237,6 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             backoff: ctx.settings.worker.backoff.clone(),
             deadline_ms: job.deadline_ms,
         };
-        let req = DeliveryRequest {
-            job_id: task.job_id,
-            execution_id: task.execution_id,
-            device_id: task.device_id.clone(),
-            spec: job.spec.clone(),
-            attempt: attempts_before + 1,
-        };
         let still_ours = || {
             let mut redis = ctx.redis.clone();
             async move {
@@ -252,7 +253,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         };
         match deliver::run(
             &ctx.transport,
-            req,
+            req.clone(),
             attempts_before,
             &policy,
             &ctx.shutdown,
@@ -261,21 +262,19 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         )
         .await
         {
-            Delivered::Succeeded { attempts } => (ExecutionState::Succeeded, attempts, None),
+            Delivered::Succeeded { attempts, reply } => {
+                readings = reply.readings;
+                (ExecutionState::Succeeded, attempts, None)
+            }
             Delivered::Failed { attempts, error } => {
                 (ExecutionState::Failed, attempts, Some(error))
             }
             Delivered::Rejected { attempts, error } => {
                 (ExecutionState::Rejected, attempts, Some(error))
             }
-            Delivered::TimedOut { attempts, error } => (
-                ExecutionState::TimedOut,
-                attempts,
-                Some(match error {
-                    Some(e) => format!("job deadline passed; last error: {e}"),
-                    None => "job deadline passed".to_owned(),
-                }),
-            ),
+            Delivered::TimedOut { attempts, error } => {
+                (ExecutionState::TimedOut, attempts, Some(error))
+            }
             Delivered::Park { attempts, error } => {
                 let delays = &ctx.settings.worker.retry_delays_ms;
                 let idx = shared::backoff::retry_queue_index(task.parked, delays.len());
@@ -297,6 +296,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         next_attempt_at_ms: Some(due),
                         worker: Some(ctx.worker_id.clone()),
                         published_at_ms: None,
+                        readings: None,
                     };
                     hand_back(ctx, task, &status).await?;
                     mark(ctx, "retry_scheduled");
@@ -330,6 +330,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     next_attempt_at_ms: None,
                     worker: Some(ctx.worker_id.clone()),
                     published_at_ms: None,
+                    readings: None,
                 };
                 hand_back(ctx, task, &status).await?;
                 mark(ctx, "handed_back");
@@ -344,6 +345,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         }
     };
 
+    ctx.transport.conclude(&req, state).await;
     mark(ctx, state.as_str());
     let result = TaskResult {
         version: WIRE_VERSION,
@@ -356,6 +358,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         worker: ctx.worker_id.clone(),
         published_at_ms: task.published_at_ms,
         finished_at_ms: now_ms(),
+        readings,
     };
     // The outcome is known: wait for Redis rather than lose it (losing it would send the
     // device the job again).

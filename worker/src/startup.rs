@@ -18,7 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     consume,
-    deliver::{Transport, simulator::Simulator},
+    deliver::{Transport, http::HttpTransport, mqtt::MqttTransport, simulator::Simulator},
     handle::Context,
     jobs::JobCache,
 };
@@ -54,16 +54,22 @@ pub async fn run(
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .into_future(),
     );
+    // The transport lives as long as the process: its device connections outlast broker
+    // and Redis outages, and close only after in-flight deliveries are done.
+    let transport = Arc::new(tokio::sync::OnceCell::new());
+    let transport_stop = CancellationToken::new();
     let result = shared::supervise::with_reconnect("worker", stop, |stop| {
         let (settings, id, metrics) = (settings.clone(), worker_id.clone(), metrics.clone());
+        let (transport, transport_stop) = (transport.clone(), transport_stop.clone());
         async move {
-            let worker = Worker::build(settings, id, metrics)
+            let worker = Worker::build(settings, id, metrics, &transport, transport_stop)
                 .await
                 .context("starting the worker")?;
             worker.run_until_stopped(stop.cancelled_owned()).await
         }
     })
     .await;
+    transport_stop.cancel();
     server.abort();
     result
 }
@@ -86,6 +92,8 @@ impl Worker {
         settings: Settings,
         worker_id: String,
         metrics: Arc<crate::metrics::Metrics>,
+        transport: &tokio::sync::OnceCell<Transport>,
+        transport_stop: CancellationToken,
     ) -> anyhow::Result<Self> {
         let names = topology::Names::new(&settings.namespace);
         let connection = amqp::connect(&settings.amqp, &format!("fleetbatch-worker {worker_id}"))
@@ -98,13 +106,12 @@ impl Worker {
         let redis = store::connect(&settings.redis)
             .await
             .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
-        let transport = match settings.worker.transport {
-            shared::config::Transport::Simulator => Transport::Simulator(Simulator::new(
-                settings.simulator.clone(),
-                redis.clone(),
-                names.clone(),
-            )),
-        };
+        let transport = transport
+            .get_or_try_init(|| async {
+                build_transport(&settings, &worker_id, &redis, &names, transport_stop)
+            })
+            .await?
+            .clone();
         // Results get a confirm channel of their own, so their batches are not queued behind
         // forwarded tasks.
         let reporter = crate::report::Reporter::start(
@@ -194,6 +201,35 @@ impl Worker {
         tracing::info!("worker stopped");
         result
     }
+}
+
+/// The transport the settings choose.
+fn build_transport(
+    settings: &Settings,
+    worker_id: &str,
+    redis: &redis::aio::ConnectionManager,
+    names: &topology::Names,
+    stop: CancellationToken,
+) -> anyhow::Result<Transport> {
+    use shared::config::Transport as Kind;
+    Ok(match settings.worker.transport {
+        Kind::Simulator => Transport::Simulator(Simulator::new(
+            settings.simulator.clone(),
+            redis.clone(),
+            names.clone(),
+        )),
+        Kind::Mqtt => {
+            let m = &settings.worker.mqtt;
+            tracing::info!(url = %m.url, version = ?m.version, protocol = ?m.protocol, "MQTT transport");
+            Transport::Mqtt(
+                MqttTransport::start(settings, worker_id, redis.clone(), names.clone(), stop)
+                    .context("starting the MQTT transport")?,
+            )
+        }
+        Kind::Http => Transport::Http(
+            HttpTransport::new(&settings.worker.http).context("starting the HTTP transport")?,
+        ),
+    })
 }
 
 /// Listens on a private queue bound to the control exchange and applies what it hears.

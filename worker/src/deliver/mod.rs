@@ -6,12 +6,19 @@
 //! token so a stopping worker hands tasks back instead of sleeping on them. It never talks to
 //! RabbitMQ and never records outcomes.
 
+pub mod aws;
+pub mod http;
+pub mod mqtt;
 pub mod simulator;
 
 use std::{sync::Arc, time::Duration};
 
 use backoff::backoff::Backoff;
-use shared::{config::BackoffSettings, job::JobSpec};
+use shared::{
+    config::BackoffSettings,
+    job::{Action, ExecutionState, JobSpec},
+    messages::Readings,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -30,6 +37,21 @@ pub struct DeliveryRequest {
     pub attempt: u32,
 }
 
+impl DeliveryRequest {
+    /// The fleetbatch device protocol's request document for this attempt.
+    pub fn to_device_request(&self, reply_to: Option<String>) -> shared::protocol::DeviceRequest {
+        shared::protocol::DeviceRequest {
+            execution_id: self.execution_id,
+            job_id: self.job_id,
+            device_id: self.device_id.clone(),
+            attempt: self.attempt,
+            action: self.spec.action.clone(),
+            reply_to,
+            sent_at: shared::now_ms(),
+        }
+    }
+}
+
 /// Why an attempt did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {
@@ -42,6 +64,33 @@ pub enum DeliverError {
     /// The device refused the job (e.g. incompatible hardware).
     #[error("device rejected the job: {0}")]
     Rejected(String),
+    /// The device's own step timer ran out (AWS IoT Jobs `stepTimeoutInMinutes`).
+    #[error("device step timed out: {0}")]
+    TimedOut(String),
+}
+
+/// What a device answered with its success.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    /// Readings (data-retrieval jobs): only the metrics the job asked for.
+    pub readings: Option<Readings>,
+}
+
+impl Reply {
+    /// A reply keeping those of `readings` that `spec` asked for, with finite values.
+    pub fn with_readings(spec: &JobSpec, readings: Option<Readings>) -> Self {
+        let Action::DataRetrieval(d) = &spec.action else {
+            return Self::default();
+        };
+        let kept: Readings = readings
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| v.is_finite() && d.metrics.contains(k))
+            .collect();
+        Self {
+            readings: (!kept.is_empty()).then_some(kept),
+        }
+    }
 }
 
 /// The transport chosen for this deployment.
@@ -49,6 +98,10 @@ pub enum DeliverError {
 pub enum Transport {
     /// The built-in fleet simulator.
     Simulator(simulator::Simulator),
+    /// An MQTT broker, with the fleetbatch protocol or the AWS IoT Jobs API.
+    Mqtt(mqtt::MqttTransport),
+    /// HTTP POSTs.
+    Http(http::HttpTransport),
     /// Answers from a script, for unit tests of the attempt loop.
     #[cfg(test)]
     #[allow(private_interfaces)]
@@ -60,22 +113,34 @@ impl Transport {
     ///
     /// # Errors
     /// What the device (or the way to it) answered.
-    pub async fn attempt(&self, req: &DeliveryRequest) -> Result<(), DeliverError> {
+    pub async fn attempt(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
         match self {
             Transport::Simulator(sim) => sim.deliver(req).await,
+            Transport::Mqtt(m) => m.deliver(req).await,
+            Transport::Http(h) => h.deliver(req).await,
             #[cfg(test)]
-            Transport::Scripted(script) => script.next().await,
+            Transport::Scripted(script) => script.next().await.map(|()| Reply::default()),
+        }
+    }
+
+    /// Tells the transport how an execution ended when the device did not say so itself
+    /// (attempts spent, job deadline, cancel), so device-side state agrees with the job.
+    pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
+        if let Transport::Mqtt(m) = self {
+            m.conclude(req, state).await;
         }
     }
 }
 
 /// How the attempts of one task ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Delivered {
     /// The device did it.
     Succeeded {
         /// Attempts made in total.
         attempts: u32,
+        /// What it answered.
+        reply: Reply,
     },
     /// Permanent failure, or the last allowed attempt failed.
     Failed {
@@ -98,12 +163,13 @@ pub enum Delivered {
         /// The last error.
         error: String,
     },
-    /// The job's deadline passed before the device succeeded.
+    /// The job's deadline passed before the device succeeded, or the device's own step
+    /// timer ran out.
     TimedOut {
         /// Attempts made in total.
         attempts: u32,
-        /// The last error, if an attempt was made.
-        error: Option<String>,
+        /// What timed out, and the last error if there was one.
+        error: String,
     },
     /// Before a retry, the claim on the execution could not be confirmed as still ours: stop
     /// without contacting the device again and hand the task back.
@@ -155,7 +221,10 @@ where
         if policy.deadline_ms.is_some_and(|d| shared::now_ms() >= d) {
             return Delivered::TimedOut {
                 attempts,
-                error: last_error,
+                error: match last_error {
+                    Some(e) => format!("job deadline passed; last error: {e}"),
+                    None => "job deadline passed".to_owned(),
+                },
             };
         }
         attempts += 1;
@@ -179,21 +248,28 @@ where
             .attempt_seconds
             .observe(started.elapsed().as_secs_f64());
         let result = match &answer {
-            Ok(Ok(())) => "ok",
+            Ok(Ok(_)) => "ok",
             Ok(Err(DeliverError::Transient(_))) => "transient",
             Ok(Err(DeliverError::Permanent(_))) => "permanent",
             Ok(Err(DeliverError::Rejected(_))) => "rejected",
+            Ok(Err(DeliverError::TimedOut(_))) => "step_timeout",
             Err(_) => "timeout",
         };
         metrics.attempts.with_label_values(&[result]).inc();
         span.record("result", result);
         let error = match answer {
-            Ok(Ok(())) => return Delivered::Succeeded { attempts },
+            Ok(Ok(reply)) => return Delivered::Succeeded { attempts, reply },
             Ok(Err(DeliverError::Permanent(e))) => {
                 return Delivered::Failed { attempts, error: e };
             }
             Ok(Err(DeliverError::Rejected(e))) => {
                 return Delivered::Rejected { attempts, error: e };
+            }
+            Ok(Err(DeliverError::TimedOut(e))) => {
+                return Delivered::TimedOut {
+                    attempts,
+                    error: format!("device step timed out: {e}"),
+                };
             }
             Ok(Err(DeliverError::Transient(e))) => e,
             Err(_) => format!("no answer within {} ms", policy.attempt_timeout.as_millis()),
@@ -303,13 +379,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn transient_device_errors_are_retried_with_backoff_until_success() {
         let out = run_script(vec![transient(), transient()], &policy(5, 60_000), 0).await;
-        assert_eq!(out, Delivered::Succeeded { attempts: 3 });
+        assert_eq!(
+            out,
+            Delivered::Succeeded {
+                attempts: 3,
+                reply: Reply::default()
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_device_times_out_and_the_timeout_counts_as_an_attempt() {
         let out = run_script(vec![None], &policy(5, 60_000), 0).await;
-        assert_eq!(out, Delivered::Succeeded { attempts: 2 });
+        assert_eq!(
+            out,
+            Delivered::Succeeded {
+                attempts: 2,
+                reply: Reply::default()
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -411,7 +499,7 @@ mod tests {
             out,
             Delivered::TimedOut {
                 attempts: 1,
-                error: None
+                error: "job deadline passed".into()
             }
         );
     }

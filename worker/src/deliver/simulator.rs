@@ -9,57 +9,15 @@
 //! `duplicate_applications`, and `last_delivery_ms`, the Redis clock at the latest delivery)
 //! are what tests, the demo and the benchmark check the guarantees against.
 
-use std::time::Duration;
-
 use redis::{Script, aio::ConnectionManager};
-use shared::{config::SimulatorSettings, topology::Names};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use shared::{
+    config::SimulatorSettings,
+    job::Action,
+    simdevice::{self, Answer, SimOutcome},
+    topology::Names,
+};
 
-use super::{DeliverError, DeliveryRequest};
-
-/// How one simulated device behaves.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeviceProfile {
-    /// Fails every job permanently.
-    pub fails_permanently: bool,
-    /// Rejects every job as incompatible.
-    pub rejects: bool,
-    /// Answers nothing to this many deliveries of each execution.
-    pub offline_attempts: u32,
-}
-
-/// A uniform draw in [0, 1) from (seed, device, purpose, n).
-fn unit(seed: u64, device: &str, purpose: u64, n: u32) -> f64 {
-    let h = xxh3_64_with_seed(
-        device.as_bytes(),
-        seed ^ purpose.rotate_left(17) ^ u64::from(n).rotate_left(41),
-    );
-    (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-const PERMANENT: u64 = 0x5045_524d;
-const REJECT: u64 = 0x5245_4a45;
-const OFFLINE: u64 = 0x4f46_464c;
-const TRANSIENT: u64 = 0x5452_414e;
-const LATENCY: u64 = 0x4c41_5445;
-
-impl DeviceProfile {
-    /// The profile of `device` under `settings`: a pure function, so tests can predict it.
-    pub fn for_device(settings: &SimulatorSettings, device: &str) -> Self {
-        let s = settings.seed;
-        let rejects = unit(s, device, REJECT, 0) < settings.reject_rate;
-        Self {
-            rejects,
-            fails_permanently: !rejects
-                && unit(s, device, PERMANENT, 0) < settings.permanent_failure_rate,
-            offline_attempts: if unit(s, device, OFFLINE, 0) < settings.offline_rate {
-                settings.offline_attempts
-            } else {
-                0
-            },
-        }
-    }
-}
+use super::{DeliverError, DeliveryRequest, Reply};
 
 /// The simulator transport.
 #[derive(Debug, Clone)]
@@ -71,10 +29,7 @@ pub struct Simulator {
     apply: std::sync::Arc<Script>,
 }
 
-/// Error text of a permanently failing simulated device.
-pub const PERMANENT_ERROR: &str = "simulated install failure: image verification failed";
-/// Error text of a rejecting simulated device.
-pub const REJECT_ERROR: &str = "incompatible hardware revision";
+pub use shared::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
 
 impl Simulator {
     /// A simulator keeping device state in `redis` under `names`.
@@ -112,23 +67,12 @@ return 1
         }
     }
 
-    fn latency(&self, req: &DeliveryRequest) -> Duration {
-        let s = &self.settings;
-        if s.latency_ms == 0 && s.latency_jitter_ms == 0 {
-            return Duration::ZERO;
-        }
-        let u = unit(s.seed, &req.device_id, LATENCY, req.attempt);
-        let jitter = (u * 2.0 - 1.0) * s.latency_jitter_ms as f64;
-        Duration::from_millis((s.latency_ms as f64 + jitter).max(0.0) as u64)
-    }
-
     /// One delivery to a simulated device.
     ///
     /// # Errors
     /// What the device answers: offline (transient), a transient glitch, a permanent failure,
     /// or a rejection; Redis trouble is reported as transient.
-    pub async fn deliver(&self, req: &DeliveryRequest) -> Result<(), DeliverError> {
-        let profile = DeviceProfile::for_device(&self.settings, &req.device_id);
+    pub async fn deliver(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
         let exec = req.execution_id.to_string();
         let mut redis = self.redis.clone();
         let (n, done): (u32, i64) = self
@@ -140,23 +84,38 @@ return 1
             .invoke_async(&mut redis)
             .await
             .map_err(|e| DeliverError::Transient(format!("simulator state unavailable: {e}")))?;
-        if n <= profile.offline_attempts {
-            // An offline device never answers: the caller's timeout fires.
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(self.latency(req)).await;
-        if done == 1 {
+        let reboot = matches!(req.spec.action, Action::Reboot(_));
+        let answer = simdevice::decide(
+            &self.settings,
+            &req.device_id,
+            &exec,
+            n,
+            req.attempt,
+            done == 1,
+            reboot,
+        );
+        let Answer::Reply { after, outcome } = answer else {
+            // An offline or hung device never answers: the caller's timeout fires.
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(after).await;
+        let readings = match &req.spec.action {
+            Action::DataRetrieval(d) => Some(simdevice::readings(
+                &self.settings,
+                &req.device_id,
+                &d.metrics,
+            )),
+            _ => None,
+        };
+        match outcome {
             // A repeat of an execution the device already applied: acknowledged, not re-run.
-            return Ok(());
-        }
-        if profile.rejects {
-            return Err(DeliverError::Rejected(REJECT_ERROR.into()));
-        }
-        if profile.fails_permanently {
-            return Err(DeliverError::Permanent(PERMANENT_ERROR.into()));
-        }
-        if unit(self.settings.seed, &exec, TRANSIENT, n) < self.settings.transient_failure_rate {
-            return Err(DeliverError::Transient("simulated connection reset".into()));
+            SimOutcome::AlreadyApplied => return Ok(Reply::with_readings(&req.spec, readings)),
+            SimOutcome::Rejected => return Err(DeliverError::Rejected(REJECT_ERROR.into())),
+            SimOutcome::Failed => return Err(DeliverError::Permanent(PERMANENT_ERROR.into())),
+            SimOutcome::Transient => {
+                return Err(DeliverError::Transient(simdevice::TRANSIENT_ERROR.into()));
+            }
+            SimOutcome::Applied => {}
         }
         let _: i64 = self
             .apply
@@ -168,55 +127,6 @@ return 1
             .invoke_async(&mut redis)
             .await
             .map_err(|e| DeliverError::Transient(format!("simulator state unavailable: {e}")))?;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> SimulatorSettings {
-        SimulatorSettings {
-            seed: 7,
-            latency_ms: 0,
-            latency_jitter_ms: 0,
-            transient_failure_rate: 0.0,
-            permanent_failure_rate: 0.1,
-            reject_rate: 0.05,
-            offline_rate: 0.2,
-            offline_attempts: 2,
-        }
-    }
-
-    #[test]
-    fn profiles_are_reproducible_and_match_the_configured_rates() {
-        let s = settings();
-        let n = 20_000;
-        let profiles: Vec<_> = (0..n)
-            .map(|i| DeviceProfile::for_device(&s, &format!("dev-{i}")))
-            .collect();
-        assert_eq!(profiles[123], DeviceProfile::for_device(&s, "dev-123"));
-        let frac = |f: &dyn Fn(&DeviceProfile) -> bool| {
-            profiles.iter().filter(|p| f(p)).count() as f64 / n as f64
-        };
-        assert!((frac(&|p| p.rejects) - 0.05).abs() < 0.01);
-        // Permanent failures are drawn among non-rejecting devices.
-        assert!((frac(&|p| p.fails_permanently) - 0.095).abs() < 0.01);
-        assert!((frac(&|p| p.offline_attempts == 2) - 0.2).abs() < 0.015);
-    }
-
-    #[test]
-    fn a_different_seed_picks_different_devices() {
-        let a = settings();
-        let mut b = settings();
-        b.seed = 8;
-        let differ = (0..1000)
-            .filter(|i| {
-                let d = format!("dev-{i}");
-                DeviceProfile::for_device(&a, &d) != DeviceProfile::for_device(&b, &d)
-            })
-            .count();
-        assert!(differ > 100);
+        Ok(Reply::with_readings(&req.spec, readings))
     }
 }

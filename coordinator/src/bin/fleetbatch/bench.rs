@@ -435,6 +435,7 @@ async fn raw_pipeline(settings: &Settings, n: u64, prefetch: u16) -> anyhow::Res
                     worker: "raw".into(),
                     published_at_ms: task.published_at_ms,
                     finished_at_ms: shared::now_ms(),
+                    readings: None,
                 })
                 .ok()?;
                 ch.basic_publish(

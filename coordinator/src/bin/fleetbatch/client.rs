@@ -50,6 +50,22 @@ impl Client {
         Self::decode(resp).await
     }
 
+    /// A GET whose body is returned as bytes (exports).
+    pub(crate) async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        let status = resp.status();
+        let body = resp.bytes().await.context("reading the response")?;
+        if !status.is_success() {
+            bail!("{status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body.to_vec())
+    }
+
     pub(crate) async fn post<T: DeserializeOwned>(
         &self,
         path: &str,

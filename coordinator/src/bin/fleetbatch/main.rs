@@ -201,6 +201,23 @@ enum JobCmd {
         /// Job id.
         id: String,
     },
+    /// Every device's result and readings (data-retrieval jobs), as CSV or NDJSON.
+    Results {
+        /// Job id.
+        id: String,
+        /// csv or ndjson.
+        #[arg(long, default_value = "csv")]
+        format: ResultsFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ResultsFormat {
+    Csv,
+    Ndjson,
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,7 +233,7 @@ struct CreateArgs {
     /// Target group (repeatable).
     #[arg(long = "group")]
     groups: Vec<String>,
-    /// Action: firmware_update, configuration, reboot, command.
+    /// Action: firmware_update, configuration, reboot, command, data_retrieval.
     #[arg(long)]
     action: Option<String>,
     /// Firmware URL.
@@ -234,6 +251,9 @@ struct CreateArgs {
     /// Command name.
     #[arg(long = "command-name")]
     command_name: Option<String>,
+    /// Metric to read, for data_retrieval (repeatable).
+    #[arg(long = "metric")]
+    metrics: Vec<String>,
     /// Compatible hardware revision (repeatable); others are SKIPPED.
     #[arg(long = "compatible-hardware")]
     compatible_hardware: Vec<String>,
@@ -387,8 +407,14 @@ fn spec_from_flags(a: &CreateArgs) -> anyhow::Result<Value> {
             "type": "command",
             "name": a.command_name.clone().context("--command-name is required for command")?,
         }),
+        Some("data_retrieval") => {
+            if a.metrics.is_empty() {
+                bail!("--metric is required (repeatable) for data_retrieval");
+            }
+            json!({"type": "data_retrieval", "metrics": a.metrics})
+        }
         Some(other) => bail!(
-            "--action: unknown action {other:?} (firmware_update, configuration, reboot, command)"
+            "--action: unknown action {other:?} (firmware_update, configuration, reboot, command, data_retrieval)"
         ),
         None => bail!("give a job file, or --action with its parameters"),
     };
@@ -515,6 +541,26 @@ async fn job(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
                 for (e, n) in v["errors"].as_object().into_iter().flatten() {
                     println!("  {n:>8}  {e}");
                 }
+                if let Some(readings) = v["readings"].as_object() {
+                    println!("readings:");
+                    println!(
+                        "  {:<20} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                        "metric", "count", "min", "max", "mean", "p50", "p95"
+                    );
+                    for (m, s) in readings {
+                        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+                        println!(
+                            "  {:<20} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                            m,
+                            s["count"],
+                            f("min"),
+                            f("max"),
+                            f("mean"),
+                            f("p50"),
+                            f("p95")
+                        );
+                    }
+                }
                 println!("devices:");
                 for d in v["failures"].as_array().into_iter().flatten() {
                     println!(
@@ -530,6 +576,23 @@ async fn job(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
         JobCmd::Watch { id } => {
             let job = progress::watch(client, &id).await?;
             print!("{}", progress::summary(&job));
+        }
+        JobCmd::Results { id, format, output } => {
+            let format = match format {
+                ResultsFormat::Csv => "csv",
+                ResultsFormat::Ndjson => "ndjson",
+            };
+            let body = client
+                .get_bytes(&format!("/v1/jobs/{id}/results?format={format}"))
+                .await?;
+            match output {
+                Some(path) => std::fs::write(&path, &body)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&body)?;
+                }
+            }
         }
     }
     Ok(())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# A Python environment with the AWS IoT Device SDK v2 (pip package awsiotsdk) in target/py,
+# for the device agent the tests run (tests/agents/aws_jobs_agent.py). Installs Debian's
+# python3-venv first when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+py=target/py/bin/python
+if [ -x "$py" ] && "$py" -c 'import awsiot' 2>/dev/null; then
+  exit 0
+fi
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  echo "pyagent: installing python3-venv from Debian's packages" >&2
+  sudo_cmd() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+  sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
+rm -rf target/py
+python3 -m venv target/py
+target/py/bin/pip install -q --disable-pip-version-check awsiotsdk
+echo "pyagent: $("$py" -c 'import importlib.metadata as m; print("awsiotsdk", m.version("awsiotsdk"))') in target/py" >&2

@@ -1,0 +1,183 @@
+//! The AWS IoT Jobs device API, device side, as an AWS IoT Device SDK jobs agent does it:
+//! on `notify-next`, `start-next`; on `start-next/accepted`, do the job, then
+//! `{jobId}/update` with the final status and the execution's `expectedVersion`.
+//!
+//! Owns the agent's message handling for every simulated thing over one connection
+//! (subscriptions use `+` for the thing name). It never keeps device state itself
+//! ([`crate::fleet`] does).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use serde_json::{Value, json};
+use shared::{
+    job::Action,
+    mqtt::{Link, Message},
+    simdevice::{self, Answer, SimOutcome},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{Decision, Fleet};
+
+/// Topics the agent subscribes to, for every thing.
+pub(crate) fn subscriptions() -> Vec<String> {
+    [
+        "notify-next",
+        "start-next/accepted",
+        "start-next/rejected",
+        "+/update/accepted",
+        "+/update/rejected",
+    ]
+    .iter()
+    .map(|t| format!("$aws/things/+/jobs/{t}"))
+    .collect()
+}
+
+/// `(thing, rest)` of a `$aws/things/{thing}/jobs/{rest}` topic.
+fn split(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("$aws/things/")?;
+    let (thing, rest) = rest.split_once('/')?;
+    Some((thing, rest.strip_prefix("jobs/")?))
+}
+
+/// Serves the jobs topics until shutdown.
+pub(crate) async fn serve(
+    fleet: Arc<Fleet>,
+    link: Link,
+    mut messages: mpsc::Receiver<Message>,
+    shutdown: CancellationToken,
+) {
+    // Decisions taken at notify-next, carried out at start-next/accepted.
+    let pending: Arc<Mutex<HashMap<(String, String), Decision>>> = Arc::default();
+    loop {
+        let m = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = messages.recv() => match m { Some(m) => m, None => return },
+        };
+        let Some((thing, rest)) = split(&m.topic) else {
+            continue;
+        };
+        let thing = thing.to_owned();
+        let Ok(body) = serde_json::from_slice::<Value>(&m.payload) else {
+            tracing::warn!(topic = %m.topic, "unreadable jobs message ignored");
+            continue;
+        };
+        match rest {
+            "notify-next" => {
+                let Some(exec) = body.get("execution") else {
+                    continue;
+                };
+                let Some(job) = exec.get("jobId").and_then(Value::as_str) else {
+                    continue;
+                };
+                let number = exec
+                    .get("executionNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                let action: Option<Action> = exec
+                    .get("jobDocument")
+                    .and_then(|d| serde_json::from_value(d.clone()).ok());
+                let execution = format!("{job}#{number}");
+                let Some(decision) = fleet.receive(&thing, job, &execution, 0, action.as_ref())
+                else {
+                    continue;
+                };
+                match decision.answer {
+                    // Offline, hung, or a glitch: the notification goes unanswered.
+                    Answer::Silent
+                    | Answer::Reply {
+                        outcome: SimOutcome::Transient,
+                        ..
+                    } => continue,
+                    Answer::Reply { .. } => {}
+                }
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((thing.clone(), job.to_owned()), decision);
+                let topic = format!("$aws/things/{thing}/jobs/start-next");
+                let token = format!("{thing}:{job}");
+                send(&link, &topic, json!({"clientToken": token})).await;
+            }
+            "start-next/accepted" => {
+                let Some(exec) = body.get("execution") else {
+                    continue;
+                };
+                let Some(job) = exec.get("jobId").and_then(Value::as_str).map(str::to_owned) else {
+                    continue;
+                };
+                let Some(decision) = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(thing.clone(), job.clone()))
+                else {
+                    continue;
+                };
+                let Answer::Reply { after, outcome } = decision.answer.clone() else {
+                    continue;
+                };
+                let version = exec
+                    .get("versionNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                let number = exec
+                    .get("executionNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                let (fleet, link) = (fleet.clone(), link.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let (status, details) = match outcome {
+                        SimOutcome::Applied | SimOutcome::AlreadyApplied => {
+                            fleet.apply(
+                                &thing,
+                                &job,
+                                &format!("{job}#{number}"),
+                                decision.readings.as_ref(),
+                            );
+                            let details: serde_json::Map<String, Value> = decision
+                                .readings
+                                .iter()
+                                .flatten()
+                                .map(|(k, v)| (k.clone(), Value::String(v.to_string())))
+                                .collect();
+                            ("SUCCEEDED", Value::Object(details))
+                        }
+                        SimOutcome::Failed => {
+                            ("FAILED", json!({"reason": simdevice::PERMANENT_ERROR}))
+                        }
+                        SimOutcome::Rejected => {
+                            ("REJECTED", json!({"reason": simdevice::REJECT_ERROR}))
+                        }
+                        SimOutcome::Transient => return,
+                    };
+                    fleet.answered(status);
+                    let topic = format!("$aws/things/{thing}/jobs/{job}/update");
+                    let body = json!({
+                        "status": status,
+                        "statusDetails": details,
+                        "expectedVersion": version,
+                        "clientToken": format!("{thing}:{job}:final"),
+                    });
+                    send(&link, &topic, body).await;
+                });
+            }
+            r if r.ends_with("/rejected") => {
+                tracing::debug!(thing = %thing, topic = %m.topic, body = %body, "request rejected");
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn send(link: &Link, topic: &str, body: Value) {
+    let Ok(payload) = serde_json::to_vec(&body) else {
+        return;
+    };
+    if let Err(e) = link.publish(topic, payload, None).await {
+        tracing::warn!(topic, error.message = %e, "publish failed");
+    }
+}

@@ -1,0 +1,277 @@
+//! The simulated devices' memory and counters.
+//!
+//! Owns what each simulated device remembers: how many times each job reached it, which jobs
+//! it applied (it applies a job once and acknowledges repeats without re-running it), and
+//! the readings it sent. Behaviour comes from [`shared::simdevice`], the same functions the
+//! worker's built-in simulator uses. It never speaks a protocol.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
+
+use serde::Serialize;
+use shared::{
+    config::SimulatorSettings,
+    job::Action,
+    messages::Readings,
+    simdevice::{self, Answer},
+};
+
+#[derive(Debug, Default)]
+struct DeviceMemory {
+    /// Per job: deliveries received.
+    deliveries: HashMap<String, u32>,
+    /// Executions applied: the device's memory that makes repeats harmless.
+    executions: std::collections::HashSet<String>,
+    /// Per job: times applied (more than 1 would be a duplicate application: the same job
+    /// reaching the device under two execution ids).
+    applied: HashMap<String, u32>,
+    /// Readings sent, per job.
+    readings: HashMap<String, Readings>,
+}
+
+/// Totals over the fleet, served at `/stats`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub(crate) struct Totals {
+    /// Deliveries received (requests or job notifications).
+    pub(crate) deliveries: u64,
+    /// Deliveries of a job the device had already applied.
+    pub(crate) redundant_deliveries: u64,
+    /// Deliveries left unanswered (offline, hung).
+    pub(crate) silent: u64,
+    /// Jobs applied.
+    pub(crate) applications: u64,
+    /// Jobs applied a second time on the same device: must stay 0.
+    pub(crate) duplicate_applications: u64,
+    /// Final answers sent, by status.
+    pub(crate) answers: BTreeMap<String, u64>,
+    /// Deliveries for devices this fleet does not have (ignored).
+    pub(crate) unknown_devices: u64,
+}
+
+/// The simulated fleet.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    settings: SimulatorSettings,
+    size: u64,
+    devices: Mutex<HashMap<String, DeviceMemory>>,
+    totals: Mutex<Totals>,
+}
+
+/// What the device will do with a delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Decision {
+    /// The device's answer, or silence.
+    pub(crate) answer: Answer,
+    /// Readings to report if it succeeds (data-retrieval jobs).
+    pub(crate) readings: Option<Readings>,
+}
+
+impl Fleet {
+    /// A fleet of `size` devices named `dev-0000000`...; 0 plays any device id.
+    pub(crate) fn new(settings: SimulatorSettings, size: u64) -> Self {
+        Self {
+            settings,
+            size,
+            devices: Mutex::new(HashMap::new()),
+            totals: Mutex::new(Totals::default()),
+        }
+    }
+
+    /// Whether `device` is one of ours.
+    pub(crate) fn has(&self, device: &str) -> bool {
+        if self.size == 0 {
+            return true;
+        }
+        device
+            .strip_prefix("dev-")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n < self.size && device.len() >= 11)
+    }
+
+    /// Registers a delivery of `job` (`execution`) to `device` and decides the answer.
+    /// `None` for devices not in this fleet.
+    pub(crate) fn receive(
+        &self,
+        device: &str,
+        job: &str,
+        execution: &str,
+        attempt: u32,
+        action: Option<&Action>,
+    ) -> Option<Decision> {
+        if !self.has(device) {
+            self.totals().unknown_devices += 1;
+            return None;
+        }
+        let (delivery, applied) = {
+            let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let mem = devices.entry(device.to_owned()).or_default();
+            let n = mem.deliveries.entry(job.to_owned()).or_default();
+            *n += 1;
+            (*n, mem.executions.contains(execution))
+        };
+        let reboot = matches!(action, Some(Action::Reboot(_)));
+        let answer = simdevice::decide(
+            &self.settings,
+            device,
+            execution,
+            delivery,
+            attempt.max(delivery),
+            applied,
+            reboot,
+        );
+        {
+            let mut t = self.totals();
+            t.deliveries += 1;
+            if applied {
+                t.redundant_deliveries += 1;
+            }
+            if answer == Answer::Silent {
+                t.silent += 1;
+            }
+        }
+        let readings = match action {
+            Some(Action::DataRetrieval(d)) => {
+                Some(simdevice::readings(&self.settings, device, &d.metrics))
+            }
+            _ => None,
+        };
+        Some(Decision { answer, readings })
+    }
+
+    /// Registers a fleetbatch-protocol request and decides the answer.
+    pub(crate) fn receive_request(
+        &self,
+        req: &shared::protocol::DeviceRequest,
+    ) -> Option<Decision> {
+        self.receive(
+            &req.device_id,
+            &req.job_id.to_string(),
+            &req.execution_id.to_string(),
+            req.attempt,
+            Some(&req.action),
+        )
+    }
+
+    /// The device applies `execution` of `job` now, unless it already has (then it only
+    /// acknowledges).
+    pub(crate) fn apply(
+        &self,
+        device: &str,
+        job: &str,
+        execution: &str,
+        readings: Option<&Readings>,
+    ) {
+        let first = {
+            let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let mem = devices.entry(device.to_owned()).or_default();
+            if !mem.executions.insert(execution.to_owned()) {
+                return;
+            }
+            let n = mem.applied.entry(job.to_owned()).or_default();
+            *n += 1;
+            if let Some(r) = readings {
+                mem.readings.insert(job.to_owned(), r.clone());
+            }
+            *n
+        };
+        let mut t = self.totals();
+        t.applications += 1;
+        if first > 1 {
+            t.duplicate_applications += 1;
+        }
+    }
+
+    /// Counts a final answer sent.
+    pub(crate) fn answered(&self, status: &str) {
+        *self.totals().answers.entry(status.to_owned()).or_default() += 1;
+    }
+
+    /// The totals.
+    pub(crate) fn totals(&self) -> std::sync::MutexGuard<'_, Totals> {
+        self.totals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Readings sent for `job`, by device.
+    pub(crate) fn readings(&self, job: &str) -> BTreeMap<String, Readings> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(d, m)| m.readings.get(job).map(|r| (d.clone(), r.clone())))
+            .collect()
+    }
+
+    /// One device's memory, as JSON.
+    pub(crate) fn device(&self, device: &str) -> Option<serde_json::Value> {
+        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let m = devices.get(device)?;
+        Some(serde_json::json!({
+            "deliveries": m.deliveries,
+            "applied": m.applied,
+            "readings": m.readings,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SimulatorSettings {
+        SimulatorSettings {
+            seed: 1,
+            latency_ms: 0,
+            latency_jitter_ms: 0,
+            transient_failure_rate: 0.0,
+            permanent_failure_rate: 0.0,
+            reject_rate: 0.0,
+            offline_rate: 0.0,
+            offline_attempts: 0,
+            hang_rate: 0.0,
+            reboot_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_fleet_plays_only_its_own_devices() {
+        let f = Fleet::new(settings(), 10);
+        assert!(f.has("dev-0000009"));
+        assert!(!f.has("dev-0000010"));
+        assert!(!f.has("dev-9"));
+        assert!(f.receive("other", "j", "x", 1, None).is_none());
+        assert_eq!(f.totals().unknown_devices, 1);
+        assert!(Fleet::new(settings(), 0).has("anything"));
+    }
+
+    #[test]
+    fn repeats_are_counted_and_a_second_application_is_flagged() {
+        let f = Fleet::new(settings(), 0);
+        let d = f.receive("d", "j", "x", 1, None).expect("ours");
+        assert!(matches!(
+            d.answer,
+            Answer::Reply {
+                outcome: simdevice::SimOutcome::Applied,
+                ..
+            }
+        ));
+        f.apply("d", "j", "x", None);
+        let d = f.receive("d", "j", "x", 2, None).expect("ours");
+        assert!(matches!(
+            d.answer,
+            Answer::Reply {
+                outcome: simdevice::SimOutcome::AlreadyApplied,
+                ..
+            }
+        ));
+        assert_eq!(f.totals().redundant_deliveries, 1);
+        // A repeat of the execution is acknowledged, not applied again.
+        f.apply("d", "j", "x", None);
+        assert_eq!(f.totals().applications, 1);
+        assert_eq!(f.totals().duplicate_applications, 0);
+        // The same job under another execution id would be applied twice: flagged.
+        f.apply("d", "j", "y", None);
+        assert_eq!(f.totals().duplicate_applications, 1);
+    }
+}

@@ -1,0 +1,115 @@
+//! `fleet-sim`: plays a fleet of simulated devices over the network, so a fleetbatch
+//! deployment can be run end to end without hardware.
+//!
+//! The devices speak the fleetbatch device protocol over MQTT, or the AWS IoT Jobs device API
+//! over MQTT (`worker.mqtt.protocol` of the same settings the workers read, or `--mqtt`), and
+//! the fleetbatch protocol over HTTP (`POST /devices/{id}/jobs` on `--listen`). They behave
+//! as `simulator.*` says (latency, transient and permanent failures, rejections, offline
+//! devices, hangs, slow reboots), apply each execution once, and report what they saw on
+//! `GET /stats`, `GET /devices/{id}` and `GET /readings/{job}`.
+//!
+//! Layout: [`fleet`] (device memory), [`plain`] (fleetbatch protocol), [`aws`] (AWS IoT Jobs
+//! agent), [`http`] (HTTP devices and the report endpoints).
+
+mod aws;
+mod fleet;
+mod http;
+mod plain;
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use shared::config::DeviceProtocol;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MqttMode {
+    /// The fleetbatch device protocol.
+    Fleetbatch,
+    /// The AWS IoT Jobs device API.
+    AwsIotJobs,
+    /// No MQTT: HTTP devices only.
+    None,
+}
+
+/// Plays simulated devices over MQTT and HTTP.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Settings file (the deployment's: `worker.mqtt` and `simulator` are read from it);
+    /// defaults to $FLEETBATCH_CONFIG, then built-ins. FLEETBATCH_* variables apply too.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Devices played: dev-0000000 .. dev-{N-1}, as `fleetbatch devices import --generate`
+    /// registers them. 0 plays any device id.
+    #[arg(long, default_value_t = 100_000)]
+    devices: u64,
+    /// Protocol on MQTT (default: the settings' `worker.mqtt.protocol`).
+    #[arg(long, value_enum)]
+    mqtt: Option<MqttMode>,
+    /// Address of the HTTP devices and the report endpoints.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("fleet-sim: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings =
+        shared::config::Settings::load(args.config.as_deref()).context("loading settings")?;
+    let id = format!("fleet-sim-{}", std::process::id());
+    let _telemetry = shared::telemetry::init("fleet-sim", &id, &settings.telemetry)
+        .context("setting up telemetry")?;
+    let shutdown = shared::shutdown::token();
+    let fleet = Arc::new(fleet::Fleet::new(settings.simulator.clone(), args.devices));
+
+    let mqtt = &settings.worker.mqtt;
+    let mode = args.mqtt.unwrap_or(match mqtt.protocol {
+        DeviceProtocol::Fleetbatch => MqttMode::Fleetbatch,
+        DeviceProtocol::AwsIotJobs => MqttMode::AwsIotJobs,
+    });
+    let subscriptions = match mode {
+        MqttMode::Fleetbatch => vec![shared::protocol::request_filter(&mqtt.topic_prefix)],
+        MqttMode::AwsIotJobs => aws::subscriptions(),
+        MqttMode::None => vec![],
+    };
+    if mode != MqttMode::None {
+        let (link, messages) = shared::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
+            .context("connecting to the MQTT broker")?;
+        let task = match mode {
+            MqttMode::Fleetbatch => tokio::spawn(plain::serve(
+                fleet.clone(),
+                link,
+                messages,
+                mqtt.topic_prefix.clone(),
+                shutdown.clone(),
+            )),
+            _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),
+        };
+        drop(task);
+    }
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
+    // One line for scripts and tests: where the fleet listens.
+    println!(
+        "{}",
+        serde_json::json!({"listening": address.to_string(), "devices": args.devices, "mqtt": format!("{mode:?}")})
+    );
+    tracing::info!(%address, devices = args.devices, mqtt = ?mode, "fleet-sim ready");
+    let stop = shutdown.clone();
+    axum::serve(listener, http::router(fleet.clone()))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    println!("{}", serde_json::to_string(&*fleet.totals())?);
+    Ok(())
+}

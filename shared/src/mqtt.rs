@@ -1,0 +1,383 @@
+//! One MQTT connection (3.1.1 or 5, optionally TLS), behind one small interface.
+//!
+//! Owns the rumqttc client and its event loop: connecting with the configured credentials and
+//! certificates, subscribing again after every (re)connection, and handing incoming messages
+//! to the caller over a channel. The event loop reconnects by itself with exponential
+//! backoff and stops on the shutdown token. It never interprets payloads.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MqttSettings, MqttVersion};
+
+/// An MQTT failure.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// The URL is not `mqtt[s]://host[:port]`.
+    #[error("worker.mqtt.url {0:?} is not mqtt://host[:port] or mqtts://host[:port]")]
+    Url(String),
+    /// A certificate or key file could not be read.
+    #[error("reading {field} {path:?}")]
+    File {
+        /// The setting naming the file.
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client's request queue is closed (its event loop stopped).
+    #[error("MQTT client stopped: {0}")]
+    Client(String),
+    /// A payload above the configured limit.
+    #[error("payload of {size} bytes exceeds max_payload_bytes ({limit})")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// A message received.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+    /// MQTT 5 response topic, if the sender set one.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data, if the sender set it.
+    pub correlation: Option<Bytes>,
+}
+
+#[derive(Debug, Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// A connected client; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Link {
+    client: Client,
+    max_payload: usize,
+}
+
+/// `(host, port, tls)` of an `mqtt://` or `mqtts://` URL.
+fn parse_url(url: &str) -> Result<(String, u16, bool), MqttError> {
+    let bad = || MqttError::Url(url.to_owned());
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
+    } else {
+        return Err(bad());
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, p.parse::<u16>().map_err(|_| bad())?),
+            None if after.is_empty() => (host, default_port),
+            None => return Err(bad()),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+            None => (rest, default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port, tls))
+}
+
+fn read(field: &'static str, path: &Option<String>) -> Result<Option<Vec<u8>>, MqttError> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| MqttError::File {
+                field,
+                path: p.clone(),
+                source,
+            })
+        })
+        .transpose()
+}
+
+fn transport(settings: &MqttSettings, tls: bool) -> Result<Transport, MqttError> {
+    if !tls {
+        return Ok(Transport::tcp());
+    }
+    let ca = read("worker.mqtt.ca_file", &settings.ca_file)?;
+    let cert = read("worker.mqtt.client_cert_file", &settings.client_cert_file)?;
+    let key = read("worker.mqtt.client_key_file", &settings.client_key_file)?;
+    Ok(match ca {
+        Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth: cert.zip(key),
+        }),
+        // The system's roots.
+        None => Transport::tls_with_config(TlsConfiguration::default()),
+    })
+}
+
+/// Connects as `client_id` and keeps `subscriptions` (QoS 1) across reconnections. Incoming
+/// messages arrive on the returned channel, which applies back-pressure to the broker
+/// connection when its reader falls behind. The event loop ends when `shutdown` fires or
+/// the receiver is dropped.
+///
+/// # Errors
+/// A bad URL or unreadable certificate files. Connection failures are not errors: the event
+/// loop retries them until shutdown.
+pub fn connect(
+    settings: &MqttSettings,
+    client_id: &str,
+    subscriptions: Vec<String>,
+    shutdown: CancellationToken,
+) -> Result<(Link, mpsc::Receiver<Message>), MqttError> {
+    let (host, port, tls) = parse_url(&settings.url)?;
+    let transport = transport(settings, tls)?;
+    let keep_alive = Duration::from_secs(settings.keep_alive_secs.max(1));
+    let packet = settings.max_payload_bytes + 4096;
+    let (tx, rx) = mpsc::channel(4096);
+    let client = match settings.version {
+        MqttVersion::V311 => {
+            let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+            o.set_keep_alive(keep_alive)
+                .set_transport(transport)
+                .set_max_packet_size(packet, packet)
+                .set_inflight(1000)
+                .set_clean_session(true);
+            if let Some(u) = &settings.username {
+                o.set_credentials(u, settings.password.clone().unwrap_or_default());
+            }
+            let (client, events) = rumqttc::AsyncClient::new(o, 4096);
+            tokio::spawn(run_v4(events, client.clone(), subscriptions, tx, shutdown));
+            Client::V4(client)
+        }
+        MqttVersion::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
+            o.set_keep_alive(keep_alive)
+                .set_transport(transport)
+                .set_max_packet_size(Some(packet as u32))
+                .set_clean_start(true);
+            if let Some(u) = &settings.username {
+                o.set_credentials(u, settings.password.clone().unwrap_or_default());
+            }
+            let (client, events) = rumqttc::v5::AsyncClient::new(o, 4096);
+            tokio::spawn(run_v5(events, client.clone(), subscriptions, tx, shutdown));
+            Client::V5(client)
+        }
+    };
+    Ok((
+        Link {
+            client,
+            max_payload: settings.max_payload_bytes,
+        },
+        rx,
+    ))
+}
+
+/// After a connection error: logs it and waits `delay` (100 ms doubling to 5 s) before the
+/// event loop reconnects. False when shutdown came first.
+async fn pause_after_error(
+    error: String,
+    delay: &mut Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    tracing::warn!(error.message = %error, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost");
+    let waited = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(*delay) => true,
+    };
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    waited
+}
+
+async fn run_v4(
+    mut events: rumqttc::EventLoop,
+    client: rumqttc::AsyncClient,
+    subscriptions: Vec<String>,
+    tx: mpsc::Sender<Message>,
+    shutdown: CancellationToken,
+) {
+    use rumqttc::{Event, Packet};
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            e = events.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = Duration::from_millis(100);
+                tracing::info!("MQTT connected");
+                if !subscriptions.is_empty() {
+                    let filters = subscriptions
+                        .iter()
+                        .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        tracing::warn!(error.message = %e, "MQTT subscribe failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let m = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    response_topic: None,
+                    correlation: None,
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+async fn run_v5(
+    mut events: rumqttc::v5::EventLoop,
+    client: rumqttc::v5::AsyncClient,
+    subscriptions: Vec<String>,
+    tx: mpsc::Sender<Message>,
+    shutdown: CancellationToken,
+) {
+    use rumqttc::v5::{
+        Event,
+        mqttbytes::v5::{Filter, Packet},
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            e = events.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = Duration::from_millis(100);
+                tracing::info!("MQTT connected");
+                if !subscriptions.is_empty() {
+                    let filters = subscriptions
+                        .iter()
+                        .map(|s| Filter::new(s.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        tracing::warn!(error.message = %e, "MQTT subscribe failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let (response_topic, correlation) = p
+                    .properties
+                    .map(|props| (props.response_topic, props.correlation_data))
+                    .unwrap_or_default();
+                let m = Message {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload,
+                    response_topic,
+                    correlation,
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+impl Link {
+    /// Publishes at QoS 1. With MQTT 5, `reply` sets the response topic and correlation data
+    /// (3.1.1 has no such properties; the payload must carry them).
+    ///
+    /// # Errors
+    /// An oversized payload, or a stopped client.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        reply: Option<(String, Bytes)>,
+    ) -> Result<(), MqttError> {
+        if payload.len() > self.max_payload {
+            return Err(MqttError::TooLarge {
+                size: payload.len(),
+                limit: self.max_payload,
+            });
+        }
+        match &self.client {
+            Client::V4(c) => c
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(|e| MqttError::Client(e.to_string())),
+            Client::V5(c) => {
+                let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                match reply {
+                    Some((response_topic, correlation)) => {
+                        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                            response_topic: Some(response_topic),
+                            correlation_data: Some(correlation),
+                            content_type: Some("application/json".into()),
+                            ..Default::default()
+                        };
+                        c.publish_with_properties(topic, qos, false, payload, props)
+                            .await
+                    }
+                    None => c.publish(topic, qos, false, payload).await,
+                }
+                .map_err(|e| MqttError::Client(e.to_string()))
+            }
+        }
+    }
+
+    /// Largest payload this link sends or accepts.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse_with_default_ports() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884").expect("url"),
+            ("127.0.0.1".into(), 1884, false)
+        );
+        assert_eq!(
+            parse_url("mqtts://broker.example").expect("url"),
+            ("broker.example".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_url("mqtt://[::1]:1883").expect("url"),
+            ("::1".into(), 1883, false)
+        );
+        assert!(parse_url("tcp://x").is_err());
+        assert!(parse_url("mqtt://:1883").is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! The fleetbatch device protocol: the JSON a device receives and answers, over MQTT or HTTP.
+//!
+//! Owns the documents described in `docs/device-protocol.md` and the topic names of the MQTT
+//! binding. Field names are camelCase JSON so firmware can parse them with any JSON library.
+//! It never decides what a reply means for a task (that is the worker's attempt loop).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{job::Action, messages::Readings};
+
+/// A delivery: "run this execution".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRequest {
+    /// Stable id of this job on this device: the same in every attempt. A device that has
+    /// applied it answers SUCCEEDED again without re-applying.
+    pub execution_id: Uuid,
+    /// The job.
+    pub job_id: Uuid,
+    /// The device addressed.
+    pub device_id: String,
+    /// 1-based attempt number (informational).
+    pub attempt: u32,
+    /// What to do: the job's action, tagged by `type`.
+    pub action: Action,
+    /// MQTT: where to publish the reply (also the MQTT 5 response topic). Absent over HTTP,
+    /// where the reply is the response body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// When the worker sent it (ms since the epoch).
+    pub sent_at: u64,
+}
+
+/// A device's status report for an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplyStatus {
+    /// Working on it (progress; the final status follows).
+    InProgress,
+    /// Done.
+    Succeeded,
+    /// It failed; see `retryable`.
+    Failed,
+    /// The device refuses the job (e.g. incompatible).
+    Rejected,
+}
+
+impl ReplyStatus {
+    /// Whether the execution ends with this status.
+    pub fn is_final(self) -> bool {
+        !matches!(self, ReplyStatus::InProgress)
+    }
+}
+
+/// A device's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReply {
+    /// The execution answered (copied from the request).
+    pub execution_id: Uuid,
+    /// Its status.
+    pub status: ReplyStatus,
+    /// With FAILED: whether trying again may help (a busy or low-battery device, say).
+    #[serde(default)]
+    pub retryable: bool,
+    /// With FAILED or REJECTED: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// With SUCCEEDED of a data-retrieval job: metric name to value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readings: Option<Readings>,
+}
+
+/// Topic a worker publishes requests for `device` on.
+pub fn request_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/devices/{device}/jobs")
+}
+
+/// Filter matching every device's request topic (a gateway, or `fleet-sim`, subscribes to it).
+pub fn request_filter(prefix: &str) -> String {
+    format!("{prefix}/devices/+/jobs")
+}
+
+/// The device id in a request topic, if `topic` is one.
+pub fn device_of_request_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix("/devices/")?
+        .strip_suffix("/jobs")
+}
+
+/// Topic a worker receives replies on.
+pub fn reply_topic(prefix: &str, worker: &str) -> String {
+    format!("{prefix}/workers/{worker}/replies")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_use_the_documented_json_names() {
+        let req = DeviceRequest {
+            execution_id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            device_id: "dev-1".into(),
+            attempt: 2,
+            action: serde_json::from_value(serde_json::json!({"type": "reboot"})).expect("action"),
+            reply_to: Some("fleetbatch/workers/w1/replies".into()),
+            sent_at: 5,
+        };
+        let v = serde_json::to_value(&req).expect("json");
+        assert_eq!(v["executionId"], Uuid::nil().to_string());
+        assert_eq!(v["replyTo"], "fleetbatch/workers/w1/replies");
+        assert_eq!(v["action"]["type"], "reboot");
+        let reply: DeviceReply = serde_json::from_str(
+            r#"{"executionId":"00000000-0000-0000-0000-000000000000","status":"FAILED","retryable":true,"error":"battery low"}"#,
+        )
+        .expect("reply");
+        assert_eq!(reply.status, ReplyStatus::Failed);
+        assert!(reply.retryable);
+    }
+
+    #[test]
+    fn request_topics_name_their_device() {
+        let t = request_topic("fleetbatch", "dev-7");
+        assert_eq!(device_of_request_topic("fleetbatch", &t), Some("dev-7"));
+        assert_eq!(
+            device_of_request_topic("fleetbatch", "fleetbatch/workers/w/replies"),
+            None
+        );
+    }
+}

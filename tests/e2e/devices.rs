@@ -1,0 +1,401 @@
+//! Devices over the network: `fleet-sim` over MQTT (fleetbatch protocol, 3.1.1 and 5; AWS IoT
+//! Jobs API) and HTTP, an agent written against the AWS IoT Device SDK v2 for Python, and a
+//! data-retrieval job's readings. Real Mosquitto, RabbitMQ and Redis; real processes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use shared::{config::SimulatorSettings, job::ExecutionState, simdevice::DeviceProfile};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
+
+/// Simulated fleet behaviour shared by these tests: latency, transient glitches, permanent
+/// failures, rejections and offline devices.
+const FLEET: &[(&str, &str)] = &[
+    ("FLEETBATCH_SIMULATOR__LATENCY_MS", "3"),
+    ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
+    ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.03"),
+    ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.01"),
+    ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0.01"),
+    ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0.01"),
+    ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "1"),
+    ("FLEETBATCH_WORKER__BACKOFF__INITIAL_MS", "20"),
+];
+
+/// The state each device must end in, from its simulated profile.
+fn expected_state(settings: &SimulatorSettings, device: &str) -> ExecutionState {
+    let p = DeviceProfile::for_device(settings, device);
+    if p.rejects {
+        ExecutionState::Rejected
+    } else if p.fails_permanently {
+        ExecutionState::Failed
+    } else {
+        ExecutionState::Succeeded
+    }
+}
+
+async fn get_json(app: &TestApp, url: &str) -> Value {
+    app.http
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+/// Runs a firmware job on `n` fleet-sim devices and checks every device's state against its
+/// profile, the counters, and the devices' own record of deliveries and applications.
+async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64) {
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let mut wrong = Vec::new();
+    for (device, s) in &statuses {
+        let want = expected_state(&app.settings.simulator, device);
+        if s.state != want {
+            wrong.push(format!(
+                "{device}: {:?} (want {want:?}, {:?})",
+                s.state, s.error
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} devices in the wrong state: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    let succeeded = job["succeeded"].as_u64().expect("succeeded");
+    assert!(
+        job["failed"].as_u64() > Some(0) && job["rejected"].as_u64() > Some(0),
+        "{job}"
+    );
+    let stats = get_json(app, &format!("{sim}/stats")).await;
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    assert_eq!(
+        stats["applications"].as_u64(),
+        Some(succeeded),
+        "each succeeded device applied the job once: {stats}"
+    );
+    assert!(
+        stats["silent"].as_u64() > Some(0),
+        "offline devices were retried: {stats}"
+    );
+}
+
+async fn plain_mqtt(version: &str, n: u64) {
+    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "fleetbatch"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", version),
+        ("FLEETBATCH_WORKER__MQTT__TOPIC_PREFIX", prefix.as_str()),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
+    ]);
+    let mut app = spawn_app(2, &env).await;
+    let port = coordinator::local::free_port().expect("port");
+    let sim = app
+        .cluster
+        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", "fleetbatch"])
+        .await
+        .expect("fleet-sim");
+    app.import_fleet(n).await;
+    firmware_over_fleet_sim(&app, &sim, n).await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_10000_device_job_over_mqtt5_with_the_fleetbatch_protocol_completes_exactly() {
+    plain_mqtt("5", 10_000).await;
+}
+
+#[tokio::test]
+async fn a_job_over_mqtt311_with_the_fleetbatch_protocol_completes_exactly() {
+    plain_mqtt("3.1.1", 3_000).await;
+}
+
+/// The Python interpreter with awsiotsdk (`deploy/dev/test.sh` prepares it).
+fn python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("FLEETBATCH_TEST_PYTHON") {
+        return p.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let p = root.join("target/py/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run deploy/dev/test.sh, or `python3 -m venv target/py && target/py/bin/pip install awsiotsdk`",
+        p.display()
+    );
+    p
+}
+
+/// An AWS IoT Device SDK agent for `thing` in `mode`, started and subscribed.
+async fn start_agent(
+    thing: &str,
+    mode: &str,
+) -> (
+    tokio::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<Value>,
+) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/aws_jobs_agent.py");
+    let mut child = tokio::process::Command::new(python())
+        .arg(script)
+        .args(["--thing", thing, "--mode", mode, "--timeout", "240"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python agent starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    // Wait for its subscriptions before any job exists for it.
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(v) = rx.recv().await {
+            if v["event"] == "ready" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready.ok(), Some(true), "agent {thing} did not get ready");
+    (child, rx)
+}
+
+/// Runs an agent to its end; returns its events.
+async fn finish_agent(
+    mut child: tokio::process::Child,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Value>,
+) -> (bool, Vec<Value>) {
+    let status = tokio::time::timeout(Duration::from_secs(260), child.wait())
+        .await
+        .expect("agent finished in time")
+        .expect("agent status");
+    let mut events = Vec::new();
+    while let Ok(v) = rx.try_recv() {
+        events.push(v);
+    }
+    (status.success(), events)
+}
+
+#[tokio::test]
+async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "3000"),
+    ]);
+    let mut app = spawn_app(2, &env).await;
+    let n = 10_000;
+    let port = coordinator::local::free_port().expect("port");
+    let sim = app
+        .cluster
+        .start_fleet_sim(
+            port,
+            &["--devices", &n.to_string(), "--mqtt", "aws-iot-jobs"],
+        )
+        .await
+        .expect("fleet-sim");
+    app.import_fleet(n).await;
+
+    // Devices driven by the AWS IoT Device SDK v2 for Python, one per scenario.
+    let tag = &app.names.namespace()[1..9];
+    let things: Vec<(String, &str)> = ["succeed", "fail", "version-mismatch", "step-timeout"]
+        .iter()
+        .map(|m| (format!("py-{tag}-{m}"), *m))
+        .collect();
+    let registry: String = things
+        .iter()
+        .map(|(t, _)| format!("{}\n", json!({"id": t, "groups": ["agents"], "model": "py", "hardware_revision": "A", "firmware_version": "1.0.0"})))
+        .collect();
+    let r = app
+        .http
+        .post(app.url("/v1/devices/import?format=ndjson"))
+        .body(registry)
+        .send()
+        .await
+        .expect("import");
+    assert!(r.status().is_success());
+    let mut agents = Vec::new();
+    for (thing, mode) in &things {
+        agents.push(start_agent(thing, mode).await);
+    }
+
+    // One job per agent, then the fleet-sim job while the agents work.
+    let mut agent_jobs = Vec::new();
+    for (thing, mode) in &things {
+        let timeout = if *mode == "step-timeout" { 150 } else { 60 };
+        let id = app
+            .create_job(&firmware_job(json!({
+                "target": {"devices": [thing]},
+                "retry": {"attempt_timeout_secs": timeout, "max_attempts": 2}
+            })))
+            .await;
+        agent_jobs.push(id);
+    }
+    firmware_over_fleet_sim(&app, &sim, n).await;
+
+    let mut outcomes = HashMap::new();
+    for (((thing, mode), (child, rx)), id) in things.iter().zip(agents).zip(&agent_jobs) {
+        let (ok, events) = finish_agent(child, rx).await;
+        assert!(ok, "agent {mode} did not see what it expects: {events:#?}");
+        let job = app.wait_for_job(*id, Duration::from_secs(200)).await;
+        let statuses = app.statuses(*id).await;
+        let s = &statuses[thing];
+        outcomes.insert(*mode, (s.state, s.error.clone(), events, job));
+    }
+    let (state, _, events, _) = &outcomes["succeed"];
+    assert_eq!(*state, ExecutionState::Succeeded);
+    let started = events
+        .iter()
+        .find(|e| e["event"] == "start-next-accepted" && e["job_id"].is_string())
+        .expect("start-next");
+    assert_eq!(started["document"]["type"], "firmware_update", "{started}");
+    assert_eq!(
+        started["version"], 2,
+        "QUEUED is version 1, IN_PROGRESS version 2: {started}"
+    );
+    assert_eq!(started["client_token"], format!("start-py-{tag}-succeed"));
+    let (state, error, _, _) = &outcomes["fail"];
+    assert_eq!(*state, ExecutionState::Failed);
+    assert!(
+        error.as_deref().unwrap_or("").contains("disk full"),
+        "{error:?}"
+    );
+    let (state, _, events, _) = &outcomes["version-mismatch"];
+    assert_eq!(*state, ExecutionState::Succeeded);
+    assert!(
+        events.iter().any(|e| e["code"] == "VersionMismatch"),
+        "{events:#?}"
+    );
+    let (state, error, _, _) = &outcomes["step-timeout"];
+    assert_eq!(*state, ExecutionState::TimedOut, "{error:?}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn http_devices_return_readings_and_the_report_summarises_them() {
+    let port = coordinator::local::free_port().expect("port");
+    let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "http"),
+        ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
+    ]);
+    let mut app = spawn_app(2, &env).await;
+    let n = 3_000;
+    let sim = app
+        .cluster
+        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", "none"])
+        .await
+        .expect("fleet-sim");
+    app.import_fleet(n).await;
+
+    // A plain firmware job over HTTP.
+    firmware_over_fleet_sim(&app, &sim, n).await;
+
+    // A data-retrieval job.
+    let id = app
+        .create_job(&json!({
+            "target": {"groups": ["fleet"]},
+            "action": {"type": "data_retrieval", "metrics": ["temperature", "battery"]}
+        }))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let succeeded: HashSet<&String> = statuses
+        .iter()
+        .filter(|(_, s)| s.state == ExecutionState::Succeeded)
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(job["succeeded"].as_u64(), Some(succeeded.len() as u64));
+
+    // What the devices sent, by metric, for the devices that succeeded.
+    let sent: BTreeMap<String, BTreeMap<String, f64>> =
+        serde_json::from_value(get_json(&app, &format!("{sim}/readings/{id}")).await)
+            .expect("readings");
+    let mut values: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for (device, r) in &sent {
+        assert!(
+            succeeded.contains(device),
+            "{device} sent readings but is not SUCCEEDED"
+        );
+        for (m, v) in r {
+            values.entry(m.as_str()).or_default().push(*v);
+        }
+        assert_eq!(
+            statuses[device].readings.as_ref(),
+            Some(r),
+            "{device}'s stored readings"
+        );
+    }
+    assert_eq!(sent.len(), succeeded.len());
+    let report = get_json(&app, &app.url(&format!("/v1/jobs/{id}/report"))).await;
+    for (metric, mut v) in values {
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let s = &report["readings"][metric];
+        assert_eq!(s["count"].as_u64(), Some(v.len() as u64), "{metric}: {s}");
+        assert_eq!(s["min"].as_f64(), Some(v[0]), "{metric}: {s}");
+        assert_eq!(s["max"].as_f64(), Some(v[v.len() - 1]), "{metric}: {s}");
+        assert_eq!(s["p50"].as_f64(), Some(rank(50.0)), "{metric}: {s}");
+        assert_eq!(s["p95"].as_f64(), Some(rank(95.0)), "{metric}: {s}");
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        assert!(
+            (s["mean"].as_f64().expect("mean") - mean).abs() < 1e-9,
+            "{metric}: {s}"
+        );
+    }
+
+    // The export: one row per device, readings in their columns.
+    let (status, csv) = app
+        .get_text(&app.url(&format!("/v1/jobs/{id}/results?format=csv")))
+        .await;
+    assert_eq!(status, 200);
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("device_id,state,attempts,error,updated_at_ms,temperature,battery")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len() as u64, n);
+    let first_ok = sent.keys().next().expect("a device succeeded");
+    let row = rows
+        .iter()
+        .find(|r| r.starts_with(&format!("{first_ok},")))
+        .expect("row");
+    assert!(
+        row.ends_with(&format!(
+            ",{},{}",
+            sent[first_ok]["temperature"], sent[first_ok]["battery"]
+        )),
+        "{row}"
+    );
+    let (_, ndjson) = app
+        .get_text(&app.url(&format!("/v1/jobs/{id}/results?format=ndjson")))
+        .await;
+    assert_eq!(ndjson.lines().count() as u64, n);
+    app.teardown().await;
+}

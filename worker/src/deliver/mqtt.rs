@@ -1,0 +1,235 @@
+//! The MQTT transport: deliveries over an MQTT broker, in the fleetbatch device protocol or
+//! the AWS IoT Jobs device API ([`super::aws`]).
+//!
+//! Owns the worker's MQTT connection, its reply topic and the table of attempts waiting for
+//! an answer. Fleetbatch protocol: one request per attempt on `{prefix}/devices/{id}/jobs`,
+//! answered on this worker's reply topic (also set as the MQTT 5 response topic, with the
+//! execution id as correlation data). Incoming messages are routed by one dispatcher task:
+//! replies to the attempt waiting for them, AWS IoT Jobs requests to [`super::aws`]. It never
+//! records outcomes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use shared::{
+    config::{DeviceProtocol, Settings},
+    job::ExecutionState,
+    mqtt::{self, Link, Message, MqttError},
+    protocol::{self, DeviceReply, ReplyStatus},
+    topology::Names,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{DeliverError, DeliveryRequest, Reply, aws::AwsJobs};
+
+/// Attempts waiting for messages about their execution, by execution id.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(Mutex<HashMap<Uuid, mpsc::UnboundedSender<Bytes>>>);
+
+/// Removes a waiting attempt when it ends (answered, timed out or dropped).
+pub(crate) struct WaitGuard<'a>(&'a Waiting, Uuid);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+impl Waiting {
+    /// Registers an attempt for `execution`; messages for it arrive on the receiver.
+    pub(crate) fn register(
+        &self,
+        execution: Uuid,
+    ) -> (WaitGuard<'_>, mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(execution, tx);
+        (WaitGuard(self, execution), rx)
+    }
+
+    fn route(&self, execution: Uuid, payload: Bytes) -> bool {
+        let waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        waiting
+            .get(&execution)
+            .is_some_and(|tx| tx.send(payload).is_ok())
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    link: Link,
+    prefix: String,
+    reply_topic: String,
+    waiting: Waiting,
+    aws: Option<AwsJobs>,
+}
+
+/// The MQTT transport; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MqttTransport(Arc<Inner>);
+
+/// The execution id named by a message on a reply topic.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Addressed {
+    execution_id: Uuid,
+}
+
+impl MqttTransport {
+    /// Connects to the broker and starts the dispatcher. With the AWS IoT Jobs protocol the
+    /// worker also answers devices' jobs requests, sharing the subscription with every
+    /// worker of the deployment.
+    ///
+    /// # Errors
+    /// Bad URL or unreadable certificate files.
+    pub fn start(
+        settings: &Settings,
+        worker_id: &str,
+        redis: ConnectionManager,
+        names: Names,
+        shutdown: CancellationToken,
+    ) -> Result<Self, MqttError> {
+        let m = &settings.worker.mqtt;
+        let reply_topic = protocol::reply_topic(&m.topic_prefix, worker_id);
+        let mut subscriptions = vec![reply_topic.clone()];
+        if m.protocol == DeviceProtocol::AwsIotJobs {
+            let group = m.shared_subscriptions.then(|| names.mqtt_share_group());
+            subscriptions.extend(super::aws::subscriptions(group.as_deref()));
+        }
+        let (link, messages) = mqtt::connect(
+            m,
+            &format!("fleetbatch-{worker_id}"),
+            subscriptions,
+            shutdown.clone(),
+        )?;
+        let aws = (m.protocol == DeviceProtocol::AwsIotJobs).then(|| {
+            AwsJobs::new(
+                link.clone(),
+                redis,
+                names,
+                reply_topic.clone(),
+                settings.worker.job_cache(),
+                std::time::Duration::from_secs(settings.worker.done_retention_secs),
+                (!m.shared_subscriptions)
+                    .then(|| std::time::Duration::from_millis(m.request_dedupe_ms.max(1))),
+            )
+        });
+        let transport = Self(Arc::new(Inner {
+            link,
+            prefix: m.topic_prefix.clone(),
+            reply_topic,
+            waiting: Waiting::default(),
+            aws,
+        }));
+        tokio::spawn(transport.clone().dispatch(messages, shutdown));
+        Ok(transport)
+    }
+
+    async fn dispatch(self, mut messages: mpsc::Receiver<Message>, shutdown: CancellationToken) {
+        loop {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = messages.recv() => match m { Some(m) => m, None => return },
+            };
+            if m.topic == self.0.reply_topic {
+                match serde_json::from_slice::<Addressed>(&m.payload) {
+                    Ok(a) => {
+                        if !self.0.waiting.route(a.execution_id, m.payload) {
+                            tracing::debug!(execution_id = %a.execution_id, "late reply: no attempt waiting");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error.message = %e, "unreadable reply ignored"),
+                }
+            } else if let Some(aws) = &self.0.aws {
+                let aws = aws.clone();
+                let name = aws.request_name(&m);
+                tokio::spawn(async move { aws.handle_request(m, name).await });
+            }
+        }
+    }
+
+    /// One attempt.
+    ///
+    /// # Errors
+    /// The device's answer; broker trouble is transient.
+    pub async fn deliver(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
+        let (_guard, rx) = self.0.waiting.register(req.execution_id);
+        match &self.0.aws {
+            Some(aws) => aws.deliver(req, rx).await,
+            None => self.deliver_plain(req, rx).await,
+        }
+    }
+
+    async fn deliver_plain(
+        &self,
+        req: &DeliveryRequest,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+    ) -> Result<Reply, DeliverError> {
+        let body = req.to_device_request(Some(self.0.reply_topic.clone()));
+        let payload = serde_json::to_vec(&body)
+            .map_err(|e| DeliverError::Permanent(format!("request not encodable: {e}")))?;
+        self.0
+            .link
+            .publish(
+                &protocol::request_topic(&self.0.prefix, &req.device_id),
+                payload,
+                Some((
+                    self.0.reply_topic.clone(),
+                    Bytes::from(req.execution_id.to_string()),
+                )),
+            )
+            .await
+            .map_err(|e| match e {
+                MqttError::TooLarge { .. } => DeliverError::Permanent(e.to_string()),
+                e => DeliverError::Transient(e.to_string()),
+            })?;
+        loop {
+            let Some(payload) = rx.recv().await else {
+                return Err(DeliverError::Transient("MQTT dispatcher stopped".into()));
+            };
+            let reply: DeviceReply = match serde_json::from_slice(&payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(DeliverError::Permanent(format!(
+                        "device reply is not a fleetbatch reply document: {e}"
+                    )));
+                }
+            };
+            let error = || {
+                reply
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            };
+            return match reply.status {
+                ReplyStatus::InProgress => {
+                    tracing::debug!(device_id = %req.device_id, "device reports progress");
+                    continue;
+                }
+                ReplyStatus::Succeeded => Ok(Reply::with_readings(&req.spec, reply.readings)),
+                ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error())),
+                ReplyStatus::Failed => Err(DeliverError::Permanent(error())),
+                ReplyStatus::Rejected => Err(DeliverError::Rejected(error())),
+            };
+        }
+    }
+
+    /// Device-side bookkeeping of an ending the device did not report (AWS IoT Jobs only).
+    pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
+        if let Some(aws) = &self.0.aws {
+            aws.conclude(req, state).await;
+        }
+    }
+}
