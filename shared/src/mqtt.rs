@@ -149,7 +149,10 @@ pub fn connect(
     let (host, port, tls) = parse_url(&settings.url)?;
     let transport = transport(settings, tls)?;
     let keep_alive = Duration::from_secs(settings.keep_alive_secs.max(1));
-    let packet = settings.max_payload_bytes + 4096;
+    // The broker connection accepts packets well above the payload limit, so one oversized
+    // device message is refused on its own instead of failing the whole connection.
+    let packet = settings.max_payload_bytes.saturating_mul(16).max(1 << 20);
+    let limit = settings.max_payload_bytes;
     let (tx, rx) = mpsc::channel(4096);
     let client = match settings.version {
         MqttVersion::V311 => {
@@ -163,7 +166,13 @@ pub fn connect(
                 o.set_credentials(u, settings.password.clone().unwrap_or_default());
             }
             let (client, events) = rumqttc::AsyncClient::new(o, 4096);
-            tokio::spawn(run_v4(events, client.clone(), subscriptions, tx, shutdown));
+            tokio::spawn(run_v4(
+                events,
+                client.clone(),
+                subscriptions,
+                Inbox { tx, limit },
+                shutdown,
+            ));
             Client::V4(client)
         }
         MqttVersion::V5 => {
@@ -176,7 +185,13 @@ pub fn connect(
                 o.set_credentials(u, settings.password.clone().unwrap_or_default());
             }
             let (client, events) = rumqttc::v5::AsyncClient::new(o, 4096);
-            tokio::spawn(run_v5(events, client.clone(), subscriptions, tx, shutdown));
+            tokio::spawn(run_v5(
+                events,
+                client.clone(),
+                subscriptions,
+                Inbox { tx, limit },
+                shutdown,
+            ));
             Client::V5(client)
         }
     };
@@ -187,6 +202,23 @@ pub fn connect(
         },
         rx,
     ))
+}
+
+/// Where incoming messages go, with the size limit applied.
+struct Inbox {
+    tx: mpsc::Sender<Message>,
+    limit: usize,
+}
+
+impl Inbox {
+    /// Hands `m` to the reader, or refuses it when oversized. False when the reader is gone.
+    async fn deliver(&self, m: Message) -> bool {
+        if m.payload.len() > self.limit {
+            tracing::warn!(topic = %m.topic, size = m.payload.len(), limit = self.limit, "oversized MQTT message refused");
+            return true;
+        }
+        self.tx.send(m).await.is_ok()
+    }
 }
 
 /// After a connection error: logs it and waits `delay` (100 ms doubling to 5 s) before the
@@ -209,7 +241,7 @@ async fn run_v4(
     mut events: rumqttc::EventLoop,
     client: rumqttc::AsyncClient,
     subscriptions: Vec<String>,
-    tx: mpsc::Sender<Message>,
+    inbox: Inbox,
     shutdown: CancellationToken,
 ) {
     use rumqttc::{Event, Packet};
@@ -239,7 +271,7 @@ async fn run_v4(
                     response_topic: None,
                     correlation: None,
                 };
-                if tx.send(m).await.is_err() {
+                if !inbox.deliver(m).await {
                     break;
                 }
             }
@@ -258,7 +290,7 @@ async fn run_v5(
     mut events: rumqttc::v5::EventLoop,
     client: rumqttc::v5::AsyncClient,
     subscriptions: Vec<String>,
-    tx: mpsc::Sender<Message>,
+    inbox: Inbox,
     shutdown: CancellationToken,
 ) {
     use rumqttc::v5::{
@@ -295,7 +327,7 @@ async fn run_v5(
                     response_topic,
                     correlation,
                 };
-                if tx.send(m).await.is_err() {
+                if !inbox.deliver(m).await {
                     break;
                 }
             }

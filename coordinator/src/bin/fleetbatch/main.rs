@@ -90,10 +90,15 @@ enum DevicesCmd {
     /// Import devices from a CSV (header row) or NDJSON file.
     Import {
         /// The file.
-        file: PathBuf,
+        #[arg(required_unless_present = "generate")]
+        file: Option<PathBuf>,
         /// Format (default: from the file extension).
         #[arg(long, value_enum)]
         format: Option<FileFormat>,
+        /// Instead of a file: register N generated devices dev-0000000.. in group `fleet`
+        /// (the devices `fleet-sim --devices N` plays).
+        #[arg(long, conflicts_with = "file")]
+        generate: Option<u64>,
     },
     /// List devices.
     List {
@@ -300,23 +305,41 @@ fn print_json(v: &Value) {
 
 async fn devices(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> {
     match cmd {
-        DevicesCmd::Import { file, format } => {
-            let format = match format {
-                Some(f) => f,
-                None if file.extension().is_some_and(|e| e == "csv") => FileFormat::Csv,
-                None => FileFormat::Ndjson,
+        DevicesCmd::Import {
+            file,
+            format,
+            generate,
+        } => {
+            let report: Value = match (generate, file) {
+                (Some(n), _) => {
+                    client
+                        .post(
+                            "/v1/devices/import?format=ndjson",
+                            "application/x-ndjson",
+                            coordinator::fleet::ndjson(n),
+                        )
+                        .await?
+                }
+                (None, Some(file)) => {
+                    let format = match format {
+                        Some(f) => f,
+                        None if file.extension().is_some_and(|e| e == "csv") => FileFormat::Csv,
+                        None => FileFormat::Ndjson,
+                    };
+                    let (q, ct) = match format {
+                        FileFormat::Csv => ("csv", "text/csv"),
+                        FileFormat::Ndjson => ("ndjson", "application/x-ndjson"),
+                    };
+                    let f = tokio::fs::File::open(&file)
+                        .await
+                        .with_context(|| format!("opening {}", file.display()))?;
+                    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+                    client
+                        .post(&format!("/v1/devices/import?format={q}"), ct, body)
+                        .await?
+                }
+                (None, None) => bail!("give a file or --generate N"),
             };
-            let (q, ct) = match format {
-                FileFormat::Csv => ("csv", "text/csv"),
-                FileFormat::Ndjson => ("ndjson", "application/x-ndjson"),
-            };
-            let f = tokio::fs::File::open(&file)
-                .await
-                .with_context(|| format!("opening {}", file.display()))?;
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
-            let report: Value = client
-                .post(&format!("/v1/devices/import?format={q}"), ct, body)
-                .await?;
             println!(
                 "imported {} devices, {} lines refused",
                 report["imported"], report["failed"]
