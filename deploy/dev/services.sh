@@ -2,8 +2,9 @@
 # Local RabbitMQ and Redis (and Mosquitto, for MQTT transports) on 127.0.0.1, for the demo and
 # the tests. Installs them from Debian's packages when missing.
 #
-#   deploy/dev/services.sh start   # install if needed, start what is not running
-#   deploy/dev/services.sh wait    # wait until they accept connections
+#   deploy/dev/services.sh start [mqtt]   # install if needed, start what is not running
+#   deploy/dev/services.sh wait [mqtt]    # wait until they accept connections
+#   (with `mqtt`: Mosquitto too)
 #   deploy/dev/services.sh stop    # stop what this script started
 #   deploy/dev/services.sh status
 #
@@ -11,7 +12,8 @@
 set -euo pipefail
 
 STATE_DIR="${FLEETBATCH_SERVICES_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/fleetbatch-services}"
-WANT_MQTT="${FLEETBATCH_WANT_MQTT:-0}"
+WANT_MQTT=0
+if [ "${2:-}" = mqtt ]; then WANT_MQTT=1; fi
 
 sudo_cmd() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -118,7 +120,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: $0 start|wait|stop|status" >&2
+    echo "usage: $0 start|wait [mqtt] | stop | status" >&2
     exit 2
     ;;
 esac

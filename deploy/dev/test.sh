@@ -7,9 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/dev/toolchain.sh
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
-export FLEETBATCH_WANT_MQTT=1
-deploy/dev/services.sh start
-deploy/dev/services.sh wait
+deploy/dev/services.sh start mqtt
+deploy/dev/services.sh wait mqtt
 deploy/dev/pyagent.sh
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

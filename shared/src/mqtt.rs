@@ -68,6 +68,7 @@ enum Client {
 pub struct Link {
     client: Client,
     max_payload: usize,
+    connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `(host, port, tls)` of an `mqtt://` or `mqtts://` URL.
@@ -153,6 +154,7 @@ pub fn connect(
     // device message is refused on its own instead of failing the whole connection.
     let packet = settings.max_payload_bytes.saturating_mul(16).max(1 << 20);
     let limit = settings.max_payload_bytes;
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = mpsc::channel(4096);
     let client = match settings.version {
         MqttVersion::V311 => {
@@ -170,7 +172,11 @@ pub fn connect(
                 events,
                 client.clone(),
                 subscriptions,
-                Inbox { tx, limit },
+                Inbox {
+                    tx,
+                    limit,
+                    connected: connected.clone(),
+                },
                 shutdown,
             ));
             Client::V4(client)
@@ -189,7 +195,11 @@ pub fn connect(
                 events,
                 client.clone(),
                 subscriptions,
-                Inbox { tx, limit },
+                Inbox {
+                    tx,
+                    limit,
+                    connected: connected.clone(),
+                },
                 shutdown,
             ));
             Client::V5(client)
@@ -199,6 +209,7 @@ pub fn connect(
         Link {
             client,
             max_payload: settings.max_payload_bytes,
+            connected,
         },
         rx,
     ))
@@ -208,6 +219,7 @@ pub fn connect(
 struct Inbox {
     tx: mpsc::Sender<Message>,
     limit: usize,
+    connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Inbox {
@@ -218,6 +230,11 @@ impl Inbox {
             return true;
         }
         self.tx.send(m).await.is_ok()
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected
+            .store(up, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -254,6 +271,7 @@ async fn run_v4(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(100);
+                inbox.set_connected(true);
                 tracing::info!("MQTT connected");
                 if !subscriptions.is_empty() {
                     let filters = subscriptions
@@ -277,6 +295,7 @@ async fn run_v4(
             }
             Ok(_) => {}
             Err(e) => {
+                inbox.set_connected(false);
                 if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
                     break;
                 }
@@ -306,6 +325,7 @@ async fn run_v5(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(100);
+                inbox.set_connected(true);
                 tracing::info!("MQTT connected");
                 if !subscriptions.is_empty() {
                     let filters = subscriptions
@@ -333,6 +353,7 @@ async fn run_v5(
             }
             Ok(_) => {}
             Err(e) => {
+                inbox.set_connected(false);
                 if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
                     break;
                 }
@@ -383,6 +404,11 @@ impl Link {
                 .map_err(|e| MqttError::Client(e.to_string()))
             }
         }
+    }
+
+    /// Whether the connection to the broker is up now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Largest payload this link sends or accepts.

@@ -91,6 +91,19 @@ async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64) {
     );
 }
 
+/// Starts `fleet-sim` with `n` devices and `mqtt` (`fleetbatch`, `aws-iot-jobs`, `none`) on
+/// `port` (or a free one), and registers the same devices; returns its base URL.
+async fn start_sim(app: &mut TestApp, port: Option<u16>, n: u64, mqtt: &str) -> String {
+    let port = port.unwrap_or_else(|| coordinator::local::free_port().expect("port"));
+    let sim = app
+        .cluster
+        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", mqtt])
+        .await
+        .expect("fleet-sim");
+    app.import_fleet(n).await;
+    sim
+}
+
 async fn plain_mqtt(version: &str, n: u64) {
     let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
@@ -102,13 +115,7 @@ async fn plain_mqtt(version: &str, n: u64) {
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
     ]);
     let mut app = spawn_app(2, &env).await;
-    let port = coordinator::local::free_port().expect("port");
-    let sim = app
-        .cluster
-        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", "fleetbatch"])
-        .await
-        .expect("fleet-sim");
-    app.import_fleet(n).await;
+    let sim = start_sim(&mut app, None, n, "fleetbatch").await;
     firmware_over_fleet_sim(&app, &sim, n).await;
     app.teardown().await;
 }
@@ -208,16 +215,7 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     ]);
     let mut app = spawn_app(2, &env).await;
     let n = 10_000;
-    let port = coordinator::local::free_port().expect("port");
-    let sim = app
-        .cluster
-        .start_fleet_sim(
-            port,
-            &["--devices", &n.to_string(), "--mqtt", "aws-iot-jobs"],
-        )
-        .await
-        .expect("fleet-sim");
-    app.import_fleet(n).await;
+    let sim = start_sim(&mut app, None, n, "aws-iot-jobs").await;
 
     // Devices driven by the AWS IoT Device SDK v2 for Python, one per scenario.
     let tag = &app.names.namespace()[1..9];
@@ -306,12 +304,7 @@ async fn http_devices_return_readings_and_the_report_summarises_them() {
     ]);
     let mut app = spawn_app(2, &env).await;
     let n = 3_000;
-    let sim = app
-        .cluster
-        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", "none"])
-        .await
-        .expect("fleet-sim");
-    app.import_fleet(n).await;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
 
     // A plain firmware job over HTTP.
     firmware_over_fleet_sim(&app, &sim, n).await;
@@ -397,5 +390,205 @@ async fn http_devices_return_readings_and_the_report_summarises_them() {
         .get_text(&app.url(&format!("/v1/jobs/{id}/results?format=ndjson")))
         .await;
     assert_eq!(ndjson.lines().count() as u64, n);
+    app.teardown().await;
+}
+
+/// A private Mosquitto with TLS (its own CA, client certificates required) and a password
+/// file, on a free port. Killed when dropped.
+struct SecureBroker {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn run(cmd: &str, args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn secure_broker() -> SecureBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let subj = |cn: &str| format!("/CN={cn}");
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            &subj("fleetbatch test CA"),
+        ],
+        d,
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    for name in ["server", "client"] {
+        run(
+            "openssl",
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &subj(name),
+            ],
+            d,
+        );
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                "san.ext",
+            ],
+            d,
+        );
+    }
+    run(
+        "mosquitto_passwd",
+        &["-b", "-c", "passwd", "fleet", "s3cret"],
+        d,
+    );
+    let port = coordinator::local::free_port().expect("port");
+    let conf = format!(
+        "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nallow_anonymous false\npassword_file {d}/passwd\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("mosquitto.conf"), conf).expect("conf");
+    // Mosquitto started as root drops to its own user: let it read the files.
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(d).expect("dir") {
+        let path = entry.expect("entry").path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = |f: &str| d.join(f).display().to_string();
+    SecureBroker {
+        port,
+        ca: path("ca.pem"),
+        cert: path("client.pem"),
+        key: path("client.key"),
+        child: start_mosquitto(d, port).await,
+        dir,
+    }
+}
+
+async fn start_mosquitto(dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    let mosquitto = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|m| std::path::Path::new(m).exists())
+        .unwrap_or("mosquitto");
+    let child = tokio::process::Command::new(mosquitto)
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto starts");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+impl SecureBroker {
+    /// Kills the broker (SIGKILL) and starts it again after `down`.
+    async fn restart(&mut self, down: Duration) {
+        self.child.kill().await.expect("mosquitto killed");
+        tokio::time::sleep(down).await;
+        self.child = start_mosquitto(self.dir.path(), self.port).await;
+    }
+}
+
+#[tokio::test]
+async fn mqtt_over_tls_with_client_certificates_and_a_password_survives_a_broker_restart() {
+    let mut broker = secure_broker().await;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "fleetbatch"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", "3.1.1"),
+        ("FLEETBATCH_WORKER__MQTT__URL", url.as_str()),
+        ("FLEETBATCH_WORKER__MQTT__CA_FILE", broker.ca.as_str()),
+        (
+            "FLEETBATCH_WORKER__MQTT__CLIENT_CERT_FILE",
+            broker.cert.as_str(),
+        ),
+        (
+            "FLEETBATCH_WORKER__MQTT__CLIENT_KEY_FILE",
+            broker.key.as_str(),
+        ),
+        ("FLEETBATCH_WORKER__MQTT__USERNAME", "fleet"),
+        ("FLEETBATCH_WORKER__MQTT__PASSWORD", "s3cret"),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
+    ]);
+    let mut app = spawn_app(1, &env).await;
+    let n = 3_000;
+    let sim = start_sim(&mut app, None, n, "fleetbatch").await;
+    // The broker dies mid-job and comes back 2 s later; workers and devices reconnect.
+    let restart = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let job = app.job_if_any().await;
+            if job.and_then(|j| j["terminal"].as_u64()).unwrap_or(0) >= 300 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.restart(Duration::from_secs(2)).await;
+    };
+    tokio::join!(firmware_over_fleet_sim(&app, &sim, n), restart);
+    let log = std::fs::read_to_string(app.cluster.worker_log(0)).unwrap_or_default();
+    assert!(
+        log.contains("MQTT connection lost"),
+        "the broker restart was seen"
+    );
     app.teardown().await;
 }

@@ -118,6 +118,24 @@ impl TestApp {
         Uuid::parse_str(body["job_id"].as_str().expect("job id")).expect("uuid")
     }
 
+    /// The newest job, if one exists.
+    pub async fn job_if_any(&self) -> Option<Value> {
+        let list: Value = self
+            .http
+            .get(self.url("/v1/jobs?limit=1"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let first = list
+            .as_array()
+            .or_else(|| list["jobs"].as_array())?
+            .first()?;
+        Some(first.clone())
+    }
+
     pub async fn job(&self, id: Uuid) -> Value {
         self.http
             .get(self.url(&format!("/v1/jobs/{id}")))

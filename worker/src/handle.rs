@@ -310,6 +310,11 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     });
                 }
             }
+            Delivered::Unavailable { attempts, error } => {
+                // Handled like Redis or broker trouble: the task goes back, uncounted.
+                tracing::debug!(attempts, "device transport unavailable");
+                anyhow::bail!("{error}");
+            }
             Delivered::ClaimLost { attempts } => {
                 tracing::warn!("claim lapsed mid-retry; handing the task back");
                 mark(ctx, "claim_lost");

@@ -67,6 +67,10 @@ pub enum DeliverError {
     /// The device's own step timer ran out (AWS IoT Jobs `stepTimeoutInMinutes`).
     #[error("device step timed out: {0}")]
     TimedOut(String),
+    /// The way to devices is down (MQTT broker unreachable): not the device's fault, and not
+    /// counted as an attempt; the task is handed back.
+    #[error("device transport unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// What a device answered with its success.
@@ -177,6 +181,13 @@ pub enum Delivered {
         /// Attempts made in total.
         attempts: u32,
     },
+    /// The transport is down: hand the task back without counting the attempt.
+    Unavailable {
+        /// Attempts made in total (this one not counted).
+        attempts: u32,
+        /// Why.
+        error: String,
+    },
     /// Shutdown began during a backoff wait: hand the task back.
     Interrupted {
         /// Attempts made in total.
@@ -253,6 +264,7 @@ where
             Ok(Err(DeliverError::Permanent(_))) => "permanent",
             Ok(Err(DeliverError::Rejected(_))) => "rejected",
             Ok(Err(DeliverError::TimedOut(_))) => "step_timeout",
+            Ok(Err(DeliverError::Unavailable(_))) => "unavailable",
             Err(_) => "timeout",
         };
         metrics.attempts.with_label_values(&[result]).inc();
@@ -269,6 +281,12 @@ where
                 return Delivered::TimedOut {
                     attempts,
                     error: format!("device step timed out: {e}"),
+                };
+            }
+            Ok(Err(DeliverError::Unavailable(error))) => {
+                return Delivered::Unavailable {
+                    attempts: attempts - 1,
+                    error,
                 };
             }
             Ok(Err(DeliverError::Transient(e))) => e,
@@ -426,6 +444,23 @@ mod tests {
             Delivered::Rejected {
                 attempts: 3,
                 error: "hw".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_transport_hands_the_task_back_without_counting_an_attempt() {
+        let out = run_script(
+            vec![Some(Err(DeliverError::Unavailable("broker down".into())))],
+            &policy(5, 60_000),
+            2,
+        )
+        .await;
+        assert_eq!(
+            out,
+            Delivered::Unavailable {
+                attempts: 2,
+                error: "broker down".into()
             }
         );
     }

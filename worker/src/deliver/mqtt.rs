@@ -165,6 +165,11 @@ impl MqttTransport {
     /// # Errors
     /// The device's answer; broker trouble is transient.
     pub async fn deliver(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
+        if !self.0.link.is_connected() {
+            return Err(DeliverError::Unavailable(
+                "not connected to the MQTT broker".into(),
+            ));
+        }
         let (_guard, rx) = self.0.waiting.register(req.execution_id);
         match &self.0.aws {
             Some(aws) => aws.deliver(req, rx).await,
