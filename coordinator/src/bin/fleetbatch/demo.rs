@@ -5,7 +5,9 @@
 //! `fleet` group (old hardware revision D is incompatible and SKIPPED), follows it with a
 //! progress bar, prints a summary with the simulator's delivery counts, and removes the
 //! namespace's queues and keys. Exits 0 only if every targeted device reached a terminal
-//! state and no device applied the job twice.
+//! state and no device applied the job twice. With `--devices-over`, the devices are a
+//! `fleet-sim` process reached over MQTT (either protocol) or HTTP instead of the built-in
+//! simulator.
 
 use std::{
     path::PathBuf,
@@ -39,10 +41,24 @@ pub(crate) struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// How the devices are reached: the built-in simulator, or a `fleet-sim` process over
+    /// MQTT with the fleetbatch protocol, over MQTT with the AWS IoT Jobs API, or over HTTP
+    /// (MQTT: the broker of the settings, by default 127.0.0.1:1883).
+    #[arg(long, value_enum, default_value = "simulator")]
+    devices_over: DevicesOver,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DevicesOver {
+    Simulator,
+    Mqtt,
+    AwsIotJobs,
+    Http,
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
-    let env = [
+    let http_port = coordinator::local::free_port()?;
+    let mut env = vec![
         (
             "FLEETBATCH_SIMULATOR__LATENCY_MS",
             args.latency_ms.to_string(),
@@ -64,8 +80,35 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "2".into()),
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1000".into()),
     ];
-    let sandbox = Sandbox::start(args.config.as_deref(), "demo", args.workers, &env).await?;
-    let outcome = rollout(&args, &sandbox).await;
+    let (transport, mqtt) = match args.devices_over {
+        DevicesOver::Simulator => ("simulator", "none"),
+        DevicesOver::Mqtt => ("mqtt", "fleetbatch"),
+        DevicesOver::AwsIotJobs => ("mqtt", "aws-iot-jobs"),
+        DevicesOver::Http => ("http", "none"),
+    };
+    env.push(("FLEETBATCH_WORKER__TRANSPORT", transport.into()));
+    if args.devices_over == DevicesOver::AwsIotJobs {
+        env.push(("FLEETBATCH_WORKER__MQTT__PROTOCOL", mqtt.into()));
+        // Agents start the job, then report: allow for the extra round trips.
+        env.push(("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "5000".into()));
+    }
+    env.push((
+        "FLEETBATCH_WORKER__HTTP__URL_TEMPLATE",
+        format!("http://127.0.0.1:{http_port}/devices/{{device_id}}/jobs"),
+    ));
+    let mut sandbox = Sandbox::start(args.config.as_deref(), "demo", args.workers, &env).await?;
+    let fleet_sim = if args.devices_over == DevicesOver::Simulator {
+        None
+    } else {
+        let devices = args.devices.to_string();
+        Some(
+            sandbox
+                .cluster
+                .start_fleet_sim(http_port, &["--devices", &devices, "--mqtt", mqtt])
+                .await?,
+        )
+    };
+    let outcome = rollout(&args, &sandbox, fleet_sim.as_deref()).await;
     sandbox.finish(args.keep).await;
     let summary = outcome?;
     let ok = summary["all_terminal"].as_bool() == Some(true)
@@ -76,7 +119,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
-async fn rollout(args: &DemoArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
+async fn rollout(
+    args: &DemoArgs,
+    sandbox: &Sandbox,
+    fleet_sim: Option<&str>,
+) -> anyhow::Result<Value> {
     sandbox.import_fleet(args.devices).await?;
     let job_id = sandbox
         .create_firmware_job(
@@ -94,9 +141,18 @@ async fn rollout(args: &DemoArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
-    let audit =
+    let mut audit =
         coordinator::audit::audit(&mut redis, &sandbox.names, uuid::Uuid::parse_str(&job_id)?)
             .await?;
+    if let Some(sim) = fleet_sim {
+        // The devices' own counters, from fleet-sim.
+        let stats: Value = reqwest::get(format!("{sim}/stats")).await?.json().await?;
+        let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+        audit.deliveries = n("deliveries");
+        audit.applications = n("applications");
+        audit.redundant_deliveries = n("redundant_deliveries");
+        audit.duplicate_applications = n("duplicate_applications");
+    }
 
     let targeted = progress::count(&job, "targeted");
     eprint!("{}", progress::summary(&job));
