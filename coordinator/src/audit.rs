@@ -49,6 +49,9 @@ pub struct Audit {
     /// timeout are recorded attempts and do not count here, even when the device had
     /// already applied the job and only its answer was lost.
     pub extra_deliveries: u64,
+    /// Up to 20 executions with extra deliveries: device, recorded attempts, and the
+    /// simulator's delivery log (`worker/attempt;...`, with `simulator.record_deliveries`).
+    pub extra_examples: Vec<(String, u64, String)>,
 }
 
 /// Audits a job.
@@ -79,6 +82,7 @@ pub async fn audit(
             .arg(2000)
             .query_async(redis)
             .await?;
+        let mut devices = Vec::with_capacity(flat.len() / 2);
         let mut executions = Vec::with_capacity(flat.len() / 2);
         let mut attempts = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks_exact(2) {
@@ -86,6 +90,7 @@ pub async fn audit(
                 continue;
             };
             executions.push(shared::job::execution_id(job_id, &pair[0]).to_string());
+            devices.push(pair[0].clone());
             attempts.push(u64::from(status.attempts));
             a.with_status += 1;
             a.recorded_attempts += u64::from(status.attempts);
@@ -103,11 +108,16 @@ pub async fn audit(
                 .arg(&executions)
                 .query_async(redis)
                 .await?;
-            a.extra_deliveries += seen
-                .iter()
-                .zip(&attempts)
-                .map(|(seen, recorded)| seen.unwrap_or(0).saturating_sub(*recorded))
-                .sum::<u64>();
+            for (i, (seen, recorded)) in seen.iter().zip(&attempts).enumerate() {
+                let extra = seen.unwrap_or(0).saturating_sub(*recorded);
+                a.extra_deliveries += extra;
+                if extra > 0 && a.extra_examples.len() < 20 {
+                    let log: Option<String> =
+                        redis.hget(names.sim_log(job_id), &executions[i]).await?;
+                    a.extra_examples
+                        .push((devices[i].clone(), *recorded, log.unwrap_or_default()));
+                }
+            }
         }
         cursor = next;
         if cursor == 0 {

@@ -231,6 +231,7 @@ mod tests {
             offline_attempts: 0,
             hang_rate: 0.0,
             reboot_ms: 0,
+            record_deliveries: false,
         }
     }
 

@@ -333,6 +333,9 @@ pub struct SimulatorSettings {
     pub hang_rate: f64,
     /// Extra time a reboot takes (reboot jobs only).
     pub reboot_ms: u64,
+    /// Log which worker made each delivery, with its attempt number, per execution (for
+    /// finding the source of extra deliveries; costs Redis memory).
+    pub record_deliveries: bool,
 }
 
 impl AmqpSettings {

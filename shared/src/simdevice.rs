@@ -175,6 +175,7 @@ mod tests {
             offline_attempts: 2,
             hang_rate: 0.0,
             reboot_ms: 0,
+            record_deliveries: false,
         }
     }
 

@@ -159,6 +159,11 @@ impl Names {
     pub fn sim_totals(&self, job: Uuid) -> String {
         format!("{}:sim:{job}:totals", self.ns)
     }
+    /// Hash of the simulator's delivery log per execution (`worker/attempt;...`), kept when
+    /// `simulator.record_deliveries` is on.
+    pub fn sim_log(&self, job: Uuid) -> String {
+        format!("{}:sim:{job}:log", self.ns)
+    }
     /// Prefix of AWS IoT Jobs execution hashes: `{prefix}{job}:{thing}`.
     pub fn aws_execution_prefix(&self) -> String {
         format!("{}:aws:exec:", self.ns)

@@ -188,6 +188,8 @@ async fn a_redis_restart_mid_job_is_survived() {
         &[
             ("FLEETBATCH_REDIS__URL", redis.url()),
             ("FLEETBATCH_WORKER__CLAIM_LEASE_MS", "30000".into()),
+            // Which worker made each delivery, to explain any extra one.
+            ("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into()),
         ],
     )
     .await;

@@ -215,6 +215,7 @@ fn build_transport(
     Ok(match settings.worker.transport {
         Kind::Simulator => Transport::Simulator(Simulator::new(
             settings.simulator.clone(),
+            worker_id.to_owned(),
             redis.clone(),
             names.clone(),
         )),

@@ -23,6 +23,7 @@ use super::{DeliverError, DeliveryRequest, Reply};
 #[derive(Debug, Clone)]
 pub struct Simulator {
     settings: SimulatorSettings,
+    worker: String,
     redis: ConnectionManager,
     names: Names,
     receive: std::sync::Arc<Script>,
@@ -33,7 +34,12 @@ pub use shared::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
 
 impl Simulator {
     /// A simulator keeping device state in `redis` under `names`.
-    pub fn new(settings: SimulatorSettings, redis: ConnectionManager, names: Names) -> Self {
+    pub fn new(
+        settings: SimulatorSettings,
+        worker: String,
+        redis: ConnectionManager,
+        names: Names,
+    ) -> Self {
         // receive: count the delivery; say how many this execution has had and whether the
         // device already applied it.
         let receive = Script::new(
@@ -42,6 +48,10 @@ local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('HINCRBY', KEYS[3], 'deliveries', 1)
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[3], 'last_delivery_ms', t[1] * 1000 + math.floor(t[2] / 1000))
+if ARGV[2] ~= '' then
+  local log = redis.call('HGET', KEYS[4], ARGV[1]) or ''
+  redis.call('HSET', KEYS[4], ARGV[1], log .. ARGV[2] .. ';')
+end
 local done = redis.call('HEXISTS', KEYS[2], ARGV[1])
 if done == 1 then redis.call('HINCRBY', KEYS[3], 'redundant_deliveries', 1) end
 return {n, done}
@@ -60,6 +70,7 @@ return 1
         );
         Self {
             settings,
+            worker,
             redis,
             names,
             receive: std::sync::Arc::new(receive),
@@ -80,7 +91,13 @@ return 1
             .key(self.names.sim_deliveries(req.job_id))
             .key(self.names.sim_done(req.job_id))
             .key(self.names.sim_totals(req.job_id))
+            .key(self.names.sim_log(req.job_id))
             .arg(&exec)
+            .arg(if self.settings.record_deliveries {
+                format!("{}/{}", self.worker, req.attempt)
+            } else {
+                String::new()
+            })
             .invoke_async(&mut redis)
             .await
             .map_err(|e| DeliverError::Transient(format!("simulator state unavailable: {e}")))?;
