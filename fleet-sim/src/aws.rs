@@ -36,13 +36,6 @@ pub(crate) fn subscriptions() -> Vec<String> {
     .collect()
 }
 
-/// `(thing, rest)` of a `$aws/things/{thing}/jobs/{rest}` topic.
-fn split(topic: &str) -> Option<(&str, &str)> {
-    let rest = topic.strip_prefix("$aws/things/")?;
-    let (thing, rest) = rest.split_once('/')?;
-    Some((thing, rest.strip_prefix("jobs/")?))
-}
-
 /// Serves the jobs topics until shutdown.
 pub(crate) async fn serve(
     fleet: Arc<Fleet>,
@@ -57,7 +50,7 @@ pub(crate) async fn serve(
             _ = shutdown.cancelled() => return,
             m = messages.recv() => match m { Some(m) => m, None => return },
         };
-        let Some((thing, rest)) = split(&m.topic) else {
+        let Some((thing, rest)) = shared::protocol::aws_jobs_topic(&m.topic) else {
             continue;
         };
         let thing = thing.to_owned();

@@ -263,13 +263,6 @@ fn secs(ms: u64) -> u64 {
     ms / 1000
 }
 
-/// `(thing, operation)` of a `$aws/things/{thing}/jobs/{operation}` topic.
-fn split_topic(topic: &str) -> Option<(&str, &str)> {
-    let rest = topic.strip_prefix("$aws/things/")?;
-    let (thing, rest) = rest.split_once('/')?;
-    Some((thing, rest.strip_prefix("jobs/")?))
-}
-
 /// A rejected request: the AWS error document.
 #[derive(Debug)]
 struct Rejection {
@@ -621,7 +614,7 @@ impl AwsJobs {
 
     /// Answers one request from a device.
     pub(crate) async fn handle_request(&self, m: Message, name: Option<String>) {
-        let Some((thing, op)) = split_topic(&m.topic) else {
+        let Some((thing, op)) = shared::protocol::aws_jobs_topic(&m.topic) else {
             return;
         };
         if !self.claim_request(name).await {
@@ -915,19 +908,6 @@ mod tests {
         assert!(subs.iter().all(|s| s.contains("/$aws/things/+/jobs/")));
         let direct = subscriptions(None);
         assert!(direct.contains(&"$aws/things/+/jobs/start-next".to_owned()));
-    }
-
-    #[test]
-    fn topics_split_into_thing_and_operation() {
-        assert_eq!(
-            split_topic("$aws/things/dev-1/jobs/abc/update"),
-            Some(("dev-1", "abc/update"))
-        );
-        assert_eq!(
-            split_topic("$aws/things/dev-1/jobs/get"),
-            Some(("dev-1", "get"))
-        );
-        assert_eq!(split_topic("fleetbatch/devices/x/jobs"), None);
     }
 
     #[test]

@@ -6,10 +6,7 @@
 //! (with or without a body) and connection errors are transient; other statuses are
 //! permanent failures. It never records outcomes.
 
-use shared::{
-    config::HttpSettings,
-    protocol::{DeviceReply, ReplyStatus},
-};
+use shared::{config::HttpSettings, protocol::DeviceReply};
 
 use super::{DeliverError, DeliveryRequest, Reply};
 
@@ -132,20 +129,9 @@ impl HttpTransport {
                 reply.execution_id, req.execution_id
             )));
         }
-        let error = || {
-            reply
-                .error
-                .clone()
-                .unwrap_or_else(|| "no reason given".into())
-        };
-        match reply.status {
-            ReplyStatus::Succeeded => Ok(Reply::with_readings(&req.spec, reply.readings)),
-            // Over HTTP, progress means "accepted, not finished": ask again on the next attempt.
-            ReplyStatus::InProgress => Err(DeliverError::Transient("device still working".into())),
-            ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error())),
-            ReplyStatus::Failed => Err(DeliverError::Permanent(error())),
-            ReplyStatus::Rejected => Err(DeliverError::Rejected(error())),
-        }
+        // Over HTTP, progress means "accepted, not finished": ask again on the next attempt.
+        super::reply_outcome(&req.spec, reply)
+            .unwrap_or_else(|| Err(DeliverError::Transient("device still working".into())))
     }
 }
 

@@ -52,6 +52,23 @@ impl DeliveryRequest {
     }
 }
 
+/// What a fleetbatch-protocol reply means for the attempt; `None` for progress
+/// (`IN_PROGRESS`), after which the final status is still to come.
+pub fn reply_outcome(
+    spec: &JobSpec,
+    reply: shared::protocol::DeviceReply,
+) -> Option<Result<Reply, DeliverError>> {
+    use shared::protocol::ReplyStatus;
+    let error = reply.error.unwrap_or_else(|| "no reason given".to_owned());
+    Some(match reply.status {
+        ReplyStatus::InProgress => return None,
+        ReplyStatus::Succeeded => Ok(Reply::with_readings(spec, reply.readings)),
+        ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error)),
+        ReplyStatus::Failed => Err(DeliverError::Permanent(error)),
+        ReplyStatus::Rejected => Err(DeliverError::Rejected(error)),
+    })
+}
+
 /// Why an attempt did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {

@@ -19,7 +19,7 @@ use shared::{
     config::{DeviceProtocol, Settings},
     job::ExecutionState,
     mqtt::{self, Link, Message, MqttError},
-    protocol::{self, DeviceReply, ReplyStatus},
+    protocol::{self, DeviceReply},
     topology::Names,
 };
 use tokio::sync::mpsc;
@@ -212,22 +212,10 @@ impl MqttTransport {
                     )));
                 }
             };
-            let error = || {
-                reply
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| "no reason given".into())
-            };
-            return match reply.status {
-                ReplyStatus::InProgress => {
-                    tracing::debug!(device_id = %req.device_id, "device reports progress");
-                    continue;
-                }
-                ReplyStatus::Succeeded => Ok(Reply::with_readings(&req.spec, reply.readings)),
-                ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error())),
-                ReplyStatus::Failed => Err(DeliverError::Permanent(error())),
-                ReplyStatus::Rejected => Err(DeliverError::Rejected(error())),
-            };
+            match super::reply_outcome(&req.spec, reply) {
+                Some(outcome) => return outcome,
+                None => tracing::debug!(device_id = %req.device_id, "device reports progress"),
+            }
         }
     }
 
