@@ -48,7 +48,7 @@ struct Args {
     #[arg(long, value_enum)]
     mqtt: Option<MqttMode>,
     /// Address of the HTTP devices and the report endpoints.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = "127.0.0.1:9100")]
     listen: String,
 }
 
