@@ -168,15 +168,18 @@ pub fn connect(
                 o.set_credentials(u, settings.password.clone().unwrap_or_default());
             }
             let (client, events) = rumqttc::AsyncClient::new(o, 4096);
-            tokio::spawn(run_v4(
-                events,
-                client.clone(),
-                subscriptions,
-                Inbox {
-                    tx,
-                    limit,
-                    connected: connected.clone(),
+            let inbox = Inbox {
+                tx,
+                limit,
+                connected: connected.clone(),
+            };
+            tokio::spawn(run(
+                V4Session {
+                    events,
+                    client: client.clone(),
                 },
+                subscriptions,
+                inbox,
                 shutdown,
             ));
             Client::V4(client)
@@ -191,15 +194,18 @@ pub fn connect(
                 o.set_credentials(u, settings.password.clone().unwrap_or_default());
             }
             let (client, events) = rumqttc::v5::AsyncClient::new(o, 4096);
-            tokio::spawn(run_v5(
-                events,
-                client.clone(),
-                subscriptions,
-                Inbox {
-                    tx,
-                    limit,
-                    connected: connected.clone(),
+            let inbox = Inbox {
+                tx,
+                limit,
+                connected: connected.clone(),
+            };
+            tokio::spawn(run(
+                V5Session {
+                    events,
+                    client: client.clone(),
                 },
+                subscriptions,
+                inbox,
                 shutdown,
             ));
             Client::V5(client)
@@ -254,113 +260,147 @@ async fn pause_after_error(
     waited
 }
 
-async fn run_v4(
-    mut events: rumqttc::EventLoop,
-    client: rumqttc::AsyncClient,
-    subscriptions: Vec<String>,
-    inbox: Inbox,
-    shutdown: CancellationToken,
-) {
-    use rumqttc::{Event, Packet};
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            e = events.poll() => e,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = Duration::from_millis(100);
-                inbox.set_connected(true);
-                tracing::info!("MQTT connected");
-                if !subscriptions.is_empty() {
-                    let filters = subscriptions
-                        .iter()
-                        .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce));
-                    if let Err(e) = client.try_subscribe_many(filters) {
-                        tracing::warn!(error.message = %e, "MQTT subscribe failed");
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let m = Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    response_topic: None,
-                    correlation: None,
-                };
-                if !inbox.deliver(m).await {
-                    break;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                inbox.set_connected(false);
-                if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = client.try_disconnect();
+/// What one poll of a connection's event loop came to, whatever the MQTT version.
+enum Happened {
+    /// The broker accepted the (re)connection.
+    Connected,
+    /// A message arrived.
+    Received(Message),
+    /// Anything else (acks, pings).
+    Nothing,
+    /// The connection failed; the next poll reconnects.
+    Failed(String),
 }
 
-async fn run_v5(
-    mut events: rumqttc::v5::EventLoop,
+/// One MQTT version's client and event loop, seen through [`Happened`].
+trait Session: Send + 'static {
+    /// The next event.
+    fn next(&mut self) -> impl std::future::Future<Output = Happened> + Send;
+    /// Subscribes to `filters` at QoS 1, without waiting.
+    fn subscribe(&self, filters: &[String]) -> Result<(), String>;
+    /// Disconnects, without waiting.
+    fn disconnect(&self);
+}
+
+struct V4Session {
+    events: rumqttc::EventLoop,
+    client: rumqttc::AsyncClient,
+}
+
+impl Session for V4Session {
+    async fn next(&mut self) -> Happened {
+        use rumqttc::{Event, Packet};
+        match self.events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Happened::Connected,
+            Ok(Event::Incoming(Packet::Publish(p))) => Happened::Received(Message {
+                topic: p.topic,
+                payload: p.payload,
+                response_topic: None,
+                correlation: None,
+            }),
+            Ok(_) => Happened::Nothing,
+            Err(e) => Happened::Failed(e.to_string()),
+        }
+    }
+
+    fn subscribe(&self, filters: &[String]) -> Result<(), String> {
+        self.client
+            .try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce)),
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+struct V5Session {
+    events: rumqttc::v5::EventLoop,
     client: rumqttc::v5::AsyncClient,
-    subscriptions: Vec<String>,
-    inbox: Inbox,
-    shutdown: CancellationToken,
-) {
-    use rumqttc::v5::{
-        Event,
-        mqttbytes::v5::{Filter, Packet},
-    };
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            e = events.poll() => e,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = Duration::from_millis(100);
-                inbox.set_connected(true);
-                tracing::info!("MQTT connected");
-                if !subscriptions.is_empty() {
-                    let filters = subscriptions
-                        .iter()
-                        .map(|s| Filter::new(s.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce));
-                    if let Err(e) = client.try_subscribe_many(filters) {
-                        tracing::warn!(error.message = %e, "MQTT subscribe failed");
-                    }
-                }
-            }
+}
+
+impl Session for V5Session {
+    async fn next(&mut self) -> Happened {
+        use rumqttc::v5::{Event, mqttbytes::v5::Packet};
+        match self.events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Happened::Connected,
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let (response_topic, correlation) = p
                     .properties
                     .map(|props| (props.response_topic, props.correlation_data))
                     .unwrap_or_default();
-                let m = Message {
+                Happened::Received(Message {
                     topic: String::from_utf8_lossy(&p.topic).into_owned(),
                     payload: p.payload,
                     response_topic,
                     correlation,
-                };
+                })
+            }
+            Ok(_) => Happened::Nothing,
+            Err(e) => Happened::Failed(e.to_string()),
+        }
+    }
+
+    fn subscribe(&self, filters: &[String]) -> Result<(), String> {
+        use rumqttc::v5::mqttbytes::{QoS, v5::Filter};
+        self.client
+            .try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce)),
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// The event loop of one connection: subscribes again after every (re)connection, hands
+/// messages to `inbox`, and backs off after failures until `shutdown`.
+async fn run<S: Session>(
+    mut session: S,
+    subscriptions: Vec<String>,
+    inbox: Inbox,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let happened = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            h = session.next() => h,
+        };
+        match happened {
+            Happened::Connected => {
+                delay = Duration::from_millis(100);
+                inbox.set_connected(true);
+                tracing::info!("MQTT connected");
+                if !subscriptions.is_empty()
+                    && let Err(e) = session.subscribe(&subscriptions)
+                {
+                    tracing::warn!(error.message = %e, "MQTT subscribe failed");
+                }
+            }
+            Happened::Received(m) => {
                 if !inbox.deliver(m).await {
                     break;
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
+            Happened::Nothing => {}
+            Happened::Failed(e) => {
                 inbox.set_connected(false);
-                if !pause_after_error(e.to_string(), &mut delay, &shutdown).await {
+                if !pause_after_error(e, &mut delay, &shutdown).await {
                     break;
                 }
             }
         }
     }
-    let _ = client.try_disconnect();
+    session.disconnect();
 }
 
 impl Link {
