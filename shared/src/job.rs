@@ -514,6 +514,8 @@ impl JobState {
 pub enum ExecutionState {
     /// Published, waiting for a worker.
     Queued,
+    /// A worker holds it: delivering, or waiting in-process before its next attempt.
+    InProgress,
     /// Parked on a delayed-retry queue after transient failures.
     RetryScheduled,
     /// The device did it.
@@ -545,6 +547,7 @@ impl ExecutionState {
     pub fn as_str(self) -> &'static str {
         match self {
             ExecutionState::Queued => "QUEUED",
+            ExecutionState::InProgress => "IN_PROGRESS",
             ExecutionState::RetryScheduled => "RETRY_SCHEDULED",
             ExecutionState::Succeeded => "SUCCEEDED",
             ExecutionState::Failed => "FAILED",
@@ -560,6 +563,7 @@ impl ExecutionState {
         let up = s.to_ascii_uppercase().replace('-', "_");
         [
             ExecutionState::Queued,
+            ExecutionState::InProgress,
             ExecutionState::RetryScheduled,
             ExecutionState::Succeeded,
             ExecutionState::Failed,
@@ -576,7 +580,7 @@ impl ExecutionState {
     pub fn is_terminal(self) -> bool {
         !matches!(
             self,
-            ExecutionState::Queued | ExecutionState::RetryScheduled
+            ExecutionState::Queued | ExecutionState::InProgress | ExecutionState::RetryScheduled
         )
     }
 
@@ -584,6 +588,7 @@ impl ExecutionState {
     pub fn counter(self) -> &'static str {
         match self {
             ExecutionState::Queued => "queued",
+            ExecutionState::InProgress => "in_progress",
             ExecutionState::RetryScheduled => "retry_scheduled",
             ExecutionState::Succeeded => "succeeded",
             ExecutionState::Failed => "failed",

@@ -212,7 +212,7 @@ local function is_terminal(raw)
   if not raw then return false end
   local ok, st = pcall(function() return cjson.decode(raw)['state'] end)
   if not ok then return false end
-  return st ~= 'QUEUED' and st ~= 'RETRY_SCHEDULED'
+  return st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED'
 end
 "#;
 

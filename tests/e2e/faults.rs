@@ -205,10 +205,10 @@ async fn a_redis_restart_mid_job_is_survived() {
     app.reconnect_redis().await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
 
-    // Assert: re-sends at most for the tasks in flight when Redis went away (observed: 0
-    // when run alone, up to 3 of 20,000 under a fully loaded machine).
+    // Assert: no worker died, so no device is sent anything beyond its recorded attempts, even
+    // though the planner re-published its last batch when its checkpoint write failed.
     assert_eq!(job["state"], "COMPLETED");
-    let audit = assert_guarantees(&app, id, 2 * CONCURRENCY).await;
+    let audit = assert_guarantees(&app, id, 0).await;
     eprintln!("redis restart: {audit:?}");
     app.teardown().await;
 }

@@ -181,14 +181,23 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
     let lease = ctx.settings.worker.claim_lease() + attempt_timeout;
 
+    let in_progress = DeviceStatus {
+        state: ExecutionState::InProgress,
+        attempts: task.attempts,
+        error: None,
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: None,
+        worker: Some(ctx.worker_id.clone()),
+        published_at_ms: Some(task.published_at_ms),
+        readings: None,
+    };
     let recorded_attempts = match idempotency::try_claim(
         &mut redis,
         &ctx.names,
-        task.job_id,
-        &task.device_id,
-        task.execution_id,
+        task,
         &ctx.worker_id,
         lease,
+        &in_progress,
     )
     .await?
     {
@@ -237,19 +246,18 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             backoff: ctx.settings.worker.backoff.clone(),
             deadline_ms: job.deadline_ms,
         };
-        let still_ours = || {
-            let mut redis = ctx.redis.clone();
-            async move {
-                idempotency::renew(
-                    &mut redis,
-                    &ctx.names,
-                    task.execution_id,
-                    &ctx.worker_id,
-                    lease,
-                )
-                .await
-                .unwrap_or(false)
-            }
+        let between_attempts = |p: deliver::Progress| {
+            let status = DeviceStatus {
+                state: ExecutionState::InProgress,
+                attempts: p.attempts,
+                error: Some(p.error),
+                updated_at_ms: now_ms(),
+                next_attempt_at_ms: Some(p.next_attempt_at_ms),
+                worker: Some(ctx.worker_id.clone()),
+                published_at_ms: Some(task.published_at_ms),
+                readings: None,
+            };
+            hold_claim(ctx, task, status, lease + p.delay)
         };
         match deliver::run(
             &ctx.transport,
@@ -258,7 +266,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             &policy,
             &ctx.shutdown,
             &ctx.metrics,
-            still_ours,
+            between_attempts,
         )
         .await
         {
@@ -298,7 +306,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         published_at_ms: None,
                         readings: None,
                     };
-                    hand_back(ctx, task, &status).await?;
+                    hand_back(ctx, task, &status).await;
                     mark(ctx, "retry_scheduled");
                     return Ok(Outcome::Forward {
                         to: ForwardTo::Retry(idx),
@@ -337,7 +345,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     published_at_ms: None,
                     readings: None,
                 };
-                hand_back(ctx, task, &status).await?;
+                hand_back(ctx, task, &status).await;
                 mark(ctx, "handed_back");
                 return Ok(Outcome::Forward {
                     to: ForwardTo::Tasks,
@@ -379,9 +387,11 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
 }
 
 /// Records a task's attempts in its device status (so they survive even if its updated copy
-/// cannot be published), then gives up the claim.
-async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) -> anyhow::Result<()> {
-    persist(ctx, || {
+/// cannot be published), then gives up the claim. If the worker is stopping while Redis is
+/// unreachable, neither happens: the forwarded copy still carries the attempts, and the claim
+/// lapses on its own.
+async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) {
+    let recorded = persist(ctx, || {
         let mut redis = ctx.redis.clone();
         async move {
             ctx.scripts
@@ -389,7 +399,11 @@ async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) -> a
                 .await
         }
     })
-    .await?;
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(error.message = %e, "stopping with Redis unreachable: progress not recorded");
+        return;
+    }
     let mut redis = ctx.redis.clone();
     if let Err(e) =
         idempotency::release(&mut redis, &ctx.names, task.execution_id, &ctx.worker_id).await
@@ -397,7 +411,43 @@ async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) -> a
         // The lease expires on its own.
         tracing::debug!(error.message = %e, "claim not released");
     }
-    Ok(())
+}
+
+/// Between two attempts: records the progress and renews the claim past the coming wait.
+/// While Redis is unreachable it waits (the task keeps its slot) rather than hand the task
+/// back: the attempts made so far exist nowhere else yet, and a stale copy taken up meanwhile
+/// would count from an older number.
+async fn hold_claim(
+    ctx: &Context,
+    task: &DeviceTask,
+    progress: DeviceStatus,
+    lease: Duration,
+) -> deliver::Claim {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut redis = ctx.redis.clone();
+        match idempotency::hold(
+            &mut redis,
+            &ctx.names,
+            task,
+            &ctx.worker_id,
+            lease,
+            &progress,
+        )
+        .await
+        {
+            Ok(true) => return deliver::Claim::Held,
+            Ok(false) => return deliver::Claim::Lost,
+            Err(e) => {
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "cannot confirm the claim; waiting for Redis");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => return deliver::Claim::Stopping,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// Runs a Redis write until it succeeds, backing off while Redis is unreachable; gives up

@@ -4,10 +4,13 @@
 //! `try_processing` / `NextAction`:
 //! - absent: nobody works on it; [`try_claim`] takes it with `SET NX PX` (a lease, so a claim
 //!   left by a worker that died expires and the task is taken over), in the same round trip
-//!   reading the attempts already recorded for the device;
+//!   marking the device IN_PROGRESS and reading the attempts already recorded for it;
 //! - `c:{worker}`: a worker holds the claim;
 //! - `d:{result}`: finished; the stored [`TaskResult`] is re-published instead of delivering
 //!   again.
+//!
+//! Between two attempts [`hold`] renews the claim and records the attempts made so far, so
+//! whichever copy of the task runs next counts on from there.
 //!
 //! It never delivers, publishes or acks.
 
@@ -16,7 +19,7 @@ use std::time::Duration;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use shared::{
     job::DeviceStatus,
-    messages::{self, TaskResult, WireError},
+    messages::{self, DeviceTask, TaskResult, WireError},
     topology::Names,
 };
 use uuid::Uuid;
@@ -30,6 +33,9 @@ pub enum IdempotencyError {
     /// A stored result does not decode.
     #[error("stored result is corrupt")]
     Corrupt(#[from] WireError),
+    /// A status could not be serialized (does not happen for these types).
+    #[error("status not serializable")]
+    Json(#[from] serde_json::Error),
 }
 
 /// What to do with a task, given its idempotency record.
@@ -54,94 +60,122 @@ pub enum NextAction {
 const CLAIM: &str = "c:";
 const DONE: &[u8] = b"d:";
 
-/// Claims with `SET NX PX`; on success also returns the device's recorded status, so a
-/// task's attempt count survives a holder that could not publish the task's updated copy.
+/// Claims with `SET NX PX` (or re-takes a claim of ours left by an earlier broker session of
+/// this process), and in the same round trip marks the device IN_PROGRESS and reads the
+/// attempts already recorded for it, so the count never goes back: a stale copy of the task
+/// (a planner's re-published batch) starts from the recorded number, not from its own.
+/// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON.
+/// Returns {1, recorded attempts as a string} or {0, the record's value}.
 const CLAIM_LUA: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('HGET', KEYS[2], ARGV[3]) or ''}
+local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if not mine then
+  local held = redis.call('GET', KEYS[1])
+  if held ~= ARGV[1] then return {0, held or ''} end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return {0, redis.call('GET', KEYS[1]) or ''}
+local recorded = 0
+local raw = redis.call('HGET', KEYS[2], ARGV[3])
+local live = true
+if raw then
+  local ok, st = pcall(cjson.decode, raw)
+  if ok and type(st) == 'table' then
+    if st['state'] == 'QUEUED' or st['state'] == 'IN_PROGRESS' or st['state'] == 'RETRY_SCHEDULED' then
+      recorded = tonumber(st['attempts']) or 0
+    else
+      live = false
+    end
+  end
+end
+if live then
+  local status = cjson.decode(ARGV[4])
+  if recorded > status['attempts'] then status['attempts'] = recorded end
+  redis.call('HSET', KEYS[2], ARGV[3], cjson.encode(status))
+end
+return {1, tostring(recorded)}
 ";
 
-/// Tries to claim an execution for `worker`.
+/// Between two attempts: if the claim is still ours, renews it and records the device's
+/// progress (attempts so far, last error, next attempt time) unless it already finished.
+/// KEYS idempotency, status; ARGV claim, lease ms, device, status JSON. Returns 1 or 0.
+const HOLD_LUA: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local raw = redis.call('HGET', KEYS[2], ARGV[3])
+if raw then
+  local ok, st = pcall(cjson.decode, raw)
+  if ok and type(st) == 'table' and st['state'] ~= 'QUEUED' and st['state'] ~= 'IN_PROGRESS'
+    and st['state'] ~= 'RETRY_SCHEDULED' then
+    return 1
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+";
+
+/// Tries to claim `task`'s execution for `worker`; on success the device's status becomes
+/// `in_progress` (its attempts raised to those already recorded).
 ///
 /// # Errors
 /// Redis errors or a corrupt stored result.
 pub async fn try_claim(
     redis: &mut ConnectionManager,
     names: &Names,
-    job_id: Uuid,
-    device_id: &str,
-    execution: Uuid,
+    task: &DeviceTask,
     worker: &str,
     lease: Duration,
+    in_progress: &DeviceStatus,
 ) -> Result<NextAction, IdempotencyError> {
-    let script = Script::new(CLAIM_LUA);
-    let claim = format!("{CLAIM}{worker}");
-    // Two tries: the record may expire between the failed SET and the GET.
-    for _ in 0..2 {
-        let (claimed, value): (i64, Vec<u8>) = script
-            .key(names.idempotency(execution))
-            .key(names.job_status(job_id))
-            .arg(&claim)
-            .arg(lease.as_millis() as u64)
-            .arg(device_id)
-            .invoke_async(redis)
-            .await?;
-        if claimed == 1 {
-            let recorded_attempts = serde_json::from_slice::<DeviceStatus>(&value)
-                .ok()
-                .filter(|s| !s.state.is_terminal())
-                .map_or(0, |s| s.attempts);
-            return Ok(NextAction::StartProcessing { recorded_attempts });
-        }
-        if value.is_empty() {
-            continue;
-        }
-        if value.starts_with(DONE) {
-            let result = messages::decode_result(&value[DONE.len()..])?;
-            return Ok(NextAction::ReturnSavedResult(Box::new(result)));
-        }
-        let holder = String::from_utf8_lossy(&value)
-            .trim_start_matches(CLAIM)
-            .to_owned();
-        if holder == worker {
-            // Our own claim, left by an earlier broker session of this process (a copy that a
-            // handler of this process is still working on never gets here: see
-            // `handle::Context::active`).
-            return Ok(NextAction::StartProcessing {
-                recorded_attempts: 0,
-            });
-        }
-        return Ok(NextAction::HeldByOther { holder });
+    let (claimed, value): (i64, Vec<u8>) = Script::new(CLAIM_LUA)
+        .key(names.idempotency(task.execution_id))
+        .key(names.job_status(task.job_id))
+        .arg(format!("{CLAIM}{worker}"))
+        .arg(lease.as_millis() as u64)
+        .arg(&task.device_id)
+        .arg(serde_json::to_string(in_progress)?)
+        .invoke_async(redis)
+        .await?;
+    if claimed == 1 {
+        // A Lua number: "3", or "3.0"-like from a float in a hand-edited status.
+        let recorded_attempts = std::str::from_utf8(&value)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |n| n.max(0.0) as u32);
+        return Ok(NextAction::StartProcessing { recorded_attempts });
     }
-    Ok(NextAction::HeldByOther {
-        holder: "unknown".into(),
-    })
+    if value.starts_with(DONE) {
+        let result = messages::decode_result(&value[DONE.len()..])?;
+        return Ok(NextAction::ReturnSavedResult(Box::new(result)));
+    }
+    let holder = String::from_utf8_lossy(&value)
+        .trim_start_matches(CLAIM)
+        .to_owned();
+    Ok(NextAction::HeldByOther { holder })
 }
 
-/// Renews our claim's lease if we still hold it; `false` if it lapsed and someone else may
+/// Between attempts: renews our claim's lease (to `lease`) and records `progress` as the
+/// device's status, if we still hold the claim; `false` if it lapsed and someone else may
 /// have taken the execution over (e.g. Redis was down longer than the lease).
 ///
 /// # Errors
 /// Redis errors.
-pub async fn renew(
+pub async fn hold(
     redis: &mut ConnectionManager,
     names: &Names,
-    execution: Uuid,
+    task: &DeviceTask,
     worker: &str,
     lease: Duration,
+    progress: &DeviceStatus,
 ) -> Result<bool, IdempotencyError> {
-    let script = Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
-    );
-    let renewed: i64 = script
-        .key(names.idempotency(execution))
+    let held: i64 = Script::new(HOLD_LUA)
+        .key(names.idempotency(task.execution_id))
+        .key(names.job_status(task.job_id))
         .arg(format!("{CLAIM}{worker}"))
         .arg(lease.as_millis() as u64)
+        .arg(&task.device_id)
+        .arg(serde_json::to_string(progress)?)
         .invoke_async(redis)
         .await?;
-    Ok(renewed == 1)
+    Ok(held == 1)
 }
 
 /// Records the final result. From now on every copy of the task re-publishes it.

@@ -225,10 +225,35 @@ pub struct AttemptPolicy {
     pub deadline_ms: Option<u64>,
 }
 
+/// Where a task stands between two attempts, for [`run`]'s `between_attempts` hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Attempts made in total so far.
+    pub attempts: u32,
+    /// Why the last one failed.
+    pub error: String,
+    /// When the next attempt is due (ms since epoch).
+    pub next_attempt_at_ms: u64,
+    /// How long until then.
+    pub delay: Duration,
+}
+
+/// What the `between_attempts` hook found out about the claim on the execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Still ours, renewed past the next attempt, and the progress recorded.
+    Held,
+    /// Lapsed: another worker may hold the execution now.
+    Lost,
+    /// The worker is stopping before the claim could be confirmed.
+    Stopping,
+}
+
 /// Attempts delivery until success, a final error, the in-process budget, or shutdown.
-/// `attempts_before` counts attempts made by earlier holders of the task. Before every retry
-/// `still_ours` must confirm (and renew) the claim on the execution, so two workers never
-/// deliver it at once.
+/// `attempts_before` counts attempts made by earlier holders of the task. After a failed
+/// attempt, before waiting for the next, `between_attempts` must record the progress and
+/// confirm (and renew past the wait) the claim on the execution, so two workers never deliver
+/// it at once and no later holder starts counting from an older number.
 pub async fn run<C, CF>(
     transport: &Transport,
     mut req: DeliveryRequest,
@@ -236,11 +261,11 @@ pub async fn run<C, CF>(
     policy: &AttemptPolicy,
     shutdown: &CancellationToken,
     metrics: &crate::metrics::Metrics,
-    mut still_ours: C,
+    mut between_attempts: C,
 ) -> Delivered
 where
-    C: FnMut() -> CF,
-    CF: std::future::Future<Output = bool>,
+    C: FnMut(Progress) -> CF,
+    CF: std::future::Future<Output = Claim>,
 {
     let mut backoff = shared::backoff::in_process(&policy.backoff);
     let mut attempts = attempts_before;
@@ -321,14 +346,22 @@ where
         let Some(delay) = backoff.next_backoff() else {
             return Delivered::Park { attempts, error };
         };
+        let progress = Progress {
+            attempts,
+            error,
+            next_attempt_at_ms: shared::now_ms() + delay.as_millis() as u64,
+            delay,
+        };
+        match between_attempts(progress).await {
+            Claim::Held => {}
+            Claim::Lost => return Delivered::ClaimLost { attempts },
+            Claim::Stopping => return Delivered::Interrupted { attempts },
+        }
         tokio::select! {
             // The normal case: wait, then try again.
             _ = tracing::Instrument::instrument(tokio::time::sleep(delay), wait_span) => {}
             // Stopping: no new attempts; the task goes back to the queue.
             _ = shutdown.cancelled() => return Delivered::Interrupted { attempts },
-        }
-        if !still_ours().await {
-            return Delivered::ClaimLost { attempts };
         }
     }
 }
@@ -406,7 +439,7 @@ mod tests {
             policy,
             &CancellationToken::new(),
             &crate::metrics::Metrics::new(),
-            || async { true },
+            |_| async { Claim::Held },
         )
         .await
     }
@@ -520,7 +553,7 @@ mod tests {
             &policy(5, 60_000),
             &token,
             &crate::metrics::Metrics::new(),
-            || async { true },
+            |_| async { Claim::Held },
         )
         .await;
         assert_eq!(out, Delivered::Interrupted { attempts: 1 });
@@ -536,10 +569,61 @@ mod tests {
             &policy(5, 60_000),
             &CancellationToken::new(),
             &crate::metrics::Metrics::new(),
-            || async { false },
+            |_| async { Claim::Lost },
         )
         .await;
         assert_eq!(out, Delivered::ClaimLost { attempts: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_is_handed_to_the_hook_before_every_wait_and_a_stop_there_interrupts() {
+        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient(), transient()])));
+        let seen = Mutex::new(Vec::new());
+        let before = shared::now_ms();
+        let out = run(
+            &transport,
+            request(),
+            3,
+            &policy(10, 60_000),
+            &CancellationToken::new(),
+            &crate::metrics::Metrics::new(),
+            |p: Progress| {
+                seen.lock().expect("lock").push(p.clone());
+                async { Claim::Held }
+            },
+        )
+        .await;
+        assert_eq!(
+            out,
+            Delivered::Succeeded {
+                attempts: 6,
+                reply: Reply::default()
+            }
+        );
+        let seen = seen.into_inner().expect("lock");
+        assert_eq!(
+            seen.iter().map(|p| p.attempts).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert!(seen.iter().all(|p| p.error == "reset"), "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|p| !p.delay.is_zero() && p.next_attempt_at_ms >= before),
+            "{seen:?}"
+        );
+
+        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
+        let out = run(
+            &transport,
+            request(),
+            0,
+            &policy(5, 60_000),
+            &CancellationToken::new(),
+            &crate::metrics::Metrics::new(),
+            |_| async { Claim::Stopping },
+        )
+        .await;
+        assert_eq!(out, Delivered::Interrupted { attempts: 1 });
     }
 
     #[tokio::test(start_paused = true)]
