@@ -66,16 +66,22 @@ async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> coordinat
 
 #[tokio::test]
 async fn killing_workers_mid_delivery_loses_nothing_and_applies_nothing_twice() {
-    // Arrange
-    let mut app = spawn_mixed(3, &[]).await;
+    // Arrange: the simulated devices log which worker sent each delivery, with which attempt.
+    let mut app = spawn_mixed(
+        3,
+        &[("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into())],
+    )
+    .await;
     app.import_fleet(DEVICES).await;
     let id = app.create_job(&firmware_job(json!({}))).await;
 
     // Act: SIGKILL a worker three times mid-job, starting a replacement each time.
     let kills = 3;
+    let mut killed = Vec::new();
     for k in 0..kills {
         app.wait_for_terminal(id, (k + 1) * 4_000, Duration::from_secs(300))
             .await;
+        killed.push(app.cluster.worker_pid(k as usize).expect("pid"));
         app.cluster
             .signal_worker(k as usize, Signal::SIGKILL)
             .expect("kill");
@@ -90,6 +96,54 @@ async fn killing_workers_mid_delivery_loses_nothing_and_applies_nothing_twice() 
     // Assert: re-sends only for what the killed workers had in flight.
     let audit = assert_guarantees(&app, id, kills * CONCURRENCY).await;
     eprintln!("worker kills: {audit:?}");
+    // Every attempt number a device was sent twice was first sent by a worker that was then
+    // killed (its outcome died with it), at most its in-flight limit per killed worker.
+    let mut redis = app.redis.clone();
+    let log: std::collections::HashMap<String, String> =
+        redis::AsyncCommands::hgetall(&mut redis, app.names.sim_log(id))
+            .await
+            .expect("delivery log");
+    let logged: usize = log.values().map(|e| e.matches(';').count()).sum();
+    assert_eq!(
+        logged as u64, audit.deliveries,
+        "every delivery is in the log"
+    );
+    let mut resent_after: std::collections::BTreeMap<String, u64> = Default::default();
+    for entries in log.values() {
+        let sent: Vec<(&str, &str)> = entries
+            .split(';')
+            .filter(|e| !e.is_empty())
+            .map(|e| e.rsplit_once('/').expect("worker/attempt"))
+            .collect();
+        for (i, (worker, attempt)) in sent.iter().enumerate() {
+            if sent[i + 1..].iter().any(|(_, a)| a == attempt) {
+                *resent_after.entry((*worker).to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let resent: u64 = resent_after.values().sum();
+    assert!(
+        resent >= audit.extra_deliveries,
+        "{resent} re-sent attempts < {} extra deliveries",
+        audit.extra_deliveries
+    );
+    for (worker, n) in &resent_after {
+        // Worker ids are `{host}-{pid}-{suffix}`.
+        let pid: u32 = worker
+            .rsplit('-')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("pid in worker id");
+        assert!(
+            killed.contains(&pid),
+            "worker {worker} (not killed) had {n} attempts re-sent"
+        );
+        assert!(
+            *n <= CONCURRENCY,
+            "worker {worker}: {n} re-sent > in-flight limit"
+        );
+    }
+    eprintln!("re-sent attempts per killed worker: {resent_after:?}");
     app.teardown().await;
 }
 
