@@ -293,15 +293,26 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     let id = app
         .create_job(&firmware_job(json!({"retry": {"max_attempts": 6}})))
         .await;
-    let mut saw_parked = false;
+    let (mut saw_parked, mut saw_retrying) = (false, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while !saw_parked && tokio::time::Instant::now() < deadline {
+    while !(saw_parked && saw_retrying) && tokio::time::Instant::now() < deadline {
         let statuses = app.statuses(id).await;
-        saw_parked = offline.iter().any(|d| {
+        saw_parked |= offline.iter().any(|d| {
             statuses.get(d).is_some_and(|s| {
                 s.state == ExecutionState::RetryScheduled
                     && s.next_attempt_at_ms.is_some()
                     && s.attempts >= 2
+            })
+        });
+        // Between in-process attempts: held by a worker, with the attempts so far, the last
+        // error and the next attempt time.
+        saw_retrying |= offline.iter().any(|d| {
+            statuses.get(d).is_some_and(|s| {
+                s.state == ExecutionState::InProgress
+                    && s.attempts >= 1
+                    && s.error.is_some()
+                    && s.next_attempt_at_ms.is_some()
+                    && s.worker.is_some()
             })
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -313,6 +324,10 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     assert!(
         saw_parked,
         "a parked device showed RETRY_SCHEDULED with its next attempt time"
+    );
+    assert!(
+        saw_retrying,
+        "a device retried in-process showed IN_PROGRESS with its attempts, error and next attempt time"
     );
     let statuses = assert_guarantees(&app, id, 0).await;
     assert_eq!(statuses.statuses.get("succeeded").copied(), Some(DEVICES));

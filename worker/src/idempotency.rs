@@ -64,9 +64,10 @@ const DONE: &[u8] = b"d:";
 /// this process), and in the same round trip marks the device IN_PROGRESS and reads the
 /// attempts already recorded for it, so the count never goes back: a stale copy of the task
 /// (a planner's re-published batch) starts from the recorded number, not from its own.
-/// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON.
+/// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON, its
+/// attempts.
 /// Returns {1, recorded attempts as a string} or {0, the record's value}.
-const CLAIM_LUA: &str = r"
+const CLAIM_LUA: &str = r#"
 local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not mine then
   local held = redis.call('GET', KEYS[1])
@@ -75,24 +76,26 @@ if not mine then
 end
 local recorded = 0
 local raw = redis.call('HGET', KEYS[2], ARGV[3])
-local live = true
 if raw then
-  local ok, st = pcall(cjson.decode, raw)
-  if ok and type(st) == 'table' then
-    if st['state'] == 'QUEUED' or st['state'] == 'IN_PROGRESS' or st['state'] == 'RETRY_SCHEDULED' then
-      recorded = tonumber(st['attempts']) or 0
-    else
-      live = false
-    end
+  -- Statuses are written with `state` first and `attempts` second; read those two without
+  -- decoding the whole document (this runs once per delivery).
+  local st = string.match(raw, '^{"state":"([A-Z_]+)"')
+  if not st then
+    local ok, doc = pcall(cjson.decode, raw)
+    if ok and type(doc) == 'table' then st = doc['state'] end
   end
+  if st and st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED' then
+    return {1, '0'}
+  end
+  recorded = tonumber(string.match(raw, '"attempts":(%d+)')) or 0
 end
-if live then
-  local status = cjson.decode(ARGV[4])
-  if recorded > status['attempts'] then status['attempts'] = recorded end
-  redis.call('HSET', KEYS[2], ARGV[3], cjson.encode(status))
+local status = ARGV[4]
+if recorded > tonumber(ARGV[5]) then
+  status = string.gsub(status, '"attempts":%d+', '"attempts":' .. recorded, 1)
 end
+redis.call('HSET', KEYS[2], ARGV[3], status)
 return {1, tostring(recorded)}
-";
+"#;
 
 /// Between two attempts: if the claim is still ours, renews it and records the device's
 /// progress (attempts so far, last error, next attempt time) unless it already finished.
@@ -132,6 +135,7 @@ pub async fn try_claim(
         .arg(lease.as_millis() as u64)
         .arg(&task.device_id)
         .arg(serde_json::to_string(in_progress)?)
+        .arg(in_progress.attempts)
         .invoke_async(redis)
         .await?;
     if claimed == 1 {
