@@ -181,23 +181,14 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
     let lease = ctx.settings.worker.claim_lease() + attempt_timeout;
 
-    let in_progress = DeviceStatus {
-        state: ExecutionState::InProgress,
-        attempts: task.attempts,
-        error: None,
-        updated_at_ms: now_ms(),
-        next_attempt_at_ms: None,
-        worker: Some(ctx.worker_id.clone()),
-        published_at_ms: Some(task.published_at_ms),
-        readings: None,
-    };
+    let claimed = in_progress(ctx, task, task.attempts, None, None);
     let recorded_attempts = match idempotency::try_claim(
         &mut redis,
         &ctx.names,
         task,
         &ctx.worker_id,
         lease,
-        &in_progress,
+        &claimed,
     )
     .await?
     {
@@ -246,18 +237,15 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             backoff: ctx.settings.worker.backoff.clone(),
             deadline_ms: job.deadline_ms,
         };
-        let between_attempts = |p: deliver::Progress| {
-            let status = DeviceStatus {
-                state: ExecutionState::InProgress,
-                attempts: p.attempts,
-                error: Some(p.error),
-                updated_at_ms: now_ms(),
-                next_attempt_at_ms: Some(p.next_attempt_at_ms),
-                worker: Some(ctx.worker_id.clone()),
-                published_at_ms: Some(task.published_at_ms),
-                readings: None,
-            };
-            hold_claim(ctx, task, status, lease + p.delay)
+        let between_attempts = |p: deliver::Progress| async move {
+            let status = in_progress(
+                ctx,
+                task,
+                p.attempts,
+                Some(p.error),
+                Some(p.next_attempt_at_ms),
+            );
+            hold_claim(ctx, task, &status, lease + p.delay).await
         };
         match deliver::run(
             &ctx.transport,
@@ -420,51 +408,46 @@ async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) {
 async fn hold_claim(
     ctx: &Context,
     task: &DeviceTask,
-    progress: DeviceStatus,
+    progress: &DeviceStatus,
     lease: Duration,
 ) -> deliver::Claim {
-    let mut delay = Duration::from_millis(100);
-    loop {
+    let held = persist(ctx, || {
         let mut redis = ctx.redis.clone();
-        match idempotency::hold(
-            &mut redis,
-            &ctx.names,
-            task,
-            &ctx.worker_id,
-            lease,
-            &progress,
-        )
-        .await
-        {
-            Ok(true) => return deliver::Claim::Held,
-            Ok(false) => return deliver::Claim::Lost,
-            Err(e) => {
-                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "cannot confirm the claim; waiting for Redis");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.shutdown.cancelled() => return deliver::Claim::Stopping,
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
+        async move {
+            idempotency::hold(
+                &mut redis,
+                &ctx.names,
+                task,
+                &ctx.worker_id,
+                lease,
+                progress,
+            )
+            .await
         }
+    })
+    .await;
+    match held {
+        Ok(true) => deliver::Claim::Held,
+        Ok(false) => deliver::Claim::Lost,
+        Err(_) => deliver::Claim::Stopping,
     }
 }
 
 /// Runs a Redis write until it succeeds, backing off while Redis is unreachable; gives up
 /// only when the worker is stopping.
-async fn persist<F, Fut, E>(ctx: &Context, mut write: F) -> anyhow::Result<()>
+async fn persist<F, Fut, T, E>(ctx: &Context, mut write: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
     let mut delay = Duration::from_millis(100);
     loop {
         match write().await {
-            Ok(()) => return Ok(()),
+            Ok(done) => return Ok(done),
             Err(e) if ctx.shutdown.is_cancelled() => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "recording failed; retrying");
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "Redis unreachable; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = ctx.shutdown.cancelled() => {}
@@ -472,6 +455,26 @@ where
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// The status of a device this worker holds.
+fn in_progress(
+    ctx: &Context,
+    task: &DeviceTask,
+    attempts: u32,
+    error: Option<String>,
+    next_attempt_at_ms: Option<u64>,
+) -> DeviceStatus {
+    DeviceStatus {
+        state: ExecutionState::InProgress,
+        attempts,
+        error,
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms,
+        worker: Some(ctx.worker_id.clone()),
+        published_at_ms: Some(task.published_at_ms),
+        readings: None,
     }
 }
 
