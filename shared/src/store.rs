@@ -207,12 +207,27 @@ local function finish_if_done(terminal)
 end
 "#;
 
-const TERMINAL_CHECK_LUA: &str = r#"
+/// Lua helpers over a device's status JSON, for scripts that check or update it:
+/// `is_terminal(raw)` (false for a missing or unreadable status) and `attempts_of(raw)`.
+/// Statuses are serialized with `state` first and `attempts` second, so both are read by
+/// pattern, without decoding the document; anything else is decoded.
+pub const STATUS_LUA: &str = r#"
+local function state_of(raw)
+  local st = string.match(raw, '^{"state":"([A-Z_]+)"')
+  if st then return st end
+  local ok, doc = pcall(cjson.decode, raw)
+  if ok and type(doc) == 'table' and type(doc['state']) == 'string' then return doc['state'] end
+  return nil
+end
 local function is_terminal(raw)
   if not raw then return false end
-  local ok, st = pcall(function() return cjson.decode(raw)['state'] end)
-  if not ok then return false end
+  local st = state_of(raw)
+  if not st then return false end
   return st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED'
+end
+local function attempts_of(raw)
+  if not raw then return 0 end
+  return tonumber(string.match(raw, '"attempts":(%d+)')) or 0
 end
 "#;
 
@@ -221,7 +236,7 @@ end
 /// 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
-        r#"{TERMINAL_CHECK_LUA}{FINISH_IF_DONE_LUA}
+        r#"{STATUS_LUA}{FINISH_IF_DONE_LUA}
 if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -247,7 +262,7 @@ return finish_if_done(terminal)
 /// unless the device is already terminal. Returns 1 if set.
 fn record_progress_script() -> Script {
     Script::new(&format!(
-        r#"{TERMINAL_CHECK_LUA}
+        r#"{STATUS_LUA}
 if is_terminal(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1

@@ -14,12 +14,13 @@
 //!
 //! It never delivers, publishes or acks.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use shared::{
     job::DeviceStatus,
     messages::{self, DeviceTask, TaskResult, WireError},
+    store,
     topology::Names,
 };
 use uuid::Uuid;
@@ -74,21 +75,9 @@ if not mine then
   if held ~= ARGV[1] then return {0, held or ''} end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-local recorded = 0
 local raw = redis.call('HGET', KEYS[2], ARGV[3])
-if raw then
-  -- Statuses are written with `state` first and `attempts` second; read those two without
-  -- decoding the whole document (this runs once per delivery).
-  local st = string.match(raw, '^{"state":"([A-Z_]+)"')
-  if not st then
-    local ok, doc = pcall(cjson.decode, raw)
-    if ok and type(doc) == 'table' then st = doc['state'] end
-  end
-  if st and st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED' then
-    return {1, '0'}
-  end
-  recorded = tonumber(string.match(raw, '"attempts":(%d+)')) or 0
-end
+if is_terminal(raw) then return {1, '0'} end
+local recorded = attempts_of(raw)
 local status = ARGV[4]
 if recorded > tonumber(ARGV[5]) then
   status = string.gsub(status, '"attempts":%d+', '"attempts":' .. recorded, 1)
@@ -103,17 +92,17 @@ return {1, tostring(recorded)}
 const HOLD_LUA: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local raw = redis.call('HGET', KEYS[2], ARGV[3])
-if raw then
-  local ok, st = pcall(cjson.decode, raw)
-  if ok and type(st) == 'table' and st['state'] ~= 'QUEUED' and st['state'] ~= 'IN_PROGRESS'
-    and st['state'] ~= 'RETRY_SCHEDULED' then
-    return 1
-  end
+if not is_terminal(redis.call('HGET', KEYS[2], ARGV[3])) then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 ";
+
+/// The scripts, with the status helpers prepended; built (and hashed) once per process.
+static CLAIM_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{CLAIM_LUA}", store::STATUS_LUA)));
+static HOLD_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{HOLD_LUA}", store::STATUS_LUA)));
 
 /// Tries to claim `task`'s execution for `worker`; on success the device's status becomes
 /// `in_progress` (its attempts raised to those already recorded).
@@ -128,7 +117,7 @@ pub async fn try_claim(
     lease: Duration,
     in_progress: &DeviceStatus,
 ) -> Result<NextAction, IdempotencyError> {
-    let (claimed, value): (i64, Vec<u8>) = Script::new(CLAIM_LUA)
+    let (claimed, value): (i64, Vec<u8>) = CLAIM_SCRIPT
         .key(names.idempotency(task.execution_id))
         .key(names.job_status(task.job_id))
         .arg(format!("{CLAIM}{worker}"))
@@ -170,7 +159,7 @@ pub async fn hold(
     lease: Duration,
     progress: &DeviceStatus,
 ) -> Result<bool, IdempotencyError> {
-    let held: i64 = Script::new(HOLD_LUA)
+    let held: i64 = HOLD_SCRIPT
         .key(names.idempotency(task.execution_id))
         .key(names.job_status(task.job_id))
         .arg(format!("{CLAIM}{worker}"))
