@@ -312,6 +312,9 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                 anyhow::bail!("{error}");
             }
             Delivered::ClaimLost { attempts } => {
+                // Only after a real lapse (the worker stalled, or Redis was down for longer
+                // than the lease). The last attempt is then recorded only in this copy: a stale
+                // copy that claims first counts from the attempt before it.
                 tracing::warn!("claim lapsed mid-retry; handing the task back");
                 mark(ctx, "claim_lost");
                 return Ok(Outcome::Forward {
