@@ -431,15 +431,37 @@ mod tests {
         policy: &AttemptPolicy,
         before: u32,
     ) -> Delivered {
+        run_hooked(
+            answers,
+            policy,
+            before,
+            &CancellationToken::new(),
+            |_| async { Claim::Held },
+        )
+        .await
+    }
+
+    /// [`run_script`] with a shutdown token and a `between_attempts` hook of the test's own.
+    async fn run_hooked<C, CF>(
+        answers: Vec<Option<Result<(), DeliverError>>>,
+        policy: &AttemptPolicy,
+        before: u32,
+        shutdown: &CancellationToken,
+        between_attempts: C,
+    ) -> Delivered
+    where
+        C: FnMut(Progress) -> CF,
+        CF: std::future::Future<Output = Claim>,
+    {
         let transport = Transport::Scripted(Arc::new(Script::new(answers)));
         run(
             &transport,
             request(),
             before,
             policy,
-            &CancellationToken::new(),
+            shutdown,
             &crate::metrics::Metrics::new(),
-            |_| async { Claim::Held },
+            between_attempts,
         )
         .await
     }
@@ -543,16 +565,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_during_a_backoff_wait_hands_the_task_back() {
-        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
         let token = CancellationToken::new();
         token.cancel();
-        let out = run(
-            &transport,
-            request(),
-            0,
+        let out = run_hooked(
+            vec![transient()],
             &policy(5, 60_000),
+            0,
             &token,
-            &crate::metrics::Metrics::new(),
             |_| async { Claim::Held },
         )
         .await;
@@ -561,14 +580,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lapsed_claim_stops_retries_before_the_device_is_contacted_again() {
-        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
-        let out = run(
-            &transport,
-            request(),
-            0,
+        let out = run_hooked(
+            vec![transient()],
             &policy(5, 60_000),
+            0,
             &CancellationToken::new(),
-            &crate::metrics::Metrics::new(),
             |_| async { Claim::Lost },
         )
         .await;
@@ -577,16 +593,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn progress_is_handed_to_the_hook_before_every_wait_and_a_stop_there_interrupts() {
-        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient(), transient()])));
         let seen = Mutex::new(Vec::new());
         let before = shared::now_ms();
-        let out = run(
-            &transport,
-            request(),
-            3,
+        let out = run_hooked(
+            vec![transient(), transient()],
             &policy(10, 60_000),
+            3,
             &CancellationToken::new(),
-            &crate::metrics::Metrics::new(),
             |p: Progress| {
                 seen.lock().expect("lock").push(p.clone());
                 async { Claim::Held }
@@ -612,14 +625,11 @@ mod tests {
             "{seen:?}"
         );
 
-        let transport = Transport::Scripted(Arc::new(Script::new(vec![transient()])));
-        let out = run(
-            &transport,
-            request(),
-            0,
+        let out = run_hooked(
+            vec![transient()],
             &policy(5, 60_000),
+            0,
             &CancellationToken::new(),
-            &crate::metrics::Metrics::new(),
             |_| async { Claim::Stopping },
         )
         .await;
