@@ -101,6 +101,11 @@ return 1
 /// The scripts, with the status helpers prepended; built (and hashed) once per process.
 static CLAIM_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}{CLAIM_LUA}", store::STATUS_LUA)));
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    )
+});
 static HOLD_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}{HOLD_LUA}", store::STATUS_LUA)));
 
@@ -204,10 +209,7 @@ pub async fn release(
     execution: Uuid,
     worker: &str,
 ) -> Result<(), IdempotencyError> {
-    let script = Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-    );
-    let _: i64 = script
+    let _: i64 = RELEASE_SCRIPT
         .key(names.idempotency(execution))
         .arg(format!("{CLAIM}{worker}"))
         .invoke_async(redis)
