@@ -18,11 +18,11 @@ use lapin::{
 };
 use redis::aio::ConnectionManager;
 use shared::{
-    amqp::{self, Publisher},
-    job::{DeviceStatus, ExecutionState},
+    amqp::Publisher,
     messages::{self, TaskResult},
+    state::{DeviceStatus, ExecutionState},
     store::{Outcome, Scripts},
-    topology::Names,
+    topology::{self, Names},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +104,7 @@ async fn process_batch(
                 let reason = format!("undecodable result: {e}: {e:?}");
                 tracing::error!(%reason, queue = %agg.names.results_queue(), "dead-lettering a result");
                 agg.metrics.dead_lettered.inc();
-                match amqp::dead_letter(
+                match topology::dead_letter(
                     &agg.publisher,
                     &agg.names,
                     &agg.names.results_queue(),

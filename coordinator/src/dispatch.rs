@@ -16,9 +16,9 @@ use redis::{AsyncCommands, aio::ConnectionManager};
 use shared::{
     amqp::{self, Outgoing, Publisher},
     config::Settings,
-    job::{DeviceStatus, ExecutionState, JobState},
     messages::{self, DeviceTask, TASK_TYPE, WIRE_VERSION},
     now_ms,
+    state::{DeviceStatus, ExecutionState, JobState},
     store::{self, Outcome, Scripts},
     topology::{HEADER_ATTEMPT, HEADER_JOB_ID, Names, TASK_ROUTING_KEY},
 };
@@ -321,7 +321,7 @@ async fn publish_batch(
             let task = DeviceTask {
                 version: WIRE_VERSION,
                 job_id,
-                execution_id: shared::job::execution_id(job_id, device),
+                execution_id: shared::state::execution_id(job_id, device),
                 device_id: (*device).to_owned(),
                 attempts: 0,
                 parked: 0,

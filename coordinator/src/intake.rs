@@ -8,8 +8,9 @@
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use shared::{
-    job::{JobSpec, JobState, SpecError, SpecFormat, SpecLimits},
+    job::{JobSpec, SpecError, SpecFormat, SpecLimits},
     now_ms,
+    state::JobState,
     store::StoreError,
     topology::Names,
 };

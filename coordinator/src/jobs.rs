@@ -1,20 +1,18 @@
 //! Reading and cancelling jobs, for the API.
 //!
 //! Owns the views served to users: a job's state and counters, the job list, per-device
-//! status pages with a state filter, and the failure report. Cancelling flips the job to
+//! status pages with a state filter. Cancelling flips the job to
 //! CANCELING (only from IN_PROGRESS, atomically) and tells the workers at once over the
 //! control exchange. It never records device outcomes.
-
-use std::collections::BTreeMap;
 
 use lapin::types::FieldTable;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use serde::Serialize;
 use shared::{
     amqp::{self, Outgoing, Publisher},
-    job::{DeviceStatus, ExecutionState},
     messages::{self, CONTROL_TYPE, ControlMessage},
     now_ms,
+    state::{DeviceStatus, ExecutionState, JobState},
     store::{self, JobRecord, StoreError},
     topology::Names,
 };
@@ -28,7 +26,7 @@ pub struct JobView {
     /// Name.
     pub name: Option<String>,
     /// State.
-    pub state: String,
+    pub state: JobState,
     /// Action kind.
     pub action: String,
     /// Creation time (ms).
@@ -65,7 +63,7 @@ impl From<JobRecord> for JobView {
         JobView {
             job_id: r.id,
             name: r.spec.name.clone(),
-            state: r.state.as_str().to_owned(),
+            state: r.state,
             action: r.spec.action.kind().to_owned(),
             created_at_ms: r.created_at_ms,
             finished_at_ms: r.finished_at_ms,
@@ -228,78 +226,6 @@ async fn scan_statuses(
             Ok((next, pairs))
         }
     }
-}
-
-/// The failure report of a job.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// The job.
-    pub job: JobView,
-    /// Devices that did not succeed (FAILED, REJECTED, TIMED_OUT), with their last error.
-    pub failures: Vec<DeviceEntry>,
-    /// How many devices failed with each error.
-    pub errors: BTreeMap<String, u64>,
-    /// Whether `failures` was cut at the limit.
-    pub truncated: bool,
-    /// Data-retrieval jobs: per-metric statistics of the readings of devices that succeeded.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub readings: Option<BTreeMap<String, crate::readings::MetricSummary>>,
-}
-
-/// Builds the failure report, listing at most `limit` devices.
-///
-/// # Errors
-/// Redis errors.
-pub async fn report(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    id: Uuid,
-    limit: usize,
-) -> Result<Option<Report>, StoreError> {
-    let Some(job) = get(redis, names, id).await? else {
-        return Ok(None);
-    };
-    let mut failures = Vec::new();
-    let mut errors = BTreeMap::new();
-    let mut truncated = false;
-    for state in [
-        ExecutionState::Failed,
-        ExecutionState::Rejected,
-        ExecutionState::TimedOut,
-    ] {
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = devices(redis, names, id, Some(state), cursor.as_deref(), 1000).await?;
-            for e in page.devices {
-                *errors
-                    .entry(
-                        e.status
-                            .error
-                            .clone()
-                            .unwrap_or_else(|| "(no error given)".into()),
-                    )
-                    .or_insert(0) += 1;
-                if failures.len() < limit {
-                    failures.push(e);
-                } else {
-                    truncated = true;
-                }
-            }
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
-    }
-    failures.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-    let readings = crate::readings::summary(redis, names, id).await?;
-    Ok(Some(Report {
-        job,
-        failures,
-        errors,
-        truncated,
-        readings,
-    }))
 }
 
 /// Why a cancel did nothing.

@@ -1,10 +1,15 @@
 //! The fleetbatch coordinator: turns jobs into device tasks and device results into job
-//! progress, and serves the HTTP API the `fleetbatch` CLI talks to.
+//! progress, and serves the HTTP API the `fleetbatch` CLI talks to. The service alone: the
+//! operator CLI is the `cli` crate, local deployments for demos and tests the `harness`
+//! crate, and it never talks to a device.
 //!
 //! # Layout
 //! - [`startup`]: builds an [`startup::Application`] (connections, topology, HTTP listener),
 //!   resumes unfinished jobs, and runs until a shutdown trigger fires.
-//! - [`api`]: the HTTP API (axum): devices, jobs, health.
+//! - [`app`]: what handlers and loops share ([`app::AppState`]): settings, Redis, metrics,
+//!   webhooks and the current broker session.
+//! - [`api`]: the HTTP API (axum), one module per resource: devices, jobs, events, dead
+//!   letters, health.
 //! - [`registry`]: the device registry in Redis: import, list, count.
 //! - [`intake`]: accepts a job spec, validates it, stores it once, starts its planner.
 //! - [`split`]: streams a job's targets from the registry in id order and decides per device:
@@ -17,12 +22,10 @@
 //! - [`jobs`]: reading jobs for the API (state, counters, per-device status, reports) and
 //!   cancelling them.
 //! - [`readings`]: data-retrieval readings: the per-metric summary and CSV/NDJSON export.
-//! - [`audit`]: checks a job against the guarantees (chaos runs, tests).
+//! - [`report`]: a job's report: failures grouped by error, and the readings summary.
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`notify`]: signed, retried webhooks for job state changes and device failures.
 //! - [`deadletters`]: listing and replaying the dead-letter queue.
-//! - [`local`] and [`fleet`]: a local deployment of child processes and a generated fleet,
-//!   for the demo, the benchmark and the end-to-end tests.
 //!
 //! # Flow of one job
 //! ```text
@@ -31,16 +34,15 @@
 
 pub mod aggregate;
 pub mod api;
-pub mod audit;
+pub mod app;
 pub mod deadletters;
 pub mod dispatch;
-pub mod fleet;
 pub mod intake;
 pub mod jobs;
-pub mod local;
 pub mod metrics;
 pub mod notify;
 pub mod readings;
 pub mod registry;
+pub mod report;
 pub mod split;
 pub mod startup;

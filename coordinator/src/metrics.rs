@@ -12,10 +12,11 @@ use prometheus::{
     TextEncoder,
 };
 use redis::{AsyncCommands, aio::ConnectionManager};
-use shared::{job::ExecutionState, topology::Names};
+use shared::{
+    state::{ExecutionState, JobState},
+    topology::Names,
+};
 use uuid::Uuid;
-
-use crate::startup::AppState;
 
 /// Every metric of a coordinator.
 #[derive(Debug, Clone)]
@@ -155,11 +156,21 @@ impl Metrics {
         }
     }
 
-    /// Refreshes the state gauges and renders every metric.
-    pub async fn render(&self, app: &AppState) -> String {
-        self.refresh_queues(app).await;
-        let mut redis = app.redis.clone();
-        if let Err(e) = self.refresh_jobs(&mut redis, &app.names).await {
+    /// Refreshes the state gauges (queue depths through `broker` when connected, job
+    /// counters from Redis) and renders every metric. `retry_queues` is how many delayed-retry
+    /// queues the deployment has.
+    pub async fn render(
+        &self,
+        broker: Option<&lapin::Connection>,
+        redis: &ConnectionManager,
+        names: &Names,
+        retry_queues: usize,
+    ) -> String {
+        if let Some(connection) = broker {
+            self.refresh_queues(connection, names, retry_queues).await;
+        }
+        let mut redis = redis.clone();
+        if let Err(e) = self.refresh_jobs(&mut redis, names).await {
             tracing::warn!(error.message = %e, "job gauges not refreshed");
         }
         let mut buf = Vec::new();
@@ -167,18 +178,16 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    async fn refresh_queues(&self, app: &AppState) {
-        let Some(broker) = app.broker() else { return };
-        let Ok(channel) = broker.connection.create_channel().await else {
+    async fn refresh_queues(&self, connection: &lapin::Connection, names: &Names, retry: usize) {
+        let Ok(channel) = connection.create_channel().await else {
             return;
         };
-        let names = &app.names;
         let mut queues = vec![
             names.tasks_queue(),
             names.results_queue(),
             names.dead_queue(),
         ];
-        queues.extend((0..app.settings.worker.retry_delays_ms.len()).map(|n| names.retry_queue(n)));
+        queues.extend((0..retry).map(|n| names.retry_queue(n)));
         for q in queues {
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -213,8 +222,13 @@ impl Metrics {
         }
         let states: Vec<Option<String>> = pipe.query_async(redis).await?;
         self.jobs.reset();
-        for s in ["IN_PROGRESS", "CANCELING", "COMPLETED", "CANCELED"] {
-            self.jobs.with_label_values(&[s]).set(0);
+        for s in [
+            JobState::InProgress,
+            JobState::Canceling,
+            JobState::Completed,
+            JobState::Canceled,
+        ] {
+            self.jobs.with_label_values(&[s.as_str()]).set(0);
         }
         for s in states.into_iter().flatten() {
             self.jobs.with_label_values(&[s.as_str()]).inc();

@@ -22,7 +22,7 @@ use prometheus::IntCounterVec;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use sha2::Sha256;
-use shared::{job::Webhook, store, topology::Names};
+use shared::{job::Webhook, state::JobState, store, topology::Names};
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
@@ -88,14 +88,14 @@ impl Notifier {
     }
 
     /// Queues a job state change.
-    pub fn job_state(&self, job_id: Uuid, state: &str, counters: Value) {
+    pub fn job_state(&self, job_id: Uuid, state: JobState, counters: Value) {
         self.send(Notification {
             job_id,
             event: JOB_STATE,
             body: json!({
                 "event": JOB_STATE,
                 "job_id": job_id,
-                "state": state,
+                "state": state.as_str(),
                 "counters": counters,
                 "at_ms": shared::now_ms(),
             }),
@@ -108,7 +108,7 @@ impl Notifier {
             Ok(Some(job)) => {
                 tracing::info!(%job_id, state = job.state.as_str(), terminal = job.terminal(), "job finished");
                 let counters = serde_json::to_value(&job.counts).unwrap_or(Value::Null);
-                self.job_state(job_id, job.state.as_str(), counters);
+                self.job_state(job_id, job.state, counters);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(%job_id, error.message = %e, "finished job not announced"),

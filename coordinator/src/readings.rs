@@ -9,11 +9,7 @@ use std::collections::BTreeMap;
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
-use shared::{
-    job::{Action, ExecutionState},
-    store::StoreError,
-    topology::Names,
-};
+use shared::{job::Action, state::ExecutionState, store::StoreError, topology::Names};
 use uuid::Uuid;
 
 use crate::jobs::{self, DeviceEntry};

@@ -10,29 +10,11 @@ use std::collections::BTreeMap;
 
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use shared::{job::validate_id, store::StoreError, topology::Names};
-
-/// One device as registered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Device {
-    /// Unique id.
-    pub id: String,
-    /// Groups it belongs to.
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Model.
-    #[serde(default)]
-    pub model: String,
-    /// Hardware revision.
-    #[serde(default)]
-    pub hardware_revision: String,
-    /// Firmware version.
-    #[serde(default)]
-    pub firmware_version: String,
-    /// Free-form tags.
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-}
+use shared::{
+    device::{AttributeFilter, Device, validate_id},
+    store::StoreError,
+    topology::Names,
+};
 
 /// Import file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +289,61 @@ pub async fn range_after(
         .query_async(redis)
         .await?;
     Ok(ids)
+}
+
+/// A page of a registry scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    /// Matching devices, in id order (none when only counting).
+    pub devices: Vec<Device>,
+    /// How many devices matched.
+    pub matched: u64,
+    /// Where the next page starts, when the scan stopped at its limit.
+    pub next_cursor: Option<String>,
+}
+
+/// Scans the sorted set `key` in id order from after `cursor`, keeping the devices that
+/// `filter` matches: up to `limit` of them (then `next_cursor` says where to go on), or, with
+/// no limit, counting every match without keeping any. The one registry scan behind listings
+/// and counts.
+///
+/// # Errors
+/// Redis errors.
+pub async fn scan(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    key: &str,
+    filter: &AttributeFilter,
+    cursor: Option<&str>,
+    limit: Option<usize>,
+) -> Result<ScanPage, StoreError> {
+    const CHUNK: usize = 1000;
+    let mut page = ScanPage::default();
+    let mut after = cursor.map(str::to_owned);
+    loop {
+        let ids = range_after(redis, key, after.as_deref(), CHUNK).await?;
+        let Some(last) = ids.last().cloned() else {
+            return Ok(page);
+        };
+        for d in read_batch(redis, names, &ids).await?.into_iter().flatten() {
+            if !filter.matches(&d) {
+                continue;
+            }
+            page.matched += 1;
+            if let Some(limit) = limit {
+                let id = d.id.clone();
+                page.devices.push(d);
+                if page.devices.len() >= limit {
+                    page.next_cursor = Some(id);
+                    return Ok(page);
+                }
+            }
+        }
+        if ids.len() < CHUNK {
+            return Ok(page);
+        }
+        after = Some(last);
+    }
 }
 
 #[cfg(test)]

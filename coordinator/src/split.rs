@@ -8,12 +8,14 @@
 
 use redis::aio::ConnectionManager;
 use shared::{
-    job::{AttributeFilter, Compatibility, JobSpec},
+    device::AttributeFilter,
+    job::{Compatibility, JobSpec},
     store::StoreError,
     topology::Names,
 };
 
-use crate::registry::{self, Device};
+use crate::registry;
+use shared::device::Device;
 
 /// What happens to one targeted device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,15 +166,8 @@ fn decide(
             reason: "device is not in the registry".into(),
         });
     };
-    if let Some(f) = filter {
-        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
-        if !(eq(&f.model, &device.model)
-            && eq(&f.hardware_revision, &device.hardware_revision)
-            && eq(&f.firmware_version, &device.firmware_version)
-            && f.tags.iter().all(|(k, v)| device.tags.get(k) == Some(v)))
-        {
-            return None;
-        }
+    if filter.is_some_and(|f| !f.matches(device)) {
+        return None;
     }
     if let Some(c) = compatibility {
         if !c.hardware_revisions.is_empty()

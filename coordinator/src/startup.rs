@@ -17,8 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lapin::Connection;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{
     amqp::{self, Publisher},
     config::Settings,
@@ -29,67 +28,11 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
-use crate::{aggregate, api, dispatch};
-
-/// The parts of the coordinator that exist while it is connected to RabbitMQ.
-#[derive(Debug, Clone)]
-pub struct Broker {
-    /// The connection (dead-letter tools open short-lived channels on it).
-    pub connection: Arc<Connection>,
-    /// Confirmed publishing (control messages, dead-letter replays).
-    pub publisher: Publisher,
-    planners: Arc<dispatch::Planners>,
-    tracker: TaskTracker,
-}
-
-/// What request handlers share.
-#[derive(Debug)]
-pub struct AppState {
-    /// Settings.
-    pub settings: Arc<Settings>,
-    /// Names.
-    pub names: Names,
-    /// Redis.
-    pub redis: ConnectionManager,
-    /// Fires on shutdown.
-    pub shutdown: CancellationToken,
-    /// Metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Webhooks.
-    pub notifier: crate::notify::Notifier,
-    broker: RwLock<Option<Broker>>,
-}
-
-impl AppState {
-    /// The current broker session, if connected.
-    pub fn broker(&self) -> Option<Broker> {
-        self.broker
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_broker(&self, broker: Option<Broker>) {
-        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = broker;
-    }
-
-    /// Starts planning a job in the background. Without a broker session the job waits in
-    /// the active set and is planned when the session starts.
-    pub fn start_planner(&self, job_id: Uuid) {
-        if let Some(broker) = self.broker() {
-            spawn_planner(&broker, job_id);
-        }
-    }
-}
-
-fn spawn_planner(broker: &Broker, job_id: Uuid) {
-    let planners = broker.planners.clone();
-    broker.tracker.spawn(async move {
-        if let Err(e) = dispatch::run(planners, job_id).await {
-            tracing::error!(%job_id, error.message = %e, error.cause_chain = ?e, "planner stopped; the job resumes with the next broker session");
-        }
-    });
-}
+use crate::{
+    aggregate, api,
+    app::{AppState, Broker, spawn_planner},
+    dispatch,
+};
 
 /// A coordinator, listening.
 #[derive(Debug)]

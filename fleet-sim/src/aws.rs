@@ -11,12 +11,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use serde_json::{Value, json};
-use shared::{
-    job::Action,
+use devices::aws;
+use devices::{
     mqtt::{Link, Message},
     simdevice::{self, Answer, SimOutcome},
 };
+use serde_json::{Value, json};
+use shared::job::Action;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,16 +25,7 @@ use crate::fleet::{Decision, Fleet};
 
 /// Topics the agent subscribes to, for every thing.
 pub(crate) fn subscriptions() -> Vec<String> {
-    [
-        "notify-next",
-        "start-next/accepted",
-        "start-next/rejected",
-        "+/update/accepted",
-        "+/update/rejected",
-    ]
-    .iter()
-    .map(|t| format!("$aws/things/+/jobs/{t}"))
-    .collect()
+    aws::filters(&aws::AGENT_OPERATIONS, None)
 }
 
 /// Serves the jobs topics until shutdown.
@@ -50,7 +42,7 @@ pub(crate) async fn serve(
             _ = shutdown.cancelled() => return,
             m = messages.recv() => match m { Some(m) => m, None => return },
         };
-        let Some((thing, rest)) = shared::protocol::aws_jobs_topic(&m.topic) else {
+        let Some((thing, rest)) = aws::parse(&m.topic) else {
             continue;
         };
         let thing = thing.to_owned();
@@ -91,7 +83,7 @@ pub(crate) async fn serve(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert((thing.clone(), job.to_owned()), decision);
-                let topic = format!("$aws/things/{thing}/jobs/start-next");
+                let topic = aws::topic(&thing, "start-next");
                 let token = format!("{thing}:{job}");
                 send(&link, &topic, json!({"clientToken": token})).await;
             }
@@ -148,7 +140,7 @@ pub(crate) async fn serve(
                         SimOutcome::Transient => return,
                     };
                     fleet.answered(status);
-                    let topic = format!("$aws/things/{thing}/jobs/{job}/update");
+                    let topic = aws::job_topic(&thing, &job, "update");
                     let body = json!({
                         "status": status,
                         "statusDetails": details,

@@ -2,7 +2,7 @@
 //!
 //! Owns what each simulated device remembers: how many times each job reached it, which jobs
 //! it applied (it applies a job once and acknowledges repeats without re-running it), and
-//! the readings it sent. Behaviour comes from [`shared::simdevice`], the same functions the
+//! the readings it sent. Behaviour comes from [`devices::simdevice`], the same functions the
 //! worker's built-in simulator uses. It never speaks a protocol.
 
 use std::{
@@ -10,13 +10,9 @@ use std::{
     sync::Mutex,
 };
 
+use devices::simdevice::{self, Answer};
 use serde::Serialize;
-use shared::{
-    config::SimulatorSettings,
-    job::Action,
-    messages::Readings,
-    simdevice::{self, Answer},
-};
+use shared::{config::SimulatorSettings, job::Action, state::Readings};
 
 #[derive(Debug, Default)]
 struct DeviceMemory {
@@ -143,7 +139,7 @@ impl Fleet {
     /// Registers a fleetbatch-protocol request and decides the answer.
     pub(crate) fn receive_request(
         &self,
-        req: &shared::protocol::DeviceRequest,
+        req: &devices::protocol::DeviceRequest,
     ) -> Option<Decision> {
         self.receive(
             &req.device_id,

@@ -13,7 +13,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use shared::{
+use devices::{
     protocol::DeviceRequest,
     simdevice::{Answer, SimOutcome},
 };

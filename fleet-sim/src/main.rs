@@ -76,12 +76,12 @@ async fn run() -> anyhow::Result<()> {
         DeviceProtocol::AwsIotJobs => MqttMode::AwsIotJobs,
     });
     let subscriptions = match mode {
-        MqttMode::Fleetbatch => vec![shared::protocol::request_filter(&mqtt.topic_prefix)],
+        MqttMode::Fleetbatch => vec![devices::protocol::request_filter(&mqtt.topic_prefix)],
         MqttMode::AwsIotJobs => aws::subscriptions(),
         MqttMode::None => vec![],
     };
     if mode != MqttMode::None {
-        let (link, messages) = shared::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
+        let (link, messages) = devices::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
             .context("connecting to the MQTT broker")?;
         let task = match mode {
             MqttMode::Fleetbatch => tokio::spawn(plain::serve(

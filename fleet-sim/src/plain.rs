@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use shared::{
+use devices::{
     mqtt::{Link, Message},
     protocol::{self, DeviceReply, DeviceRequest, ReplyStatus},
     simdevice::{self, Answer, SimOutcome},

@@ -293,38 +293,6 @@ pub fn continue_traceparent(span: &tracing::Span, traceparent: &str) {
     }
 }
 
-/// Moves a message that cannot be processed to the dead-letter exchange, keeping its body and
-/// properties and adding the reason and source queue as headers, so an operator can inspect,
-/// repair and replay it. The caller acks the original once this returns.
-///
-/// # Errors
-/// Broker errors (the caller then rejects the original without requeue, which dead-letters
-/// it through the queue's own dead-letter exchange, without the reason).
-pub async fn dead_letter(
-    publisher: &Publisher,
-    names: &crate::topology::Names,
-    source_queue: &str,
-    data: &[u8],
-    original: &BasicProperties,
-    reason: &str,
-) -> Result<(), AmqpError> {
-    let mut headers = original.headers().clone().unwrap_or_default();
-    set_header(&mut headers, crate::topology::HEADER_DEAD_REASON, reason);
-    set_header(
-        &mut headers,
-        crate::topology::HEADER_DEAD_SOURCE,
-        source_queue,
-    );
-    publisher
-        .publish(Outgoing {
-            exchange: &names.dead_exchange(),
-            routing_key: "",
-            payload: data,
-            properties: original.clone().with_headers(headers),
-        })
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

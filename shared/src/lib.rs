@@ -6,7 +6,10 @@
 //!
 //! # Layout
 //! - [`config`]: the one [`config::Settings`] struct, loaded in layers (defaults, file, env).
-//! - [`job`]: the job model (spec, actions, targets, states) and its validation.
+//! - [`job`]: the job spec (targets, action, compatibility, retries, rollout) and its
+//!   validation.
+//! - [`state`]: the states of a job and of each device execution, and a device's status.
+//! - [`device`]: the device record and the one attribute filter.
 //! - [`messages`]: the MessagePack wire types (`DeviceTask`, `TaskResult`, `ControlMessage`).
 //! - [`topology`]: exchange, queue, header and Redis key names, and `declare()`.
 //! - [`amqp`]: connecting, confirmed publishing and the trace-context header carrier.
@@ -15,9 +18,9 @@
 //! - [`shutdown`]: the SIGTERM/SIGINT trigger.
 //! - [`supervise`]: the reconnect loop that keeps a service up through outages.
 //! - [`backoff`]: the pure exponential backoff policy used for device retries.
-//! - [`protocol`]: the fleetbatch device protocol's JSON documents and MQTT topics.
-//! - [`mqtt`]: one MQTT 3.1.1/5 connection (TLS, credentials, resubscription).
-//! - [`simdevice`]: how a simulated device behaves (built-in simulator and `fleet-sim`).
+//!
+//! Talking to devices (protocols, MQTT, simulated behaviour) is the `devices` crate's, so the
+//! coordinator, which never talks to a device, compiles no device client.
 //!
 //! # Flow of one job
 //! ```text
@@ -29,12 +32,11 @@
 pub mod amqp;
 pub mod backoff;
 pub mod config;
+pub mod device;
 pub mod job;
 pub mod messages;
-pub mod mqtt;
-pub mod protocol;
 pub mod shutdown;
-pub mod simdevice;
+pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;

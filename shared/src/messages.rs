@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::job::ExecutionState;
+use crate::state::{ExecutionState, Readings};
 
 /// Version written into every message.
 pub const WIRE_VERSION: u16 = 1;
@@ -34,7 +34,7 @@ pub struct DeviceTask {
     /// The job; its document is read from Redis.
     #[serde(rename = "j")]
     pub job_id: Uuid,
-    /// Stable id of this job on this device (see [`crate::job::execution_id`]).
+    /// Stable id of this job on this device (see [`crate::state::execution_id`]).
     #[serde(rename = "x")]
     pub execution_id: Uuid,
     /// Target device.
@@ -88,9 +88,6 @@ pub struct TaskResult {
     #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
     pub readings: Option<Readings>,
 }
-
-/// Metric name to value, as a device reported them.
-pub type Readings = std::collections::BTreeMap<String, f64>;
 
 /// Several results in one message: a worker batches the results its handlers finish within
 /// a few milliseconds, so the broker stores and confirms one message instead of dozens.
@@ -198,7 +195,7 @@ mod tests {
         DeviceTask {
             version: WIRE_VERSION,
             job_id,
-            execution_id: crate::job::execution_id(job_id, device),
+            execution_id: crate::state::execution_id(job_id, device),
             device_id: device.into(),
             attempts: 3,
             parked: 2,

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::{
     config::RedisSettings,
-    job::{DeviceStatus, ExecutionState, JobSpec, JobState},
+    job::JobSpec,
+    state::{DeviceStatus, ExecutionState, JobState},
     topology::Names,
 };
 

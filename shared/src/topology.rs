@@ -18,7 +18,13 @@ use lapin::{
 };
 use uuid::Uuid;
 
-use crate::{amqp::AmqpError, config::Settings, job::ExecutionState};
+use lapin::BasicProperties;
+
+use crate::{
+    amqp::{AmqpError, Outgoing, Publisher, set_header},
+    config::Settings,
+    state::ExecutionState,
+};
 
 /// Routing key of tasks.
 pub const TASK_ROUTING_KEY: &str = "task";
@@ -116,7 +122,7 @@ impl Names {
     pub fn job_counts(&self, job: Uuid) -> String {
         format!("{}:job:{job}:counts", self.ns)
     }
-    /// Hash device id -> JSON [`crate::job::DeviceStatus`].
+    /// Hash device id -> JSON [`crate::state::DeviceStatus`].
     pub fn job_status(&self, job: Uuid) -> String {
         format!("{}:job:{job}:status", self.ns)
     }
@@ -297,4 +303,32 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), AmqpE
         )
         .await?;
     Ok(())
+}
+
+/// Moves a message that cannot be processed to the dead-letter exchange, keeping its body and
+/// properties and adding the reason and source queue as headers, so an operator can inspect,
+/// repair and replay it. The caller acks the original once this returns.
+///
+/// # Errors
+/// Broker errors (the caller then rejects the original without requeue, which dead-letters
+/// it through the queue's own dead-letter exchange, without the reason).
+pub async fn dead_letter(
+    publisher: &Publisher,
+    names: &Names,
+    source_queue: &str,
+    data: &[u8],
+    original: &BasicProperties,
+    reason: &str,
+) -> Result<(), AmqpError> {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    set_header(&mut headers, HEADER_DEAD_REASON, reason);
+    set_header(&mut headers, HEADER_DEAD_SOURCE, source_queue);
+    publisher
+        .publish(Outgoing {
+            exchange: &names.dead_exchange(),
+            routing_key: "",
+            payload: data,
+            properties: original.clone().with_headers(headers),
+        })
+        .await
 }

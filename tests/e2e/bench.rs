@@ -10,7 +10,7 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let redis = std::env::var("FLEETBATCH_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-    let bin = coordinator::local::bin_dir()
+    let bin = harness::cluster::bin_dir()
         .expect("binaries")
         .join("fleetbatch");
 

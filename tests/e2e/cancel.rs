@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use shared::job::ExecutionState;
+use shared::state::ExecutionState;
 
 use crate::helpers::{firmware_job, fleet_ids, spawn_app};
 

@@ -7,8 +7,9 @@ use std::{
     time::Duration,
 };
 
+use devices::simdevice::DeviceProfile;
 use serde_json::{Value, json};
-use shared::{config::SimulatorSettings, job::ExecutionState, simdevice::DeviceProfile};
+use shared::{config::SimulatorSettings, state::ExecutionState};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
@@ -94,7 +95,7 @@ async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64) {
 /// Starts `fleet-sim` with `n` devices and `mqtt` (`fleetbatch`, `aws-iot-jobs`, `none`) on
 /// `port` (or a free one), and registers the same devices; returns its base URL.
 async fn start_sim(app: &mut TestApp, port: Option<u16>, n: u64, mqtt: &str) -> String {
-    let port = port.unwrap_or_else(|| coordinator::local::free_port().expect("port"));
+    let port = port.unwrap_or_else(|| harness::cluster::free_port().expect("port"));
     let sim = app
         .cluster
         .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", mqtt])
@@ -294,7 +295,7 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
 
 #[tokio::test]
 async fn http_devices_return_readings_and_the_report_summarises_them() {
-    let port = coordinator::local::free_port().expect("port");
+    let port = harness::cluster::free_port().expect("port");
     let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
@@ -489,7 +490,7 @@ async fn secure_broker() -> SecureBroker {
         &["-b", "-c", "passwd", "fleet", "s3cret"],
         d,
     );
-    let port = coordinator::local::free_port().expect("port");
+    let port = harness::cluster::free_port().expect("port");
     let conf = format!(
         "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nallow_anonymous false\npassword_file {d}/passwd\n",
         d = d.display()

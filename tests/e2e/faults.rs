@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::json;
-use shared::job::ExecutionState;
+use shared::state::ExecutionState;
 use uuid::Uuid;
 
 use crate::{
@@ -47,10 +47,10 @@ async fn spawn_mixed(workers: usize, extra: &[(&'static str, String)]) -> TestAp
 
 /// The guarantees after a fault: nothing lost, counters exact, nothing applied twice, and at
 /// most `max_extra` deliveries beyond the recorded attempts.
-async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> coordinator::audit::Audit {
+async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> harness::audit::Audit {
     app.assert_exact(id, &fleet_ids(DEVICES)).await;
     let mut redis = app.redis.clone();
-    let audit = coordinator::audit::audit(&mut redis, &app.names, id)
+    let audit = harness::audit::audit(&mut redis, &app.names, id)
         .await
         .expect("audit");
     assert_eq!(audit.lost, 0, "{audit:?}");
@@ -337,13 +337,10 @@ async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_att
     }
 
     // Act 2 and assert: too few attempts -> FAILED; a deadline first -> TIMED_OUT.
-    let region = coordinator::fleet::REGIONS[0];
+    let region = harness::fleet::REGIONS[0];
     let in_region = |d: &String| {
         let i: u64 = d.trim_start_matches("dev-").parse().expect("id");
-        coordinator::fleet::device(i)
-            .groups
-            .iter()
-            .any(|g| g == region)
+        harness::fleet::device(i).groups.iter().any(|g| g == region)
     };
     let few = app
         .create_job(&firmware_job(

@@ -5,12 +5,12 @@ use std::{
     time::Duration,
 };
 
-use coordinator::local::Cluster;
+use harness::cluster::Cluster;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use serde_json::Value;
 use shared::{
     config::Settings,
-    job::{DeviceStatus, ExecutionState},
+    state::{DeviceStatus, ExecutionState},
     topology::Names,
 };
 use uuid::Uuid;
@@ -54,7 +54,7 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
     let settings = Settings::load_from(None, &map).expect("test settings load");
     let log_dir = std::env::temp_dir().join("fleetbatch-e2e").join(&namespace);
     let mut cluster = Cluster::new(
-        coordinator::local::bin_dir().expect("binaries built (cargo build --bins)"),
+        harness::cluster::bin_dir().expect("binaries built (cargo build --bins)"),
         log_dir,
         child_env,
     )
@@ -88,7 +88,7 @@ impl TestApp {
         let r = self
             .http
             .post(self.url("/v1/devices/import?format=ndjson"))
-            .body(coordinator::fleet::ndjson(n))
+            .body(harness::fleet::ndjson(n))
             .send()
             .await
             .expect("import request");
@@ -194,7 +194,7 @@ impl TestApp {
 
     /// Starts a worker whose `/metrics` listens on a known port; returns the port.
     pub fn start_observed_worker(&mut self) -> u16 {
-        let port = coordinator::local::free_port().expect("port");
+        let port = harness::cluster::free_port().expect("port");
         self.cluster
             .start_worker_with(&[(
                 "FLEETBATCH_WORKER__LISTEN".into(),
@@ -317,7 +317,7 @@ impl TestApp {
 
 /// The ids of generated devices `0..n`.
 pub fn fleet_ids(n: u64) -> HashSet<String> {
-    (0..n).map(coordinator::fleet::device_id).collect()
+    (0..n).map(harness::fleet::device_id).collect()
 }
 
 /// A firmware-update job for group `fleet`.

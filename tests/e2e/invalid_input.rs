@@ -70,7 +70,7 @@ sha256 = "not-a-checksum"
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, toml).expect("write");
     let out = tokio::process::Command::new(
-        coordinator::local::bin_dir()
+        harness::cluster::bin_dir()
             .expect("bins")
             .join("fleetbatch"),
     )

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use shared::job::ExecutionState;
+use shared::state::ExecutionState;
 use worker::deliver::simulator::{DeviceProfile, PERMANENT_ERROR};
 
 use crate::helpers::{firmware_job, fleet_ids, spawn_app};
@@ -142,7 +142,7 @@ async fn incompatible_devices_are_skipped_and_rejections_are_recorded() {
     let statuses = app.assert_exact(id, &fleet_ids(n)).await;
     for (d, s) in &statuses {
         let i: u64 = d.trim_start_matches("dev-").parse().expect("id");
-        let hw = coordinator::fleet::device(i).hardware_revision;
+        let hw = harness::fleet::device(i).hardware_revision;
         let rejects = DeviceProfile::for_device(&app.settings.simulator, d).rejects;
         let expected = if hw == "D" {
             ExecutionState::Skipped

@@ -336,7 +336,7 @@ fn attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -
 async fn a_jobs_trace_spans_the_coordinator_and_both_workers() {
     // Arrange: an OTLP/gRPC collector inside the test.
     let collector = Collector::default();
-    let port = coordinator::local::free_port().expect("port");
+    let port = harness::cluster::free_port().expect("port");
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))

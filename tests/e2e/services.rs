@@ -32,7 +32,7 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     pub async fn start() -> Self {
         let mut r = Self {
-            port: coordinator::local::free_port().expect("port"),
+            port: harness::cluster::free_port().expect("port"),
             dir: tempfile::tempdir().expect("tmp"),
             child: None,
         };
@@ -94,7 +94,7 @@ impl PrivateRabbit {
         // The server runs as the rabbitmq user: let it write here.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .expect("chmod");
-        let port = coordinator::local::free_port().expect("port");
+        let port = harness::cluster::free_port().expect("port");
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
@@ -115,7 +115,7 @@ impl PrivateRabbit {
     }
 
     pub async fn start_again(&self) {
-        let dist = coordinator::local::free_port().expect("port");
+        let dist = harness::cluster::free_port().expect("port");
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
             .env("RABBITMQ_NODENAME", &self.node)

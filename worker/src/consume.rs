@@ -119,7 +119,7 @@ pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {
                 .outcomes
                 .with_label_values(&["dead_lettered"])
                 .inc();
-            match shared::amqp::dead_letter(
+            match shared::topology::dead_letter(
                 &ctx.publisher,
                 &ctx.names,
                 &ctx.names.tasks_queue(),

@@ -1,7 +1,8 @@
 //! One task, start to finish.
 //!
-//! Owns the decision for a delivery: decode, claim the execution, check the job is still
-//! live and within its deadline, deliver, record and report; and returns an [`Outcome`] that
+//! Owns the I/O around a delivery: decode, claim the execution, ask [`crate::decide`] whether
+//! to deliver, deliver, ask it what the result means, record and report; and returns an
+//! [`Outcome`] that
 //! [`crate::consume`] applies to the broker. Errors of Redis or RabbitMQ never turn into a
 //! device outcome: the task is handed back instead and nothing is recorded that did not
 //! happen.
@@ -18,9 +19,9 @@ use redis::aio::ConnectionManager;
 use shared::{
     amqp::{self, Publisher},
     config::Settings,
-    job::{DeviceStatus, ExecutionState},
     messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
     now_ms,
+    state::{DeviceStatus, ExecutionState},
     store::Scripts,
     topology::Names,
 };
@@ -28,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
 use crate::{
-    deliver::{self, AttemptPolicy, Delivered, DeliveryRequest, Transport},
+    decide::{self, After, Before},
+    deliver::{self, AttemptPolicy, DeliveryRequest, Transport},
     idempotency::{self, NextAction},
     jobs::JobCache,
 };
@@ -154,7 +156,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     let Some(job) = ctx.jobs.get(&mut redis, &ctx.names, task.job_id).await? else {
         return Ok(Outcome::DeadLetter(format!("unknown job {}", task.job_id)));
     };
-    if shared::job::execution_id(task.job_id, &task.device_id) != task.execution_id {
+    if shared::state::execution_id(task.job_id, &task.device_id) != task.execution_id {
         return Ok(Outcome::DeadLetter(format!(
             "execution id {} does not belong to job {} and device {:?}",
             task.execution_id, task.job_id, task.device_id
@@ -179,7 +181,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         .attempt_timeout_secs
         .map(Duration::from_secs)
         .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
-    let lease = ctx.settings.worker.claim_lease() + attempt_timeout;
+    let lease = decide::claim_lease(ctx.settings.worker.claim_lease(), attempt_timeout);
 
     let claimed = in_progress(ctx, task, task.attempts, None, None);
     let recorded_attempts = match idempotency::try_claim(
@@ -216,138 +218,119 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         spec: job.spec.clone(),
         attempt: attempts_before + 1,
     };
-    let mut readings = None;
-    let now = now_ms();
-    let (state, attempts, error) = if !job.state.is_live() {
-        (
-            ExecutionState::Canceled,
-            attempts_before,
-            Some("job canceled before delivery".to_owned()),
-        )
-    } else if job.deadline_ms.is_some_and(|d| now >= d) {
-        (
-            ExecutionState::TimedOut,
-            attempts_before,
-            Some("job deadline passed before delivery".to_owned()),
-        )
-    } else {
-        let policy = AttemptPolicy {
-            attempt_timeout,
-            max_attempts: job.spec.retry.max_attempts,
-            backoff: ctx.settings.worker.backoff.clone(),
-            deadline_ms: job.deadline_ms,
-        };
-        let between_attempts = |p: deliver::Progress| async move {
-            let status = in_progress(
-                ctx,
-                task,
-                p.attempts,
-                Some(p.error),
-                Some(p.next_attempt_at_ms),
-            );
-            hold_claim(ctx, task, &status, lease + p.delay).await
-        };
-        match deliver::run(
-            &ctx.transport,
-            req.clone(),
-            attempts_before,
-            &policy,
-            &ctx.shutdown,
-            &ctx.metrics,
-            between_attempts,
-        )
-        .await
-        {
-            Delivered::Succeeded { attempts, reply } => {
-                readings = reply.readings;
-                (ExecutionState::Succeeded, attempts, None)
-            }
-            Delivered::Failed { attempts, error } => {
-                (ExecutionState::Failed, attempts, Some(error))
-            }
-            Delivered::Rejected { attempts, error } => {
-                (ExecutionState::Rejected, attempts, Some(error))
-            }
-            Delivered::TimedOut { attempts, error } => {
-                (ExecutionState::TimedOut, attempts, Some(error))
-            }
-            Delivered::Park { attempts, error } => {
-                let delays = &ctx.settings.worker.retry_delays_ms;
-                let idx = shared::backoff::retry_queue_index(task.parked, delays.len());
-                let due = now_ms() + delays[idx];
-                if job.deadline_ms.is_some_and(|d| due >= d) {
-                    (
-                        ExecutionState::TimedOut,
+    let (state, attempts, error, readings) =
+        match decide::before_delivery(job.state.is_live(), job.deadline_ms, now_ms()) {
+            Before::Conclude { state, error } => (state, attempts_before, Some(error), None),
+            Before::Deliver => {
+                let policy = AttemptPolicy {
+                    attempt_timeout,
+                    max_attempts: job.spec.retry.max_attempts,
+                    backoff: ctx.settings.worker.backoff.clone(),
+                    deadline_ms: job.deadline_ms,
+                };
+                let between_attempts = |p: deliver::Progress| async move {
+                    let status = in_progress(
+                        ctx,
+                        task,
+                        p.attempts,
+                        Some(p.error),
+                        Some(p.next_attempt_at_ms),
+                    );
+                    hold_claim(ctx, task, &status, lease + p.delay).await
+                };
+                let delivered = deliver::run(
+                    &ctx.transport,
+                    req.clone(),
+                    attempts_before,
+                    &policy,
+                    &ctx.shutdown,
+                    &ctx.metrics,
+                    between_attempts,
+                )
+                .await;
+                match decide::after_delivery(
+                    delivered,
+                    task.parked,
+                    &ctx.settings.worker.retry_delays_ms,
+                    job.deadline_ms,
+                    now_ms(),
+                ) {
+                    After::Conclude {
+                        state,
                         attempts,
-                        Some(format!(
-                            "{error}; the job deadline passes before the next attempt"
-                        )),
-                    )
-                } else {
-                    let status = DeviceStatus {
-                        state: ExecutionState::RetryScheduled,
+                        error,
+                        readings,
+                    } => (state, attempts, error, readings),
+                    After::Park {
+                        queue,
+                        due_ms,
                         attempts,
-                        error: Some(error),
-                        updated_at_ms: now_ms(),
-                        next_attempt_at_ms: Some(due),
-                        worker: Some(ctx.worker_id.clone()),
-                        published_at_ms: None,
-                        readings: None,
-                    };
-                    hand_back(ctx, task, &status).await;
-                    mark(ctx, "retry_scheduled");
-                    return Ok(Outcome::Forward {
-                        to: ForwardTo::Retry(idx),
-                        task: DeviceTask {
+                        error,
+                    } => {
+                        let status = DeviceStatus {
+                            state: ExecutionState::RetryScheduled,
                             attempts,
-                            parked: task.parked + 1,
-                            ..task.clone()
-                        },
-                    });
+                            error: Some(error),
+                            updated_at_ms: now_ms(),
+                            next_attempt_at_ms: Some(due_ms),
+                            worker: Some(ctx.worker_id.clone()),
+                            published_at_ms: None,
+                            readings: None,
+                        };
+                        hand_back(ctx, task, &status).await;
+                        mark(ctx, "retry_scheduled");
+                        return Ok(Outcome::Forward {
+                            to: ForwardTo::Retry(queue),
+                            task: DeviceTask {
+                                attempts,
+                                parked: task.parked + 1,
+                                ..task.clone()
+                            },
+                        });
+                    }
+                    After::Unavailable { error } => {
+                        // Handled like Redis or broker trouble: the task goes back, uncounted.
+                        tracing::debug!("device transport unavailable");
+                        anyhow::bail!("{error}");
+                    }
+                    After::ClaimLost { attempts } => {
+                        // Only after a real lapse (the worker stalled, or Redis was down for
+                        // longer than the lease). The last attempt is then recorded only in this
+                        // copy: a stale copy that claims first counts from the attempt before it.
+                        tracing::warn!("claim lapsed mid-retry; handing the task back");
+                        mark(ctx, "claim_lost");
+                        return Ok(Outcome::Forward {
+                            to: ForwardTo::Tasks,
+                            task: DeviceTask {
+                                attempts,
+                                ..task.clone()
+                            },
+                        });
+                    }
+                    After::HandBack { attempts } => {
+                        let status = DeviceStatus {
+                            state: ExecutionState::Queued,
+                            attempts,
+                            error: None,
+                            updated_at_ms: now_ms(),
+                            next_attempt_at_ms: None,
+                            worker: Some(ctx.worker_id.clone()),
+                            published_at_ms: None,
+                            readings: None,
+                        };
+                        hand_back(ctx, task, &status).await;
+                        mark(ctx, "handed_back");
+                        return Ok(Outcome::Forward {
+                            to: ForwardTo::Tasks,
+                            task: DeviceTask {
+                                attempts,
+                                ..task.clone()
+                            },
+                        });
+                    }
                 }
             }
-            Delivered::Unavailable { attempts, error } => {
-                // Handled like Redis or broker trouble: the task goes back, uncounted.
-                tracing::debug!(attempts, "device transport unavailable");
-                anyhow::bail!("{error}");
-            }
-            Delivered::ClaimLost { attempts } => {
-                // Only after a real lapse (the worker stalled, or Redis was down for longer
-                // than the lease). The last attempt is then recorded only in this copy: a stale
-                // copy that claims first counts from the attempt before it.
-                tracing::warn!("claim lapsed mid-retry; handing the task back");
-                mark(ctx, "claim_lost");
-                return Ok(Outcome::Forward {
-                    to: ForwardTo::Tasks,
-                    task: DeviceTask {
-                        attempts,
-                        ..task.clone()
-                    },
-                });
-            }
-            Delivered::Interrupted { attempts } => {
-                let status = DeviceStatus {
-                    state: ExecutionState::Queued,
-                    attempts,
-                    error: None,
-                    updated_at_ms: now_ms(),
-                    next_attempt_at_ms: None,
-                    worker: Some(ctx.worker_id.clone()),
-                    published_at_ms: None,
-                    readings: None,
-                };
-                hand_back(ctx, task, &status).await;
-                mark(ctx, "handed_back");
-                return Ok(Outcome::Forward {
-                    to: ForwardTo::Tasks,
-                    task: DeviceTask {
-                        attempts,
-                        ..task.clone()
-                    },
-                });
-            }
-        }
-    };
+        };
 
     ctx.transport.conclude(&req, state).await;
     mark(ctx, state.as_str());

@@ -18,8 +18,8 @@ use std::{sync::LazyLock, time::Duration};
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use shared::{
-    job::DeviceStatus,
     messages::{self, DeviceTask, TaskResult, WireError},
+    state::DeviceStatus,
     store,
     topology::Names,
 };

@@ -13,7 +13,8 @@ use std::{
 
 use redis::aio::ConnectionManager;
 use shared::{
-    job::{JobSpec, JobState},
+    job::JobSpec,
+    state::JobState,
     store::{self, StoreError},
     topology::Names,
 };

@@ -6,11 +6,13 @@
 //!   transport) and runs it until a shutdown trigger fires.
 //! - [`consume`]: owns the tasks channel and the consumer; spawns one handler per delivery and
 //!   settles it (ack, forward, dead-letter). Only this module touches the acker.
-//! - [`handle`]: one task, start to finish; decides an [`handle::Outcome`].
+//! - [`handle`]: one task, start to finish (the I/O); returns an [`handle::Outcome`].
+//! - [`decide`]: the handler's decisions as pure functions: deliver or not, and what an
+//!   attempt loop's result means (record, park, hand back).
 //! - [`idempotency`]: the claim / done record per execution in Redis.
 //! - [`jobs`]: a short-lived cache of job documents and states, invalidated by control
 //!   messages when a job is canceled.
-//! - [`deliver`]: the device transports (today the built-in simulator) and the retry loop
+//! - [`deliver`]: the device transports (simulator, MQTT, AWS IoT Jobs, HTTP) and the retry loop
 //!   with per-attempt timeout and exponential backoff.
 //! - [`report`]: publishes results to the results exchange, confirmed.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
@@ -23,6 +25,7 @@
 //! ```
 
 pub mod consume;
+pub mod decide;
 pub mod deliver;
 pub mod handle;
 pub mod idempotency;

@@ -13,14 +13,13 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use devices::{
+    aws,
+    mqtt::{Link, Message},
+};
 use redis::{Script, aio::ConnectionManager};
 use serde_json::{Map, Value, json};
-use shared::{
-    job::ExecutionState,
-    messages::Readings,
-    mqtt::{Link, Message},
-    topology::Names,
-};
+use shared::{state::ExecutionState, state::Readings, topology::Names};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -237,17 +236,6 @@ struct Inner {
     start_next: Script,
     update: Script,
     finish: Script,
-}
-
-/// Topic filters of the jobs requests, shared among the workers of `group` when given. The
-/// thing level is `+`; the filter begins with `$aws` explicitly because wildcards never match
-/// `$` topics.
-pub fn subscriptions(group: Option<&str>) -> Vec<String> {
-    let share = group.map(|g| format!("$share/{g}/")).unwrap_or_default();
-    ["get", "start-next", "+/get", "+/update"]
-        .iter()
-        .map(|op| format!("{share}$aws/things/+/jobs/{op}"))
-        .collect()
 }
 
 /// The AWS status of an execution state fleetbatch reached without the device saying so.
@@ -480,11 +468,8 @@ impl AwsJobs {
                 self.execution(thing, e, now, true).await,
             );
         }
-        self.send(
-            &format!("$aws/things/{thing}/jobs/notify-next"),
-            Value::Object(next),
-        )
-        .await;
+        self.send(&aws::topic(thing, "notify-next"), Value::Object(next))
+            .await;
         let mut by_status: Map<String, Value> = Map::new();
         for e in &list {
             let entry = by_status
@@ -495,7 +480,7 @@ impl AwsJobs {
             }
         }
         self.send(
-            &format!("$aws/things/{thing}/jobs/notify"),
+            &aws::topic(thing, "notify"),
             json!({"timestamp": secs(now), "jobs": by_status}),
         )
         .await;
@@ -614,7 +599,7 @@ impl AwsJobs {
 
     /// Answers one request from a device.
     pub(crate) async fn handle_request(&self, m: Message, name: Option<String>) {
-        let Some((thing, op)) = shared::protocol::aws_jobs_topic(&m.topic) else {
+        let Some((thing, op)) = aws::parse(&m.topic) else {
             return;
         };
         if !self.claim_request(name).await {
@@ -815,7 +800,7 @@ impl AwsJobs {
         if e.is_terminal() {
             // Wake the worker holding the task, then move the thing on to its next job.
             if let (Some(holder), Ok(id)) = (e.str("holder"), Uuid::parse_str(job)) {
-                let wake = json!({"executionId": shared::job::execution_id(id, thing)});
+                let wake = json!({"executionId": shared::state::execution_id(id, thing)});
                 self.send(holder, wake).await;
             }
             self.notify(thing).await;
@@ -900,15 +885,6 @@ fn step_minutes(body: &Value) -> Result<Option<u64>, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_filters_are_shared_and_spell_out_the_dollar_prefix() {
-        let subs = subscriptions(Some("fleetbatch-x"));
-        assert!(subs.contains(&"$share/fleetbatch-x/$aws/things/+/jobs/+/update".to_owned()));
-        assert!(subs.iter().all(|s| s.contains("/$aws/things/+/jobs/")));
-        let direct = subscriptions(None);
-        assert!(direct.contains(&"$aws/things/+/jobs/start-next".to_owned()));
-    }
 
     #[test]
     fn status_details_must_be_strings_and_step_timeouts_in_range() {

@@ -6,7 +6,8 @@
 //! (with or without a body) and connection errors are transient; other statuses are
 //! permanent failures. It never records outcomes.
 
-use shared::{config::HttpSettings, protocol::DeviceReply};
+use devices::protocol::DeviceReply;
+use shared::config::HttpSettings;
 
 use super::{DeliverError, DeliveryRequest, Reply};
 

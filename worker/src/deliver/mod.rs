@@ -16,8 +16,9 @@ use std::{sync::Arc, time::Duration};
 use backoff::backoff::Backoff;
 use shared::{
     config::BackoffSettings,
-    job::{Action, ExecutionState, JobSpec},
-    messages::Readings,
+    job::{Action, JobSpec},
+    state::ExecutionState,
+    state::Readings,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -39,8 +40,8 @@ pub struct DeliveryRequest {
 
 impl DeliveryRequest {
     /// The fleetbatch device protocol's request document for this attempt.
-    pub fn to_device_request(&self, reply_to: Option<String>) -> shared::protocol::DeviceRequest {
-        shared::protocol::DeviceRequest {
+    pub fn to_device_request(&self, reply_to: Option<String>) -> devices::protocol::DeviceRequest {
+        devices::protocol::DeviceRequest {
             execution_id: self.execution_id,
             job_id: self.job_id,
             device_id: self.device_id.clone(),
@@ -56,9 +57,9 @@ impl DeliveryRequest {
 /// (`IN_PROGRESS`), after which the final status is still to come.
 pub fn reply_outcome(
     spec: &JobSpec,
-    reply: shared::protocol::DeviceReply,
+    reply: devices::protocol::DeviceReply,
 ) -> Option<Result<Reply, DeliverError>> {
-    use shared::protocol::ReplyStatus;
+    use devices::protocol::ReplyStatus;
     let error = reply.error.unwrap_or_else(|| "no reason given".to_owned());
     Some(match reply.status {
         ReplyStatus::InProgress => return None,

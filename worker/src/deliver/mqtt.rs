@@ -14,12 +14,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use devices::{
+    mqtt::{self, Link, Message, MqttError},
+    protocol::{self, DeviceReply},
+};
 use redis::aio::ConnectionManager;
 use shared::{
     config::{DeviceProtocol, Settings},
-    job::ExecutionState,
-    mqtt::{self, Link, Message, MqttError},
-    protocol::{self, DeviceReply},
+    state::ExecutionState,
     topology::Names,
 };
 use tokio::sync::mpsc;
@@ -106,7 +108,10 @@ impl MqttTransport {
         let mut subscriptions = vec![reply_topic.clone()];
         if m.protocol == DeviceProtocol::AwsIotJobs {
             let group = m.shared_subscriptions.then(|| names.mqtt_share_group());
-            subscriptions.extend(super::aws::subscriptions(group.as_deref()));
+            subscriptions.extend(devices::aws::filters(
+                &devices::aws::REQUEST_OPERATIONS,
+                group.as_deref(),
+            ));
         }
         let (link, messages) = mqtt::connect(
             m,

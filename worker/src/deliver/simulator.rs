@@ -9,13 +9,9 @@
 //! `duplicate_applications`, and `last_delivery_ms`, the Redis clock at the latest delivery)
 //! are what tests, the demo and the benchmark check the guarantees against.
 
+use devices::simdevice::{self, Answer, SimOutcome};
 use redis::{Script, aio::ConnectionManager};
-use shared::{
-    config::SimulatorSettings,
-    job::Action,
-    simdevice::{self, Answer, SimOutcome},
-    topology::Names,
-};
+use shared::{config::SimulatorSettings, job::Action, topology::Names};
 
 use super::{DeliverError, DeliveryRequest, Reply};
 
@@ -30,7 +26,7 @@ pub struct Simulator {
     apply: std::sync::Arc<Script>,
 }
 
-pub use shared::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
+pub use devices::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
 
 impl Simulator {
     /// A simulator keeping device state in `redis` under `names`.

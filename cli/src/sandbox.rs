@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context;
-use coordinator::{fleet, local::Cluster};
+use harness::{cluster::Cluster, fleet};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::{Value, json};
 use shared::{config::Settings, topology::Names};
@@ -53,7 +53,7 @@ impl Sandbox {
             "fleetbatch {prefix}: namespace {namespace}, logs in {}",
             log_dir.display()
         );
-        let mut cluster = Cluster::new(coordinator::local::bin_dir()?, log_dir, child_env)?;
+        let mut cluster = Cluster::new(harness::cluster::bin_dir()?, log_dir, child_env)?;
         cluster.start_coordinator().await?;
         for _ in 0..workers {
             cluster.start_worker()?;

@@ -12,7 +12,7 @@ use rumqttc::{QoS, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MqttSettings, MqttVersion};
+use shared::config::{MqttSettings, MqttVersion};
 
 /// An MQTT failure.
 #[derive(Debug, thiserror::Error)]
@@ -71,36 +71,31 @@ pub struct Link {
     connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// `(host, port, tls)` of an `mqtt://` or `mqtts://` URL.
-fn parse_url(url: &str) -> Result<(String, u16, bool), MqttError> {
-    let bad = || MqttError::Url(url.to_owned());
-    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false)
-    } else {
-        return Err(bad());
+/// `(host, port, tls)` of an `mqtt://` or `mqtts://` URL (parsed by the `url` crate; a path,
+/// query or credentials in the URL are refused: credentials are settings of their own).
+fn parse_url(raw: &str) -> Result<(String, u16, bool), MqttError> {
+    let bad = || MqttError::Url(raw.to_owned());
+    let url = url::Url::parse(raw).map_err(|_| bad())?;
+    let tls = match url.scheme() {
+        "mqtts" => true,
+        "mqtt" => false,
+        _ => return Err(bad()),
     };
-    let rest = rest.trim_end_matches('/');
-    let default_port = if tls { 8883 } else { 1883 };
-    // `[v6]:port`, `[v6]`, `host:port` or `host`.
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-        match after.strip_prefix(':') {
-            Some(p) => (host, p.parse::<u16>().map_err(|_| bad())?),
-            None if after.is_empty() => (host, default_port),
-            None => return Err(bad()),
-        }
-    } else {
-        match rest.split_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
-            None => (rest, default_port),
-        }
-    };
-    if host.is_empty() {
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || !matches!(url.path(), "" | "/")
+    {
         return Err(bad());
     }
-    Ok((host.to_owned(), port, tls))
+    let host = match url.host().ok_or_else(bad)? {
+        url::Host::Domain(d) if !d.is_empty() => d.to_owned(),
+        url::Host::Domain(_) => return Err(bad()),
+        url::Host::Ipv4(a) => a.to_string(),
+        url::Host::Ipv6(a) => a.to_string(),
+    };
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    Ok((host, port, tls))
 }
 
 fn read(field: &'static str, path: &Option<String>) -> Result<Option<Vec<u8>>, MqttError> {
@@ -477,5 +472,7 @@ mod tests {
         );
         assert!(parse_url("tcp://x").is_err());
         assert!(parse_url("mqtt://:1883").is_err());
+        assert!(parse_url("mqtt://host:99999").is_err());
+        assert!(parse_url("mqtt://user:pw@host").is_err());
     }
 }

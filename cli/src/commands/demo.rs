@@ -57,7 +57,7 @@ pub(crate) enum DevicesOver {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
-    let http_port = coordinator::local::free_port()?;
+    let http_port = harness::cluster::free_port()?;
     let mut env = vec![
         (
             "FLEETBATCH_SIMULATOR__LATENCY_MS",
@@ -142,8 +142,7 @@ async fn rollout(
     let seconds = started.elapsed().as_secs_f64();
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
     let mut audit =
-        coordinator::audit::audit(&mut redis, &sandbox.names, uuid::Uuid::parse_str(&job_id)?)
-            .await?;
+        harness::audit::audit(&mut redis, &sandbox.names, uuid::Uuid::parse_str(&job_id)?).await?;
     if let Some(sim) = fleet_sim {
         // The devices' own counters, from fleet-sim.
         let stats: Value = reqwest::get(format!("{sim}/stats")).await?.json().await?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::registry::Device;
+use shared::device::Device;
 
 /// Models in the generated fleet.
 pub const MODELS: [&str; 3] = ["gw-100", "gw-200", "sensor-s1"];

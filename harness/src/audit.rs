@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use serde::Serialize;
 use shared::{
-    job::{DeviceStatus, ExecutionState},
+    state::{DeviceStatus, ExecutionState},
     store::{self, StoreError},
     topology::Names,
 };
@@ -89,7 +89,7 @@ pub async fn audit(
             let Ok(status) = serde_json::from_str::<DeviceStatus>(&pair[1]) else {
                 continue;
             };
-            executions.push(shared::job::execution_id(job_id, &pair[0]).to_string());
+            executions.push(shared::state::execution_id(job_id, &pair[0]).to_string());
             devices.push(pair[0].clone());
             attempts.push(u64::from(status.attempts));
             a.with_status += 1;

@@ -30,7 +30,7 @@ use lapin::{
 };
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use shared::{config::Settings, job::DeviceStatus};
+use shared::{config::Settings, state::DeviceStatus};
 
 use crate::{progress, sandbox::Sandbox};
 
@@ -292,7 +292,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         }
     }
     latencies.sort_unstable();
-    let audit = coordinator::audit::audit(&mut redis, &sandbox.names, job_uuid).await?;
+    let audit = harness::audit::audit(&mut redis, &sandbox.names, job_uuid).await?;
     let last_delivery_ms: Option<u64> = redis
         .hget(sandbox.names.sim_totals(job_uuid), "last_delivery_ms")
         .await?;
@@ -351,11 +351,11 @@ async fn raw_pipeline(settings: &Settings, n: u64, prefetch: u16) -> anyhow::Res
         .with_delivery_mode(2)
         .with_content_type(shared::messages::CONTENT_TYPE.into());
     let task_body = |i: u64| {
-        let device = coordinator::fleet::device_id(i);
+        let device = harness::fleet::device_id(i);
         shared::messages::encode(&shared::messages::DeviceTask {
             version: shared::messages::WIRE_VERSION,
             job_id,
-            execution_id: shared::job::execution_id(job_id, &device),
+            execution_id: shared::state::execution_id(job_id, &device),
             device_id: device,
             attempts: 0,
             parked: 0,
@@ -429,7 +429,7 @@ async fn raw_pipeline(settings: &Settings, n: u64, prefetch: u16) -> anyhow::Res
                     job_id: task.job_id,
                     execution_id: task.execution_id,
                     device_id: task.device_id,
-                    state: shared::job::ExecutionState::Succeeded,
+                    state: shared::state::ExecutionState::Succeeded,
                     attempts: 1,
                     error: None,
                     worker: "raw".into(),

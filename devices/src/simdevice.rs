@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::config::SimulatorSettings;
+use shared::config::SimulatorSettings;
 
 /// Error text of a permanently failing simulated device.
 pub const PERMANENT_ERROR: &str = "simulated install failure: image verification failed";

@@ -2,8 +2,12 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
+use shared::state::JobState;
 
 use crate::client::Client;
 
@@ -12,10 +16,10 @@ pub(crate) fn count(job: &Value, field: &str) -> u64 {
 }
 
 pub(crate) fn is_finished(job: &Value) -> bool {
-    matches!(
-        job.get("state").and_then(Value::as_str),
-        Some("COMPLETED") | Some("CANCELED")
-    )
+    job.get("state")
+        .and_then(Value::as_str)
+        .and_then(JobState::parse)
+        .is_some_and(JobState::is_finished)
 }
 
 fn message(job: &Value) -> String {
@@ -68,7 +72,6 @@ pub(crate) async fn follow(
 /// Follows a job through its Server-Sent Events stream (`/v1/jobs/{id}/events`) until the
 /// `finished` event, drawing a progress bar on stderr.
 pub(crate) async fn watch(client: &Client, job_id: &str) -> anyhow::Result<Value> {
-    use futures::StreamExt;
     let resp = client.stream(&format!("/v1/jobs/{job_id}/events")).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -77,35 +80,21 @@ pub(crate) async fn watch(client: &Client, job_id: &str) -> anyhow::Result<Value
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
-    let (mut event, mut data) = (String::new(), String::new());
-    while let Some(chunk) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(nl) = buf.find('\n') {
-            let line = buf[..nl].trim_end_matches('\r').to_owned();
-            buf.drain(..=nl);
-            if let Some(v) = line.strip_prefix("event:") {
-                event = v.trim().to_owned();
-            } else if let Some(v) = line.strip_prefix("data:") {
-                data.push_str(v.trim_start());
-            } else if line.is_empty() && !data.is_empty() {
-                let job: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                match event.as_str() {
-                    "progress" => {
-                        bar.set_length(count(&job, "targeted"));
-                        bar.set_position(count(&job, "terminal"));
-                        bar.set_message(message(&job));
-                    }
-                    "finished" => {
-                        bar.finish();
-                        return Ok(job);
-                    }
-                    _ => {}
-                }
-                event.clear();
-                data.clear();
+    let mut events = resp.bytes_stream().eventsource();
+    while let Some(event) = events.next().await {
+        let event = event.context("reading the job's event stream")?;
+        let job: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        match event.event.as_str() {
+            "progress" => {
+                bar.set_length(count(&job, "targeted"));
+                bar.set_position(count(&job, "terminal"));
+                bar.set_message(message(&job));
             }
+            "finished" => {
+                bar.finish();
+                return Ok(job);
+            }
+            _ => {}
         }
     }
     bar.abandon();

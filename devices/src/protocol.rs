@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{job::Action, messages::Readings};
+use shared::{job::Action, state::Readings};
 
 /// A delivery: "run this execution".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,14 +90,6 @@ pub fn device_of_request_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a s
         .strip_suffix("/jobs")
 }
 
-/// `(thing, operation)` of an AWS IoT Jobs topic `$aws/things/{thing}/jobs/{operation}`
-/// (e.g. `("dev-1", "start-next/accepted")`).
-pub fn aws_jobs_topic(topic: &str) -> Option<(&str, &str)> {
-    let rest = topic.strip_prefix("$aws/things/")?;
-    let (thing, rest) = rest.split_once('/')?;
-    Some((thing, rest.strip_prefix("jobs/")?))
-}
-
 /// Topic a worker receives replies on.
 pub fn reply_topic(prefix: &str, worker: &str) -> String {
     format!("{prefix}/workers/{worker}/replies")
@@ -128,19 +120,6 @@ mod tests {
         .expect("reply");
         assert_eq!(reply.status, ReplyStatus::Failed);
         assert!(reply.retryable);
-    }
-
-    #[test]
-    fn aws_jobs_topics_split_into_thing_and_operation() {
-        assert_eq!(
-            aws_jobs_topic("$aws/things/dev-1/jobs/abc/update"),
-            Some(("dev-1", "abc/update"))
-        );
-        assert_eq!(
-            aws_jobs_topic("$aws/things/dev-1/jobs/get"),
-            Some(("dev-1", "get"))
-        );
-        assert_eq!(aws_jobs_topic("fleetbatch/devices/x/jobs"), None);
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn chaos(args: &ChaosArgs, sandbox: &mut Sandbox) -> anyhow::Result<Value>
     };
     let seconds = started.elapsed().as_secs_f64();
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
-    let audit = coordinator::audit::audit(
+    let audit = harness::audit::audit(
         &mut redis,
         &sandbox.names,
         uuid::Uuid::parse_str(&job_id).context("job id")?,

@@ -1,0 +1,384 @@
+//! `fleetbatch job ...`: creating, following, inspecting and cancelling jobs.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::{
+    client::Client,
+    output::{self, Table, query},
+    progress,
+};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobCmd {
+    /// Create a job from a TOML or JSON file, or from flags.
+    Create(Box<CreateArgs>),
+    /// Show a job's state and counters.
+    Get {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the newest jobs.
+    List {
+        #[command(flatten)]
+        page: output::Page,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job: queued devices end CANCELED, deliveries under way finish.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-device status, in device-id order.
+    Devices {
+        /// Job id.
+        id: String,
+        /// Only this state (queued, succeeded, failed, rejected, timed_out, canceled, skipped).
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        page: output::Page,
+        /// Every page, not only the first.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (one object with `devices` and `next_cursor`; with --all, every device).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Devices that did not succeed, with their last error.
+    Report {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until it finishes.
+    Watch {
+        /// Job id.
+        id: String,
+    },
+    /// Every device's result and readings (data-retrieval jobs), as CSV or NDJSON.
+    Results {
+        /// Job id.
+        id: String,
+        /// csv or ndjson.
+        #[arg(long, default_value = "csv")]
+        format: ResultsFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum ResultsFormat {
+    Csv,
+    Ndjson,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CreateArgs {
+    /// Job file (.toml or .json). Without it, the job is built from the flags below.
+    file: Option<PathBuf>,
+    /// Job name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Target device (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Target group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Action: firmware_update, configuration, reboot, command, data_retrieval.
+    #[arg(long)]
+    action: Option<String>,
+    /// Firmware URL.
+    #[arg(long)]
+    url: Option<String>,
+    /// Firmware version.
+    #[arg(long = "firmware-version")]
+    firmware_version: Option<String>,
+    /// Firmware SHA-256.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Configuration document (JSON).
+    #[arg(long)]
+    document: Option<String>,
+    /// Command name.
+    #[arg(long = "command-name")]
+    command_name: Option<String>,
+    /// Metric to read, for data_retrieval (repeatable).
+    #[arg(long = "metric")]
+    metrics: Vec<String>,
+    /// Compatible hardware revision (repeatable); others are SKIPPED.
+    #[arg(long = "compatible-hardware")]
+    compatible_hardware: Vec<String>,
+    /// Publishing rate limit (devices per second).
+    #[arg(long)]
+    max_per_second: Option<u32>,
+    /// Delivery attempts per device.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Follow the job until it finishes.
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON (the created job; with --watch, the finished job).
+    #[arg(long)]
+    json: bool,
+}
+
+fn spec_from_flags(a: &CreateArgs) -> anyhow::Result<Value> {
+    let action = match a.action.as_deref() {
+        Some("firmware_update") | Some("firmware") => json!({
+            "type": "firmware_update",
+            "url": a.url.clone().context("--url is required for firmware_update")?,
+            "version": a.firmware_version.clone().context("--firmware-version is required for firmware_update")?,
+            "sha256": a.sha256.clone().context("--sha256 is required for firmware_update")?,
+        }),
+        Some("configuration") => json!({
+            "type": "configuration",
+            "document": serde_json::from_str::<Value>(a.document.as_deref().context("--document is required for configuration")?)
+                .context("--document: not valid JSON")?,
+        }),
+        Some("reboot") => json!({"type": "reboot"}),
+        Some("command") => json!({
+            "type": "command",
+            "name": a.command_name.clone().context("--command-name is required for command")?,
+        }),
+        Some("data_retrieval") => {
+            if a.metrics.is_empty() {
+                bail!("--metric is required (repeatable) for data_retrieval");
+            }
+            json!({"type": "data_retrieval", "metrics": a.metrics})
+        }
+        Some(other) => bail!(
+            "--action: unknown action {other:?} (firmware_update, configuration, reboot, command, data_retrieval)"
+        ),
+        None => bail!("give a job file, or --action with its parameters"),
+    };
+    let mut spec = json!({
+        "name": a.name,
+        "target": {"devices": a.devices, "groups": a.groups},
+        "action": action,
+    });
+    if !a.compatible_hardware.is_empty() {
+        spec["compatibility"] = json!({"hardware_revisions": a.compatible_hardware});
+    }
+    if let Some(r) = a.max_per_second {
+        spec["rollout"] = json!({"max_per_second": r});
+    }
+    if let Some(m) = a.max_attempts {
+        spec["retry"] = json!({"max_attempts": m});
+    }
+    Ok(spec)
+}
+
+/// Runs a `job` command.
+pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
+    match cmd {
+        JobCmd::Create(args) => {
+            let created: Value = match &args.file {
+                Some(file) => {
+                    let text = tokio::fs::read_to_string(file)
+                        .await
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let ct = if file.extension().is_some_and(|e| e == "toml") {
+                        "application/toml"
+                    } else {
+                        "application/json"
+                    };
+                    client.post("/v1/jobs", ct, text).await?
+                }
+                None => {
+                    let spec = spec_from_flags(&args)?;
+                    client
+                        .post("/v1/jobs", "application/json", spec.to_string())
+                        .await?
+                }
+            };
+            let id = created["job_id"].as_str().unwrap_or_default().to_owned();
+            if args.watch {
+                if !args.json {
+                    println!("{id}");
+                }
+                let job = progress::watch(client, &id).await?;
+                if args.json {
+                    output::print_json(&job);
+                } else {
+                    print!("{}", progress::summary(&job));
+                }
+            } else if args.json {
+                output::print_json(&created);
+            } else {
+                println!("{id}");
+            }
+        }
+        JobCmd::Get { id, json } => {
+            let v: Value = client.get(&format!("/v1/jobs/{id}")).await?;
+            if json {
+                output::print_json(&v);
+            } else {
+                print!("{}", progress::summary(&v));
+            }
+        }
+        JobCmd::List { page, json } => {
+            let v: Value = client
+                .get(&format!("/v1/jobs?{}", query(&page.query())))
+                .await?;
+            if json {
+                output::print_json(&v);
+                return Ok(());
+            }
+            let mut t = Table::new(["JOB", "NAME", "STATE", "ACTION", "TARGETED", "OK", "FAILED"]);
+            for j in v["jobs"].as_array().into_iter().flatten() {
+                t.row([
+                    output::text(j, "job_id"),
+                    output::text(j, "name"),
+                    output::text(j, "state"),
+                    output::text(j, "action"),
+                    progress::count(j, "targeted").to_string(),
+                    progress::count(j, "succeeded").to_string(),
+                    progress::count(j, "failed").to_string(),
+                ]);
+            }
+            t.print();
+            output::next_page(&v);
+        }
+        JobCmd::Cancel { id, json } => {
+            let v: Value = client
+                .post(&format!("/v1/jobs/{id}/cancel"), "application/json", "")
+                .await?;
+            if json {
+                output::print_json(&v);
+            } else {
+                println!(
+                    "{} {}",
+                    v["job_id"].as_str().unwrap_or(&id),
+                    v["state"].as_str().unwrap_or("")
+                );
+            }
+        }
+        JobCmd::Devices {
+            id,
+            status,
+            page,
+            all,
+            json,
+        } => {
+            let mut cursor = page.cursor.clone();
+            let mut devices = Vec::new();
+            let mut next: Option<String>;
+            loop {
+                let mut q = Vec::new();
+                if let Some(s) = &status {
+                    q.push(("status", s.clone()));
+                }
+                q.push(("limit", page.limit.to_string()));
+                if let Some(c) = &cursor {
+                    q.push(("cursor", c.clone()));
+                }
+                let v: Value = client
+                    .get(&format!("/v1/jobs/{id}/devices?{}", query(&q)))
+                    .await?;
+                devices.extend(v["devices"].as_array().cloned().unwrap_or_default());
+                next = v["next_cursor"].as_str().map(str::to_owned);
+                match (&next, all) {
+                    (Some(c), true) => cursor = Some(c.clone()),
+                    _ => break,
+                }
+            }
+            let v = json!({"devices": devices, "next_cursor": next});
+            if json {
+                output::print_json(&v);
+                return Ok(());
+            }
+            let mut t = Table::new(["DEVICE", "STATE", "ATTEMPTS", "ERROR"]);
+            for d in &devices {
+                t.row([
+                    output::text(d, "device_id"),
+                    output::text(d, "state"),
+                    d["attempts"].to_string(),
+                    output::text(d, "error"),
+                ]);
+            }
+            t.print();
+            output::next_page(&v);
+        }
+        JobCmd::Report { id, json } => {
+            let v: Value = client.get(&format!("/v1/jobs/{id}/report")).await?;
+            if json {
+                output::print_json(&v);
+            } else {
+                print!("{}", progress::summary(&v["job"]));
+                println!("errors:");
+                for (e, n) in v["errors"].as_object().into_iter().flatten() {
+                    println!("  {n:>8}  {e}");
+                }
+                if let Some(readings) = v["readings"].as_object() {
+                    println!("readings:");
+                    println!(
+                        "  {:<20} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                        "metric", "count", "min", "max", "mean", "p50", "p95"
+                    );
+                    for (m, s) in readings {
+                        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+                        println!(
+                            "  {:<20} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                            m,
+                            s["count"],
+                            f("min"),
+                            f("max"),
+                            f("mean"),
+                            f("p50"),
+                            f("p95")
+                        );
+                    }
+                }
+                println!("devices:");
+                for d in v["failures"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<24} {:<10} attempts={} {}",
+                        d["device_id"].as_str().unwrap_or(""),
+                        d["state"].as_str().unwrap_or(""),
+                        d["attempts"],
+                        d["error"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        JobCmd::Watch { id } => {
+            let job = progress::watch(client, &id).await?;
+            print!("{}", progress::summary(&job));
+        }
+        JobCmd::Results { id, format, output } => {
+            let format = match format {
+                ResultsFormat::Csv => "csv",
+                ResultsFormat::Ndjson => "ndjson",
+            };
+            let body = client
+                .get_bytes(&format!("/v1/jobs/{id}/results?format={format}"))
+                .await?;
+            match output {
+                Some(path) => std::fs::write(&path, &body)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&body)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! One module per command group.
+
+pub(crate) mod bench;
+pub(crate) mod chaos;
+pub(crate) mod demo;
+pub(crate) mod devices;
+pub(crate) mod dlq;
+pub(crate) mod jobs;

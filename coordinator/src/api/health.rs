@@ -1,0 +1,34 @@
+//! Liveness, readiness and Prometheus metrics.
+
+use std::sync::Arc;
+
+use axum::{extract::State, http::StatusCode};
+
+use crate::app::AppState;
+
+/// `/readyz`: 200 when connected to RabbitMQ and Redis, 503 naming the one that is not.
+pub(super) async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    let mut redis = app.redis.clone();
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .is_ok();
+    match (app.broker().is_some(), redis_ok) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to RabbitMQ"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "Redis unreachable"),
+    }
+}
+
+/// `/metrics`: every metric, with the state gauges refreshed.
+pub(super) async fn metrics(State(app): State<Arc<AppState>>) -> String {
+    let broker = app.broker();
+    app.metrics
+        .render(
+            broker.as_ref().map(|b| b.connection.as_ref()),
+            &app.redis,
+            &app.names,
+            app.settings.worker.retry_delays_ms.len(),
+        )
+        .await
+}

@@ -1,0 +1,217 @@
+//! `/v1/jobs`: creating, reading, cancelling jobs, their per-device status, report and
+//! results export.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::json;
+use shared::{
+    job::{SpecFormat, SpecLimits},
+    state::{ExecutionState, JobState},
+};
+
+use super::{ApiError, ApiResult, no_broker, parse_id};
+use crate::{
+    app::AppState,
+    intake::{self, IntakeError},
+    jobs::{self, CancelError},
+    readings, report,
+};
+
+#[tracing::instrument(
+    name = "POST /v1/jobs",
+    skip_all,
+    fields(otel.kind = "server", job_id = tracing::field::Empty)
+)]
+pub(super) async fn create(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "coordinator is shutting down",
+        ));
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let format = if ct.contains("toml") {
+        SpecFormat::Toml
+    } else {
+        SpecFormat::Json
+    };
+    let limits = SpecLimits {
+        max_document_bytes: app.settings.coordinator.max_document_bytes,
+        max_explicit_devices: app.settings.coordinator.max_explicit_devices,
+    };
+    if body.len() > limits.max_document_bytes + 64 * limits.max_explicit_devices {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("job file is {} bytes; too large", body.len()),
+            field: Some(".".into()),
+        });
+    }
+    let mut redis = app.redis.clone();
+    match intake::create(
+        &mut redis,
+        &app.names,
+        &body,
+        format,
+        limits,
+        app.settings.coordinator.webhook_secret.is_some(),
+        shared::amqp::current_traceparent(),
+    )
+    .await
+    {
+        Ok((id, _)) => {
+            tracing::Span::current().record("job_id", tracing::field::display(id));
+            app.notifier.job_state(id, JobState::InProgress, json!({}));
+            app.start_planner(id);
+            Ok((StatusCode::CREATED, Json(json!({"job_id": id}))))
+        }
+        Err(IntakeError::Invalid(e)) => Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: e.to_string(),
+            field: Some(e.field),
+        }),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct LimitQuery {
+    pub(super) limit: Option<usize>,
+}
+
+pub(super) async fn list(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut redis = app.redis.clone();
+    let jobs = jobs::list(&mut redis, &app.names, q.limit.unwrap_or(50).clamp(1, 1000))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"jobs": jobs})))
+}
+
+pub(super) async fn get(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<jobs::JobView>> {
+    let id = parse_id(&id)?;
+    let mut redis = app.redis.clone();
+    match jobs::get(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(v) => Ok(Json(v)),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}"))),
+    }
+}
+
+pub(super) async fn cancel(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id)?;
+    let mut redis = app.redis.clone();
+    let broker = app.broker().ok_or_else(no_broker)?;
+    match jobs::cancel(&mut redis, &broker.publisher, &app.names, id).await {
+        Ok(()) => {
+            app.notifier.job_state(id, JobState::Canceling, json!({}));
+            Ok(Json(json!({"job_id": id, "state": JobState::Canceling})))
+        }
+        Err(CancelError::NotFound(_)) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
+        }
+        Err(e @ CancelError::NotCancelable { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DevicesQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+pub(super) async fn devices(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<DevicesQuery>,
+) -> ApiResult<Json<jobs::DevicePage>> {
+    let id = parse_id(&id)?;
+    let state = match q.status.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some(s) => Some(ExecutionState::parse(s).ok_or_else(|| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("unknown status {s:?}"),
+            field: Some("status".into()),
+        })?),
+    };
+    let mut redis = app.redis.clone();
+    let page = jobs::devices(
+        &mut redis,
+        &app.names,
+        id,
+        state,
+        q.cursor.as_deref(),
+        q.limit.unwrap_or(1000),
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(page))
+}
+
+pub(super) async fn report(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<report::Report>> {
+    let id = parse_id(&id)?;
+    let mut redis = app.redis.clone();
+    match report::build(&mut redis, &app.names, id, q.limit.unwrap_or(1000))
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(r) => Ok(Json(r)),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ResultsQuery {
+    format: Option<readings::Format>,
+}
+
+/// Every device's result and readings, as CSV (default) or NDJSON.
+pub(super) async fn results(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let format = q.format.unwrap_or(readings::Format::Csv);
+    let mut redis = app.redis.clone();
+    let body = readings::export(&mut redis, &app.names, id, format)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    let content_type = match format {
+        readings::Format::Csv => "text/csv",
+        readings::Format::Ndjson => "application/x-ndjson",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}

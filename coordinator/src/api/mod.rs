@@ -1,0 +1,117 @@
+//! The HTTP API (JSON), served with axum: one module per resource.
+//!
+//! Owns the route table, request parsing and the mapping of errors to status codes; every error body
+//! is `{"error": "...", "field": "..."}` with the field when one is at fault. Handlers call
+//! into [`crate::registry`], [`crate::intake`] and [`crate::jobs`]; none holds business
+//! logic of its own.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | /healthz | process alive |
+//! | GET | /readyz | connected to RabbitMQ and Redis |
+//! | GET | /metrics | Prometheus metrics |
+//! | POST | /v1/devices/import?format=csv\|ndjson | import devices (streamed body) |
+//! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&after=&limit= | list |
+//! | GET | /v1/devices/count?group= | count |
+//! | GET | /v1/groups | groups with member counts |
+//! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`) |
+//! | GET | /v1/jobs?limit= | newest jobs |
+//! | GET | /v1/jobs/{id} | state and counters |
+//! | POST | /v1/jobs/{id}/cancel | cancel |
+//! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
+//! | GET | /v1/jobs/{id}/report?limit= | failures with their last error |
+//! | GET | /v1/jobs/{id}/events | Server-Sent Events: `state`, `progress` (every second), `finished` |
+//! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
+//! | POST | /v1/dlq/replay | put dead letters back on their source queues |
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::app::AppState;
+
+mod devices;
+mod dlq;
+mod events;
+mod health;
+mod jobs;
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/v1/devices/import", post(devices::import))
+        .route("/v1/devices", get(devices::list))
+        .route("/v1/devices/count", get(devices::count))
+        .route("/v1/groups", get(devices::groups))
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/devices", get(jobs::devices))
+        .route("/v1/jobs/{id}/report", get(jobs::report))
+        .route("/v1/jobs/{id}/results", get(jobs::results))
+        .route("/v1/jobs/{id}/events", get(events::stream))
+        .route("/v1/dlq", get(dlq::list))
+        .route("/v1/dlq/replay", post(dlq::replay))
+        .with_state(state)
+}
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub(super) fn with_field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_owned());
+        self
+    }
+    pub(super) fn internal(e: impl Into<anyhow::Error>) -> Self {
+        let e = e.into();
+        tracing::error!(error.message = %e, error.cause_chain = ?e, "request failed");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.field {
+            Some(f) => json!({"error": self.message, "field": f}),
+            None => json!({"error": self.message}),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub(super) type ApiResult<T> = Result<T, ApiError>;
+
+pub(super) fn no_broker() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not connected to RabbitMQ at the moment; try again shortly",
+    )
+}
+
+pub(super) fn parse_id(id: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(id)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{id:?} is not a job id")))
+}

@@ -1,0 +1,76 @@
+//! What the HTTP handlers and the background loops of one coordinator share: settings, key
+//! names, the Redis connection, metrics, webhooks, and the current broker session (absent
+//! while RabbitMQ is unreachable).
+//!
+//! Owns swapping the broker session in and out and starting planners on it. It never
+//! connects to anything itself ([`crate::startup`] does).
+
+use std::sync::{Arc, RwLock};
+
+use lapin::Connection;
+use redis::aio::ConnectionManager;
+use shared::{amqp::Publisher, config::Settings, topology::Names};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+use crate::{dispatch, metrics::Metrics, notify::Notifier};
+
+/// The parts of the coordinator that exist while it is connected to RabbitMQ.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// The connection (dead-letter tools open short-lived channels on it).
+    pub connection: Arc<Connection>,
+    /// Confirmed publishing (control messages, dead-letter replays).
+    pub publisher: Publisher,
+    pub(crate) planners: Arc<dispatch::Planners>,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// What request handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Names.
+    pub names: Names,
+    /// Redis.
+    pub redis: ConnectionManager,
+    /// Fires on shutdown.
+    pub shutdown: CancellationToken,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Webhooks.
+    pub notifier: Notifier,
+    pub(crate) broker: RwLock<Option<Broker>>,
+}
+
+impl AppState {
+    /// The current broker session, if connected.
+    pub fn broker(&self) -> Option<Broker> {
+        self.broker
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_broker(&self, broker: Option<Broker>) {
+        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = broker;
+    }
+
+    /// Starts planning a job in the background. Without a broker session the job waits in
+    /// the active set and is planned when the session starts.
+    pub fn start_planner(&self, job_id: Uuid) {
+        if let Some(broker) = self.broker() {
+            spawn_planner(&broker, job_id);
+        }
+    }
+}
+
+pub(crate) fn spawn_planner(broker: &Broker, job_id: Uuid) {
+    let planners = broker.planners.clone();
+    broker.tracker.spawn(async move {
+        if let Err(e) = dispatch::run(planners, job_id).await {
+            tracing::error!(%job_id, error.message = %e, error.cause_chain = ?e, "planner stopped; the job resumes with the next broker session");
+        }
+    });
+}

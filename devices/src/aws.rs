@@ -1,0 +1,76 @@
+//! The AWS IoT Jobs device API's MQTT topics, spelled in one place for both sides: the
+//! workers that serve the API and the simulated devices (`fleet-sim`) that call it.
+//!
+//! Owns the topic names `$aws/things/{thing}/jobs/...` (building and parsing them) and the
+//! subscription filters of each side. It never holds execution state (the worker's AWS
+//! transport does) and never decides what a device does (the simulated device does).
+
+/// The requests a device sends, as the operation part of their topics.
+pub const REQUEST_OPERATIONS: [&str; 4] = ["get", "start-next", "+/get", "+/update"];
+
+/// The answers and notifications an AWS IoT Device SDK jobs agent subscribes to.
+pub const AGENT_OPERATIONS: [&str; 5] = [
+    "notify-next",
+    "start-next/accepted",
+    "start-next/rejected",
+    "+/update/accepted",
+    "+/update/rejected",
+];
+
+/// The topic of `operation` for `thing`: `$aws/things/{thing}/jobs/{operation}`.
+pub fn topic(thing: &str, operation: &str) -> String {
+    format!("$aws/things/{thing}/jobs/{operation}")
+}
+
+/// The topic of `operation` on one job of `thing`: `$aws/things/{thing}/jobs/{job}/{operation}`.
+pub fn job_topic(thing: &str, job: &str, operation: &str) -> String {
+    format!("$aws/things/{thing}/jobs/{job}/{operation}")
+}
+
+/// Filters matching `operations` of every thing, shared among the subscribers of `group`
+/// when given. The thing level is `+`; a filter begins with `$aws` explicitly because
+/// wildcards never match `$` topics.
+pub fn filters(operations: &[&str], group: Option<&str>) -> Vec<String> {
+    let share = group.map(|g| format!("$share/{g}/")).unwrap_or_default();
+    operations
+        .iter()
+        .map(|op| format!("{share}{}", topic("+", op)))
+        .collect()
+}
+
+/// `(thing, operation)` of a topic `$aws/things/{thing}/jobs/{operation}`
+/// (e.g. `("dev-1", "start-next/accepted")`).
+pub fn parse(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("$aws/things/")?;
+    let (thing, rest) = rest.split_once('/')?;
+    Some((thing, rest.strip_prefix("jobs/")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_split_into_thing_and_operation() {
+        assert_eq!(
+            parse("$aws/things/dev-1/jobs/abc/update"),
+            Some(("dev-1", "abc/update"))
+        );
+        assert_eq!(parse("$aws/things/dev-1/jobs/get"), Some(("dev-1", "get")));
+        assert_eq!(parse("fleetbatch/devices/x/jobs"), None);
+        assert_eq!(
+            parse(&job_topic("t", "j", "update")),
+            Some(("t", "j/update"))
+        );
+        assert_eq!(parse(&topic("t", "notify")), Some(("t", "notify")));
+    }
+
+    #[test]
+    fn request_filters_are_shared_and_spell_out_the_dollar_prefix() {
+        let subs = filters(&REQUEST_OPERATIONS, Some("fleetbatch-x"));
+        assert!(subs.contains(&"$share/fleetbatch-x/$aws/things/+/jobs/+/update".to_owned()));
+        assert!(subs.iter().all(|s| s.contains("/$aws/things/+/jobs/")));
+        let direct = filters(&REQUEST_OPERATIONS, None);
+        assert!(direct.contains(&"$aws/things/+/jobs/start-next".to_owned()));
+    }
+}

@@ -1,0 +1,320 @@
+//! The decisions a handler makes for one delivery, as pure functions: whether to contact the
+//! device at all, and what an attempt loop's result means for the task (record a terminal
+//! outcome, park it on a delayed-retry queue, hand it back, or give it back uncounted).
+//!
+//! Owns those rules and nothing else: no I/O, no clock (the caller passes `now`), so each
+//! branch is unit-tested here. [`crate::handle`] does the I/O around them.
+
+use std::time::Duration;
+
+use shared::state::{ExecutionState, Readings};
+
+use crate::deliver::Delivered;
+
+/// Whether a claimed task is delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Before {
+    /// Contact the device.
+    Deliver,
+    /// Do not: the execution ends now in this state, with this reason.
+    Conclude {
+        /// Terminal state (CANCELED or TIMED_OUT).
+        state: ExecutionState,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Before delivering: a job that is no longer live cancels the execution, a passed deadline
+/// times it out.
+pub fn before_delivery(job_live: bool, deadline_ms: Option<u64>, now_ms: u64) -> Before {
+    if !job_live {
+        Before::Conclude {
+            state: ExecutionState::Canceled,
+            error: "job canceled before delivery".into(),
+        }
+    } else if deadline_ms.is_some_and(|d| now_ms >= d) {
+        Before::Conclude {
+            state: ExecutionState::TimedOut,
+            error: "job deadline passed before delivery".into(),
+        }
+    } else {
+        Before::Deliver
+    }
+}
+
+/// What becomes of the task after its attempt loop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum After {
+    /// A terminal outcome: store it, report it, ack.
+    Conclude {
+        /// Terminal state.
+        state: ExecutionState,
+        /// Attempts made in total.
+        attempts: u32,
+        /// The last error, if the device did not succeed.
+        error: Option<String>,
+        /// What the device reported (data retrieval).
+        readings: Option<Readings>,
+    },
+    /// Park the task on delayed-retry queue `queue`; it is due again at `due_ms`.
+    Park {
+        /// Index of the retry queue.
+        queue: usize,
+        /// When the next attempt is due (ms since epoch).
+        due_ms: u64,
+        /// Attempts made in total.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
+    /// The worker is stopping: record the attempts and give the task back to the tasks queue.
+    HandBack {
+        /// Attempts made in total.
+        attempts: u32,
+    },
+    /// The claim lapsed: forward the task with its attempts, recording nothing (another
+    /// worker may hold the device now).
+    ClaimLost {
+        /// Attempts made in total.
+        attempts: u32,
+    },
+    /// The transport cannot reach devices at all (broker down): give the task back uncounted,
+    /// as with any infrastructure trouble.
+    Unavailable {
+        /// Why.
+        error: String,
+    },
+}
+
+/// After delivering: what the attempt loop's result means, given how often the task was
+/// parked already, the retry queues' delays and the job's deadline.
+pub fn after_delivery(
+    delivered: Delivered,
+    parked: u32,
+    retry_delays_ms: &[u64],
+    deadline_ms: Option<u64>,
+    now_ms: u64,
+) -> After {
+    let conclude = |state, attempts, error: Option<String>| After::Conclude {
+        state,
+        attempts,
+        error,
+        readings: None,
+    };
+    match delivered {
+        Delivered::Succeeded { attempts, reply } => After::Conclude {
+            state: ExecutionState::Succeeded,
+            attempts,
+            error: None,
+            readings: reply.readings,
+        },
+        Delivered::Failed { attempts, error } => {
+            conclude(ExecutionState::Failed, attempts, Some(error))
+        }
+        Delivered::Rejected { attempts, error } => {
+            conclude(ExecutionState::Rejected, attempts, Some(error))
+        }
+        Delivered::TimedOut { attempts, error } => {
+            conclude(ExecutionState::TimedOut, attempts, Some(error))
+        }
+        Delivered::Park { attempts, error } => {
+            let queue = shared::backoff::retry_queue_index(parked, retry_delays_ms.len());
+            let delay = retry_delays_ms.get(queue).copied().unwrap_or(0);
+            let due_ms = now_ms.saturating_add(delay);
+            if deadline_ms.is_some_and(|d| due_ms >= d) {
+                conclude(
+                    ExecutionState::TimedOut,
+                    attempts,
+                    Some(format!(
+                        "{error}; the job deadline passes before the next attempt"
+                    )),
+                )
+            } else {
+                After::Park {
+                    queue,
+                    due_ms,
+                    attempts,
+                    error,
+                }
+            }
+        }
+        Delivered::Unavailable { error, .. } => After::Unavailable { error },
+        Delivered::ClaimLost { attempts } => After::ClaimLost { attempts },
+        Delivered::Interrupted { attempts } => After::HandBack { attempts },
+    }
+}
+
+/// How long a claim must last: the worker's lease plus one attempt. Saturates instead of
+/// overflowing on absurd timeouts.
+pub fn claim_lease(lease: Duration, attempt_timeout: Duration) -> Duration {
+    lease.saturating_add(attempt_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::Reply;
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn a_canceled_job_is_not_delivered() {
+        assert_eq!(
+            before_delivery(false, None, NOW),
+            Before::Conclude {
+                state: ExecutionState::Canceled,
+                error: "job canceled before delivery".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_times_the_execution_out_before_delivery() {
+        let b = before_delivery(true, Some(NOW), NOW);
+        assert!(matches!(
+            b,
+            Before::Conclude {
+                state: ExecutionState::TimedOut,
+                ..
+            }
+        ));
+        assert_eq!(before_delivery(true, Some(NOW + 1), NOW), Before::Deliver);
+        assert_eq!(before_delivery(true, None, NOW), Before::Deliver);
+    }
+
+    #[test]
+    fn device_answers_become_terminal_outcomes_with_their_attempts() {
+        let readings = Readings::from([("t".to_owned(), 1.5)]);
+        let ok = Delivered::Succeeded {
+            attempts: 2,
+            reply: Reply {
+                readings: Some(readings.clone()),
+            },
+        };
+        assert_eq!(
+            after_delivery(ok, 0, &[10], None, NOW),
+            After::Conclude {
+                state: ExecutionState::Succeeded,
+                attempts: 2,
+                error: None,
+                readings: Some(readings)
+            }
+        );
+        for (d, state) in [
+            (
+                Delivered::Failed {
+                    attempts: 3,
+                    error: "e".into(),
+                },
+                ExecutionState::Failed,
+            ),
+            (
+                Delivered::Rejected {
+                    attempts: 3,
+                    error: "e".into(),
+                },
+                ExecutionState::Rejected,
+            ),
+            (
+                Delivered::TimedOut {
+                    attempts: 3,
+                    error: "e".into(),
+                },
+                ExecutionState::TimedOut,
+            ),
+        ] {
+            assert_eq!(
+                after_delivery(d, 0, &[10], None, NOW),
+                After::Conclude {
+                    state,
+                    attempts: 3,
+                    error: Some("e".into()),
+                    readings: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn parking_uses_the_queue_of_the_parking_count_and_repeats_the_last() {
+        let park = || Delivered::Park {
+            attempts: 4,
+            error: "offline".into(),
+        };
+        let delays = [100, 1_000, 10_000];
+        for (parked, queue) in [(0, 0), (1, 1), (2, 2), (7, 2)] {
+            assert_eq!(
+                after_delivery(park(), parked, &delays, None, NOW),
+                After::Park {
+                    queue,
+                    due_ms: NOW + delays[queue],
+                    attempts: 4,
+                    error: "offline".into()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_park_that_would_outlive_the_deadline_times_out_instead() {
+        let park = Delivered::Park {
+            attempts: 4,
+            error: "offline".into(),
+        };
+        match after_delivery(park, 0, &[100], Some(NOW + 100), NOW) {
+            After::Conclude {
+                state: ExecutionState::TimedOut,
+                attempts: 4,
+                error: Some(e),
+                ..
+            } => assert!(e.starts_with("offline; the job deadline"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        let park = Delivered::Park {
+            attempts: 4,
+            error: "offline".into(),
+        };
+        assert!(matches!(
+            after_delivery(park, 0, &[100], Some(NOW + 101), NOW),
+            After::Park { .. }
+        ));
+    }
+
+    #[test]
+    fn stopping_lapsed_claims_and_unavailable_transports_hand_the_task_back() {
+        assert_eq!(
+            after_delivery(Delivered::Interrupted { attempts: 2 }, 0, &[1], None, NOW),
+            After::HandBack { attempts: 2 }
+        );
+        assert_eq!(
+            after_delivery(Delivered::ClaimLost { attempts: 3 }, 0, &[1], None, NOW),
+            After::ClaimLost { attempts: 3 }
+        );
+        assert_eq!(
+            after_delivery(
+                Delivered::Unavailable {
+                    attempts: 1,
+                    error: "broker down".into()
+                },
+                0,
+                &[1],
+                None,
+                NOW
+            ),
+            After::Unavailable {
+                error: "broker down".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_absurd_attempt_timeout_saturates_the_lease() {
+        let l = claim_lease(Duration::from_secs(30), Duration::from_secs(u64::MAX));
+        assert_eq!(l, Duration::MAX);
+        assert_eq!(
+            claim_lease(Duration::from_secs(30), Duration::from_secs(5)),
+            Duration::from_secs(35)
+        );
+    }
+}
