@@ -19,6 +19,7 @@ use lapin::{
 use redis::aio::ConnectionManager;
 use shared::{
     amqp::Publisher,
+    backoff,
     messages::{self, TaskResult},
     state::{DeviceStatus, ExecutionState},
     store::{Outcome, Scripts},
@@ -153,20 +154,19 @@ async fn process_batch(
         .chunks(RECORD_CHUNK)
         .zip(results.chunks(RECORD_CHUNK))
     {
-        let mut delay = Duration::from_millis(100);
-        let summary = loop {
-            match agg.scripts.record_terminal(redis, &agg.names, chunk).await {
-                Ok(summary) => break summary,
-                Err(e) => {
-                    // Nothing is acked until it is recorded: wait for Redis.
-                    tracing::warn!(error.message = %e, error.cause_chain = ?e, "recording results failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = agg.shutdown.cancelled() => return Ok(()),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+        // Nothing is acked until it is recorded: wait for Redis.
+        let recorded = backoff::until_ok(
+            backoff::outage(Duration::from_millis(100), Duration::from_secs(5)),
+            &agg.shutdown,
+            || {
+                let mut redis = redis.clone();
+                async move { agg.scripts.record_terminal(&mut redis, &agg.names, chunk).await }
+            },
+            |e, delay| tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e), retry_in_ms = delay.as_millis() as u64, "recording results failed; retrying"),
+        )
+        .await;
+        let Ok(summary) = recorded else {
+            return Ok(());
         };
         let now = shared::now_ms();
         for ((r, _), counted) in chunk_results.iter().zip(&summary.counted) {

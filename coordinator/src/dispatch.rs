@@ -15,6 +15,7 @@ use lapin::types::FieldTable;
 use redis::{AsyncCommands, aio::ConnectionManager};
 use shared::{
     amqp::{self, Outgoing, Publisher},
+    backoff,
     config::Settings,
     messages::{self, DeviceTask, TASK_TYPE, WIRE_VERSION},
     now_ms,
@@ -119,21 +120,19 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
         // Redis or broker trouble mid-plan: retry from the checkpoint until it works or the
         // coordinator stops (a broker outage rebuilds the whole coordinator, which resumes
         // this job with a fresh planner).
-        let mut delay = Duration::from_millis(250);
-        let result = loop {
-            match plan(&p, &mut redis, job_id).await {
-                Ok(()) => break Ok(()),
-                Err(e) if p.shutdown.is_cancelled() => break Err(e),
-                Err(e) => {
-                    tracing::warn!(%job_id, error.message = %e, error.cause_chain = ?e, "planning interrupted; resuming from the checkpoint");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = p.shutdown.cancelled() => break Ok(()),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        };
+        let result = backoff::until_ok(
+            backoff::outage(Duration::from_millis(250), Duration::from_secs(10)),
+            &p.shutdown,
+            || {
+                let mut redis = redis.clone();
+                let p = &p;
+                async move { plan(p, &mut redis, job_id).await }
+            },
+            |e, delay| tracing::warn!(%job_id, error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), retry_in_ms = delay.as_millis() as u64, "planning interrupted; resuming from the checkpoint"),
+        )
+        .await
+        // Stopped: the planner of the next start resumes from the checkpoint.
+        .or(Ok(()));
         let _: Result<i64, _> = redis.del(&lock).await;
         result
     }

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use backoff::backoff::Backoff;
 use hmac::{Hmac, Mac};
 use prometheus::IntCounterVec;
 use redis::aio::ConnectionManager;
@@ -230,7 +231,7 @@ async fn post(
     delivery: &str,
     body: Vec<u8>,
 ) -> bool {
-    let mut delay = config.initial_backoff;
+    let mut delays = shared::backoff::outage(config.initial_backoff, Duration::from_secs(60));
     for attempt in 1..=config.max_attempts {
         let mut req = http
             .post(url)
@@ -258,8 +259,10 @@ async fn post(
                 tracing::debug!(%url, error.message = %e, attempt, "webhook failed; retrying")
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(60));
+        if attempt < config.max_attempts {
+            let delay = delays.next_backoff().unwrap_or(delays.max_interval);
+            tokio::time::sleep(delay).await;
+        }
     }
     tracing::warn!(%url, event, "webhook gave up");
     false

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use backoff::{ExponentialBackoff, backoff::Backoff};
 use bytes::Bytes;
 use rumqttc::{QoS, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
@@ -239,20 +240,19 @@ impl Inbox {
     }
 }
 
-/// After a connection error: logs it and waits `delay` (100 ms doubling to 5 s) before the
-/// event loop reconnects. False when shutdown came first.
+/// After a connection error: logs it and waits the next delay of `delays` (100 ms doubling
+/// to 5 s, with jitter) before the event loop reconnects. False when shutdown came first.
 async fn pause_after_error(
     error: String,
-    delay: &mut Duration,
+    delays: &mut ExponentialBackoff,
     shutdown: &CancellationToken,
 ) -> bool {
+    let delay = delays.next_backoff().unwrap_or(delays.max_interval);
     tracing::warn!(error.message = %error, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost");
-    let waited = tokio::select! {
+    tokio::select! {
         _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(*delay) => true,
-    };
-    *delay = (*delay * 2).min(Duration::from_secs(5));
-    waited
+        _ = tokio::time::sleep(delay) => true,
+    }
 }
 
 /// What one poll of a connection's event loop came to, whatever the MQTT version.
@@ -364,7 +364,7 @@ async fn run<S: Session>(
     inbox: Inbox,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = shared::backoff::outage(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let happened = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -372,7 +372,7 @@ async fn run<S: Session>(
         };
         match happened {
             Happened::Connected => {
-                delay = Duration::from_millis(100);
+                delays.reset();
                 inbox.set_connected(true);
                 tracing::info!("MQTT connected");
                 if !subscriptions.is_empty()
@@ -389,7 +389,7 @@ async fn run<S: Session>(
             Happened::Nothing => {}
             Happened::Failed(e) => {
                 inbox.set_connected(false);
-                if !pause_after_error(e, &mut delay, &shutdown).await {
+                if !pause_after_error(e, &mut delays, &shutdown).await {
                     break;
                 }
             }

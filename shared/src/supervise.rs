@@ -46,7 +46,7 @@ where
                 let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(
                     error.message = %e,
-                    error.cause_chain = ?e,
+                    error.cause_chain = %crate::telemetry::chain(e.as_ref()),
                     retry_in_ms = delay.as_millis() as u64,
                     "{what} lost its connections; reconnecting"
                 );

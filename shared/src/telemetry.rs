@@ -144,3 +144,16 @@ pub fn record_trace_id(span: &tracing::Span) {
         span.record("trace_id", tracing::field::display(sc.trace_id()));
     }
 }
+
+/// An error and its sources, outermost first, joined by `: ` (the `error.cause_chain` field of
+/// log events). Never a backtrace: set `RUST_BACKTRACE` and read the panic output for those.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

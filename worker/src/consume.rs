@@ -108,7 +108,7 @@ pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {
             match handle::forward(&ctx.publisher, &ctx.names, to, &task).await {
                 Ok(()) => acker.ack(BasicAckOptions::default()).await,
                 Err(e) => {
-                    tracing::warn!(error.message = %e, error.cause_chain = ?e, "could not forward a task; handing it back");
+                    tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(&e), "could not forward a task; handing it back");
                     acker.nack(requeue()).await
                 }
             }

@@ -132,7 +132,7 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
             Err(e) => {
                 tracing::warn!(
                     error.message = %e,
-                    error.cause_chain = ?e,
+                    error.cause_chain = %shared::telemetry::chain(e.as_ref()),
                     "task handed back: infrastructure error"
                 );
                 // Let the next copy be taken at once rather than after our lease. A stored
@@ -427,21 +427,14 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match write().await {
-            Ok(done) => return Ok(done),
-            Err(e) if ctx.shutdown.is_cancelled() => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "Redis unreachable; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.shutdown.cancelled() => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
+    shared::backoff::until_ok(
+        shared::backoff::outage(Duration::from_millis(100), Duration::from_secs(2)),
+        &ctx.shutdown,
+        &mut write,
+        |e, delay| tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "Redis unreachable; retrying"),
+    )
+    .await
+    .map_err(|stopped| stopped.last_error.into())
 }
 
 /// The status of a device this worker holds.

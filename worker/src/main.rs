@@ -17,7 +17,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     if let Err(e) = run().await {
-        tracing::error!(error.message = %e, error.cause_chain = ?e, "worker failed");
+        tracing::error!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "worker failed");
         eprintln!("worker: {e:#}");
         std::process::exit(1);
     }

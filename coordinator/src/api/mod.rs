@@ -87,7 +87,7 @@ impl ApiError {
     }
     pub(super) fn internal(e: impl Into<anyhow::Error>) -> Self {
         let e = e.into();
-        tracing::error!(error.message = %e, error.cause_chain = ?e, "request failed");
+        tracing::error!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "request failed");
         Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
     }
 }

@@ -1,0 +1,212 @@
+//! The settings of the services and of the connections every process makes: RabbitMQ,
+//! Redis, telemetry, the coordinator and the worker.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{HttpSettings, MqttSettings, Transport};
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost`; the vhost `/` is written `%2f`.
+    pub url: String,
+    /// When set, every queue this deployment declares is deleted by the broker after being
+    /// unused this long. Meant for tests and demos, never for production.
+    pub queue_expires_ms: Option<u64>,
+    /// Seconds to wait for one publisher confirm before treating the publish as failed.
+    pub confirm_timeout_secs: u64,
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// How long one command (or pipeline) may take before it counts as failed. Pipelines of a
+    /// thousand scripts take a while on a busy machine: keep this in seconds, not
+    /// milliseconds.
+    pub response_timeout_ms: u64,
+}
+
+/// How log lines are printed.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, multi-line.
+    Pretty,
+    /// One line per event, human-readable.
+    Compact,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (port 4318 by convention).
+    Http,
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `EnvFilter` directives, used when `RUST_LOG` is unset.
+    pub log_filter: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// OTLP endpoint; when empty, `OTEL_EXPORTER_OTLP_ENDPOINT` is used; when both are
+    /// unset no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport.
+    pub otlp_protocol: OtlpProtocol,
+}
+
+/// Coordinator settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// Address of the HTTP API.
+    pub listen: String,
+    /// Tasks published per batch before waiting for the broker's confirms and writing the
+    /// planner's checkpoint. Larger batches go faster; a crash re-publishes at most one batch.
+    pub publish_batch: usize,
+    /// Prefetch of the results consumer; results are recorded in Redis in batches of up to
+    /// this many.
+    pub results_prefetch: u16,
+    /// Largest job document accepted, in bytes.
+    pub max_document_bytes: usize,
+    /// Largest number of explicit device ids in one job (use groups or filters beyond that).
+    pub max_explicit_devices: usize,
+    /// Default publishing rate limit in devices per second when a job sets none (0: none).
+    pub default_max_per_second: u32,
+    /// Endpoints POSTed on every job's state changes.
+    pub webhooks: Vec<String>,
+    /// Key of the HMAC-SHA256 signature on every webhook POST. Jobs naming webhooks are
+    /// refused while it is unset.
+    pub webhook_secret: Option<String>,
+    /// Attempts per webhook POST (exponential backoff from 1 s between them).
+    pub webhook_max_attempts: u32,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Address of the worker's `/metrics`, `/healthz` and `/readyz` (port 0: any free port,
+    /// logged at start).
+    pub listen: String,
+    /// Deliveries in flight per worker. Also the AMQP prefetch: the broker never hands a
+    /// worker more tasks than it can work on, so a dying worker strands at most this many.
+    pub concurrency: u16,
+    /// How devices are reached.
+    pub transport: Transport,
+    /// Default timeout of one delivery attempt, when the job sets none.
+    pub attempt_timeout_ms: u64,
+    /// In-process retries of transient device errors.
+    pub backoff: BackoffSettings,
+    /// Delays of the broker-side retry queues (TTL + dead-letter back to the tasks queue),
+    /// used once the in-process budget is spent. The n-th parking uses the n-th delay; the last
+    /// one repeats.
+    pub retry_delays_ms: Vec<u64>,
+    /// How long an idempotency claim lives. A worker that dies mid-delivery blocks its task
+    /// at most this long before another worker takes it over.
+    pub claim_lease_ms: u64,
+    /// How long a finished task's idempotency record is kept.
+    pub done_retention_secs: u64,
+    /// On SIGTERM, how long in-flight deliveries may take before the worker exits anyway
+    /// (their tasks then return to the queue).
+    pub shutdown_grace_secs: u64,
+    /// How long a worker trusts its cached copy of a job's state before reading it again.
+    pub job_cache_ms: u64,
+    /// The MQTT transport (with `transport: mqtt`).
+    pub mqtt: MqttSettings,
+    /// The HTTP transport (with `transport: http`).
+    pub http: HttpSettings,
+}
+
+/// Exponential backoff for transient device errors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffSettings {
+    /// First delay.
+    pub initial_ms: u64,
+    /// Largest delay.
+    pub max_ms: u64,
+    /// Growth factor between delays.
+    pub multiplier: f64,
+    /// Jitter: each delay is drawn from `delay * (1 ± randomization)`.
+    pub randomization: f64,
+    /// Total time spent retrying in-process before the task is parked on a retry queue.
+    /// Kept far below RabbitMQ's consumer timeout.
+    pub budget_ms: u64,
+}
+
+impl AmqpSettings {
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn safe_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl RedisSettings {
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn safe_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl WorkerSettings {
+    /// Default per-attempt timeout.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+    /// Idempotency claim lease.
+    pub fn claim_lease(&self) -> Duration {
+        Duration::from_millis(self.claim_lease_ms)
+    }
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+    /// Job state cache lifetime.
+    pub fn job_cache(&self) -> Duration {
+        Duration::from_millis(self.job_cache_ms)
+    }
+}
+
+/// The URL with its password replaced by `***`; a URL that does not parse is shown as is
+/// (it then holds no recognisable password either).
+fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => match u.set_password(Some("***")) {
+            Ok(()) => u.to_string(),
+            Err(()) => raw.to_owned(),
+        },
+        _ => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+    }
+}
