@@ -80,6 +80,9 @@ impl Cluster {
             "FLEETBATCH_COORDINATOR__LISTEN".into(),
             format!("127.0.0.1:{port}"),
         ));
+        // The CLI's own variable, exported as an operator's shell would: every service
+        // started here proves it ignores it.
+        env.push(("FLEETBATCH_API".into(), format!("http://127.0.0.1:{port}")));
         Ok(Self {
             bin_dir,
             log_dir,

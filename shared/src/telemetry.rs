@@ -40,6 +40,14 @@ pub enum TelemetryError {
     /// The OTLP exporter could not be built.
     #[error("cannot build the OTLP exporter")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// An `OTEL_EXPORTER_OTLP_*PROTOCOL` variable names a protocol this build does not speak.
+    #[error("{variable}={value:?}: OTLP protocol not supported (use grpc or http/protobuf)")]
+    Protocol {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// A global subscriber was already installed.
     #[error("a tracing subscriber is already installed")]
     AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
@@ -78,30 +86,39 @@ pub fn init(
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let endpoint = settings
-        .otlp_endpoint
-        .clone()
-        .filter(|e| !e.is_empty())
-        .or_else(|| {
-            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .ok()
-                .filter(|e| !e.is_empty())
-        });
-    let (otel, provider) = match endpoint {
-        Some(endpoint) => {
-            let exporter = match settings.otlp_protocol {
-                OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .build()?,
-                OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-                    .build()?,
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (otel, provider) = match Export::resolve(settings, env)? {
+        Some(export) => {
+            // An endpoint from the environment is left to the exporter, which reads the
+            // standard variables itself (a traces endpoint as is, a base endpoint plus
+            // `/v1/traces` for HTTP).
+            let exporter = match (export.protocol, export.endpoint) {
+                (OtlpProtocol::Grpc, endpoint) => {
+                    let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                    match endpoint {
+                        Some(e) => b.with_endpoint(e).build()?,
+                        None => b.build()?,
+                    }
+                }
+                (OtlpProtocol::Http, endpoint) => {
+                    let b = opentelemetry_otlp::SpanExporter::builder()
+                        .with_http()
+                        .with_protocol(Protocol::HttpBinary);
+                    match endpoint {
+                        Some(e) => b
+                            .with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')))
+                            .build()?,
+                        None => b.build()?,
+                    }
+                }
             };
-            let resource = Resource::builder()
-                .with_service_name(service)
+            // The builder's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
+            // the service's own name applies only when the operator named none.
+            let mut resource = Resource::builder();
+            if env("OTEL_SERVICE_NAME").is_none() {
+                resource = resource.with_service_name(service);
+            }
+            let resource = resource
                 .with_attributes([
                     KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
                     KeyValue::new("service.instance.id", instance.to_owned()),
@@ -132,6 +149,55 @@ pub fn init(
     Ok(TelemetryGuard { provider })
 }
 
+/// Where and how spans are exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Export {
+    /// The configured endpoint; `None` when it comes from the standard variables, which the
+    /// exporter reads itself.
+    endpoint: Option<String>,
+    protocol: OtlpProtocol,
+}
+
+impl Export {
+    /// Settings first, then the standard OpenTelemetry variables (`env` looks one up).
+    /// `None`: no endpoint anywhere, nothing to export.
+    fn resolve(
+        settings: &TelemetrySettings,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, TelemetryError> {
+        let configured = settings.otlp_endpoint.clone().filter(|e| !e.is_empty());
+        let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .is_some();
+        if configured.is_none() && !from_env {
+            return Ok(None);
+        }
+        let protocol = match settings.otlp_protocol {
+            Some(p) => p,
+            None => {
+                let var = [
+                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                    "OTEL_EXPORTER_OTLP_PROTOCOL",
+                ]
+                .into_iter()
+                .find_map(|k| env(k).map(|v| (k, v)));
+                match var {
+                    None => OtlpProtocol::Grpc,
+                    Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
+                    Some((_, v)) if v == "http/protobuf" => OtlpProtocol::Http,
+                    Some((variable, value)) => {
+                        return Err(TelemetryError::Protocol { variable, value });
+                    }
+                }
+            }
+        };
+        Ok(Some(Self {
+            endpoint: configured,
+            protocol,
+        }))
+    }
+}
+
 /// Records the span's OpenTelemetry trace id in its `trace_id` field (declared `Empty`), so
 /// log lines inside it carry the id to look up in Jaeger. Does nothing when traces are not
 /// exported.
@@ -156,4 +222,112 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(endpoint: Option<&str>, protocol: Option<OtlpProtocol>) -> TelemetrySettings {
+        TelemetrySettings {
+            log_filter: "info".into(),
+            log_format: LogFormat::Compact,
+            otlp_endpoint: endpoint.map(Into::into),
+            otlp_protocol: protocol,
+        }
+    }
+
+    fn resolve(
+        s: &TelemetrySettings,
+        vars: &[(&str, &str)],
+    ) -> Result<Option<Export>, TelemetryError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Export::resolve(s, |k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn nothing_is_exported_without_an_endpoint() {
+        let r = resolve(
+            &settings(None, None),
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+        );
+        assert_eq!(r.expect("resolves"), None);
+    }
+
+    #[test]
+    fn the_standard_protocol_variables_choose_http_or_grpc() {
+        let env_endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        let http = resolve(
+            &settings(None, None),
+            &[
+                env_endpoint,
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ],
+        )
+        .expect("resolves")
+        .expect("exports");
+        assert_eq!(http.protocol, OtlpProtocol::Http);
+        assert_eq!(
+            http.endpoint, None,
+            "the exporter reads the variable itself"
+        );
+        let traces = resolve(
+            &settings(None, None),
+            &[
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://c:4318/v1/traces",
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ],
+        )
+        .expect("resolves")
+        .expect("exports");
+        assert_eq!(
+            traces.protocol,
+            OtlpProtocol::Http,
+            "the traces variable wins"
+        );
+        let grpc = resolve(&settings(None, None), &[env_endpoint])
+            .expect("resolves")
+            .expect("exports");
+        assert_eq!(grpc.protocol, OtlpProtocol::Grpc);
+    }
+
+    #[test]
+    fn settings_win_over_the_standard_variables() {
+        let e = resolve(
+            &settings(Some("http://jaeger:4317"), Some(OtlpProtocol::Grpc)),
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")],
+        )
+        .expect("resolves")
+        .expect("exports");
+        assert_eq!(e.protocol, OtlpProtocol::Grpc);
+        assert_eq!(e.endpoint.as_deref(), Some("http://jaeger:4317"));
+    }
+
+    #[test]
+    fn an_unsupported_protocol_is_an_error_naming_the_variable() {
+        let err = resolve(
+            &settings(Some("http://c:4318"), None),
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+        )
+        .expect_err("refused");
+        assert!(
+            err.to_string().contains("OTEL_EXPORTER_OTLP_PROTOCOL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cause_chains_join_every_source() {
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(chain(e.as_ref()), "outer: middle: inner");
+    }
 }

@@ -65,8 +65,9 @@ pub struct TelemetrySettings {
     /// OTLP endpoint; when empty, `OTEL_EXPORTER_OTLP_ENDPOINT` is used; when both are
     /// unset no traces are exported.
     pub otlp_endpoint: Option<String>,
-    /// OTLP transport.
-    pub otlp_protocol: OtlpProtocol,
+    /// OTLP transport; when unset, the standard `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` /
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, else gRPC.
+    pub otlp_protocol: Option<OtlpProtocol>,
 }
 
 /// Coordinator settings.
