@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HttpSettings, MqttSettings, Transport};
+use super::devices::{HttpSettings, MqttSettings, Transport};
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -9,7 +9,7 @@
 use devices::protocol::DeviceReply;
 use shared::config::HttpSettings;
 
-use super::{DeliverError, DeliveryRequest, Reply};
+use super::request::{DeliverError, DeliveryRequest, Reply, reply_outcome};
 
 /// Building the HTTP client failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +131,7 @@ impl HttpTransport {
             )));
         }
         // Over HTTP, progress means "accepted, not finished": ask again on the next attempt.
-        super::reply_outcome(&req.spec, reply)
+        reply_outcome(&req.spec, reply)
             .unwrap_or_else(|| Err(DeliverError::Transient("device still working".into())))
     }
 }

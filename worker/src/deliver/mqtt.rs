@@ -28,7 +28,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{DeliverError, DeliveryRequest, Reply, aws::AwsJobs};
+use super::{
+    aws::AwsJobs,
+    request::{DeliverError, DeliveryRequest, Reply, reply_outcome},
+};
 
 /// Attempts waiting for messages about their execution, by execution id.
 #[derive(Debug, Default)]
@@ -217,7 +220,7 @@ impl MqttTransport {
                     )));
                 }
             };
-            match super::reply_outcome(&req.spec, reply) {
+            match reply_outcome(&req.spec, reply) {
                 Some(outcome) => return outcome,
                 None => tracing::debug!(device_id = %req.device_id, "device reports progress"),
             }

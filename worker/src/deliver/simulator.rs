@@ -13,7 +13,7 @@ use devices::simdevice::{self, Answer, SimOutcome};
 use redis::{Script, aio::ConnectionManager};
 use shared::{config::SimulatorSettings, job::Action, topology::Names};
 
-use super::{DeliverError, DeliveryRequest, Reply};
+use super::request::{DeliverError, DeliveryRequest, Reply};
 
 /// The simulator transport.
 #[derive(Debug, Clone)]

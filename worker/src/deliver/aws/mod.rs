@@ -1,0 +1,352 @@
+//! The AWS IoT Jobs device API over MQTT, served by the workers.
+//!
+//! Owns job executions as AWS IoT Jobs devices see them: state, `versionNumber`,
+//! `executionNumber`, times, status details and step timers, kept in Redis so that any worker
+//! can answer any device; and the request topics `$aws/things/{thing}/jobs/get`, `start-next`,
+//! `{jobId}/get` (`$next` included) and `{jobId}/update`, subscribed with a shared
+//! subscription so each request reaches one worker. A delivery queues the execution and sends
+//! `notify-next`/`notify`; the attempt then waits for the device's terminal update (routed to
+//! the worker holding the task through its reply topic, and polled from Redis). State changes
+//! are Lua scripts: a version check and its write can never interleave with another worker's.
+//! It never records fleetbatch outcomes (the task handler does).
+//!
+//! # Layout
+//! - this module: the transport side (queue an execution, wait for the device, conclude);
+//! - `api`: the device requests (`get`, `start-next`, `{jobId}/get`, `{jobId}/update`);
+//! - `scripts`: the Lua scripts and the stored execution record;
+//! - `documents`: the JSON documents AWS IoT Jobs devices receive, and request validation.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use devices::{aws, mqtt::Link};
+use redis::{Script, aio::ConnectionManager};
+use serde_json::{Map, Value, json};
+use shared::{state::ExecutionState, state::Readings, topology::Names};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::request::{DeliverError, DeliveryRequest, Reply};
+use crate::jobs::JobCache;
+
+mod api;
+mod documents;
+mod scripts;
+
+use documents::{pick_next, secs, summary};
+use scripts::{CHECK, START_NEXT};
+use scripts::{FINISH, PENDING, PRELUDE, QUEUE, Record, ScriptAnswer, UPDATE};
+
+/// How often a waiting attempt re-reads its execution (step timers, missed wake-ups).
+const POLL: Duration = Duration::from_secs(2);
+
+/// The jobs API of one worker; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AwsJobs(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    link: Link,
+    redis: ConnectionManager,
+    names: Names,
+    holder: String,
+    jobs: JobCache,
+    retention: Duration,
+    /// Without a shared subscription: the window in which one worker claims each request.
+    dedupe: Option<Duration>,
+    /// Without a shared subscription: identical requests seen, by hash: (count, last seen).
+    seen: std::sync::Mutex<HashMap<u128, (u32, std::time::Instant)>>,
+    queue: Script,
+    check: Script,
+    pending: Script,
+    start_next: Script,
+    update: Script,
+    finish: Script,
+}
+
+/// The AWS status of an execution state fleetbatch reached without the device saying so.
+fn concluded_status(state: ExecutionState) -> Option<&'static str> {
+    match state {
+        ExecutionState::Canceled => Some("CANCELED"),
+        ExecutionState::Failed | ExecutionState::TimedOut => Some("TIMED_OUT"),
+        _ => None,
+    }
+}
+
+impl AwsJobs {
+    /// The API over `link`, with state in `redis`; `holder` is this worker's reply topic.
+    pub(crate) fn new(
+        link: Link,
+        redis: ConnectionManager,
+        names: Names,
+        holder: String,
+        job_cache: Duration,
+        retention: Duration,
+        dedupe: Option<Duration>,
+    ) -> Self {
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Self(Arc::new(Inner {
+            link,
+            redis,
+            names,
+            holder,
+            jobs: JobCache::new(job_cache),
+            retention,
+            dedupe,
+            seen: Default::default(),
+            queue: script(QUEUE),
+            check: script(CHECK),
+            pending: script(PENDING),
+            start_next: script(START_NEXT),
+            update: script(UPDATE),
+            finish: script(FINISH),
+        }))
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<ScriptAnswer, String> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        let mut redis = self.0.redis.clone();
+        let raw: String = inv
+            .invoke_async(&mut redis)
+            .await
+            .map_err(|e| format!("execution state unavailable: {e}"))?;
+        serde_json::from_str(&raw).map_err(|e| format!("corrupt execution state: {e}"))
+    }
+
+    fn exec_keys(&self, job: &str, thing: &str) -> Vec<String> {
+        vec![
+            self.0.names.aws_execution(job, thing),
+            self.0.names.aws_pending(thing),
+        ]
+    }
+
+    /// One delivery: queue the execution (or find it), notify the thing, and wait for its
+    /// final status.
+    pub(crate) async fn deliver(
+        &self,
+        req: &DeliveryRequest,
+        mut wake: mpsc::UnboundedReceiver<Bytes>,
+    ) -> Result<Reply, DeliverError> {
+        let job = req.job_id.to_string();
+        let keys = self.exec_keys(&job, &req.device_id);
+        let answer = self
+            .run(&self.0.queue, &keys, &[job.clone(), self.0.holder.clone()])
+            .await
+            .map_err(DeliverError::Transient)?;
+        if let Some(done) = answer.exec.as_ref().and_then(|e| self.outcome(req, e)) {
+            return done;
+        }
+        self.notify(&req.device_id).await;
+        loop {
+            tokio::select! {
+                _ = wake.recv() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            let answer = self
+                .run(&self.0.check, &keys, std::slice::from_ref(&job))
+                .await
+                .map_err(DeliverError::Transient)?;
+            match answer.exec {
+                None => return Err(DeliverError::Transient("execution state vanished".into())),
+                Some(e) => {
+                    if let Some(done) = self.outcome(req, &e) {
+                        if e.status() == "TIMED_OUT" {
+                            // The step timer ended it: the thing's next job moves up.
+                            self.notify(&req.device_id).await;
+                        }
+                        return done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The attempt's result once the execution is terminal.
+    fn outcome(&self, req: &DeliveryRequest, e: &Record) -> Option<Result<Reply, DeliverError>> {
+        if !e.is_terminal() {
+            return None;
+        }
+        let details = e.details();
+        let reason = || {
+            details
+                .as_object()
+                .filter(|m| !m.is_empty())
+                .map(|m| Value::Object(m.clone()).to_string())
+                .unwrap_or_else(|| "no status details".into())
+        };
+        Some(match e.status() {
+            "SUCCEEDED" => {
+                let readings: Readings = details
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| {
+                        let n = match v {
+                            Value::String(s) => s.trim().parse::<f64>().ok(),
+                            Value::Number(n) => n.as_f64(),
+                            _ => None,
+                        }?;
+                        Some((k.clone(), n))
+                    })
+                    .collect();
+                Ok(Reply::with_readings(&req.spec, Some(readings)))
+            }
+            "FAILED" => Err(DeliverError::Permanent(format!(
+                "device reported FAILED: {}",
+                reason()
+            ))),
+            "REJECTED" => Err(DeliverError::Rejected(format!(
+                "device reported REJECTED: {}",
+                reason()
+            ))),
+            "TIMED_OUT" => Err(DeliverError::TimedOut(
+                "stepTimeoutInMinutes elapsed".into(),
+            )),
+            other => Err(DeliverError::Permanent(format!("execution {other}"))),
+        })
+    }
+
+    /// Ends the device-side execution when fleetbatch ended the task without the device.
+    pub(crate) async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
+        let Some(status) = concluded_status(state) else {
+            return;
+        };
+        let job = req.job_id.to_string();
+        let mut inv = self.0.finish.prepare_invoke();
+        for k in self.exec_keys(&job, &req.device_id) {
+            inv.key(k);
+        }
+        inv.arg(&job).arg(status).arg(self.0.retention.as_secs());
+        let mut redis = self.0.redis.clone();
+        match inv.invoke_async::<i64>(&mut redis).await {
+            Ok(1) => self.notify(&req.device_id).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error.message = %e, "execution not concluded; it stays pending for the device")
+            }
+        }
+    }
+
+    async fn pending(&self, thing: &str) -> Result<(Vec<Record>, u64), String> {
+        let a = self
+            .run(
+                &self.0.pending,
+                &[self.0.names.aws_pending(thing)],
+                &[self.0.names.aws_execution_prefix(), thing.to_owned()],
+            )
+            .await?;
+        let list = match a.list {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|v| serde_json::from_value(v).ok())
+                .collect(),
+            _ => vec![],
+        };
+        Ok((list, a.now))
+    }
+
+    /// Sends `notify-next` (the thing's next pending execution, with its document) and
+    /// `notify` (summaries of all pending ones).
+    async fn notify(&self, thing: &str) {
+        let (list, now) = match self.pending(thing).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(thing, error.message = %e, "notifications not sent");
+                return;
+            }
+        };
+        let mut next = Map::new();
+        next.insert("timestamp".into(), json!(secs(now)));
+        if let Some(e) = pick_next(&list) {
+            next.insert(
+                "execution".into(),
+                self.execution(thing, e, now, true).await,
+            );
+        }
+        self.send(&aws::topic(thing, "notify-next"), Value::Object(next))
+            .await;
+        let mut by_status: Map<String, Value> = Map::new();
+        for e in &list {
+            let entry = by_status
+                .entry(e.status().to_owned())
+                .or_insert_with(|| json!([]));
+            if let Value::Array(a) = entry {
+                a.push(summary(e));
+            }
+        }
+        self.send(
+            &aws::topic(thing, "notify"),
+            json!({"timestamp": secs(now), "jobs": by_status}),
+        )
+        .await;
+    }
+
+    /// The full execution document.
+    async fn execution(&self, thing: &str, e: &Record, now: u64, with_document: bool) -> Value {
+        let job = e.str("job").unwrap_or_default();
+        let mut v = Map::new();
+        v.insert("jobId".into(), json!(job));
+        v.insert("thingName".into(), json!(thing));
+        if with_document && let Some(doc) = self.document(job).await {
+            v.insert("jobDocument".into(), doc);
+        }
+        v.insert("status".into(), json!(e.status()));
+        v.insert("statusDetails".into(), e.details());
+        v.insert("queuedAt".into(), json!(secs(e.num("queued").unwrap_or(0))));
+        if let Some(s) = e.num("started") {
+            v.insert("startedAt".into(), json!(secs(s)));
+        }
+        v.insert(
+            "lastUpdatedAt".into(),
+            json!(secs(e.num("updated").unwrap_or(0))),
+        );
+        v.insert("versionNumber".into(), json!(e.num("version").unwrap_or(1)));
+        v.insert(
+            "executionNumber".into(),
+            json!(e.num("number").unwrap_or(1)),
+        );
+        if let Some(d) = e
+            .num("step_deadline")
+            .filter(|_| e.status() == "IN_PROGRESS")
+        {
+            v.insert(
+                "approximateSecondsBeforeTimedOut".into(),
+                json!(secs(d.saturating_sub(now))),
+            );
+        }
+        Value::Object(v)
+    }
+
+    /// The job document devices see: the job's action, tagged by `type`.
+    async fn document(&self, job: &str) -> Option<Value> {
+        let id = Uuid::parse_str(job).ok()?;
+        let mut redis = self.0.redis.clone();
+        let view = self
+            .0
+            .jobs
+            .get(&mut redis, &self.0.names, id)
+            .await
+            .ok()??;
+        serde_json::to_value(&view.spec.action).ok()
+    }
+
+    async fn send(&self, topic: &str, body: Value) {
+        let Ok(payload) = serde_json::to_vec(&body) else {
+            return;
+        };
+        if let Err(e) = self.0.link.publish(topic, payload, None).await {
+            tracing::warn!(topic, error.message = %e, "jobs message not sent");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The AWS IoT Jobs executions in Redis: the Lua scripts that change them (a version check
+//! and its write never interleave with another worker's) and the record they return.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+/// Lua shared by the scripts: the Redis clock, and the step-timer check that turns an
+/// IN_PROGRESS execution whose timer ran out into TIMED_OUT before anything reads it.
+pub(super) const PRELUDE: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function expire(key, zkey, job, now)
+  local st = redis.call('HGET', key, 'status')
+  if st == 'IN_PROGRESS' then
+    local d = tonumber(redis.call('HGET', key, 'step_deadline') or '0')
+    if d and d > 0 and now >= d then
+      redis.call('HSET', key, 'status', 'TIMED_OUT', 'updated', now)
+      redis.call('HINCRBY', key, 'version', 1)
+      redis.call('ZREM', zkey, job)
+      return 'TIMED_OUT'
+    end
+  end
+  return st
+end
+local function tbl(key)
+  local r = redis.call('HGETALL', key)
+  local t = {}
+  for i = 1, #r, 2 do t[r[i]] = r[i + 1] end
+  return t
+end
+";
+
+/// QUEUE: KEYS exec, pending; ARGV job, holder. Creates the execution (QUEUED, version 1)
+/// or refreshes its holder.
+pub(super) const QUEUE: &str = r"
+local now = now_ms()
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'queued', now, 'updated', now,
+    'version', 1, 'number', 1, 'holder', ARGV[2])
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+else
+  expire(KEYS[1], KEYS[2], ARGV[1], now)
+  redis.call('HSET', KEYS[1], 'holder', ARGV[2])
+end
+return cjson.encode({exec = tbl(KEYS[1]), now = now})
+";
+
+/// CHECK: KEYS exec, pending; ARGV job.
+pub(super) const CHECK: &str = r"
+local now = now_ms()
+if redis.call('EXISTS', KEYS[1]) == 0 then return cjson.encode({now = now}) end
+expire(KEYS[1], KEYS[2], ARGV[1], now)
+return cjson.encode({exec = tbl(KEYS[1]), now = now})
+";
+
+/// PENDING: KEYS pending; ARGV exec prefix, thing. The thing's QUEUED and IN_PROGRESS
+/// executions in queue order.
+pub(super) const PENDING: &str = r"
+local now = now_ms()
+local out = {}
+for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[1] .. job .. ':' .. ARGV[2]
+  local st = expire(key, KEYS[1], job, now)
+  if st == 'QUEUED' or st == 'IN_PROGRESS' then
+    local e = tbl(key)
+    e.job = job
+    table.insert(out, e)
+  elseif not st then
+    redis.call('ZREM', KEYS[1], job)
+  end
+end
+return cjson.encode({list = out, now = now})
+";
+
+/// START_NEXT: KEYS pending; ARGV exec prefix, thing, details JSON or '', step minutes or ''.
+pub(super) const START_NEXT: &str = r"
+local now = now_ms()
+local ip, q
+for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[1] .. job .. ':' .. ARGV[2]
+  local st = expire(key, KEYS[1], job, now)
+  if st == 'IN_PROGRESS' and not ip then ip = job
+  elseif st == 'QUEUED' and not q then q = job
+  elseif not st then redis.call('ZREM', KEYS[1], job) end
+end
+local job = ip or q
+if not job then return cjson.encode({now = now}) end
+local key = ARGV[1] .. job .. ':' .. ARGV[2]
+if not ip then
+  redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started', now, 'updated', now)
+  redis.call('HINCRBY', key, 'version', 1)
+  if ARGV[3] ~= '' then redis.call('HSET', key, 'details', ARGV[3]) end
+  if ARGV[4] ~= '' then
+    redis.call('HSET', key, 'step_deadline', now + tonumber(ARGV[4]) * 60000)
+  end
+end
+local e = tbl(key)
+e.job = job
+return cjson.encode({exec = e, now = now})
+";
+
+/// UPDATE: KEYS exec, pending; ARGV job, status, details JSON or '', expected version or '',
+/// step minutes or '', retention seconds.
+pub(super) const UPDATE: &str = r"
+local now = now_ms()
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return cjson.encode({code = 'ResourceNotFound', now = now})
+end
+local st = expire(KEYS[1], KEYS[2], ARGV[1], now)
+if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then
+  return cjson.encode({code = 'InvalidStateTransition', exec = tbl(KEYS[1]), now = now})
+end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= tonumber(redis.call('HGET', KEYS[1], 'version')) then
+  return cjson.encode({code = 'VersionMismatch', exec = tbl(KEYS[1]), now = now})
+end
+local new = ARGV[2]
+redis.call('HSET', KEYS[1], 'status', new, 'updated', now)
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'details', ARGV[3]) end
+if new == 'IN_PROGRESS' then
+  if not redis.call('HGET', KEYS[1], 'started') then redis.call('HSET', KEYS[1], 'started', now) end
+  if ARGV[5] ~= '' then
+    redis.call('HSET', KEYS[1], 'step_deadline', now + tonumber(ARGV[5]) * 60000)
+  end
+else
+  redis.call('HDEL', KEYS[1], 'step_deadline')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+end
+return cjson.encode({exec = tbl(KEYS[1]), now = now})
+";
+
+/// FINISH: KEYS exec, pending; ARGV job, status, retention seconds. Ends a pending execution
+/// the device did not finish; returns whether it changed anything.
+pub(super) const FINISH: &str = r"
+local now = now_ms()
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local st = expire(KEYS[1], KEYS[2], ARGV[1], now)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated', now)
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+";
+
+/// One execution as stored (every field a string, as Redis keeps them).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub(super) struct Record(pub(super) HashMap<String, Value>);
+
+impl Record {
+    pub(super) fn str(&self, k: &str) -> Option<&str> {
+        self.0.get(k).and_then(Value::as_str)
+    }
+    pub(super) fn num(&self, k: &str) -> Option<u64> {
+        match self.0.get(k)? {
+            Value::String(s) => s.parse().ok(),
+            Value::Number(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+    pub(super) fn status(&self) -> &str {
+        self.str("status").unwrap_or("QUEUED")
+    }
+    pub(super) fn details(&self) -> Value {
+        self.str("details")
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or_else(|| json!({}))
+    }
+    pub(super) fn is_terminal(&self) -> bool {
+        !matches!(self.status(), "QUEUED" | "IN_PROGRESS")
+    }
+}
+
+/// What the scripts return.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct ScriptAnswer {
+    #[serde(default)]
+    pub(super) code: Option<String>,
+    #[serde(default)]
+    pub(super) exec: Option<Record>,
+    /// cjson encodes an empty list as `{}`: read it as a value.
+    #[serde(default)]
+    pub(super) list: Value,
+    pub(super) now: u64,
+}

@@ -1,0 +1,49 @@
+//! Which transport carries deliveries in this deployment, and the calls every transport
+//! answers.
+
+use shared::state::ExecutionState;
+
+use super::{
+    http, mqtt,
+    request::{DeliverError, DeliveryRequest, Reply},
+    simulator,
+};
+
+/// The transport chosen for this deployment.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The built-in fleet simulator.
+    Simulator(simulator::Simulator),
+    /// An MQTT broker, with the fleetbatch protocol or the AWS IoT Jobs API.
+    Mqtt(mqtt::MqttTransport),
+    /// HTTP POSTs.
+    Http(http::HttpTransport),
+    /// Answers from a script, for unit tests of the attempt loop.
+    #[cfg(test)]
+    #[allow(private_interfaces)]
+    Scripted(std::sync::Arc<super::attempts::tests::Script>),
+}
+
+impl Transport {
+    /// One attempt, without timeout (the caller adds it).
+    ///
+    /// # Errors
+    /// What the device (or the way to it) answered.
+    pub async fn attempt(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
+        match self {
+            Transport::Simulator(sim) => sim.deliver(req).await,
+            Transport::Mqtt(m) => m.deliver(req).await,
+            Transport::Http(h) => h.deliver(req).await,
+            #[cfg(test)]
+            Transport::Scripted(script) => script.next().await.map(|()| Reply::default()),
+        }
+    }
+
+    /// Tells the transport how an execution ended when the device did not say so itself
+    /// (attempts spent, job deadline, cancel), so device-side state agrees with the job.
+    pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
+        if let Transport::Mqtt(m) = self {
+            m.conclude(req, state).await;
+        }
+    }
+}
