@@ -14,6 +14,18 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The end-to-end tests start the coordinator and worker binaries: build them first.
 cargo build --locked --workspace --bins
+# Supply chain (deny.toml): licenses, banned and duplicate crates, sources, and advisories
+# from the RustSec database. Machines that cannot reach the database's git host use a copy
+# in ~/.cargo/advisory-dbs when there is one.
+command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
+if ls -d "$HOME"/.cargo/advisory-dbs/advisory-db-* >/dev/null 2>&1; then
+  cargo deny --offline check --hide-inclusion-graph
+elif cargo deny fetch db; then
+  cargo deny check --hide-inclusion-graph
+else
+  echo "cargo deny: the RustSec database cannot be fetched here; advisories not checked" >&2
+  cargo deny check --hide-inclusion-graph bans licenses sources
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
