@@ -83,6 +83,21 @@ impl Client {
         Self::decode(resp).await
     }
 
+    /// Succeeds when `url` answers 2xx within five seconds.
+    pub(crate) async fn health(&self, url: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .get(url)
+            .timeout(std::time::Duration::from_secs(5))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            bail!("{url}: {}", resp.status());
+        }
+        Ok(())
+    }
+
     /// A streaming GET (for Server-Sent Events); no overall timeout.
     pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         let resp = reqwest::Client::new()

@@ -66,6 +66,13 @@ enum Command {
     /// Measure throughput, latency and memory: the raw broker pipeline, then fleetbatch on
     /// the same number of devices; medians of several runs, one JSON line per case.
     Bench(bench::BenchArgs),
+    /// Check that a fleetbatch process is alive (exit 0) or not (exit 1): the coordinator's
+    /// `/healthz` by default, or any `/healthz` URL (a worker's). For container health checks.
+    Health {
+        /// The URL to check (default: the API's `/healthz`).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print a shell completion script (`fleetbatch completions bash > /etc/bash_completion.d/fleetbatch`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -95,6 +102,10 @@ async fn run() -> anyhow::Result<()> {
                 "fleetbatch",
                 &mut std::io::stdout(),
             );
+        }
+        Command::Health { url } => {
+            let url = url.unwrap_or_else(|| client.url("/healthz"));
+            client.health(&url).await?;
         }
         Command::Groups { json } => devices::groups(&client, json).await?,
         Command::Devices(cmd) => devices::run(&client, cmd).await?,

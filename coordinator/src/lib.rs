@@ -10,7 +10,9 @@
 //!   webhooks and the current broker session.
 //! - [`api`]: the HTTP API (axum), one module per resource: devices, jobs, events, dead
 //!   letters, health.
-//! - [`registry`]: the device registry in Redis: import, list, count.
+//! - [`registry`]: the device registry in Redis: records, the one scan behind lists and
+//!   counts, parsing imported records.
+//! - [`import`]: streaming a CSV or NDJSON import into the registry.
 //! - [`intake`]: accepts a job spec, validates it, stores it once, starts its planner.
 //! - [`split`]: streams a job's targets from the registry in id order and decides per device:
 //!   send a task, or skip it (incompatible, unknown). Never holds the fleet in memory.
@@ -37,6 +39,7 @@ pub mod api;
 pub mod app;
 pub mod deadletters;
 pub mod dispatch;
+pub mod import;
 pub mod intake;
 pub mod jobs;
 pub mod metrics;

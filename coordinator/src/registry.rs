@@ -2,9 +2,8 @@
 //!
 //! Owns device records (`{ns}:dev:{id}` hashes) and the sorted sets that index them (every
 //! device, and each group's members), ordered by id so targets can be streamed with a cursor.
-//! Imports are line-oriented (CSV with a header row, or NDJSON), streamed, and written in
-//! pipelined batches; an invalid line is reported by number and the valid lines are still
-//! imported. It never touches jobs.
+//! Parsing one imported record (CSV with a header row, or NDJSON) and writing devices in
+//! pipelined batches; [`crate::import`] streams a whole file through them. It never touches jobs.
 
 use std::collections::BTreeMap;
 
@@ -59,14 +58,13 @@ const CSV_COLUMNS: [&str; 6] = [
     "tags",
 ];
 
-/// Parses the CSV header; the columns may come in any order, `id` is required.
+/// Reads the CSV header record; the columns may come in any order, `id` is required.
 ///
 /// # Errors
 /// A missing `id` column or an unknown column.
-pub fn parse_csv_header(line: &str) -> Result<Vec<usize>, String> {
-    let fields = split_csv(line)?;
+pub fn parse_csv_header(header: &csv::StringRecord) -> Result<Vec<usize>, String> {
     let mut order = Vec::new();
-    for f in &fields {
+    for f in header {
         let f = f.trim();
         match CSV_COLUMNS.iter().position(|c| *c == f) {
             Some(i) => order.push(i),
@@ -84,27 +82,15 @@ pub fn parse_csv_header(line: &str) -> Result<Vec<usize>, String> {
     Ok(order)
 }
 
-fn split_csv(line: &str) -> Result<Vec<String>, String> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .from_reader(line.as_bytes());
-    match reader.records().next() {
-        Some(Ok(r)) => Ok(r.iter().map(str::to_owned).collect()),
-        Some(Err(e)) => Err(format!("not valid CSV: {e}")),
-        None => Ok(Vec::new()),
-    }
-}
-
-/// Parses one CSV data line given the header's column order.
+/// Reads one CSV record given the header's column order.
 ///
 /// # Errors
 /// Wrong field count, an invalid id or group, or a malformed tag.
-pub fn parse_csv_line(line: &str, columns: &[usize]) -> Result<Device, String> {
-    let fields = split_csv(line)?;
-    if fields.len() != columns.len() {
+pub fn parse_csv_record(record: &csv::StringRecord, columns: &[usize]) -> Result<Device, String> {
+    if record.len() != columns.len() {
         return Err(format!(
             "{} fields; the header has {}",
-            fields.len(),
+            record.len(),
             columns.len()
         ));
     }
@@ -116,7 +102,7 @@ pub fn parse_csv_line(line: &str, columns: &[usize]) -> Result<Device, String> {
         firmware_version: String::new(),
         tags: BTreeMap::new(),
     };
-    for (value, col) in fields.into_iter().zip(columns) {
+    for (value, col) in record.iter().zip(columns) {
         let value = value.trim().to_owned();
         match col {
             0 => d.id = value,
@@ -349,6 +335,24 @@ pub async fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(line: &str) -> csv::StringRecord {
+        csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(line.as_bytes())
+            .records()
+            .next()
+            .expect("a record")
+            .expect("valid CSV")
+    }
+
+    fn parse_csv_header(line: &str) -> Result<Vec<usize>, String> {
+        super::parse_csv_header(&record(line))
+    }
+
+    fn parse_csv_line(line: &str, columns: &[usize]) -> Result<Device, String> {
+        parse_csv_record(&record(line), columns)
+    }
 
     #[test]
     fn a_csv_line_parses_with_groups_and_tags() {

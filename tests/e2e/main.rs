@@ -8,6 +8,7 @@
 
 mod bench;
 mod cancel;
+mod cli;
 mod dead_letter;
 mod devices;
 mod faults;

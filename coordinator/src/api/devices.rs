@@ -8,17 +8,16 @@ use axum::{
     extract::{Query, State},
     http::{HeaderMap, StatusCode, header},
 };
-use futures::TryStreamExt;
 use redis::AsyncCommands;
 use serde::Deserialize;
 use serde_json::json;
 use shared::device::AttributeFilter;
-use tokio::io::AsyncBufReadExt;
 
 use super::{ApiError, ApiResult};
 use crate::{
     app::AppState,
-    registry::{self, ImportFormat, ImportReport, LineError},
+    import::{self, ImportError},
+    registry::{self, ImportFormat, ImportReport},
 };
 
 #[derive(Debug, Deserialize)]
@@ -44,56 +43,13 @@ pub(super) async fn import(
             ImportFormat::Ndjson
         }
     });
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let reader = tokio_util::io::StreamReader::new(stream);
-    let mut lines = tokio::io::BufReader::new(reader).lines();
     let mut redis = app.redis.clone();
-    let mut report = ImportReport::default();
-    let mut batch = Vec::with_capacity(1000);
-    let mut columns: Option<Vec<usize>> = None;
-    let mut line_no = 0u64;
-    let fail = |report: &mut ImportReport, line: u64, error: String| {
-        report.failed += 1;
-        if report.errors.len() < registry::MAX_REPORTED_ERRORS {
-            report.errors.push(LineError { line, error });
-        }
+    let body = Box::pin(import::io_stream(body.into_data_stream()));
+    let report = match import::run(&mut redis, &app.names, format, body).await {
+        Ok(report) => report,
+        Err(ImportError::Input(e)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, e)),
+        Err(e) => return Err(ApiError::internal(e)),
     };
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
-    {
-        line_no += 1;
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let parsed = match (format, &columns) {
-            (ImportFormat::Ndjson, _) => registry::parse_ndjson_line(line),
-            (ImportFormat::Csv, None) => {
-                columns = Some(registry::parse_csv_header(line).map_err(|e| {
-                    ApiError::new(StatusCode::BAD_REQUEST, format!("line {line_no}: {e}"))
-                })?);
-                continue;
-            }
-            (ImportFormat::Csv, Some(cols)) => registry::parse_csv_line(line, cols),
-        };
-        match parsed {
-            Ok(d) => batch.push(d),
-            Err(e) => fail(&mut report, line_no, e),
-        }
-        if batch.len() >= 1000 {
-            registry::write_batch(&mut redis, &app.names, &batch)
-                .await
-                .map_err(ApiError::internal)?;
-            report.imported += batch.len() as u64;
-            batch.clear();
-        }
-    }
-    registry::write_batch(&mut redis, &app.names, &batch)
-        .await
-        .map_err(ApiError::internal)?;
-    report.imported += batch.len() as u64;
     tracing::info!(
         imported = report.imported,
         failed = report.failed,
