@@ -22,7 +22,7 @@ use shared::{
     backoff,
     messages::{self, TaskResult},
     state::{DeviceStatus, ExecutionState},
-    store::{Outcome, Scripts},
+    store::{Scripts, TerminalStatus},
     topology::{self, Names},
 };
 use tokio_util::sync::CancellationToken;
@@ -139,10 +139,10 @@ async fn process_batch(
             readings: r.readings.clone(),
         })
         .collect();
-    let outcomes: Vec<Outcome<'_>> = results
+    let outcomes: Vec<TerminalStatus<'_>> = results
         .iter()
         .zip(&statuses)
-        .map(|((r, _), status)| Outcome {
+        .map(|((r, _), status)| TerminalStatus {
             job_id: r.job_id,
             device_id: &r.device_id,
             status,

@@ -13,7 +13,7 @@ use shared::{amqp::Publisher, config::Settings, topology::Names};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
-use crate::{dispatch, metrics::Metrics, notify::Notifier};
+use crate::{metrics::Metrics, notify::Notifier, planner};
 
 /// The parts of the coordinator that exist while it is connected to RabbitMQ.
 #[derive(Debug, Clone)]
@@ -22,7 +22,7 @@ pub struct Broker {
     pub connection: Arc<Connection>,
     /// Confirmed publishing (control messages, dead-letter replays).
     pub publisher: Publisher,
-    pub(crate) planners: Arc<dispatch::Planners>,
+    pub(crate) planners: Arc<planner::Planners>,
     pub(crate) tracker: TaskTracker,
 }
 
@@ -69,7 +69,7 @@ impl AppState {
 pub(crate) fn spawn_planner(broker: &Broker, job_id: Uuid) {
     let planners = broker.planners.clone();
     broker.tracker.spawn(async move {
-        if let Err(e) = dispatch::run(planners, job_id).await {
+        if let Err(e) = planner::run(planners, job_id).await {
             tracing::error!(%job_id, error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "planner stopped; the job resumes with the next broker session");
         }
     });

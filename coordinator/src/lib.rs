@@ -16,7 +16,7 @@
 //! - [`intake`]: accepts a job spec, validates it, stores it once, starts its planner.
 //! - [`split`]: streams a job's targets from the registry in id order and decides per device:
 //!   send a task, or skip it (incompatible, unknown). Never holds the fleet in memory.
-//! - [`dispatch`]: the planner loop: publishes tasks in confirmed batches, at the job's rate,
+//! - [`planner`]: the planner loop (plan, then publish): publishes tasks in confirmed batches, at the job's rate,
 //!   checkpointing its cursor so a restarted coordinator resumes where it stopped; cancels
 //!   what is not yet published when the job is canceled.
 //! - [`aggregate`]: consumes results, records each device's first terminal outcome, finishes
@@ -31,19 +31,19 @@
 //!
 //! # Flow of one job
 //! ```text
-//! API ─▶ intake ─▶ split ─▶ dispatch ──tasks──▶ workers ──results──▶ aggregate ─▶ Redis
+//! API ─▶ intake ─▶ split ─▶ planner ──tasks──▶ workers ──results──▶ aggregate ─▶ Redis
 //! ```
 
 pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod deadletters;
-pub mod dispatch;
 pub mod import;
 pub mod intake;
 pub mod jobs;
 pub mod metrics;
 pub mod notify;
+pub mod planner;
 pub mod readings;
 pub mod registry;
 pub mod report;

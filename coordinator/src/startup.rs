@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::{
     aggregate, api,
     app::{AppState, Broker, spawn_planner},
-    dispatch,
+    planner,
 };
 
 /// A coordinator, listening.
@@ -171,7 +171,7 @@ async fn broker_session(
     // a lost connection.
     let session = stop.child_token();
     let scripts = Scripts::new();
-    let planners = Arc::new(dispatch::Planners {
+    let planners = Arc::new(planner::Planners {
         settings: settings.clone(),
         names: state.names.clone(),
         redis: state.redis.clone(),

@@ -2,7 +2,7 @@
 //! AMQP headers.
 //!
 //! Owns the lapin types at the edges of the rest of the code. It never decides what to
-//! publish or when to ack: that belongs to the coordinator's `dispatch` and `aggregate`
+//! publish or when to ack: that belongs to the coordinator's `planner` and `aggregate`
 //! and the worker's `consume` and `report`.
 
 use std::time::Duration;

@@ -24,7 +24,7 @@
 //!
 //! # Flow of one job
 //! ```text
-//! coordinator: intake -> split -> dispatch ──tasks──▶ worker: consume -> handle -> deliver -> report
+//! coordinator: intake -> split -> planner ──tasks──▶ worker: consume -> handle -> deliver -> report
 //!                                   aggregate ◀──results──────────────────────────────────┘
 //! ```
 #![warn(missing_docs)]

@@ -273,7 +273,7 @@ return 1
 
 /// One terminal outcome to record.
 #[derive(Debug, Clone)]
-pub struct Outcome<'a> {
+pub struct TerminalStatus<'a> {
     /// The job.
     pub job_id: Uuid,
     /// The device.
@@ -340,7 +340,7 @@ impl Scripts {
         &self,
         conn: &mut ConnectionManager,
         names: &Names,
-        outcomes: &[Outcome<'_>],
+        outcomes: &[TerminalStatus<'_>],
     ) -> Result<RecordSummary, StoreError> {
         if outcomes.is_empty() {
             return Ok(RecordSummary::default());

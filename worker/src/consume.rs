@@ -1,7 +1,7 @@
 //! The tasks consumer.
 //!
-//! Owns the tasks channel, its prefetch, the consumer and every ack, nack and reject: a
-//! handler decides an [`Outcome`], and [`settle`] applies it. On shutdown it cancels the
+//! Owns the tasks channel, its prefetch, the consumer and every ack, nack, reject and
+//! forwarded copy: a handler decides an [`Outcome`], and [`settle`] applies it. On shutdown it cancels the
 //! consumer first (no new deliveries), hands back anything delivered after that, and lets
 //! in-flight handlers finish. It never decides an outcome itself.
 
@@ -17,10 +17,14 @@ use lapin::{
     },
     types::FieldTable,
 };
-use shared::amqp::AmqpError;
+use shared::{
+    amqp::{self, AmqpError, Publisher},
+    messages::{self, DeviceTask},
+    topology::Names,
+};
 use tokio_util::task::TaskTracker;
 
-use crate::handle::{self, Context, Outcome};
+use crate::handle::{self, Context, ForwardTo, Outcome};
 
 /// Consumes tasks until shutdown fires or the channel fails; handlers run on `tracker`.
 ///
@@ -105,7 +109,7 @@ pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {
     let settled = match outcome {
         Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
         Outcome::Forward { to, task } => {
-            match handle::forward(&ctx.publisher, &ctx.names, to, &task).await {
+            match forward(&ctx.publisher, &ctx.names, to, &task).await {
                 Ok(()) => acker.ack(BasicAckOptions::default()).await,
                 Err(e) => {
                     tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(&e), "could not forward a task; handing it back");
@@ -147,4 +151,48 @@ fn requeue() -> BasicNackOptions {
         requeue: true,
         ..Default::default()
     }
+}
+
+/// Publishes a copy of a task (to the tasks exchange or a retry queue), confirmed.
+///
+/// # Errors
+/// Broker errors.
+async fn forward(
+    publisher: &Publisher,
+    names: &Names,
+    to: ForwardTo,
+    task: &DeviceTask,
+) -> Result<(), shared::amqp::AmqpError> {
+    let payload = messages::encode(task)?;
+    let mut headers = FieldTable::default();
+    amqp::set_header(
+        &mut headers,
+        shared::topology::HEADER_JOB_ID,
+        &task.job_id.to_string(),
+    );
+    amqp::set_header(
+        &mut headers,
+        shared::topology::HEADER_ATTEMPT,
+        &task.attempts.to_string(),
+    );
+    amqp::inject_current_context(&mut headers);
+    let (exchange, routing_key) = match to {
+        ForwardTo::Tasks => (
+            names.tasks_exchange(),
+            shared::topology::TASK_ROUTING_KEY.to_owned(),
+        ),
+        ForwardTo::Retry(n) => (String::new(), names.retry_queue(n)),
+    };
+    publisher
+        .publish(amqp::Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            payload: &payload,
+            properties: amqp::properties(
+                messages::TASK_TYPE,
+                &task.execution_id.to_string(),
+                headers,
+            ),
+        })
+        .await
 }

@@ -118,7 +118,7 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
         messaging.destination.name = %ctx.names.tasks_queue(),
         messaging.message.id = %task.execution_id,
         job_id = %task.job_id,
-        task_id = %task.execution_id,
+        execution_id = %task.execution_id,
         device_id = %task.device_id,
         attempt = task.attempts + 1,
         outcome = Empty,
@@ -461,48 +461,4 @@ fn in_progress(
 fn mark(ctx: &Context, outcome: &str) {
     tracing::Span::current().record("outcome", outcome);
     ctx.metrics.outcomes.with_label_values(&[outcome]).inc();
-}
-
-/// Publishes a copy of a task (to the tasks exchange or a retry queue), confirmed.
-///
-/// # Errors
-/// Broker errors.
-pub async fn forward(
-    publisher: &Publisher,
-    names: &Names,
-    to: ForwardTo,
-    task: &DeviceTask,
-) -> Result<(), shared::amqp::AmqpError> {
-    let payload = messages::encode(task)?;
-    let mut headers = FieldTable::default();
-    amqp::set_header(
-        &mut headers,
-        shared::topology::HEADER_JOB_ID,
-        &task.job_id.to_string(),
-    );
-    amqp::set_header(
-        &mut headers,
-        shared::topology::HEADER_ATTEMPT,
-        &task.attempts.to_string(),
-    );
-    amqp::inject_current_context(&mut headers);
-    let (exchange, routing_key) = match to {
-        ForwardTo::Tasks => (
-            names.tasks_exchange(),
-            shared::topology::TASK_ROUTING_KEY.to_owned(),
-        ),
-        ForwardTo::Retry(n) => (String::new(), names.retry_queue(n)),
-    };
-    publisher
-        .publish(amqp::Outgoing {
-            exchange: &exchange,
-            routing_key: &routing_key,
-            payload: &payload,
-            properties: amqp::properties(
-                messages::TASK_TYPE,
-                &task.execution_id.to_string(),
-                headers,
-            ),
-        })
-        .await
 }

@@ -211,7 +211,7 @@ fn build_transport(
     names: &topology::Names,
     stop: CancellationToken,
 ) -> anyhow::Result<Transport> {
-    use shared::config::Transport as Kind;
+    use shared::config::TransportKind as Kind;
     Ok(match settings.worker.transport {
         Kind::Simulator => Transport::Simulator(Simulator::new(
             settings.simulator.clone(),

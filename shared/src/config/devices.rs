@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Which transport workers use to reach devices.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub enum TransportKind {
     /// The built-in fleet simulator, with device state in Redis.
     Simulator,
     /// An MQTT broker ([`MqttSettings`]).

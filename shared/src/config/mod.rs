@@ -24,7 +24,7 @@ mod devices;
 mod services;
 
 pub use devices::{
-    DeviceProtocol, HttpSettings, MqttSettings, MqttVersion, SimulatorSettings, Transport,
+    DeviceProtocol, HttpSettings, MqttSettings, MqttVersion, SimulatorSettings, TransportKind,
 };
 pub use services::{
     AmqpSettings, BackoffSettings, CoordinatorSettings, LogFormat, OtlpProtocol, RedisSettings,
@@ -165,7 +165,7 @@ impl Settings {
                 problem: "client_cert_file and client_key_file go together".into(),
             });
         }
-        if self.worker.transport == Transport::Http
+        if self.worker.transport == TransportKind::Http
             && !self.worker.http.url_template.contains("{device_id}")
         {
             return Err(ConfigError::Value {

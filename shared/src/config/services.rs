@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::devices::{HttpSettings, MqttSettings, Transport};
+use super::devices::{HttpSettings, MqttSettings, TransportKind};
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -108,7 +108,7 @@ pub struct WorkerSettings {
     /// worker more tasks than it can work on, so a dying worker strands at most this many.
     pub concurrency: u16,
     /// How devices are reached.
-    pub transport: Transport,
+    pub transport: TransportKind,
     /// Default timeout of one delivery attempt, when the job sets none.
     pub attempt_timeout_ms: u64,
     /// In-process retries of transient device errors.

@@ -7,6 +7,7 @@
 //! permanent failures. It never records outcomes.
 
 use devices::protocol::DeviceReply;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use shared::config::HttpSettings;
 
 use super::request::{DeliverError, DeliveryRequest, Reply, reply_outcome};
@@ -36,16 +37,15 @@ pub struct HttpTransport {
 
 /// Percent-encodes a device id for a URL path segment.
 fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, SEGMENT).to_string()
 }
+
+/// Everything but RFC 3986's unreserved characters is escaped in a path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 impl HttpTransport {
     /// A transport posting to `settings.url_template`.

@@ -20,7 +20,7 @@ use shared::{
     messages::{self, DeviceTask, TASK_TYPE, WIRE_VERSION},
     now_ms,
     state::{DeviceStatus, ExecutionState, JobState},
-    store::{self, Outcome, Scripts},
+    store::{self, Scripts, TerminalStatus},
     topology::{HEADER_ATTEMPT, HEADER_JOB_ID, Names, TASK_ROUTING_KEY},
 };
 use tokio_util::sync::CancellationToken;
@@ -225,9 +225,9 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             }
         }
         publish_batch(p, job_id, &sent, now).await?;
-        let outcomes: Vec<Outcome<'_>> = final_statuses
+        let outcomes: Vec<TerminalStatus<'_>> = final_statuses
             .iter()
-            .map(|(device, status)| Outcome {
+            .map(|(device, status)| TerminalStatus {
                 job_id,
                 device_id: device,
                 status,
