@@ -6,6 +6,7 @@
 //! was lost, i.e. by a worker that died mid-delivery). Reads only; streams the status hash
 //! with HSCAN, so it works for a million devices.
 
+use devices::keys::DeviceKeys;
 use std::collections::BTreeMap;
 
 use redis::{AsyncCommands, aio::ConnectionManager};

@@ -146,46 +146,6 @@ impl Names {
     pub fn planner_lock(&self, job: Uuid) -> String {
         format!("{}:job:{job}:planner", self.ns)
     }
-
-    // ---- Redis: the built-in simulator's device state ----
-
-    /// Hash execution id -> deliveries seen by the simulated device.
-    pub fn sim_deliveries(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:deliveries", self.ns)
-    }
-    /// Hash execution id -> 1 once the simulated device applied it (its memory of repeats).
-    pub fn sim_done(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:done", self.ns)
-    }
-    /// Hash device id -> times the simulated device applied this job.
-    pub fn sim_applied(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:applied", self.ns)
-    }
-    /// Hash of the simulator's totals for a job (deliveries, applications, duplicates).
-    pub fn sim_totals(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:totals", self.ns)
-    }
-    /// Hash of the simulator's delivery log per execution (`worker/attempt;...`), kept when
-    /// `simulator.record_deliveries` is on.
-    pub fn sim_log(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:log", self.ns)
-    }
-    /// Prefix of AWS IoT Jobs execution hashes: `{prefix}{job}:{thing}`.
-    pub fn aws_execution_prefix(&self) -> String {
-        format!("{}:aws:exec:", self.ns)
-    }
-    /// Hash of one AWS IoT Jobs execution (status, versions, times, holder).
-    pub fn aws_execution(&self, job: &str, thing: &str) -> String {
-        format!("{}{job}:{thing}", self.aws_execution_prefix())
-    }
-    /// Sorted set of a thing's pending (QUEUED or IN_PROGRESS) job ids, by queue time.
-    pub fn aws_pending(&self, thing: &str) -> String {
-        format!("{}:aws:pending:{thing}", self.ns)
-    }
-    /// MQTT shared-subscription group of this deployment's workers.
-    pub fn mqtt_share_group(&self) -> String {
-        format!("fleetbatch-{}", self.ns)
-    }
 }
 
 fn long(s: &str) -> AMQPValue {

@@ -2,6 +2,7 @@
 //! job of 20,000 simulated devices with latency, transient failures and offline devices,
 //! and asserts the guarantees with the same audit the chaos command prints.
 
+use devices::keys::DeviceKeys;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;

@@ -1,5 +1,6 @@
 //! The test harness: a namespaced deployment of real processes, and assertions on outcomes.
 
+use devices::keys::DeviceKeys;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,

@@ -8,6 +8,7 @@
 //! replies to the attempt waiting for them, AWS IoT Jobs requests to [`super::aws`]. It never
 //! records outcomes.
 
+use devices::keys::DeviceKeys;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

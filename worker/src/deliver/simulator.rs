@@ -9,6 +9,7 @@
 //! `duplicate_applications`, and `last_delivery_ms`, the Redis clock at the latest delivery)
 //! are what tests, the demo and the benchmark check the guarantees against.
 
+use devices::keys::DeviceKeys;
 use devices::simdevice::{self, Answer, SimOutcome};
 use redis::{Script, aio::ConnectionManager};
 use shared::{config::SimulatorSettings, job::Action, topology::Names};

@@ -9,6 +9,7 @@
 //! workers as real processes with the built-in simulator, from job creation to COMPLETED.
 //! Each case runs several times; medians are reported, and one JSON line per latency case.
 
+use devices::keys::DeviceKeys;
 use std::{
     path::PathBuf,
     time::{Duration, Instant},

@@ -2,6 +2,7 @@
 //! `start-next`, `{jobId}/get` (`$next` included) and `{jobId}/update`, with the AWS error
 //! documents for rejected ones.
 
+use devices::keys::DeviceKeys;
 use devices::{aws, mqtt::Message};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;

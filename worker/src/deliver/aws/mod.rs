@@ -16,6 +16,7 @@
 //! - `scripts`: the Lua scripts and the stored execution record;
 //! - `documents`: the JSON documents AWS IoT Jobs devices receive, and request validation.
 
+use devices::keys::DeviceKeys;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
