@@ -29,10 +29,18 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked --workspace --all-targets -- --test-threads="${FLEETBATCH_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# --no-fail-fast: a failing unit test must not hide the end-to-end suite.
+cargo test --locked --workspace --all-targets --no-fail-fast -- --test-threads="${FLEETBATCH_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# One closing line for the whole run (cargo prints one per test binary). A binary that
+# started but printed no result line crashed: it counts as one failure, and is named.
+awk '/^ *Running / { bin = $NF; started[bin] = 1; order[++n] = bin }
+     /^test result:/ { done[bin] = 1
+       for (i = 1; i <= NF; i++) {
+         if ($(i+1) ~ /^passed/) p += $i
+         if ($(i+1) ~ /^failed/) f += $i
+         if ($(i+1) ~ /^ignored/) ig += $i } }
+     END { for (k = 1; k <= n; k++) if (!done[order[k]]) { print "crashed (no result line): " order[k]; f++ }
+           printf "tests: %d passed, %d failed, %d skipped\n", p, f, ig }' "$log"
 exit "$status"
