@@ -39,10 +39,13 @@ async fn corrupt_messages_are_dead_lettered_with_a_reason_and_the_job_still_comp
         .expect("confirm");
     }
     let id = app.create_job(&firmware_job(json!({}))).await;
-    app.wait_for_job(id, Duration::from_secs(120)).await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
 
-    // Assert: the job is exact, and both corrupt messages wait in the dead-letter queue with
+    // Assert: the job completed (not canceled) with every device succeeding (the default
+    // simulated fleet never fails), it is exact, and both corrupt messages wait in the dead-letter queue with
     // the reason and their source queue.
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["succeeded"], 1_000, "{job}");
     app.assert_exact(id, &fleet_ids(1_000)).await;
     let dead = app.drain_dead_letters().await;
     assert_eq!(dead.len(), 2, "both corrupt messages dead-lettered");
