@@ -530,11 +530,11 @@ async fn start_mosquitto(dir: &std::path::Path, port: u16) -> tokio::process::Ch
             .await
             .is_ok()
         {
-            break;
+            return child;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    child
+    panic!("mosquitto did not open port {port} within 5 s");
 }
 
 impl SecureBroker {

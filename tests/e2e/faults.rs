@@ -123,6 +123,9 @@ async fn killing_workers_mid_delivery_loses_nothing_and_applies_nothing_twice() 
         }
     }
     let resent: u64 = resent_after.values().sum();
+    // The kills landed mid-delivery (with 64 deliveries in flight per worker, a kill that
+    // interrupts nothing would mean the test killed idle workers).
+    assert!(resent > 0, "no kill interrupted a delivery: {audit:?}");
     assert!(
         resent >= audit.extra_deliveries,
         "{resent} re-sent attempts < {} extra deliveries",

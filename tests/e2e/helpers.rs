@@ -74,7 +74,12 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
         cluster,
         names: Names::new(&namespace),
         settings,
-        http: reqwest::Client::new(),
+        // A hung coordinator fails the test instead of hanging the suite (the longest
+        // request, an event stream followed to the job's end, is bounded at 120 s).
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(180))
+            .build()
+            .expect("http client"),
         redis,
     }
 }

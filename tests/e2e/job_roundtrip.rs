@@ -111,15 +111,17 @@ async fn devices_that_fail_permanently_are_reported_failed_with_their_error() {
         .json()
         .await
         .expect("devices json");
-    let listed: usize = page["devices"].as_array().map(Vec::len).unwrap_or(0);
-    assert!(
-        listed > 0
-            && page["devices"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .all(|d| d["state"] == "FAILED")
-    );
+    // Exactly the devices expected to fail, each listed once as FAILED, on one page.
+    let listed: Vec<&serde_json::Value> =
+        page["devices"].as_array().into_iter().flatten().collect();
+    assert!(listed.iter().all(|d| d["state"] == "FAILED"), "{page}");
+    let listed_ids: std::collections::HashSet<String> = listed
+        .iter()
+        .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed.len(), listed_ids.len(), "each device listed once");
+    assert_eq!(listed_ids, expected_failed);
+    assert_eq!(page["next_cursor"], serde_json::Value::Null);
     app.teardown().await;
 }
 
