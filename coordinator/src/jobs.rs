@@ -94,27 +94,70 @@ pub async fn get(
     Ok(store::load_job(redis, names, id).await?.map(JobView::from))
 }
 
-/// The newest jobs first.
+/// A page of jobs, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobPage {
+    /// The jobs.
+    pub jobs: Vec<JobView>,
+    /// Where the next page starts (the last job's id), when there may be more.
+    pub next_cursor: Option<String>,
+}
+
+/// The newest jobs, `limit` of them, starting after job `cursor` when given (ordered by
+/// creation time, then id, newest first).
 ///
 /// # Errors
 /// Redis errors.
 pub async fn list(
     redis: &mut ConnectionManager,
     names: &Names,
+    cursor: Option<Uuid>,
     limit: usize,
-) -> Result<Vec<JobView>, StoreError> {
-    let ids: Vec<String> = redis
-        .zrevrange(names.jobs(), 0, limit.saturating_sub(1) as isize)
-        .await?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
+) -> Result<JobPage, StoreError> {
+    let entries: Vec<(String, f64)> = match cursor {
+        None => {
+            redis
+                .zrevrange_withscores(names.jobs(), 0, limit.saturating_sub(1) as isize)
+                .await?
+        }
+        Some(after) => {
+            let Some(score): Option<f64> = redis.zscore(names.jobs(), after.to_string()).await?
+            else {
+                return Ok(JobPage {
+                    jobs: Vec::new(),
+                    next_cursor: None,
+                });
+            };
+            // Jobs created in the same millisecond share a score and come in reverse id
+            // order: skip those up to the cursor.
+            let after = after.to_string();
+            let page: Vec<(String, f64)> = redis
+                .zrevrangebyscore_limit_withscores(
+                    names.jobs(),
+                    score,
+                    "-inf",
+                    0,
+                    limit as isize + 64,
+                )
+                .await?;
+            page.into_iter()
+                .filter(|(id, s)| *s < score || id.as_str() < after.as_str())
+                .take(limit)
+                .collect()
+        }
+    };
+    let next_cursor = (entries.len() >= limit)
+        .then(|| entries.last().map(|(id, _)| id.clone()))
+        .flatten();
+    let mut jobs = Vec::with_capacity(entries.len());
+    for (id, _) in entries {
         if let Ok(id) = Uuid::parse_str(&id)
             && let Some(v) = get(redis, names, id).await?
         {
-            out.push(v);
+            jobs.push(v);
         }
     }
-    Ok(out)
+    Ok(JobPage { jobs, next_cursor })
 }
 
 /// One device's status in a listing.

@@ -129,6 +129,11 @@ async fn every_data_command_prints_json_and_listings_page_with_a_cursor() {
     assert_eq!(job["targeted"], 3);
     let list = cli_json(&app, &["job", "list"]).await;
     assert_eq!(list["jobs"][0]["job_id"], id.as_str());
+    let first = cli_json(&app, &["job", "list", "--limit", "1"]).await;
+    assert_eq!(first["next_cursor"], id.as_str());
+    let after = cli_json(&app, &["job", "list", "--limit", "1", "--cursor", &id]).await;
+    assert_eq!(after["jobs"], serde_json::json!([]));
+    assert_eq!(after["next_cursor"], Value::Null);
     let devices = cli_json(&app, &["job", "devices", &id, "--limit", "2"]).await;
     assert_eq!(devices["devices"].as_array().map(Vec::len), Some(2));
     let all_devices = cli_json(&app, &["job", "devices", &id, "--limit", "2", "--all"]).await;

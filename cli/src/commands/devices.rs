@@ -31,6 +31,9 @@ pub(crate) enum DevicesCmd {
         /// (the devices `fleet-sim --devices N` plays).
         #[arg(long, conflicts_with = "file")]
         generate: Option<u64>,
+        /// Print the import report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List devices, in id order.
     List {
@@ -93,6 +96,7 @@ pub(crate) async fn run(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> 
             file,
             format,
             generate,
+            json,
         } => {
             let report: Value = match (generate, file) {
                 (Some(n), _) => {
@@ -124,17 +128,21 @@ pub(crate) async fn run(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> 
                 }
                 (None, None) => bail!("give a file or --generate N"),
             };
-            println!(
-                "imported {} devices, {} lines refused",
-                report["imported"], report["failed"]
-            );
-            if let Some(errors) = report["errors"].as_array() {
-                for e in errors {
-                    println!(
-                        "  line {}: {}",
-                        e["line"],
-                        e["error"].as_str().unwrap_or("")
-                    );
+            if json {
+                output::print_json(&report);
+            } else {
+                println!(
+                    "imported {} devices, {} lines refused",
+                    report["imported"], report["failed"]
+                );
+                if let Some(errors) = report["errors"].as_array() {
+                    for e in errors {
+                        println!(
+                            "  line {}: {}",
+                            e["line"],
+                            e["error"].as_str().unwrap_or("")
+                        );
+                    }
                 }
             }
             if report["failed"].as_u64().unwrap_or(0) > 0 {

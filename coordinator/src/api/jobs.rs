@@ -88,19 +88,35 @@ pub(super) async fn create(
 }
 
 #[derive(Debug, Deserialize)]
+pub(super) struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
 pub(super) struct LimitQuery {
     pub(super) limit: Option<usize>,
 }
 
+/// A page of jobs, newest first: `limit` and `cursor`, as every listing.
 pub(super) async fn list(
     State(app): State<Arc<AppState>>,
-    Query(q): Query<LimitQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<jobs::JobPage>> {
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(parse_id(c).map_err(|e| e.with_field("cursor"))?),
+    };
     let mut redis = app.redis.clone();
-    let jobs = jobs::list(&mut redis, &app.names, q.limit.unwrap_or(50).clamp(1, 1000))
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(json!({"jobs": jobs})))
+    let page = jobs::list(
+        &mut redis,
+        &app.names,
+        cursor,
+        q.limit.unwrap_or(50).clamp(1, 1000),
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(page))
 }
 
 pub(super) async fn get(

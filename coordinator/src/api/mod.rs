@@ -11,11 +11,11 @@
 //! | GET | /readyz | connected to RabbitMQ and Redis |
 //! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/devices/import?format=csv\|ndjson | import devices (streamed body) |
-//! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&after=&limit= | list |
+//! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&tag=&cursor=&limit= | list (pages carry `next_cursor`) |
 //! | GET | /v1/devices/count?group= | count |
 //! | GET | /v1/groups | groups with member counts |
 //! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`) |
-//! | GET | /v1/jobs?limit= | newest jobs |
+//! | GET | /v1/jobs?limit=&cursor= | newest jobs (pages carry `next_cursor`) |
 //! | GET | /v1/jobs/{id} | state and counters |
 //! | POST | /v1/jobs/{id}/cancel | cancel |
 //! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
