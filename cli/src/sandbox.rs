@@ -121,7 +121,9 @@ impl Sandbox {
 
     /// Stops the processes and, unless `keep`, deletes the namespace's queues and keys.
     pub(crate) async fn finish(mut self, keep: bool) {
-        self.cluster.stop_all(Duration::from_secs(30)).await;
+        for problem in self.cluster.stop_all(Duration::from_secs(30)).await {
+            eprintln!("fleetbatch: {problem}");
+        }
         if !keep && let Err(e) = cleanup(&self.settings, &self.namespace).await {
             eprintln!("cleanup of {} failed: {e:#}", self.namespace);
         }

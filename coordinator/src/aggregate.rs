@@ -168,8 +168,34 @@ async fn process_batch(
         let Ok(summary) = recorded else {
             return Ok(());
         };
+        // A result naming a job that does not exist is kept as evidence in the dead-letter
+        // queue, alone (its message may carry results of other jobs, recorded above).
+        for &i in &summary.unknown_jobs {
+            let (r, d) = &chunk_results[i];
+            let reason = format!("unknown job {}", r.job_id);
+            tracing::error!(%reason, device_id = %r.device_id, "dead-lettering a result");
+            agg.metrics.dead_lettered.inc();
+            let payload = messages::encode(r)?;
+            let properties = shared::amqp::properties(
+                messages::RESULT_TYPE,
+                &r.execution_id.to_string(),
+                d.properties.headers().clone().unwrap_or_default(),
+            );
+            topology::dead_letter(
+                &agg.publisher,
+                &agg.names,
+                &agg.names.results_queue(),
+                &payload,
+                &properties,
+                &reason,
+            )
+            .await?;
+        }
         let now = shared::now_ms();
-        for ((r, _), counted) in chunk_results.iter().zip(&summary.counted) {
+        for (i, ((r, _), counted)) in chunk_results.iter().zip(&summary.counted).enumerate() {
+            if summary.unknown_jobs.contains(&i) {
+                continue;
+            }
             agg.metrics
                 .results_recorded
                 .with_label_values(&[r.state.counter()])

@@ -8,6 +8,7 @@
 //! talks to RabbitMQ or Redis itself.
 
 use std::{
+    collections::HashSet,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
@@ -61,6 +62,8 @@ pub struct Cluster {
     coordinator_starts: usize,
     workers: Vec<Option<Child>>,
     fleet_sims: Vec<Child>,
+    /// Processes SIGKILLed on purpose: their deaths are not failures.
+    killed: HashSet<u32>,
 }
 
 impl Cluster {
@@ -92,6 +95,7 @@ impl Cluster {
             coordinator_starts: 0,
             workers: Vec::new(),
             fleet_sims: Vec::new(),
+            killed: HashSet::new(),
         })
     }
 
@@ -249,8 +253,11 @@ impl Cluster {
     ///
     /// # Errors
     /// No such running worker, or the signal failed.
-    pub fn signal_worker(&self, i: usize, signal: Signal) -> anyhow::Result<()> {
+    pub fn signal_worker(&mut self, i: usize, signal: Signal) -> anyhow::Result<()> {
         let pid = self.worker_pid(i).context("no such running worker")?;
+        if signal == Signal::SIGKILL {
+            self.killed.insert(pid);
+        }
         nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).context("signalling a worker")
     }
 
@@ -275,12 +282,15 @@ impl Cluster {
     ///
     /// # Errors
     /// Not running, or the signal failed.
-    pub fn signal_coordinator(&self, signal: Signal) -> anyhow::Result<()> {
+    pub fn signal_coordinator(&mut self, signal: Signal) -> anyhow::Result<()> {
         let pid = self
             .coordinator
             .as_ref()
             .and_then(Child::id)
             .context("coordinator not running")?;
+        if signal == Signal::SIGKILL {
+            self.killed.insert(pid);
+        }
         nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)
             .context("signalling the coordinator")
     }
@@ -301,19 +311,75 @@ impl Cluster {
         Ok(status)
     }
 
-    /// SIGTERMs every process and waits for them (up to `timeout` each).
-    pub async fn stop_all(&mut self, timeout: Duration) {
+    /// SIGTERMs every process and waits for them (up to `timeout` each), then reports what
+    /// went wrong: a process that exited before it was asked to (and was not SIGKILLed on
+    /// purpose), one that did not exit 0 on SIGTERM or not in time, and every log line of a
+    /// panic. Empty when every process was healthy to the end.
+    pub async fn stop_all(&mut self, timeout: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
         for i in 0..self.workers.len() {
-            if self.signal_worker(i, Signal::SIGTERM).is_ok() {
-                let _ = self.wait_worker(i, timeout).await;
+            let Some(child) = self.workers[i].as_mut() else {
+                continue;
+            };
+            let name = format!("worker {i}");
+            let outcome = stop(child, timeout, &self.killed).await;
+            problems.extend(outcome.map(|p| format!("{name}: {p}")));
+            self.workers[i] = None;
+        }
+        if let Some(child) = self.coordinator.as_mut() {
+            let outcome = stop(child, timeout, &self.killed).await;
+            problems.extend(outcome.map(|p| format!("coordinator: {p}")));
+            self.coordinator = None;
+        }
+        for (i, sim) in self.fleet_sims.iter_mut().enumerate() {
+            if let Ok(Some(status)) = sim.try_wait() {
+                problems.push(format!("fleet-sim {i}: exited on its own ({status})"));
             }
-        }
-        if self.signal_coordinator(Signal::SIGTERM).is_ok() {
-            let _ = self.wait_coordinator(timeout).await;
-        }
-        for sim in &mut self.fleet_sims {
             let _ = sim.kill().await;
         }
         self.fleet_sims.clear();
+        problems.extend(self.panics());
+        problems
+    }
+
+    /// Log lines of panics in any process's log.
+    pub fn panics(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.log_dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in dir.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            out.extend(
+                text.lines()
+                    .filter(|l| l.contains("panicked at"))
+                    .map(|l| format!("{}: {l}", entry.path().display())),
+            );
+        }
+        out
+    }
+}
+
+/// SIGTERMs `child` unless it already exited; `None` when it exited 0 in time (or died of a
+/// SIGKILL in `killed`), else what was wrong.
+async fn stop(child: &mut Child, timeout: Duration, killed: &HashSet<u32>) -> Option<String> {
+    let pid = child.id();
+    let deliberate = pid.is_some_and(|p| killed.contains(&p));
+    if let Ok(Some(status)) = child.try_wait() {
+        return (!deliberate).then(|| format!("exited on its own ({status})"));
+    }
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() || deliberate => None,
+        Ok(Ok(status)) => Some(format!("stopped with {status} on SIGTERM")),
+        Ok(Err(e)) => Some(format!("cannot be waited for: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            Some(format!("did not stop within {timeout:?} of SIGTERM"))
+        }
     }
 }

@@ -238,6 +238,7 @@ end
 fn record_terminal_script() -> Script {
     Script::new(&format!(
         r#"{STATUS_LUA}{FINISH_IF_DONE_LUA}
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -291,8 +292,12 @@ pub struct RecordSummary {
     pub duplicates: usize,
     /// Jobs that reached their final state in this batch.
     pub finished_jobs: Vec<Uuid>,
-    /// Whether each outcome (in input order) was counted (false: a duplicate).
+    /// Whether each outcome (in input order) was counted (false: a duplicate, or an
+    /// unknown job).
     pub counted: Vec<bool>,
+    /// Indexes (in input order) of outcomes naming a job that does not exist: nothing was
+    /// written for them.
+    pub unknown_jobs: Vec<usize>,
 }
 
 /// The state-changing scripts, loaded once per process.
@@ -369,9 +374,10 @@ impl Scripts {
         }
         let codes: Vec<i64> = self.run(conn, &pipe).await?;
         let mut summary = RecordSummary::default();
-        for (c, o) in codes.into_iter().zip(outcomes) {
-            summary.counted.push(c != 0);
+        for (i, (c, o)) in codes.into_iter().zip(outcomes).enumerate() {
+            summary.counted.push(c > 0);
             match c {
+                -1 => summary.unknown_jobs.push(i),
                 0 => summary.duplicates += 1,
                 2 => {
                     summary.recorded += 1;

@@ -312,8 +312,15 @@ impl TestApp {
     }
 
     /// Stops every process and deletes the namespace's Redis keys.
+    /// Fails the test if any process it started panicked, exited unexpectedly, or did not
+    /// stop cleanly (exit 0) on SIGTERM.
     pub async fn teardown(mut self) {
-        self.cluster.stop_all(Duration::from_secs(30)).await;
+        let problems = self.cluster.stop_all(Duration::from_secs(30)).await;
+        assert!(
+            problems.is_empty(),
+            "processes were not healthy to the end:\n{}",
+            problems.join("\n")
+        );
         let mut redis = self.redis.clone();
         shared::store::delete_matching(&mut redis, &format!("{}:*", self.names.namespace()))
             .await
@@ -347,8 +354,18 @@ pub fn firmware_job(extra: Value) -> Value {
 }
 
 /// The value of a sample in Prometheus text exposition: `name` with exactly these labels
-/// (in any order). 0 when absent.
+/// (in any order). 0 when absent: for counters, which appear at their first increment.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or(0.0)
+}
+
+/// A sample that must be exposed (gauges): fails the test when it is missing, so a gauge that
+/// disappeared cannot read as 0.
+pub fn gauge(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} is not exposed"))
+}
+
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -374,8 +391,8 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .iter()
                 .all(|(k, v)| found.iter().any(|(fk, fv)| fk == k && fv == v))
         {
-            return value.parse().unwrap_or(0.0);
+            return value.parse().ok();
         }
     }
-    0.0
+    None
 }

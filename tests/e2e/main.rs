@@ -12,6 +12,7 @@ mod cli;
 mod dead_letter;
 mod devices;
 mod faults;
+mod guarantees;
 mod helpers;
 mod invalid_input;
 mod job_roundtrip;

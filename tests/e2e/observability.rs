@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{firmware_job, metric, spawn_app};
+use crate::helpers::{firmware_job, gauge, metric, spawn_app};
 
 #[tokio::test]
 async fn metrics_and_health_agree_with_the_job() {
@@ -104,8 +104,8 @@ async fn metrics_and_health_agree_with_the_job() {
             "fleetbatch_worker_tasks_total",
             &[("outcome", "FAILED")],
         );
-        assert_eq!(metric(&text, "fleetbatch_worker_tasks_in_flight", &[]), 0.0);
-        assert_eq!(metric(&text, "fleetbatch_worker_concurrency", &[]), 256.0);
+        assert_eq!(gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]), 0.0);
+        assert_eq!(gauge(&text, "fleetbatch_worker_concurrency", &[]), 256.0);
         assert!(metric(&text, "fleetbatch_worker_delivery_seconds_count", &[]) > 0.0);
     }
     assert_eq!(worker_ok, succeeded);
@@ -278,6 +278,21 @@ async fn webhooks_are_signed_retried_and_report_state_changes_and_device_failure
         "{by_delivery:?}"
     );
     assert_eq!(failed_devices.len() as u64, failed);
+    // Each failed device was reported exactly once: no device.failed answered 200 twice.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late = receiver.calls.lock().expect("lock").clone();
+    let reported: Vec<String> = late
+        .iter()
+        .filter(|(_, _, status)| *status == 200)
+        .filter_map(|(_, b, _)| serde_json::from_slice::<Value>(b).ok())
+        .filter(|v| v["event"] == "device.failed")
+        .filter_map(|v| v["device_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        reported.len() as u64,
+        failed,
+        "one device.failed per failed device"
+    );
     server.abort();
     app.teardown().await;
 }
@@ -357,7 +372,8 @@ async fn a_jobs_trace_spans_the_coordinator_and_both_workers() {
     // Act: a job; then stop the processes so their exporters flush.
     let id = app.create_job(&firmware_job(json!({}))).await;
     app.wait_for_job(id, Duration::from_secs(60)).await;
-    app.cluster.stop_all(Duration::from_secs(30)).await;
+    let problems = app.cluster.stop_all(Duration::from_secs(30)).await;
+    assert!(problems.is_empty(), "{problems:?}");
 
     // Assert
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,334 @@
+//! Guarantees checked one at a time against the real processes and services: the first
+//! terminal outcome of a device wins, results naming an unknown job are dead-lettered, a
+//! claim held by one worker makes another wait, dead letters can be listed and replayed, and
+//! target filters select exactly the devices they name.
+
+use std::{collections::HashSet, time::Duration};
+
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use serde_json::{Value, json};
+use shared::{
+    messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
+    state::{DeviceStatus, ExecutionState, execution_id},
+};
+use uuid::Uuid;
+use worker::idempotency::{self, NextAction};
+
+use crate::helpers::{TestApp, firmware_job, spawn_app};
+
+/// Publishes `payload` to the namespace's exchange `exchange` with `key`, confirmed.
+async fn publish(app: &TestApp, exchange: String, key: &str, payload: &[u8]) {
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-publish")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        payload,
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+fn result(job: Uuid, device: &str, state: ExecutionState, error: Option<&str>) -> TaskResult {
+    TaskResult {
+        version: WIRE_VERSION,
+        job_id: job,
+        execution_id: execution_id(job, device),
+        device_id: device.to_owned(),
+        state,
+        attempts: 1,
+        error: error.map(str::to_owned),
+        worker: "e2e-impostor".into(),
+        published_at_ms: 0,
+        finished_at_ms: shared::now_ms(),
+        readings: None,
+    }
+}
+
+#[tokio::test]
+async fn a_late_conflicting_result_never_changes_a_terminal_device_and_unknown_jobs_are_dead_lettered()
+ {
+    // Arrange: a finished job.
+    let app = spawn_app(1, &[]).await;
+    app.import_fleet(200).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    let before = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(before["succeeded"], 200, "{before}");
+    let statuses = app.statuses(id).await;
+
+    // Act: a FAILED result for a device that succeeded, and a result for a job that does not
+    // exist, both as a worker would publish them.
+    let device = harness::fleet::device_id(7);
+    let late = result(id, &device, ExecutionState::Failed, Some("late and wrong"));
+    let stranger = result(Uuid::now_v7(), "dev-x", ExecutionState::Succeeded, None);
+    for r in [&late, &stranger] {
+        publish(
+            &app,
+            app.names.results_exchange(),
+            shared::topology::RESULT_ROUTING_KEY,
+            &messages::encode(r).expect("encode"),
+        )
+        .await;
+    }
+
+    // Assert: the stranger reaches the dead-letter queue with its reason; by then the late
+    // result (published first, same queue) was processed, and changed nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = app.drain_dead_letters().await;
+        if !dead.is_empty() || tokio::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        dead.len(),
+        1,
+        "the result naming an unknown job is dead-lettered"
+    );
+    let reason = shared::amqp::header_str(
+        dead[0].delivery.properties.headers().as_ref(),
+        shared::topology::HEADER_DEAD_REASON,
+    )
+    .expect("reason");
+    assert!(reason.contains("unknown job"), "{reason}");
+    let after = app.job(id).await;
+    for counter in ["succeeded", "failed", "terminal", "targeted"] {
+        assert_eq!(after[counter], before[counter], "{counter}: {after}");
+    }
+    assert_eq!(app.statuses(id).await[&device], statuses[&device]);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_claim_held_by_one_worker_makes_another_wait_and_a_finished_one_returns_its_result() {
+    // Arrange: a job exists (claims read its status hash) but no worker runs.
+    let app = spawn_app(0, &[]).await;
+    app.import_fleet(1).await;
+    let job = app.create_job(&firmware_job(json!({}))).await;
+    let device = harness::fleet::device_id(0);
+    let task = DeviceTask {
+        version: WIRE_VERSION,
+        job_id: job,
+        execution_id: execution_id(job, &device),
+        device_id: device.clone(),
+        attempts: 0,
+        parked: 0,
+        published_at_ms: shared::now_ms(),
+    };
+    let status = |worker: &str| DeviceStatus {
+        state: ExecutionState::InProgress,
+        attempts: 0,
+        error: None,
+        updated_at_ms: shared::now_ms(),
+        next_attempt_at_ms: None,
+        worker: Some(worker.to_owned()),
+        published_at_ms: None,
+        readings: None,
+    };
+    let lease = Duration::from_secs(30);
+    let mut redis = app.redis.clone();
+
+    // Act + Assert: A claims; B finds A's claim and must wait; A finishes; B then gets A's
+    // stored result instead of delivering again.
+    let a = idempotency::try_claim(
+        &mut redis,
+        &app.names,
+        &task,
+        "worker-a",
+        lease,
+        &status("worker-a"),
+    )
+    .await
+    .expect("claim a");
+    assert!(matches!(a, NextAction::StartProcessing { .. }), "{a:?}");
+    let b = idempotency::try_claim(
+        &mut redis,
+        &app.names,
+        &task,
+        "worker-b",
+        lease,
+        &status("worker-b"),
+    )
+    .await
+    .expect("claim b");
+    match b {
+        NextAction::HeldByOther { holder } => assert_eq!(holder, "worker-a"),
+        other => panic!("B must wait for A: {other:?}"),
+    }
+    let done = result(job, &device, ExecutionState::Succeeded, None);
+    idempotency::mark_done(&mut redis, &app.names, &done, Duration::from_secs(60))
+        .await
+        .expect("done");
+    let b = idempotency::try_claim(
+        &mut redis,
+        &app.names,
+        &task,
+        "worker-b",
+        lease,
+        &status("worker-b"),
+    )
+    .await
+    .expect("claim b again");
+    match b {
+        NextAction::ReturnSavedResult(r) => assert_eq!(r.state, ExecutionState::Succeeded),
+        other => panic!("B must re-publish A's result: {other:?}"),
+    }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_reasons_and_only_decodable_ones_replayed() {
+    // Arrange: garbage and a well-formed task for a job nobody created reach the tasks queue;
+    // the worker dead-letters both.
+    let app = spawn_app(1, &[]).await;
+    publish(
+        &app,
+        app.names.tasks_exchange(),
+        shared::topology::TASK_ROUTING_KEY,
+        b"\xc1 not msgpack",
+    )
+    .await;
+    let orphan = Uuid::now_v7();
+    let task = DeviceTask {
+        version: WIRE_VERSION,
+        job_id: orphan,
+        execution_id: execution_id(orphan, "dev-1"),
+        device_id: "dev-1".into(),
+        attempts: 0,
+        parked: 0,
+        published_at_ms: 0,
+    };
+    publish(
+        &app,
+        app.names.tasks_exchange(),
+        shared::topology::TASK_ROUTING_KEY,
+        &messages::encode(&task).expect("encode"),
+    )
+    .await;
+    let list = |app: &TestApp| {
+        let url = app.url("/v1/dlq?limit=10");
+        let http = app.http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .expect("dlq")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let v = list(&app).await;
+        if v["messages"].as_array().map(Vec::len) == Some(2) {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Assert: both listed with their reasons, and listing removed nothing.
+    let reasons: HashSet<String> = listed["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("undecodable")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown job")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        list(&app).await["messages"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // Act: replay only what decodes.
+    let replayed: Value = app
+        .http
+        .post(app.url("/v1/dlq/replay"))
+        .json(&json!({"only_decodable": true}))
+        .send()
+        .await
+        .expect("replay")
+        .json()
+        .await
+        .expect("json");
+
+    // Assert: the task went back to its queue (and, its job still unknown, comes back to the
+    // dead letters); the garbage stayed.
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+    assert_eq!(replayed["kept"], 1, "{replayed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = list(&app).await;
+        if v["messages"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_model_and_tag_filter_targets_exactly_the_matching_devices() {
+    // Arrange
+    let app = spawn_app(1, &[]).await;
+    let n = 2_000;
+    app.import_fleet(n).await;
+    let sample = harness::fleet::device(3);
+    let (tag, value) = sample
+        .tags
+        .iter()
+        .next()
+        .expect("generated devices have tags");
+    let expected: HashSet<String> = (0..n)
+        .map(harness::fleet::device)
+        .filter(|d| d.model == sample.model && d.tags.get(tag) == Some(value))
+        .map(|d| d.id)
+        .collect();
+    assert!(!expected.is_empty() && (expected.len() as u64) < n);
+
+    // Act
+    let id = app
+        .create_job(&firmware_job(json!({
+            "target": {"groups": ["fleet"], "filter": {"model": sample.model, "tags": {tag: value}}}
+        })))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+
+    // Assert: exactly the matching devices were targeted, and the registry count agrees.
+    assert_eq!(job["state"], "COMPLETED");
+    app.assert_exact(id, &expected).await;
+    let count: Value = app
+        .http
+        .get(app.url(&format!(
+            "/v1/devices/count?group=fleet&model={}&tag={tag}={value}",
+            sample.model
+        )))
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(count["count"], expected.len());
+    app.teardown().await;
+}
