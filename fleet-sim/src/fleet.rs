@@ -199,6 +199,17 @@ impl Fleet {
             .collect()
     }
 
+    /// Deliveries of `job` received, by device (each attempt a worker made reached the
+    /// device once; more than the recorded attempts are extra deliveries).
+    pub(crate) fn deliveries(&self, job: &str) -> BTreeMap<String, u32> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(d, m)| m.deliveries.get(job).map(|n| (d.clone(), *n)))
+            .collect()
+    }
+
     /// One device's memory, as JSON.
     pub(crate) fn device(&self, device: &str) -> Option<serde_json::Value> {
         let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());

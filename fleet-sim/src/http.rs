@@ -27,6 +27,7 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .route("/devices/{id}", get(device))
         .route("/stats", get(stats))
         .route("/readings/{job}", get(readings))
+        .route("/deliveries/{job}", get(deliveries))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(fleet)
 }
@@ -71,4 +72,8 @@ async fn device(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Resp
 
 async fn readings(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
     Json(fleet.readings(&job)).into_response()
+}
+
+async fn deliveries(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
+    Json(fleet.deliveries(&job)).into_response()
 }

@@ -25,7 +25,16 @@ async fn cancelling_mid_job_leaves_every_device_succeeded_or_canceled() {
         .await
         .expect("cancel");
     assert_eq!(r.status().as_u16(), 200);
+    // Deliveries stop within a second: what devices receive after that is nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delivered_after_1s = app.sim_totals(id).await["deliveries"];
     let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delivered_at_end = app.sim_totals(id).await["deliveries"];
+    assert_eq!(
+        delivered_at_end, delivered_after_1s,
+        "devices were contacted more than a second after the cancel"
+    );
 
     // Assert: CANCELED, every device terminal and either done or canceled, counts exact.
     assert_eq!(job["state"], "CANCELED");

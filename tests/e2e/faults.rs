@@ -46,6 +46,22 @@ async fn spawn_mixed(workers: usize, extra: &[(&'static str, String)]) -> TestAp
     spawn_app(workers, &refs).await
 }
 
+/// Waits (up to 10 s) for the coordinator's `/readyz` to answer 503 naming `service`.
+async fn assert_not_ready(app: &TestApp, service: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = app.get_text(&app.url("/readyz")).await;
+        if status == 503 && body.contains(service) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz answered {status} {body:?} with {service} down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The guarantees after a fault: nothing lost, counters exact, nothing applied twice, and at
 /// most `max_extra` deliveries beyond the recorded attempts.
 async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> harness::audit::Audit {
@@ -224,6 +240,8 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
 
     // Act: stop the broker, keep it down for a moment, start it again.
     rabbit.stop().await;
+    // While the broker is down the coordinator says it is not ready (and still answers).
+    assert_not_ready(&app, "RabbitMQ").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbit.start_again().await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
@@ -258,6 +276,7 @@ async fn a_redis_restart_mid_job_is_survived() {
 
     // Act
     redis.stop().await;
+    assert_not_ready(&app, "Redis").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.start_again().await;
     app.reconnect_redis().await;
