@@ -7,7 +7,7 @@
 //! with HSCAN, so it works for a million devices.
 
 use devices::keys::DeviceKeys;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use redis::{AsyncCommands, aio::ConnectionManager};
 use serde::Serialize;
@@ -64,6 +64,21 @@ pub async fn audit(
     names: &Names,
     job_id: Uuid,
 ) -> Result<Audit, StoreError> {
+    audit_against(redis, names, job_id, None).await
+}
+
+/// [`audit`] with the deliveries each device received as the devices themselves counted
+/// them (`received`, by device id: fleet-sim's `/deliveries/{job}`) instead of the built-in
+/// simulator's record.
+///
+/// # Errors
+/// Redis errors, or no such job.
+pub async fn audit_against(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    job_id: Uuid,
+    received: Option<&HashMap<String, u64>>,
+) -> Result<Audit, StoreError> {
     let Some(job) = store::load_job(redis, names, job_id).await? else {
         return Err(StoreError::Corrupt {
             key: names.job(job_id),
@@ -104,11 +119,16 @@ pub async fn audit(
             }
         }
         if !executions.is_empty() {
-            let seen: Vec<Option<u64>> = redis::cmd("HMGET")
-                .arg(names.sim_deliveries(job_id))
-                .arg(&executions)
-                .query_async(redis)
-                .await?;
+            let seen: Vec<Option<u64>> = match received {
+                Some(r) => devices.iter().map(|d| r.get(d).copied()).collect(),
+                None => {
+                    redis::cmd("HMGET")
+                        .arg(names.sim_deliveries(job_id))
+                        .arg(&executions)
+                        .query_async(redis)
+                        .await?
+                }
+            };
             for (i, (seen, recorded)) in seen.iter().zip(&attempts).enumerate() {
                 let extra = seen.unwrap_or(0).saturating_sub(*recorded);
                 a.extra_deliveries += extra;

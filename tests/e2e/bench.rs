@@ -1,15 +1,66 @@
-//! A smoke run of the benchmark command: it runs end to end and prints its figures. Speed is
-//! measured by the command itself, never asserted here.
+//! Smoke runs of the commands that start their own deployment: `bench` runs end to end and
+//! prints its figures (speed is measured by the command itself, never asserted here), and
+//! `demo` exits as the README promises.
 
 use serde_json::Value;
+
+fn services() -> [(&'static str, String); 2] {
+    [
+        (
+            "FLEETBATCH_AMQP__URL",
+            std::env::var("FLEETBATCH_TEST_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        ),
+        (
+            "FLEETBATCH_REDIS__URL",
+            std::env::var("FLEETBATCH_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_demo_exits_0_with_every_device_terminal_and_nothing_delivered_twice() {
+    // Act
+    let out = tokio::process::Command::new(
+        harness::cluster::bin_dir()
+            .expect("binaries")
+            .join("fleetbatch"),
+    )
+    .args(["demo", "--devices", "2000", "--json"])
+    .envs(services())
+    .output()
+    .await
+    .expect("demo runs");
+
+    // Assert: exit 0 (the README's promise) with a last JSON line that says why.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "demo failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(line["state"], "COMPLETED", "{line}");
+    assert_eq!(line["targeted"], 2000, "{line}");
+    assert_eq!(line["all_terminal"], true, "{line}");
+    assert_eq!(line["duplicate_applications"], 0, "{line}");
+    assert_eq!(line["extra_deliveries"], 0, "{line}");
+    let sum: u64 = [
+        "succeeded",
+        "failed",
+        "rejected",
+        "timed_out",
+        "canceled",
+        "skipped",
+    ]
+    .iter()
+    .map(|k| line[k].as_u64().unwrap_or(0))
+    .sum();
+    assert_eq!(sum, 2000, "{line}");
+}
 
 #[tokio::test]
 async fn the_benchmark_command_runs_and_reports_every_figure() {
     // Arrange
-    let amqp = std::env::var("FLEETBATCH_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let redis = std::env::var("FLEETBATCH_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
     let bin = harness::cluster::bin_dir()
         .expect("binaries")
         .join("fleetbatch");
@@ -29,8 +80,7 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
             "--concurrency",
             "64",
         ])
-        .env("FLEETBATCH_AMQP__URL", amqp)
-        .env("FLEETBATCH_REDIS__URL", redis)
+        .envs(services())
         .output()
         .await
         .expect("bench runs");
@@ -54,6 +104,7 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
     }
     assert_eq!(line["devices"], 1000);
     assert_eq!(line["all_exact"], true);
+    assert_eq!(line["extra_deliveries"], 0, "{line}");
     assert!(line["devices_per_s"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(line["raw_devices_per_s"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(line["coordinator_peak_rss_mb"].as_f64().unwrap_or(0.0) > 1.0);

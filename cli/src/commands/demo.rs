@@ -141,8 +141,19 @@ async fn rollout(
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let uuid = uuid::Uuid::parse_str(&job_id)?;
+    // Over the network the devices count their deliveries themselves (fleet-sim).
+    let received: Option<std::collections::HashMap<String, u64>> = match &fleet_sim {
+        Some(sim) => Some(
+            reqwest::get(format!("{sim}/deliveries/{job_id}"))
+                .await?
+                .json()
+                .await?,
+        ),
+        None => None,
+    };
     let mut audit =
-        harness::audit::audit(&mut redis, &sandbox.names, uuid::Uuid::parse_str(&job_id)?).await?;
+        harness::audit::audit_against(&mut redis, &sandbox.names, uuid, received.as_ref()).await?;
     if let Some(sim) = fleet_sim {
         // The devices' own counters, from fleet-sim.
         let stats: Value = reqwest::get(format!("{sim}/stats")).await?.json().await?;
@@ -184,6 +195,7 @@ async fn rollout(
         "deliveries": audit.deliveries,
         "applications": audit.applications,
         "redundant_deliveries": audit.redundant_deliveries,
+        "extra_deliveries": audit.extra_deliveries,
         "duplicate_applications": audit.duplicate_applications,
     }))
 }

@@ -177,6 +177,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "worker_cpu_s": (med("worker_cpu_s") * 10.0).round() / 10.0,
             "broker_cpu_s": (med("broker_cpu_s") * 10.0).round() / 10.0,
             "all_exact": runs.iter().all(|r| r["exact"] == true),
+            "extra_deliveries": runs.iter().map(|r| r["extra_deliveries"].as_u64().unwrap_or(0)).sum::<u64>(),
         });
         let mut line = line;
         if args.cancel_at > 0.0 {
@@ -305,6 +306,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         "worker_cpu_s": cpu[1..].iter().sum::<f64>(),
         "worker_cpu_s_each": worker_cpu_each,
         "broker_cpu_s": broker_cpu_s,
+        "extra_deliveries": audit.extra_deliveries,
         "exact": audit.lost == 0 && audit.counters_exact && audit.duplicate_applications == 0,
         "cancel_stop_ms": cancel_stop_ms,
     }))
