@@ -464,3 +464,241 @@ impl Scripts {
         }
     }
 }
+
+/// The recording scripts against a real Redis (`FLEETBATCH_TEST_REDIS_URL`, default the local
+/// one), each test in a namespace of its own.
+#[cfg(test)]
+mod redis_tests {
+    use super::*;
+
+    struct Fixture {
+        conn: ConnectionManager,
+        names: Names,
+        scripts: Scripts,
+        job: Uuid,
+    }
+
+    impl Fixture {
+        /// A job IN_PROGRESS (or `state`), planned but not done planning.
+        async fn new(state: &str) -> Self {
+            let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+            let mut conn = connect(&RedisSettings {
+                url,
+                response_timeout_ms: 10_000,
+            })
+            .await
+            .expect("redis");
+            let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
+            let job = Uuid::now_v7();
+            let spec = serde_json::json!({
+                "target": {"groups": ["g"]},
+                "action": {"type": "reboot"},
+            });
+            let _: () = redis::pipe()
+                .hset_multiple(
+                    names.job(job),
+                    &[
+                        ("spec", spec.to_string()),
+                        ("state", state.to_owned()),
+                        ("created_at_ms", "5".to_owned()),
+                    ],
+                )
+                .sadd(names.active_jobs(), job.to_string())
+                .query_async(&mut conn)
+                .await
+                .expect("job");
+            Self {
+                conn,
+                names,
+                scripts: Scripts::new(),
+                job,
+            }
+        }
+
+        fn status(state: ExecutionState, error: Option<&str>) -> DeviceStatus {
+            DeviceStatus {
+                state,
+                attempts: 1,
+                error: error.map(str::to_owned),
+                updated_at_ms: 1,
+                next_attempt_at_ms: None,
+                worker: Some("w".into()),
+                published_at_ms: None,
+                readings: None,
+            }
+        }
+
+        async fn record(&mut self, outcomes: &[(&str, ExecutionState)]) -> RecordSummary {
+            let statuses: Vec<DeviceStatus> = outcomes
+                .iter()
+                .map(|(_, s)| Self::status(*s, None))
+                .collect();
+            let terminal: Vec<TerminalStatus<'_>> = outcomes
+                .iter()
+                .zip(&statuses)
+                .map(|((d, _), status)| TerminalStatus {
+                    job_id: self.job,
+                    device_id: d,
+                    status,
+                })
+                .collect();
+            self.scripts
+                .record_terminal(&mut self.conn, &self.names, &terminal)
+                .await
+                .expect("record")
+        }
+
+        async fn job(&mut self) -> JobRecord {
+            load_job(&mut self.conn, &self.names, self.job)
+                .await
+                .expect("load")
+                .expect("exists")
+        }
+
+        async fn status_of(&mut self, device: &str) -> Option<DeviceStatus> {
+            let raw: Option<String> = self
+                .conn
+                .hget(self.names.job_status(self.job), device)
+                .await
+                .expect("hget");
+            raw.map(|r| serde_json::from_str(&r).expect("status json"))
+        }
+
+        async fn done(mut self) {
+            delete_matching(&mut self.conn, &format!("{}:*", self.names.namespace()))
+                .await
+                .expect("cleanup");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_terminal_outcome_is_recorded_and_counted_once() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let s = f
+            .record(&[
+                ("d1", ExecutionState::Succeeded),
+                ("d2", ExecutionState::Failed),
+            ])
+            .await;
+        assert_eq!((s.recorded, s.duplicates), (2, 0));
+        assert_eq!(s.counted, vec![true, true]);
+        assert!(s.finished_jobs.is_empty() && s.unknown_jobs.is_empty());
+        // A conflicting late outcome and a repeat change nothing.
+        let s = f
+            .record(&[
+                ("d1", ExecutionState::Failed),
+                ("d2", ExecutionState::Failed),
+            ])
+            .await;
+        assert_eq!((s.recorded, s.duplicates), (0, 2));
+        assert_eq!(s.counted, vec![false, false]);
+        let job = f.job().await;
+        assert_eq!(job.count(ExecutionState::Succeeded), 1);
+        assert_eq!(job.count(ExecutionState::Failed), 1);
+        assert_eq!(job.terminal(), 2);
+        assert_eq!(
+            f.status_of("d1").await.map(|s| s.state),
+            Some(ExecutionState::Succeeded)
+        );
+        let members: Vec<String> = f
+            .conn
+            .smembers(f.names.job_state_set(f.job, ExecutionState::Succeeded))
+            .await
+            .expect("set");
+        assert_eq!(members, vec!["d1"]);
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn progress_never_overwrites_a_terminal_status() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let parked = Fixture::status(ExecutionState::RetryScheduled, Some("offline"));
+        f.scripts
+            .record_progress(&mut f.conn, &f.names, f.job, "d1", &parked)
+            .await
+            .expect("progress");
+        assert_eq!(
+            f.status_of("d1").await.map(|s| s.state),
+            Some(ExecutionState::RetryScheduled)
+        );
+        let s = f.record(&[("d1", ExecutionState::Succeeded)]).await;
+        assert_eq!(
+            s.recorded, 1,
+            "a non-terminal status does not block the outcome"
+        );
+        f.scripts
+            .record_progress(&mut f.conn, &f.names, f.job, "d1", &parked)
+            .await
+            .expect("progress");
+        assert_eq!(
+            f.status_of("d1").await.map(|s| s.state),
+            Some(ExecutionState::Succeeded)
+        );
+        assert_eq!(f.job().await.terminal(), 1);
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_finishes_once_planning_is_done_and_every_planned_device_is_terminal() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let s = f.record(&[("d1", ExecutionState::Succeeded)]).await;
+        assert!(s.finished_jobs.is_empty(), "planning is not done");
+        let finished = f
+            .scripts
+            .finish_planning(&mut f.conn, &f.names, f.job, 2)
+            .await
+            .expect("finish planning");
+        assert!(!finished, "one of two devices is still running");
+        assert_eq!(f.job().await.state, JobState::InProgress);
+        let s = f.record(&[("d2", ExecutionState::Rejected)]).await;
+        assert_eq!(s.finished_jobs, vec![f.job]);
+        let job = f.job().await;
+        assert_eq!(job.state, JobState::Completed);
+        assert!(job.finished_at_ms.is_some());
+        assert_eq!((job.planned, job.planning_done), (2, true));
+        let active: bool = f
+            .conn
+            .sismember(f.names.active_jobs(), f.job.to_string())
+            .await
+            .expect("active");
+        assert!(!active, "a finished job is no longer resumed");
+        // A late duplicate does not finish it again.
+        let s = f.record(&[("d2", ExecutionState::Failed)]).await;
+        assert!(s.finished_jobs.is_empty());
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn a_canceling_job_ends_canceled_and_planning_done_last_finishes_it_at_once() {
+        let mut f = Fixture::new("CANCELING").await;
+        f.record(&[("d1", ExecutionState::Canceled)]).await;
+        let finished = f
+            .scripts
+            .finish_planning(&mut f.conn, &f.names, f.job, 1)
+            .await
+            .expect("finish planning");
+        assert!(finished, "every planned device was already terminal");
+        assert_eq!(f.job().await.state, JobState::Canceled);
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn an_outcome_for_a_job_that_does_not_exist_writes_nothing() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let real = f.job;
+        f.job = Uuid::now_v7();
+        let s = f.record(&[("d1", ExecutionState::Succeeded)]).await;
+        assert_eq!(s.unknown_jobs, vec![0]);
+        assert_eq!(s.counted, vec![false]);
+        assert_eq!((s.recorded, s.duplicates), (0, 0));
+        let keys: Vec<String> = f
+            .conn
+            .keys(format!("{}:job:{}*", f.names.namespace(), f.job))
+            .await
+            .expect("keys");
+        assert!(keys.is_empty(), "{keys:?}");
+        f.job = real;
+        f.done().await;
+    }
+}

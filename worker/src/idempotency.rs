@@ -40,7 +40,7 @@ pub enum IdempotencyError {
 }
 
 /// What to do with a task, given its idempotency record.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum NextAction {
     /// The claim is ours: deliver. Carries the attempts already recorded for the device (by
     /// a holder that parked or handed back the task), which may exceed the task's own count
@@ -215,4 +215,297 @@ pub async fn release(
         .invoke_async(redis)
         .await?;
     Ok(())
+}
+
+/// The claim, hold, done and release records against a real Redis
+/// (`FLEETBATCH_TEST_REDIS_URL`, default the local one), each test in a namespace of its own.
+#[cfg(test)]
+mod tests {
+    use redis::AsyncCommands;
+    use shared::{
+        messages::WIRE_VERSION,
+        state::{ExecutionState, execution_id},
+    };
+
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    async fn setup() -> (ConnectionManager, Names, DeviceTask) {
+        let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+        let conn = store::connect(&shared::config::RedisSettings {
+            url,
+            response_timeout_ms: 10_000,
+        })
+        .await
+        .expect("redis");
+        let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
+        let job = Uuid::now_v7();
+        let task = DeviceTask {
+            version: WIRE_VERSION,
+            job_id: job,
+            execution_id: execution_id(job, "d1"),
+            device_id: "d1".into(),
+            attempts: 0,
+            parked: 0,
+            published_at_ms: 1,
+        };
+        (conn, names, task)
+    }
+
+    fn status(state: ExecutionState, attempts: u32) -> DeviceStatus {
+        DeviceStatus {
+            state,
+            attempts,
+            error: None,
+            updated_at_ms: 1,
+            next_attempt_at_ms: None,
+            worker: Some("w".into()),
+            published_at_ms: None,
+            readings: None,
+        }
+    }
+
+    async fn stored(
+        conn: &mut ConnectionManager,
+        names: &Names,
+        task: &DeviceTask,
+    ) -> DeviceStatus {
+        let raw: String = conn
+            .hget(names.job_status(task.job_id), &task.device_id)
+            .await
+            .expect("status");
+        serde_json::from_str(&raw).expect("json")
+    }
+
+    async fn cleanup(mut conn: ConnectionManager, names: &Names) {
+        store::delete_matching(&mut conn, &format!("{}:*", names.namespace()))
+            .await
+            .expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn a_claim_marks_the_device_in_progress_and_counts_on_from_recorded_attempts() {
+        let (mut conn, names, task) = setup().await;
+        // An earlier holder recorded 3 attempts before it parked the task.
+        let parked = status(ExecutionState::RetryScheduled, 3);
+        let _: () = conn
+            .hset(
+                names.job_status(task.job_id),
+                &task.device_id,
+                serde_json::to_string(&parked).expect("json"),
+            )
+            .await
+            .expect("hset");
+        let claim = try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "a",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim");
+        assert_eq!(
+            claim,
+            NextAction::StartProcessing {
+                recorded_attempts: 3
+            }
+        );
+        let now = stored(&mut conn, &names, &task).await;
+        assert_eq!((now.state, now.attempts), (ExecutionState::InProgress, 3));
+        // Our own claim can be taken again (a new broker session of the same process).
+        let again = try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "a",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("again");
+        assert_eq!(
+            again,
+            NextAction::StartProcessing {
+                recorded_attempts: 3
+            }
+        );
+        cleanup(conn, &names).await;
+    }
+
+    #[tokio::test]
+    async fn holding_renews_only_our_claim_and_never_overwrites_an_outcome() {
+        let (mut conn, names, task) = setup().await;
+        try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "a",
+            Duration::from_millis(500),
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim");
+        assert!(
+            hold(
+                &mut conn,
+                &names,
+                &task,
+                "a",
+                LEASE,
+                &status(ExecutionState::InProgress, 2)
+            )
+            .await
+            .expect("hold")
+        );
+        let ttl: i64 = conn
+            .pttl(names.idempotency(task.execution_id))
+            .await
+            .expect("ttl");
+        assert!(ttl > 1_000, "the lease was renewed: {ttl} ms");
+        assert_eq!(stored(&mut conn, &names, &task).await.attempts, 2);
+        assert!(
+            !hold(
+                &mut conn,
+                &names,
+                &task,
+                "b",
+                LEASE,
+                &status(ExecutionState::InProgress, 9)
+            )
+            .await
+            .expect("hold b"),
+            "another worker cannot hold our claim"
+        );
+        assert_eq!(stored(&mut conn, &names, &task).await.attempts, 2);
+        let _: () = conn
+            .hset(
+                names.job_status(task.job_id),
+                &task.device_id,
+                serde_json::to_string(&status(ExecutionState::Succeeded, 2)).expect("json"),
+            )
+            .await
+            .expect("hset");
+        assert!(
+            hold(
+                &mut conn,
+                &names,
+                &task,
+                "a",
+                LEASE,
+                &status(ExecutionState::InProgress, 3)
+            )
+            .await
+            .expect("hold after outcome")
+        );
+        assert_eq!(
+            stored(&mut conn, &names, &task).await.state,
+            ExecutionState::Succeeded
+        );
+        cleanup(conn, &names).await;
+    }
+
+    #[tokio::test]
+    async fn a_release_frees_only_our_own_claim() {
+        let (mut conn, names, task) = setup().await;
+        try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "a",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim");
+        release(&mut conn, &names, task.execution_id, "b")
+            .await
+            .expect("release b");
+        let b = try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "b",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim b");
+        assert_eq!(b, NextAction::HeldByOther { holder: "a".into() });
+        release(&mut conn, &names, task.execution_id, "a")
+            .await
+            .expect("release a");
+        let b = try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "b",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim b again");
+        assert!(matches!(b, NextAction::StartProcessing { .. }), "{b:?}");
+        cleanup(conn, &names).await;
+    }
+
+    #[tokio::test]
+    async fn a_done_record_outlives_the_claim_and_is_returned_to_later_copies() {
+        let (mut conn, names, task) = setup().await;
+        try_claim(
+            &mut conn,
+            &names,
+            &task,
+            "a",
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim");
+        let result = TaskResult {
+            version: WIRE_VERSION,
+            job_id: task.job_id,
+            execution_id: task.execution_id,
+            device_id: task.device_id.clone(),
+            state: ExecutionState::Failed,
+            attempts: 4,
+            error: Some("broken".into()),
+            worker: "a".into(),
+            published_at_ms: 1,
+            finished_at_ms: 2,
+            readings: None,
+        };
+        mark_done(&mut conn, &names, &result, Duration::from_secs(60))
+            .await
+            .expect("done");
+        // A release after the outcome never removes the stored result.
+        release(&mut conn, &names, task.execution_id, "a")
+            .await
+            .expect("release");
+        for worker in ["a", "b"] {
+            match try_claim(
+                &mut conn,
+                &names,
+                &task,
+                worker,
+                LEASE,
+                &status(ExecutionState::InProgress, 0),
+            )
+            .await
+            .expect("claim")
+            {
+                NextAction::ReturnSavedResult(r) => assert_eq!(*r, result),
+                other => panic!("{worker}: {other:?}"),
+            }
+        }
+        let ttl: i64 = conn
+            .ttl(names.idempotency(task.execution_id))
+            .await
+            .expect("ttl");
+        assert!((1..=60).contains(&ttl), "kept for the retention: {ttl} s");
+        cleanup(conn, &names).await;
+    }
 }
