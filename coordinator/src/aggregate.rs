@@ -125,20 +125,8 @@ async fn process_batch(
             }
         }
     }
-    let statuses: Vec<DeviceStatus> = results
-        .iter()
-        .map(|(r, _)| DeviceStatus {
-            state: r.state,
-            attempts: r.attempts,
-            error: r.error.clone(),
-            // When the outcome was recorded: with `published_at_ms`, the end-to-end latency.
-            updated_at_ms: shared::now_ms(),
-            next_attempt_at_ms: None,
-            worker: Some(r.worker.clone()),
-            published_at_ms: (r.published_at_ms > 0).then_some(r.published_at_ms),
-            readings: r.readings.clone(),
-        })
-        .collect();
+    let now = shared::now_ms();
+    let statuses: Vec<DeviceStatus> = results.iter().map(|(r, _)| status_of(r, now)).collect();
     let outcomes: Vec<TerminalStatus<'_>> = results
         .iter()
         .zip(&statuses)
@@ -200,17 +188,10 @@ async fn process_batch(
                 .results_recorded
                 .with_label_values(&[r.state.counter()])
                 .inc();
-            if r.published_at_ms > 0 {
-                agg.metrics
-                    .task_latency_seconds
-                    .observe(now.saturating_sub(r.published_at_ms) as f64 / 1000.0);
+            if let Some(seconds) = latency_seconds(r, now) {
+                agg.metrics.task_latency_seconds.observe(seconds);
             }
-            if *counted
-                && matches!(
-                    r.state,
-                    ExecutionState::Failed | ExecutionState::Rejected | ExecutionState::TimedOut
-                )
-            {
+            if reports_failure(r.state, *counted) {
                 agg.notifier.device_failed(
                     r.job_id,
                     &r.device_id,
@@ -234,4 +215,111 @@ async fn process_batch(
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
     Ok(())
+}
+
+/// The status recorded for a result, at `now_ms` (with the task's publishing time, the
+/// device's end-to-end latency).
+fn status_of(r: &TaskResult, now_ms: u64) -> DeviceStatus {
+    DeviceStatus {
+        state: r.state,
+        attempts: r.attempts,
+        error: r.error.clone(),
+        updated_at_ms: now_ms,
+        next_attempt_at_ms: None,
+        worker: Some(r.worker.clone()),
+        published_at_ms: (r.published_at_ms > 0).then_some(r.published_at_ms),
+        readings: r.readings.clone(),
+    }
+}
+
+/// Seconds from publishing the task to recording its result, when the task says when it was
+/// published.
+fn latency_seconds(r: &TaskResult, now_ms: u64) -> Option<f64> {
+    (r.published_at_ms > 0).then(|| now_ms.saturating_sub(r.published_at_ms) as f64 / 1000.0)
+}
+
+/// Whether a result is a device failure to report by webhook: counted (the device's first
+/// outcome) and not a success, a cancel or a skip.
+fn reports_failure(state: ExecutionState, counted: bool) -> bool {
+    counted
+        && matches!(
+            state,
+            ExecutionState::Failed | ExecutionState::Rejected | ExecutionState::TimedOut
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::messages::WIRE_VERSION;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn result(state: ExecutionState, published_at_ms: u64) -> TaskResult {
+        TaskResult {
+            version: WIRE_VERSION,
+            job_id: Uuid::nil(),
+            execution_id: Uuid::nil(),
+            device_id: "d1".into(),
+            state,
+            attempts: 3,
+            error: Some("e".into()),
+            worker: "w1".into(),
+            published_at_ms,
+            finished_at_ms: 0,
+            readings: Some([("t".to_owned(), 1.0)].into()),
+        }
+    }
+
+    #[test]
+    fn a_result_is_recorded_as_the_status_the_worker_reported() {
+        let s = status_of(&result(ExecutionState::Failed, 1_000), 5_000);
+        assert_eq!(s.state, ExecutionState::Failed);
+        assert_eq!(s.attempts, 3);
+        assert_eq!(s.error.as_deref(), Some("e"));
+        assert_eq!(s.updated_at_ms, 5_000);
+        assert_eq!(s.worker.as_deref(), Some("w1"));
+        assert_eq!(s.published_at_ms, Some(1_000));
+        assert_eq!(s.readings, result(ExecutionState::Failed, 0).readings);
+        assert_eq!(s.next_attempt_at_ms, None);
+        assert_eq!(
+            status_of(&result(ExecutionState::Failed, 0), 5_000).published_at_ms,
+            None
+        );
+    }
+
+    #[test]
+    fn latency_is_measured_only_from_a_known_publishing_time() {
+        assert_eq!(
+            latency_seconds(&result(ExecutionState::Succeeded, 1_000), 3_500),
+            Some(2.5)
+        );
+        assert_eq!(
+            latency_seconds(&result(ExecutionState::Succeeded, 0), 3_500),
+            None
+        );
+        assert_eq!(
+            latency_seconds(&result(ExecutionState::Succeeded, 1), 1),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn only_counted_failures_rejections_and_timeouts_are_reported() {
+        for state in [
+            ExecutionState::Failed,
+            ExecutionState::Rejected,
+            ExecutionState::TimedOut,
+        ] {
+            assert!(reports_failure(state, true), "{state:?}");
+            assert!(!reports_failure(state, false), "{state:?} twice");
+        }
+        for state in [
+            ExecutionState::Succeeded,
+            ExecutionState::Canceled,
+            ExecutionState::Skipped,
+        ] {
+            assert!(!reports_failure(state, true), "{state:?}");
+        }
+    }
 }

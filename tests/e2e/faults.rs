@@ -235,11 +235,13 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
     let id = app
         .create_job(&firmware_job(json!({"rollout": {"max_per_second": 5000}})))
         .await;
-    app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
+    let before = app
+        .wait_for_terminal(id, 5_000, Duration::from_secs(300))
         .await;
 
     // Act: stop the broker, keep it down for a moment, start it again.
     rabbit.stop().await;
+    let stopped_at = shared::now_ms();
     // While the broker is down the coordinator says it is not ready (and still answers).
     assert_not_ready(&app, "RabbitMQ").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -248,6 +250,9 @@ async fn a_rabbitmq_restart_mid_job_is_survived() {
 
     // Assert
     assert_eq!(job["state"], "COMPLETED");
+    // The fault hit a running job: devices were still pending, and it finished afterwards.
+    assert!(before["terminal"].as_u64() < Some(DEVICES), "{before}");
+    assert!(job["finished_at_ms"].as_u64() > Some(stopped_at), "{job}");
     let audit = assert_guarantees(&app, id, 0).await;
     eprintln!("rabbitmq restart: {audit:?}");
     app.teardown().await;
@@ -271,11 +276,13 @@ async fn a_redis_restart_mid_job_is_survived() {
     .await;
     app.import_fleet(DEVICES).await;
     let id = app.create_job(&firmware_job(json!({}))).await;
-    app.wait_for_terminal(id, 5_000, Duration::from_secs(300))
+    let before = app
+        .wait_for_terminal(id, 5_000, Duration::from_secs(300))
         .await;
 
-    // Act
+    // Act: the job is mid-way (proved below) when Redis goes away.
     redis.stop().await;
+    let stopped_at = shared::now_ms();
     assert_not_ready(&app, "Redis").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.start_again().await;
@@ -285,6 +292,9 @@ async fn a_redis_restart_mid_job_is_survived() {
     // Assert: no worker died, so no device is sent anything beyond its recorded attempts, even
     // though the planner re-published its last batch when its checkpoint write failed.
     assert_eq!(job["state"], "COMPLETED");
+    // The fault hit a running job: devices were still pending, and it finished afterwards.
+    assert!(before["terminal"].as_u64() < Some(DEVICES), "{before}");
+    assert!(job["finished_at_ms"].as_u64() > Some(stopped_at), "{job}");
     let audit = assert_guarantees(&app, id, 0).await;
     eprintln!("redis restart: {audit:?}");
     app.teardown().await;

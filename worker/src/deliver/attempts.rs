@@ -484,10 +484,12 @@ pub(super) mod tests {
             vec![4, 5]
         );
         assert!(seen.iter().all(|p| p.error == "reset"), "{seen:?}");
+        let after = shared::now_ms();
         assert!(
-            seen.iter()
-                .all(|p| !p.delay.is_zero() && p.next_attempt_at_ms >= before),
-            "{seen:?}"
+            seen.iter().all(|p| !p.delay.is_zero()
+                && p.next_attempt_at_ms >= before + p.delay.as_millis() as u64
+                && p.next_attempt_at_ms <= after + p.delay.as_millis() as u64),
+            "the next attempt is due one delay from now: {seen:?}"
         );
 
         let out = run_hooked(
@@ -499,6 +501,37 @@ pub(super) mod tests {
         )
         .await;
         assert_eq!(out, Delivered::Interrupted { attempts: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_attempts_after_a_failure_in_this_handler_count_as_retries() {
+        for (before, retries) in [(0, 2), (4, 2)] {
+            let metrics = crate::metrics::Metrics::new();
+            let transport =
+                Transport::Scripted(Arc::new(Script::new(vec![transient(), transient()])));
+            let out = run(
+                &transport,
+                request(),
+                before,
+                &policy(10, 60_000),
+                &CancellationToken::new(),
+                &metrics,
+                |_| async { Claim::Held },
+            )
+            .await;
+            assert_eq!(
+                out,
+                Delivered::Succeeded {
+                    attempts: before + 3,
+                    reply: Reply::default()
+                }
+            );
+            assert_eq!(
+                metrics.retries.get(),
+                retries,
+                "after {before} earlier attempts"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
