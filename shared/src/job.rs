@@ -488,6 +488,183 @@ hardware_revisions = ["A", "B"]
         assert_eq!(err.field, "target.devices");
     }
 
+    /// The field a spec is refused for, or `None` when it is accepted.
+    fn refused(spec: serde_json::Value) -> Option<String> {
+        JobSpec::parse(&spec.to_string(), SpecFormat::Json, LIMITS)
+            .err()
+            .map(|e| e.field)
+    }
+
+    fn with(action: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({"target": {"groups": ["g"]}, "action": action});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        spec
+    }
+
+    fn firmware(url: &str, sha256: &str) -> serde_json::Value {
+        serde_json::json!({"type": "firmware_update", "url": url, "version": "1", "sha256": sha256})
+    }
+
+    fn metrics(names: &[String]) -> serde_json::Value {
+        serde_json::json!({"type": "data_retrieval", "metrics": names})
+    }
+
+    #[test]
+    fn every_limit_accepts_its_boundary_and_refuses_one_past_it_naming_the_field() {
+        let hex = "a".repeat(64);
+        let none = serde_json::json!({});
+        let reboot = serde_json::json!({"type": "reboot"});
+        let ten: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+        let eleven: Vec<String> = (0..11).map(|i| format!("d{i}")).collect();
+        let names = |n: usize| (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>();
+        let cases: Vec<(serde_json::Value, Option<&str>)> = vec![
+            (
+                serde_json::json!({"target": {"devices": ten}, "action": reboot}),
+                None,
+            ),
+            (
+                serde_json::json!({"target": {"devices": eleven}, "action": reboot}),
+                Some("target.devices"),
+            ),
+            (with(firmware("https://x/fw", &hex), none.clone()), None),
+            (with(firmware("http://x/fw", &hex), none.clone()), None),
+            (
+                with(firmware("ftp://x/fw", &hex), none.clone()),
+                Some("action.url"),
+            ),
+            (
+                with(firmware("https://x/fw", &hex[1..]), none.clone()),
+                Some("action.sha256"),
+            ),
+            (
+                with(firmware("https://x/fw", &"g".repeat(64)), none.clone()),
+                Some("action.sha256"),
+            ),
+            (
+                with(
+                    serde_json::json!({"type": "configuration", "document": {"a": 1}}),
+                    none.clone(),
+                ),
+                None,
+            ),
+            (
+                with(
+                    serde_json::json!({"type": "configuration", "document": [1]}),
+                    none.clone(),
+                ),
+                Some("action.document"),
+            ),
+            (with(metrics(&names(64)), none.clone()), None),
+            (
+                with(metrics(&names(65)), none.clone()),
+                Some("action.metrics"),
+            ),
+            (with(metrics(&[]), none.clone()), Some("action.metrics")),
+            (
+                with(metrics(&["a_b.c-d".into(), "x".repeat(64)]), none.clone()),
+                None,
+            ),
+            (
+                with(metrics(&["x".repeat(65)]), none.clone()),
+                Some("action.metrics[0]"),
+            ),
+            (
+                with(metrics(&["ok".into(), "a b".into()]), none.clone()),
+                Some("action.metrics[1]"),
+            ),
+            (
+                with(metrics(&[String::new()]), none.clone()),
+                Some("action.metrics[0]"),
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"retry": {"max_attempts": 1}}),
+                ),
+                None,
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"retry": {"max_attempts": 100}}),
+                ),
+                None,
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"retry": {"max_attempts": 0}}),
+                ),
+                Some("retry.max_attempts"),
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"retry": {"max_attempts": 101}}),
+                ),
+                Some("retry.max_attempts"),
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"notify": {"webhooks": [{"url": "https://h/x"}, {"url": "http://h/y"}]}}),
+                ),
+                None,
+            ),
+            (
+                with(
+                    reboot.clone(),
+                    serde_json::json!({"notify": {"webhooks": [{"url": "https://h/x"}, {"url": "ftp://h/y"}]}}),
+                ),
+                Some("notify.webhooks[1].url"),
+            ),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(refused(spec.clone()).as_deref(), want, "{spec}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_field_inside_an_action_is_named_with_its_path() {
+        let hex = "a".repeat(64);
+        for (action, field) in [
+            (
+                serde_json::json!({"type": "firmware_update", "url": "https://x", "version": 2, "sha256": hex}),
+                "action.version",
+            ),
+            (
+                serde_json::json!({"type": "command", "name": 7}),
+                "action.name",
+            ),
+        ] {
+            let spec = serde_json::json!({"target": {"groups": ["g"]}, "action": action});
+            assert_eq!(refused(spec.clone()).as_deref(), Some(field), "{spec}");
+        }
+        // A configuration without its document names what is missing.
+        let spec =
+            serde_json::json!({"target": {"groups": ["g"]}, "action": {"type": "configuration"}});
+        let err = JobSpec::parse(&spec.to_string(), SpecFormat::Json, LIMITS).expect_err("refused");
+        assert_eq!(err.field, "action");
+        assert!(err.problem.contains("document"), "{err}");
+    }
+
+    #[test]
+    fn a_document_of_exactly_the_size_limit_is_accepted() {
+        let spec = JobSpec::parse(GOOD_TOML, SpecFormat::Toml, LIMITS).expect("valid");
+        let size = serde_json::to_vec(&spec).expect("json").len();
+        let limits = |max_document_bytes| SpecLimits {
+            max_document_bytes,
+            max_explicit_devices: 10,
+        };
+        assert!(spec.validate(limits(size)).is_ok());
+        assert_eq!(
+            spec.validate(limits(size - 1)).expect_err("too big").field,
+            "."
+        );
+    }
+
     #[test]
     fn an_oversized_document_is_refused() {
         let big = "x".repeat(5000);

@@ -465,6 +465,56 @@ impl Scripts {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_trouble_is_transient_and_corrupt_data_is_not() {
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            let e = StoreError::from(redis::RedisError::from(std::io::Error::from(kind)));
+            assert!(e.is_transient(), "{kind:?}");
+        }
+        let corrupt = StoreError::Corrupt {
+            key: "k".into(),
+            problem: "p".into(),
+        };
+        assert!(!corrupt.is_transient());
+        let refused = redis::RedisError::from((redis::ErrorKind::Parse, "bad reply"));
+        assert!(!StoreError::from(refused).is_transient());
+    }
+
+    #[test]
+    fn a_deadline_counts_from_the_jobs_creation() {
+        let mut spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "target": {"groups": ["g"]},
+            "action": {"type": "reboot"},
+        }))
+        .expect("spec");
+        let record = |spec: JobSpec| JobRecord {
+            id: Uuid::nil(),
+            spec,
+            state: JobState::InProgress,
+            created_at_ms: 5_000,
+            finished_at_ms: None,
+            planned: 0,
+            planning_done: false,
+            counts: BTreeMap::from([("succeeded".to_owned(), 3), ("terminal".to_owned(), 3)]),
+        };
+        assert_eq!(record(spec.clone()).deadline_ms(), None);
+        spec.retry.deadline_secs = Some(7);
+        let r = record(spec);
+        assert_eq!(r.deadline_ms(), Some(12_000));
+        assert_eq!(r.count(ExecutionState::Succeeded), 3);
+        assert_eq!(r.count(ExecutionState::Failed), 0);
+        assert_eq!(r.terminal(), 3);
+    }
+}
+
 /// The recording scripts against a real Redis (`FLEETBATCH_TEST_REDIS_URL`, default the local
 /// one), each test in a namespace of its own.
 #[cfg(test)]
@@ -611,6 +661,40 @@ mod redis_tests {
     }
 
     #[tokio::test]
+    async fn scripts_flushed_from_redis_are_loaded_again() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut f.conn)
+            .await
+            .expect("flush");
+        let s = f.record(&[("d1", ExecutionState::Succeeded)]).await;
+        assert_eq!(s.recorded, 1);
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn delete_matching_removes_exactly_the_matching_keys() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let ns = f.names.namespace().to_owned();
+        let mut pipe = redis::pipe();
+        for i in 0..1_500 {
+            pipe.set(format!("{ns}:gone:{i}"), 1).ignore();
+        }
+        pipe.set(format!("{ns}:kept"), 1).ignore();
+        let _: () = pipe.query_async(&mut f.conn).await.expect("keys");
+        let n = delete_matching(&mut f.conn, &format!("{ns}:gone:*"))
+            .await
+            .expect("delete");
+        assert_eq!(n, 1_500);
+        let kept: bool = f.conn.exists(format!("{ns}:kept")).await.expect("exists");
+        assert!(kept);
+        let left: Vec<String> = f.conn.keys(format!("{ns}:gone:*")).await.expect("keys");
+        assert!(left.is_empty());
+        f.done().await;
+    }
+
+    #[tokio::test]
     async fn progress_never_overwrites_a_terminal_status() {
         let mut f = Fixture::new("IN_PROGRESS").await;
         let parked = Fixture::status(ExecutionState::RetryScheduled, Some("offline"));
@@ -653,6 +737,13 @@ mod redis_tests {
         assert_eq!(f.job().await.state, JobState::InProgress);
         let s = f.record(&[("d2", ExecutionState::Rejected)]).await;
         assert_eq!(s.finished_jobs, vec![f.job]);
+        assert_eq!((s.recorded, s.counted.clone()), (1, vec![true]));
+        assert_eq!(
+            load_job_state(&mut f.conn, &f.names, f.job)
+                .await
+                .expect("state"),
+            Some(JobState::Completed)
+        );
         let job = f.job().await;
         assert_eq!(job.state, JobState::Completed);
         assert!(job.finished_at_ms.is_some());
