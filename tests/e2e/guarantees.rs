@@ -1,7 +1,7 @@
 //! Guarantees checked one at a time against the real processes and services: the first
-//! terminal outcome of a device wins, results naming an unknown job are dead-lettered, a
-//! claim held by one worker makes another wait, dead letters can be listed and replayed, and
-//! target filters select exactly the devices they name.
+//! terminal outcome of a device wins, results naming an unknown job are dead-lettered, dead
+//! letters can be listed and replayed, and target filters select exactly the devices they
+//! name. (Claim contention is tested against the real Redis in `worker::idempotency`.)
 
 use std::{collections::HashSet, time::Duration};
 
@@ -9,10 +9,9 @@ use lapin::{BasicProperties, options::BasicPublishOptions};
 use serde_json::{Value, json};
 use shared::{
     messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
-    state::{DeviceStatus, ExecutionState, execution_id},
+    state::{ExecutionState, execution_id},
 };
 use uuid::Uuid;
-use worker::idempotency::{self, NextAction};
 
 use crate::helpers::{TestApp, firmware_job, spawn_app};
 
@@ -107,83 +106,6 @@ async fn a_late_conflicting_result_never_changes_a_terminal_device_and_unknown_j
         assert_eq!(after[counter], before[counter], "{counter}: {after}");
     }
     assert_eq!(app.statuses(id).await[&device], statuses[&device]);
-    app.teardown().await;
-}
-
-#[tokio::test]
-async fn a_claim_held_by_one_worker_makes_another_wait_and_a_finished_one_returns_its_result() {
-    // Arrange: a job exists (claims read its status hash) but no worker runs.
-    let app = spawn_app(0, &[]).await;
-    app.import_fleet(1).await;
-    let job = app.create_job(&firmware_job(json!({}))).await;
-    let device = harness::fleet::device_id(0);
-    let task = DeviceTask {
-        version: WIRE_VERSION,
-        job_id: job,
-        execution_id: execution_id(job, &device),
-        device_id: device.clone(),
-        attempts: 0,
-        parked: 0,
-        published_at_ms: shared::now_ms(),
-    };
-    let status = |worker: &str| DeviceStatus {
-        state: ExecutionState::InProgress,
-        attempts: 0,
-        error: None,
-        updated_at_ms: shared::now_ms(),
-        next_attempt_at_ms: None,
-        worker: Some(worker.to_owned()),
-        published_at_ms: None,
-        readings: None,
-    };
-    let lease = Duration::from_secs(30);
-    let mut redis = app.redis.clone();
-
-    // Act + Assert: A claims; B finds A's claim and must wait; A finishes; B then gets A's
-    // stored result instead of delivering again.
-    let a = idempotency::try_claim(
-        &mut redis,
-        &app.names,
-        &task,
-        "worker-a",
-        lease,
-        &status("worker-a"),
-    )
-    .await
-    .expect("claim a");
-    assert!(matches!(a, NextAction::StartProcessing { .. }), "{a:?}");
-    let b = idempotency::try_claim(
-        &mut redis,
-        &app.names,
-        &task,
-        "worker-b",
-        lease,
-        &status("worker-b"),
-    )
-    .await
-    .expect("claim b");
-    match b {
-        NextAction::HeldByOther { holder } => assert_eq!(holder, "worker-a"),
-        other => panic!("B must wait for A: {other:?}"),
-    }
-    let done = result(job, &device, ExecutionState::Succeeded, None);
-    idempotency::mark_done(&mut redis, &app.names, &done, Duration::from_secs(60))
-        .await
-        .expect("done");
-    let b = idempotency::try_claim(
-        &mut redis,
-        &app.names,
-        &task,
-        "worker-b",
-        lease,
-        &status("worker-b"),
-    )
-    .await
-    .expect("claim b again");
-    match b {
-        NextAction::ReturnSavedResult(r) => assert_eq!(r.state, ExecutionState::Succeeded),
-        other => panic!("B must re-publish A's result: {other:?}"),
-    }
     app.teardown().await;
 }
 

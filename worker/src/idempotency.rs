@@ -279,6 +279,25 @@ mod tests {
         serde_json::from_str(&raw).expect("json")
     }
 
+    /// Claims `task` for `worker` with the default lease.
+    async fn claim(
+        conn: &mut ConnectionManager,
+        names: &Names,
+        task: &DeviceTask,
+        worker: &str,
+    ) -> NextAction {
+        try_claim(
+            conn,
+            names,
+            task,
+            worker,
+            LEASE,
+            &status(ExecutionState::InProgress, 0),
+        )
+        .await
+        .expect("claim")
+    }
+
     async fn cleanup(mut conn: ConnectionManager, names: &Names) {
         store::delete_matching(&mut conn, &format!("{}:*", names.namespace()))
             .await
@@ -298,18 +317,9 @@ mod tests {
             )
             .await
             .expect("hset");
-        let claim = try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "a",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("claim");
+        let first = claim(&mut conn, &names, &task, "a").await;
         assert_eq!(
-            claim,
+            first,
             NextAction::StartProcessing {
                 recorded_attempts: 3
             }
@@ -317,16 +327,7 @@ mod tests {
         let now = stored(&mut conn, &names, &task).await;
         assert_eq!((now.state, now.attempts), (ExecutionState::InProgress, 3));
         // Our own claim can be taken again (a new broker session of the same process).
-        let again = try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "a",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("again");
+        let again = claim(&mut conn, &names, &task, "a").await;
         assert_eq!(
             again,
             NextAction::StartProcessing {
@@ -411,43 +412,16 @@ mod tests {
     #[tokio::test]
     async fn a_release_frees_only_our_own_claim() {
         let (mut conn, names, task) = setup().await;
-        try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "a",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("claim");
+        claim(&mut conn, &names, &task, "a").await;
         release(&mut conn, &names, task.execution_id, "b")
             .await
             .expect("release b");
-        let b = try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "b",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("claim b");
+        let b = claim(&mut conn, &names, &task, "b").await;
         assert_eq!(b, NextAction::HeldByOther { holder: "a".into() });
         release(&mut conn, &names, task.execution_id, "a")
             .await
             .expect("release a");
-        let b = try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "b",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("claim b again");
+        let b = claim(&mut conn, &names, &task, "b").await;
         assert!(matches!(b, NextAction::StartProcessing { .. }), "{b:?}");
         cleanup(conn, &names).await;
     }
@@ -455,16 +429,7 @@ mod tests {
     #[tokio::test]
     async fn a_done_record_outlives_the_claim_and_is_returned_to_later_copies() {
         let (mut conn, names, task) = setup().await;
-        try_claim(
-            &mut conn,
-            &names,
-            &task,
-            "a",
-            LEASE,
-            &status(ExecutionState::InProgress, 0),
-        )
-        .await
-        .expect("claim");
+        claim(&mut conn, &names, &task, "a").await;
         let result = TaskResult {
             version: WIRE_VERSION,
             job_id: task.job_id,
@@ -486,17 +451,7 @@ mod tests {
             .await
             .expect("release");
         for worker in ["a", "b"] {
-            match try_claim(
-                &mut conn,
-                &names,
-                &task,
-                worker,
-                LEASE,
-                &status(ExecutionState::InProgress, 0),
-            )
-            .await
-            .expect("claim")
-            {
+            match claim(&mut conn, &names, &task, worker).await {
                 NextAction::ReturnSavedResult(r) => assert_eq!(*r, result),
                 other => panic!("{worker}: {other:?}"),
             }
