@@ -475,6 +475,9 @@ mod tests {
             std::io::ErrorKind::ConnectionRefused,
             std::io::ErrorKind::ConnectionReset,
             std::io::ErrorKind::TimedOut,
+            // Any other I/O failure is connection trouble too.
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::Other,
         ] {
             let e = StoreError::from(redis::RedisError::from(std::io::Error::from(kind)));
             assert!(e.is_transient(), "{kind:?}");
