@@ -168,3 +168,165 @@ pub async fn audit_against(
     a.redundant_deliveries = t("redundant_deliveries");
     Ok(a)
 }
+
+/// The audit's arithmetic against a real Redis (`FLEETBATCH_TEST_REDIS_URL`, default the local
+/// one): the fault tests and `chaos` judge runs by it, so it is checked on jobs built by hand.
+#[cfg(test)]
+mod tests {
+    use devices::keys::DeviceKeys;
+    use shared::state::{DeviceStatus, execution_id};
+
+    use super::*;
+
+    struct Job {
+        redis: ConnectionManager,
+        names: Names,
+        id: Uuid,
+    }
+
+    impl Job {
+        /// A job of `planned` devices whose statuses and counters are `states` (device id,
+        /// state, attempts), with `counters` as stored.
+        async fn new(
+            planned: u64,
+            states: &[(&str, ExecutionState, u32)],
+            counters: &[(&str, u64)],
+        ) -> Self {
+            let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+            let mut redis = store::connect(&shared::config::RedisSettings {
+                url,
+                response_timeout_ms: 10_000,
+            })
+            .await
+            .expect("redis");
+            let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
+            let id = Uuid::now_v7();
+            let spec =
+                serde_json::json!({"target": {"groups": ["g"]}, "action": {"type": "reboot"}});
+            let mut pipe = redis::pipe();
+            pipe.hset_multiple(
+                names.job(id),
+                &[
+                    ("spec", spec.to_string()),
+                    ("state", "COMPLETED".to_owned()),
+                    ("planned", planned.to_string()),
+                    ("planning_done", "1".to_owned()),
+                ],
+            )
+            .ignore();
+            for (device, state, attempts) in states {
+                let status = DeviceStatus {
+                    state: *state,
+                    attempts: *attempts,
+                    error: None,
+                    updated_at_ms: 1,
+                    next_attempt_at_ms: None,
+                    worker: None,
+                    published_at_ms: None,
+                    readings: None,
+                };
+                pipe.hset(
+                    names.job_status(id),
+                    *device,
+                    serde_json::to_string(&status).expect("json"),
+                )
+                .ignore();
+            }
+            for (counter, n) in counters {
+                pipe.hset(names.job_counts(id), *counter, *n).ignore();
+            }
+            let _: () = pipe.query_async(&mut redis).await.expect("job");
+            Self { redis, names, id }
+        }
+
+        async fn delivered(&mut self, device: &str, n: u64) {
+            let _: () = self
+                .redis
+                .hset(
+                    self.names.sim_deliveries(self.id),
+                    execution_id(self.id, device).to_string(),
+                    n,
+                )
+                .await
+                .expect("deliveries");
+        }
+
+        async fn audit(&mut self) -> Audit {
+            audit(&mut self.redis, &self.names, self.id)
+                .await
+                .expect("audit")
+        }
+
+        async fn done(mut self) {
+            store::delete_matching(&mut self.redis, &format!("{}:*", self.names.namespace()))
+                .await
+                .expect("cleanup");
+        }
+    }
+
+    const OK: ExecutionState = ExecutionState::Succeeded;
+    const FAILED: ExecutionState = ExecutionState::Failed;
+
+    #[tokio::test]
+    async fn an_exact_job_passes_and_deliveries_beyond_attempts_are_extra() {
+        let mut job = Job::new(
+            3,
+            &[("d1", OK, 1), ("d2", OK, 2), ("d3", FAILED, 3)],
+            &[("succeeded", 2), ("failed", 1), ("terminal", 3)],
+        )
+        .await;
+        job.delivered("d1", 1).await;
+        job.delivered("d2", 4).await;
+        job.delivered("d3", 3).await;
+        let a = job.audit().await;
+        assert_eq!(
+            (a.targeted, a.with_status, a.lost, a.not_terminal),
+            (3, 3, 0, 0)
+        );
+        assert!(a.counters_exact, "{a:?}");
+        assert_eq!(a.recorded_attempts, 6);
+        assert_eq!(a.extra_deliveries, 2, "d2: 4 deliveries for 2 attempts");
+        assert_eq!(a.extra_examples.len(), 1);
+        assert_eq!(a.extra_examples[0].0, "d2");
+        job.done().await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unfinished_device_is_lost_and_counters_are_not_exact() {
+        let mut job = Job::new(
+            3,
+            &[("d1", OK, 1), ("d2", ExecutionState::RetryScheduled, 2)],
+            &[("succeeded", 1), ("terminal", 1)],
+        )
+        .await;
+        let a = job.audit().await;
+        assert_eq!((a.with_status, a.not_terminal, a.lost), (2, 1, 2));
+        assert!(!a.counters_exact);
+        job.done().await;
+    }
+
+    #[tokio::test]
+    async fn counters_that_disagree_with_the_statuses_are_caught() {
+        // Every device terminal, but one counted in the wrong state.
+        let mut job = Job::new(
+            2,
+            &[("d1", OK, 1), ("d2", FAILED, 1)],
+            &[("succeeded", 2), ("terminal", 2)],
+        )
+        .await;
+        let a = job.audit().await;
+        assert_eq!(a.lost, 0);
+        assert!(!a.counters_exact, "{a:?}");
+        job.done().await;
+        // Counters summing past the target.
+        let mut job = Job::new(
+            1,
+            &[("d1", OK, 1)],
+            &[("succeeded", 1), ("failed", 1), ("terminal", 2)],
+        )
+        .await;
+        assert!(!job.audit().await.counters_exact);
+        job.done().await;
+    }
+}
