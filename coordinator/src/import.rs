@@ -96,6 +96,8 @@ where
         .comment(Some(b'#'))
         .from_reader(bridge);
     let columns = match csv.headers() {
+        // An empty body imports nothing.
+        Ok(h) if h.is_empty() => return,
         Ok(h) => match registry::parse_csv_header(h) {
             Ok(c) => c,
             Err(e) => {

@@ -135,5 +135,16 @@ async fn invalid_device_lines_are_reported_by_number_and_valid_ones_imported() {
         .await
         .expect("json");
     assert_eq!(count["count"], 1);
+    // An empty file imports nothing and is no error; a header without an id column is.
+    for (body, status) in [("", 200), ("model,groups\ngw,eu\n", 400)] {
+        let r = app
+            .http
+            .post(app.url("/v1/devices/import?format=csv"))
+            .body(body)
+            .send()
+            .await
+            .expect("import");
+        assert_eq!(r.status().as_u16(), status, "{body:?}");
+    }
     app.teardown().await;
 }
