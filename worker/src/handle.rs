@@ -236,7 +236,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         Some(p.error),
                         Some(p.next_attempt_at_ms),
                     );
-                    hold_claim(ctx, task, &status, lease + p.delay).await
+                    hold_claim(ctx, task, &status, lease.saturating_add(p.delay)).await
                 };
                 let delivered = deliver::run(
                     &ctx.transport,
