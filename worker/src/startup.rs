@@ -175,11 +175,17 @@ impl Worker {
         let result = tokio::select! {
             // The consumer ended on its own: the broker connection failed.
             r = &mut consuming => r.map_err(anyhow::Error::from),
-            // SIGTERM or SIGINT: stop taking tasks, then drain.
+            // SIGTERM or SIGINT: stop taking tasks, then drain. A requested stop is a clean
+            // stop even if the broker connection breaks while the consumer is cancelled: the
+            // broker returns whatever was not acked, and exit 0 is what an orchestrator
+            // scaling in expects.
             _ = &mut shutdown => {
                 tracing::info!(in_flight = tracker.len(), "shutting down: no new tasks");
                 ctx.shutdown.cancel();
-                consuming.await.map_err(anyhow::Error::from)
+                if let Err(e) = consuming.await {
+                    tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(&e), "the broker connection broke while stopping; unacked tasks return to the queue");
+                }
+                Ok(())
             }
         };
         ctx.shutdown.cancel();
