@@ -40,24 +40,21 @@ impl Client {
         serde_json::from_str(&text).with_context(|| format!("unexpected response: {text}"))
     }
 
-    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let resp = self
-            .http
+    async fn send_get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        self.http
             .get(self.url(path))
             .send()
             .await
-            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
-        Self::decode(resp).await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Self::decode(self.send_get(path).await?).await
     }
 
     /// A GET whose body is returned as bytes (exports).
     pub(crate) async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let resp = self
-            .http
-            .get(self.url(path))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        let resp = self.send_get(path).await?;
         let status = resp.status();
         let body = resp.bytes().await.context("reading the response")?;
         if !status.is_success() {

@@ -192,14 +192,9 @@ mod tests {
             states: &[(&str, ExecutionState, u32)],
             counters: &[(&str, u64)],
         ) -> Self {
-            let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-            let mut redis = store::connect(&shared::config::RedisSettings {
-                url,
-                response_timeout_ms: 10_000,
-            })
-            .await
-            .expect("redis");
+            let mut redis = store::connect(&shared::config::RedisSettings::for_tests())
+                .await
+                .expect("redis");
             let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
             let id = Uuid::now_v7();
             let spec =

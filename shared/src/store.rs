@@ -534,14 +534,7 @@ mod redis_tests {
     impl Fixture {
         /// A job IN_PROGRESS (or `state`), planned but not done planning.
         async fn new(state: &str) -> Self {
-            let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-            let mut conn = connect(&RedisSettings {
-                url,
-                response_timeout_ms: 10_000,
-            })
-            .await
-            .expect("redis");
+            let mut conn = connect(&RedisSettings::for_tests()).await.expect("redis");
             let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
             let job = Uuid::now_v7();
             let spec = serde_json::json!({

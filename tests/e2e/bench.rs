@@ -4,20 +4,7 @@
 
 use serde_json::Value;
 
-fn services() -> [(&'static str, String); 2] {
-    [
-        (
-            "FLEETBATCH_AMQP__URL",
-            std::env::var("FLEETBATCH_TEST_AMQP_URL")
-                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        ),
-        (
-            "FLEETBATCH_REDIS__URL",
-            std::env::var("FLEETBATCH_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
-        ),
-    ]
-}
+use crate::helpers::service_env;
 
 #[tokio::test]
 async fn the_demo_exits_0_with_every_device_terminal_and_nothing_delivered_twice() {
@@ -28,7 +15,7 @@ async fn the_demo_exits_0_with_every_device_terminal_and_nothing_delivered_twice
             .join("fleetbatch"),
     )
     .args(["demo", "--devices", "2000", "--json"])
-    .envs(services())
+    .envs(service_env())
     .output()
     .await
     .expect("demo runs");
@@ -80,7 +67,7 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
             "--concurrency",
             "64",
         ])
-        .envs(services())
+        .envs(service_env())
         .output()
         .await
         .expect("bench runs");

@@ -26,14 +26,17 @@ pub struct TestApp {
     pub redis: ConnectionManager,
 }
 
-fn service_env() -> Vec<(String, String)> {
-    let amqp = std::env::var("FLEETBATCH_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let redis = std::env::var("FLEETBATCH_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+/// The services' settings pointing at the test suite's RabbitMQ and Redis.
+pub fn service_env() -> Vec<(String, String)> {
     vec![
-        ("FLEETBATCH_AMQP__URL".into(), amqp),
-        ("FLEETBATCH_REDIS__URL".into(), redis),
+        (
+            "FLEETBATCH_AMQP__URL".into(),
+            shared::config::test_amqp_url(),
+        ),
+        (
+            "FLEETBATCH_REDIS__URL".into(),
+            shared::config::test_redis_url(),
+        ),
     ]
 }
 

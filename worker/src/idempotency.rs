@@ -232,14 +232,9 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(30);
 
     async fn setup() -> (ConnectionManager, Names, DeviceTask) {
-        let url = std::env::var("FLEETBATCH_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-        let conn = store::connect(&shared::config::RedisSettings {
-            url,
-            response_timeout_ms: 10_000,
-        })
-        .await
-        .expect("redis");
+        let conn = store::connect(&shared::config::RedisSettings::for_tests())
+            .await
+            .expect("redis");
         let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
         let job = Uuid::now_v7();
         let task = DeviceTask {

@@ -28,7 +28,7 @@ pub use devices::{
 };
 pub use services::{
     AmqpSettings, BackoffSettings, CoordinatorSettings, LogFormat, OtlpProtocol, RedisSettings,
-    TelemetrySettings, WorkerSettings,
+    TelemetrySettings, WorkerSettings, test_amqp_url, test_redis_url,
 };
 
 /// The built-in defaults, documented key by key.

@@ -162,6 +162,13 @@ impl RedisSettings {
     pub fn safe_url(&self) -> String {
         redact_url(&self.url)
     }
+    /// The Redis the test suites use: `FLEETBATCH_TEST_REDIS_URL`, else the local server.
+    pub fn for_tests() -> Self {
+        Self {
+            url: test_redis_url(),
+            response_timeout_ms: 10_000,
+        }
+    }
 }
 
 impl WorkerSettings {
@@ -181,6 +188,17 @@ impl WorkerSettings {
     pub fn job_cache(&self) -> Duration {
         Duration::from_millis(self.job_cache_ms)
     }
+}
+
+/// Where the test suites find RabbitMQ: `FLEETBATCH_TEST_AMQP_URL`, else the local server.
+pub fn test_amqp_url() -> String {
+    std::env::var("FLEETBATCH_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Where the test suites find Redis: `FLEETBATCH_TEST_REDIS_URL`, else the local server.
+pub fn test_redis_url() -> String {
+    std::env::var("FLEETBATCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
 /// The URL with its password replaced by `***`; a URL that does not parse is shown as is
