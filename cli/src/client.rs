@@ -7,17 +7,31 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub(crate) struct Client {
     http: reqwest::Client,
+    /// The same, without an overall timeout (event streams last as long as their job).
+    streaming: reqwest::Client,
     base: String,
 }
 
 impl Client {
-    pub(crate) fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(600))
-            .build()
-            .context("building the HTTP client")?;
+    /// A client of the API at `base`, sending `token` as its bearer token.
+    pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token.filter(|t| !t.is_empty()) {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .context("the token holds characters a header cannot carry")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let build = |timeout: Option<std::time::Duration>| {
+            let mut b = reqwest::Client::builder().default_headers(headers.clone());
+            if let Some(t) = timeout {
+                b = b.timeout(t);
+            }
+            b.build().context("building the HTTP client")
+        };
         Ok(Self {
-            http,
+            http: build(Some(std::time::Duration::from_secs(600)))?,
+            streaming: build(None)?,
             base: base.trim_end_matches('/').to_owned(),
         })
     }
@@ -63,6 +77,17 @@ impl Client {
         Ok(body.to_vec())
     }
 
+    /// A DELETE.
+    pub(crate) async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        Self::decode(resp).await
+    }
+
     pub(crate) async fn post<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -97,7 +122,8 @@ impl Client {
 
     /// A streaming GET (for Server-Sent Events); no overall timeout.
     pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        let resp = reqwest::Client::new()
+        let resp = self
+            .streaming
             .get(self.url(path))
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()

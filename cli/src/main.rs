@@ -9,7 +9,7 @@
 //! - [`progress`]: following a job (progress bar over Server-Sent Events) and its summary.
 //! - [`sandbox`]: a throw-away namespace with its own coordinator and workers.
 //!
-//! The client's own environment variables (`FLEETBATCH_API`) are not settings: the services
+//! The client's own environment variables (`FLEETBATCH_API`, `FLEETBATCH_TOKEN`) are not settings: the services
 //! ignore them, so one shell can run both.
 
 mod client;
@@ -21,7 +21,7 @@ mod sandbox;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use client::Client;
-use commands::{bench, chaos, demo, devices, dlq, jobs};
+use commands::{access, bench, chaos, demo, devices, dlq, jobs};
 
 /// Run batch jobs on fleets of devices.
 #[derive(Debug, Parser)]
@@ -35,6 +35,9 @@ struct Cli {
         global = true
     )]
     api: String,
+    /// Bearer token for the API (an API token, or the bootstrap admin token).
+    #[arg(long, env = "FLEETBATCH_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +59,11 @@ enum Command {
     /// The dead-letter queue: messages that could not be processed, with the reason.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
+    /// API tokens (admin): create, list, revoke.
+    #[command(subcommand)]
+    Token(access::TokenCmd),
+    /// The audit log (admin): every state-changing call and job state change, newest first.
+    Audit(access::AuditArgs),
     /// Start a coordinator and workers against the local RabbitMQ and Redis, register a
     /// simulated fleet, roll a firmware update out to it, and print a summary.
     Demo(demo::DemoArgs),
@@ -90,7 +98,7 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::new(&cli.api)?;
+    let client = Client::new(&cli.api, cli.token.as_deref())?;
     match cli.command {
         Command::Demo(args) => std::process::exit(demo::run(args).await?),
         Command::Chaos(args) => std::process::exit(chaos::run(args).await?),
@@ -111,6 +119,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Devices(cmd) => devices::run(&client, cmd).await?,
         Command::Job(cmd) => jobs::run(&client, cmd).await?,
         Command::Dlq(cmd) => dlq::run(&client, cmd).await?,
+        Command::Token(cmd) => access::token(&client, cmd).await?,
+        Command::Audit(args) => access::audit(&client, args).await?,
     }
     Ok(())
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Webhooks.
     pub notifier: Notifier,
+    /// SHA-256 (hex) of the bootstrap admin token, when one is configured.
+    pub bootstrap_sha256: Option<String>,
     pub(crate) broker: RwLock<Option<Broker>>,
 }
 

@@ -22,6 +22,9 @@ pub enum IntakeError {
     /// The spec is invalid.
     #[error("invalid job: {0}")]
     Invalid(#[from] SpecError),
+    /// The targets leave the caller's group scope (the message names what is outside).
+    #[error("{0}")]
+    OutOfScope(String),
     /// Redis failed.
     #[error("cannot store the job")]
     Store(#[from] StoreError),
@@ -40,21 +43,39 @@ pub struct Created {
     pub job_id: Uuid,
 }
 
+/// A job as submitted.
+#[derive(Debug)]
+pub struct NewJob<'a> {
+    /// The spec's text.
+    pub text: &'a str,
+    /// Its format.
+    pub format: SpecFormat,
+    /// Size limits.
+    pub limits: SpecLimits,
+    /// Whether this deployment can sign webhooks (jobs naming webhooks need it).
+    pub can_sign_webhooks: bool,
+    /// The groups the caller is confined to, if any.
+    pub scope: Option<&'a [String]>,
+    /// The W3C traceparent of the request, so planning joins its trace.
+    pub trace: Option<String>,
+}
+
 /// Validates and stores a job. The caller starts its planner.
 ///
 /// # Errors
-/// An invalid spec (naming the field), unknown devices or groups, or Redis errors.
+/// An invalid spec (naming the field), targets outside `scope`, unknown devices or groups,
+/// or Redis errors.
 pub async fn create(
     redis: &mut ConnectionManager,
     names: &Names,
-    text: &str,
-    format: SpecFormat,
-    limits: SpecLimits,
-    can_sign_webhooks: bool,
-    trace: Option<String>,
+    job: NewJob<'_>,
 ) -> Result<(Uuid, JobSpec), IntakeError> {
-    let spec = JobSpec::parse(text, format, limits)?;
-    if !spec.notify.webhooks.is_empty() && !can_sign_webhooks {
+    let spec = JobSpec::parse(job.text, job.format, job.limits)?;
+    if let Err(m) = crate::access::scope::check(redis, names, &spec.target, job.scope).await? {
+        return Err(IntakeError::OutOfScope(m));
+    }
+    let trace = job.trace;
+    if !spec.notify.webhooks.is_empty() && !job.can_sign_webhooks {
         return Err(SpecError {
             field: "notify.webhooks".into(),
             problem: "this deployment has no coordinator.webhook_secret to sign webhooks with"

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`startup`]: builds an [`startup::Application`] (connections, topology, HTTP listener),
 //!   resumes unfinished jobs, and runs until a shutdown trigger fires.
+//! - [`access`]: who may call the API: API tokens, roles, group scopes, the route policy.
+//! - [`audit`]: the append-only audit log of state-changing calls and job state changes.
 //! - [`app`]: what handlers and loops share ([`app::AppState`]): settings, Redis, metrics,
 //!   webhooks and the current broker session.
 //! - [`api`]: the HTTP API (axum), one module per resource: devices, jobs, events, dead
@@ -34,9 +36,11 @@
 //! API ─▶ intake ─▶ split ─▶ planner ──tasks──▶ workers ──results──▶ aggregate ─▶ Redis
 //! ```
 
+pub mod access;
 pub mod aggregate;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod deadletters;
 pub mod import;
 pub mod intake;

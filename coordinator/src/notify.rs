@@ -73,6 +73,8 @@ pub struct NotifierConfig {
     pub max_attempts: u32,
     /// First retry delay.
     pub initial_backoff: Duration,
+    /// Job state changes are also written to the audit log, kept this long.
+    pub audit_retention_days: u32,
 }
 
 impl Notifier {
@@ -164,6 +166,19 @@ async fn run(
     let permits = Arc::new(Semaphore::new(64));
     let hooks: Mutex<HashMap<Uuid, Arc<Vec<Webhook>>>> = Mutex::new(HashMap::new());
     while let Some(n) = rx.recv().await {
+        if n.event == JOB_STATE {
+            let state = n.body["state"].as_str().unwrap_or_default().to_owned();
+            let detail = json!({"counters": n.body["counters"]});
+            crate::audit::job_event(
+                &mut redis,
+                &names,
+                config.audit_retention_days,
+                n.job_id,
+                &state,
+                detail,
+            )
+            .await;
+        }
         let cached = hooks
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -67,12 +67,16 @@ impl Application {
                 secret: settings.coordinator.webhook_secret.clone(),
                 max_attempts: settings.coordinator.webhook_max_attempts.max(1),
                 initial_backoff: std::time::Duration::from_secs(1),
+                audit_retention_days: settings.coordinator.audit.retention_days,
             },
             redis.clone(),
             names.clone(),
             metrics.webhooks.clone(),
         );
+        let bootstrap_sha256 = bootstrap_token(&settings)?.map(|t| crate::access::tokens::hash(&t));
+        check_exposure(&settings)?;
         let state = Arc::new(AppState {
+            bootstrap_sha256,
             names,
             settings: Arc::new(settings),
             redis,
@@ -113,9 +117,12 @@ impl Application {
         let http_stop = CancellationToken::new();
         let http_stop_signal = http_stop.clone();
         let mut serving = tokio::spawn(
-            axum::serve(listener, api::router(state.clone()))
-                .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
-                .into_future(),
+            axum::serve(
+                listener,
+                api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
+            .into_future(),
         );
         let sessions =
             shared::supervise::with_reconnect("coordinator", state.shutdown.clone(), |stop| {
@@ -231,4 +238,56 @@ async fn broker_session(
         Ok(()) => anyhow::bail!("the results consumer stopped"),
         Err(e) => Err(e.context("broker session lost")),
     }
+}
+
+/// The bootstrap admin token: from settings, else from the file settings name.
+fn bootstrap_token(settings: &Settings) -> anyhow::Result<Option<String>> {
+    let auth = &settings.coordinator.auth;
+    if let Some(t) = &auth.bootstrap_token {
+        return Ok(Some(t.expose().to_owned()));
+    }
+    let Some(path) = &auth.bootstrap_token_file else {
+        if auth.required {
+            tracing::warn!(
+                "no bootstrap admin token (coordinator.auth.bootstrap_token or bootstrap_token_file): only API tokens created earlier can call the API"
+            );
+        }
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| {
+            format!(
+                "reading coordinator.auth.bootstrap_token_file {}",
+                path.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        token.len() >= 32,
+        "coordinator.auth.bootstrap_token_file {}: the token must be at least 32 characters",
+        path.display()
+    );
+    Ok(Some(token))
+}
+
+/// Refuses to serve an unauthenticated API beyond this machine unless settings say
+/// `coordinator.auth.insecure`.
+fn check_exposure(settings: &Settings) -> anyhow::Result<()> {
+    let auth = &settings.coordinator.auth;
+    let listen = &settings.coordinator.listen;
+    let loopback = listen
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| listen.starts_with("localhost:"));
+    if loopback || auth.required {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        auth.insecure,
+        "coordinator.listen {listen} is not a loopback address and coordinator.auth.required is false: \
+         anyone who reaches it could move the fleet; require authentication, or set coordinator.auth.insecure: true"
+    );
+    tracing::warn!(%listen, "serving the API without authentication on a non-loopback address (coordinator.auth.insecure)");
+    Ok(())
 }

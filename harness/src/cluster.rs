@@ -58,6 +58,9 @@ pub struct Cluster {
     env: Vec<(String, String)>,
     /// The coordinator's API base URL.
     pub api: String,
+    /// The coordinator's bootstrap admin token (random per cluster; given to the coordinator
+    /// alone).
+    pub admin_token: String,
     coordinator: Option<Child>,
     coordinator_starts: usize,
     workers: Vec<Option<Child>>,
@@ -91,6 +94,11 @@ impl Cluster {
             log_dir,
             env,
             api: format!("http://127.0.0.1:{port}"),
+            admin_token: format!(
+                "admin-{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
             coordinator: None,
             coordinator_starts: 0,
             workers: Vec::new(),
@@ -137,7 +145,11 @@ impl Cluster {
     /// # Errors
     /// It did not start, or did not answer within 30 s.
     pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let child = self.spawn("coordinator", "coordinator.log", &[])?;
+        let token = [(
+            "FLEETBATCH_COORDINATOR__AUTH__BOOTSTRAP_TOKEN".to_owned(),
+            self.admin_token.clone(),
+        )];
+        let child = self.spawn("coordinator", "coordinator.log", &token)?;
         self.coordinator = Some(child);
         self.coordinator_starts += 1;
         let client = reqwest::Client::new();

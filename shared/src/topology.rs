@@ -146,6 +146,21 @@ impl Names {
     pub fn planner_lock(&self, job: Uuid) -> String {
         format!("{}:job:{job}:planner", self.ns)
     }
+
+    // ---- Redis: API access ----
+
+    /// Hash token id -> JSON token record (never the secret).
+    pub fn tokens(&self) -> String {
+        format!("{}:tokens", self.ns)
+    }
+    /// String: the id of the live token whose secret hashes to `sha256_hex`.
+    pub fn token_secret(&self, sha256_hex: &str) -> String {
+        format!("{}:token:{sha256_hex}", self.ns)
+    }
+    /// Stream: the audit log, append-only, trimmed by age.
+    pub fn audit(&self) -> String {
+        format!("{}:audit", self.ns)
+    }
 }
 
 fn long(s: &str) -> AMQPValue {

@@ -100,3 +100,50 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
             >= line["latency_ms"]["p50"].as_f64().unwrap_or(0.0)
     );
 }
+
+#[tokio::test]
+async fn chaos_exits_0_when_every_check_holds_and_non_zero_when_the_run_fails() {
+    let bin = harness::cluster::bin_dir()
+        .expect("binaries")
+        .join("fleetbatch");
+    // Act 1: a short chaos run (workers killed every second, the coordinator once).
+    let out = tokio::process::Command::new(&bin)
+        .args([
+            "chaos",
+            "--devices",
+            "8000",
+            "--workers",
+            "2",
+            "--kill-every-secs",
+            "1",
+            "--concurrency",
+            "16",
+        ])
+        .envs(service_env())
+        .output()
+        .await
+        .expect("chaos runs");
+
+    // Assert 1: exit 0, and the JSON line says every check held after real kills.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "chaos failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(line["ok"], true, "{line}");
+    assert_eq!(line["targeted"], 8000, "{line}");
+    assert_eq!(line["lost"], 0, "{line}");
+    assert_eq!(line["duplicate_applications"], 0, "{line}");
+    assert_eq!(line["counters_exact"], true, "{line}");
+    assert_eq!(line["coordinator_restarts"], 1, "{line}");
+    assert!(line["worker_kills"].as_u64() >= Some(1), "{line}");
+
+    // Act 2 and assert: a run that cannot finish in time fails with a non-zero exit.
+    let out = tokio::process::Command::new(&bin)
+        .args(["chaos", "--devices", "1000", "--timeout-secs", "0"])
+        .envs(service_env())
+        .output()
+        .await
+        .expect("chaos runs");
+    assert_ne!(out.status.code(), Some(0), "a failed chaos run exited 0");
+}

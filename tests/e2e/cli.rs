@@ -23,6 +23,7 @@ async fn cli_exit(app: &TestApp, args: &[&str]) -> (Option<i32>, String) {
             .join("fleetbatch"),
     )
     .args(["--api", &app.cluster.api])
+    .env("FLEETBATCH_TOKEN", &app.cluster.admin_token)
     .args(args)
     .output()
     .await

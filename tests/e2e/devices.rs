@@ -601,20 +601,27 @@ async fn mqtt_over_tls_with_client_certificates_and_a_password_survives_a_broker
     // The broker dies mid-job and comes back 2 s later; workers and devices reconnect.
     let restart = async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let job = app.job_if_any().await;
-            if job.and_then(|j| j["terminal"].as_u64()).unwrap_or(0) >= 300 {
-                break;
+        let before = loop {
+            let job = app.job_if_any().await.unwrap_or_default();
+            if job["terminal"].as_u64().unwrap_or(0) >= 300 {
+                break job;
             }
             assert!(tokio::time::Instant::now() < deadline, "job did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
+        let killed_at = shared::now_ms();
         broker.restart(Duration::from_secs(2)).await;
+        (before, killed_at)
     };
     // A broker that dies may take QoS 1 requests in flight with it: each is sent again after
     // the reconnect, at most the worker's in-flight limit.
     let bound = u64::from(app.settings.worker.concurrency);
-    tokio::join!(firmware_over_fleet_sim(&app, &sim, n, bound), restart);
+    let (_, (before, killed_at)) =
+        tokio::join!(firmware_over_fleet_sim(&app, &sim, n, bound), restart);
+    // The broker died under a running job (devices still pending) that finished after it.
+    assert!(before["terminal"].as_u64() < Some(n), "{before}");
+    let job = app.job_if_any().await.expect("the job");
+    assert!(job["finished_at_ms"].as_u64() > Some(killed_at), "{job}");
     let log = std::fs::read_to_string(app.cluster.worker_log(0)).unwrap_or_default();
     assert!(
         log.contains("MQTT connection lost"),

@@ -226,63 +226,133 @@ async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_
     app.teardown().await;
 }
 
-#[tokio::test]
-async fn a_rabbitmq_restart_mid_job_is_survived() {
-    // Arrange: a RabbitMQ node of this test's own.
-    let rabbit = PrivateRabbit::start().await;
-    let app = spawn_mixed(2, &[("FLEETBATCH_AMQP__URL", rabbit.url())]).await;
-    app.import_fleet(DEVICES).await;
-    let id = app
-        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 5000}})))
-        .await;
-    let before = app
-        .wait_for_terminal(id, 5_000, Duration::from_secs(300))
-        .await;
+/// How a server goes away mid-job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// An orderly stop (`rabbitmqctl stop`, Redis `SHUTDOWN`), while results are being
+    /// aggregated after planning finished.
+    StopWhileAggregating,
+    /// A crash (SIGKILL), while the planner is still publishing.
+    CrashWhilePlanning,
+}
 
-    // Act: stop the broker, keep it down for a moment, start it again.
-    rabbit.stop().await;
+/// Settings that make the phase last: few deliveries in flight, so results trail far behind
+/// a planner that finished publishing.
+fn phase_env(fault: Fault) -> Vec<(&'static str, String)> {
+    match fault {
+        Fault::StopWhileAggregating => vec![("FLEETBATCH_WORKER__CONCURRENCY", "8".into())],
+        Fault::CrashWhilePlanning => vec![],
+    }
+}
+
+/// The job of a fault test: publishing held to 2,000 devices/s when the fault must hit the
+/// planner.
+fn phase_job(fault: Fault) -> serde_json::Value {
+    match fault {
+        Fault::StopWhileAggregating => firmware_job(json!({})),
+        Fault::CrashWhilePlanning => firmware_job(json!({"rollout": {"max_per_second": 2000}})),
+    }
+}
+
+/// Waits for the phase the fault must hit and returns the job as it was then: planning done
+/// with devices still pending, or still publishing with at least 4,000 published.
+async fn wait_for_phase(app: &TestApp, id: Uuid, fault: Fault) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let job = app.job(id).await;
+        let targeted = job["targeted"].as_u64().unwrap_or(0);
+        let terminal = job["terminal"].as_u64().unwrap_or(0);
+        let planned = job["planning_done"] == true;
+        match fault {
+            Fault::StopWhileAggregating if planned => {
+                assert!(terminal < targeted, "still aggregating: {job}");
+                return job;
+            }
+            Fault::CrashWhilePlanning if targeted >= 4_000 => {
+                assert!(!planned, "still publishing: {job}");
+                return job;
+            }
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{fault:?}: {job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The proof after the job finished: the fault hit a running job (devices were still
+/// pending) and the job finished after the fault began.
+fn assert_fault_hit_running_job(before: &serde_json::Value, job: &serde_json::Value, at: u64) {
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert!(before["terminal"].as_u64() < Some(DEVICES), "{before}");
+    assert!(job["finished_at_ms"].as_u64() > Some(at), "{job}");
+}
+
+async fn rabbitmq_outage_mid_job(fault: Fault) {
+    // Arrange: a RabbitMQ node of this test's own; a rate limit keeps the planner publishing
+    // for several seconds.
+    let rabbit = PrivateRabbit::start().await;
+    let mut env = vec![("FLEETBATCH_AMQP__URL", rabbit.url())];
+    env.extend(phase_env(fault));
+    let app = spawn_mixed(2, &env).await;
+    app.import_fleet(DEVICES).await;
+    let id = app.create_job(&phase_job(fault)).await;
+    let before = wait_for_phase(&app, id, fault).await;
+
+    // Act: the broker goes away, stays down for a moment, comes back.
     let stopped_at = shared::now_ms();
+    match fault {
+        Fault::StopWhileAggregating => rabbit.stop().await,
+        Fault::CrashWhilePlanning => rabbit.kill().await,
+    }
     // While the broker is down the coordinator says it is not ready (and still answers).
     assert_not_ready(&app, "RabbitMQ").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbit.start_again().await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
 
-    // Assert
-    assert_eq!(job["state"], "COMPLETED");
-    // The fault hit a running job: devices were still pending, and it finished afterwards.
-    assert!(before["terminal"].as_u64() < Some(DEVICES), "{before}");
-    assert!(job["finished_at_ms"].as_u64() > Some(stopped_at), "{job}");
+    // Assert: confirmed tasks and results survive the broker (durable queues, persistent
+    // messages); whatever it redelivers is absorbed by the idempotency keys.
+    assert_fault_hit_running_job(&before, &job, stopped_at);
     let audit = assert_guarantees(&app, id, 0).await;
-    eprintln!("rabbitmq restart: {audit:?}");
+    eprintln!("rabbitmq {fault:?}: {audit:?}");
     app.teardown().await;
 }
 
 #[tokio::test]
-async fn a_redis_restart_mid_job_is_survived() {
+async fn a_rabbitmq_restart_while_aggregating_is_survived() {
+    rabbitmq_outage_mid_job(Fault::StopWhileAggregating).await;
+}
+
+#[tokio::test]
+async fn a_rabbitmq_crash_while_planning_is_survived() {
+    rabbitmq_outage_mid_job(Fault::CrashWhilePlanning).await;
+}
+
+async fn redis_outage_mid_job(fault: Fault) {
     // Arrange: a Redis of this test's own, with its append-only file.
     let mut redis = PrivateRedis::start().await;
     // The default claim lease (30 s) outlasts the outage: no claim lapses while Redis is down,
     // so no execution is taken over by a second worker.
-    let mut app = spawn_mixed(
-        2,
-        &[
-            ("FLEETBATCH_REDIS__URL", redis.url()),
-            ("FLEETBATCH_WORKER__CLAIM_LEASE_MS", "30000".into()),
-            // Which worker made each delivery, to explain any extra one.
-            ("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into()),
-        ],
-    )
-    .await;
+    let mut env = vec![
+        ("FLEETBATCH_REDIS__URL", redis.url()),
+        ("FLEETBATCH_WORKER__CLAIM_LEASE_MS", "30000".into()),
+        // Which worker made each delivery, to explain any extra one.
+        ("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into()),
+    ];
+    env.extend(phase_env(fault));
+    let mut app = spawn_mixed(2, &env).await;
     app.import_fleet(DEVICES).await;
-    let id = app.create_job(&firmware_job(json!({}))).await;
-    let before = app
-        .wait_for_terminal(id, 5_000, Duration::from_secs(300))
-        .await;
+    let id = app.create_job(&phase_job(fault)).await;
+    let before = wait_for_phase(&app, id, fault).await;
 
-    // Act: the job is mid-way (proved below) when Redis goes away.
-    redis.stop().await;
+    // Act: Redis goes away mid-job (the phase is proved above).
     let stopped_at = shared::now_ms();
+    match fault {
+        Fault::StopWhileAggregating => redis.stop().await,
+        // Every write Redis acknowledged was written to the append-only file before the
+        // reply (fsync is what `everysec` defers), so a process crash loses none of them.
+        Fault::CrashWhilePlanning => redis.kill().await,
+    }
     assert_not_ready(&app, "Redis").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.start_again().await;
@@ -291,13 +361,20 @@ async fn a_redis_restart_mid_job_is_survived() {
 
     // Assert: no worker died, so no device is sent anything beyond its recorded attempts, even
     // though the planner re-published its last batch when its checkpoint write failed.
-    assert_eq!(job["state"], "COMPLETED");
-    // The fault hit a running job: devices were still pending, and it finished afterwards.
-    assert!(before["terminal"].as_u64() < Some(DEVICES), "{before}");
-    assert!(job["finished_at_ms"].as_u64() > Some(stopped_at), "{job}");
+    assert_fault_hit_running_job(&before, &job, stopped_at);
     let audit = assert_guarantees(&app, id, 0).await;
-    eprintln!("redis restart: {audit:?}");
+    eprintln!("redis {fault:?}: {audit:?}");
     app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_while_aggregating_is_survived() {
+    redis_outage_mid_job(Fault::StopWhileAggregating).await;
+}
+
+#[tokio::test]
+async fn a_redis_crash_while_planning_is_survived() {
+    redis_outage_mid_job(Fault::CrashWhilePlanning).await;
 }
 
 #[tokio::test]

@@ -73,18 +73,32 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
     let redis = shared::store::connect(&settings.redis)
         .await
         .expect("redis");
+    let http = client_with_token(Some(&cluster.admin_token));
     TestApp {
         cluster,
         names: Names::new(&namespace),
         settings,
-        // A hung coordinator fails the test instead of hanging the suite (the longest
-        // request, an event stream followed to the job's end, is bounded at 120 s).
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(180))
-            .build()
-            .expect("http client"),
+        http,
         redis,
     }
+}
+
+/// An HTTP client sending `token` as its bearer token. A hung coordinator fails the test
+/// instead of hanging the suite (the longest request, an event stream followed to the job's
+/// end, is bounded at 120 s).
+pub fn client_with_token(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(180))
+        .build()
+        .expect("http client")
 }
 
 impl TestApp {

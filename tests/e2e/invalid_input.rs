@@ -75,6 +75,7 @@ sha256 = "not-a-checksum"
             .join("fleetbatch"),
     )
     .args(["--api", &app.cluster.api, "job", "create"])
+    .env("FLEETBATCH_TOKEN", &app.cluster.admin_token)
     .arg(&file)
     .output()
     .await

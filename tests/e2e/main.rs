@@ -6,6 +6,7 @@
 
 #![allow(unreachable_pub, missing_debug_implementations)]
 
+mod access;
 mod bench;
 mod cancel;
 mod cli;
@@ -16,5 +17,6 @@ mod guarantees;
 mod helpers;
 mod invalid_input;
 mod job_roundtrip;
+mod memory;
 mod observability;
 mod services;

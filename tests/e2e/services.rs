@@ -77,6 +77,14 @@ impl PrivateRedis {
         }
         wait_port(self.port, false, Duration::from_secs(10)).await;
     }
+
+    /// Crashes it (SIGKILL): no shutdown, no final flush of the append-only file.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("redis-server killed");
+        }
+        wait_port(self.port, false, Duration::from_secs(10)).await;
+    }
 }
 
 /// A RabbitMQ node of its own (node name, ports, data directory).
@@ -147,6 +155,31 @@ impl PrivateRabbit {
             String::from_utf8_lossy(&out.stderr)
         );
         wait_port(self.port, false, Duration::from_secs(30)).await;
+    }
+
+    /// Crashes the node (SIGKILL of its Erlang VM): no clean shutdown of queues or
+    /// connections.
+    pub async fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("rabbitmq pid file");
+        let pid: i32 = pid.trim().parse().expect("pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("rabbitmq killed");
+        wait_port(self.port, false, Duration::from_secs(30)).await;
+        // Let the VM's helpers (epmd registration, port programs) notice before a restart.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Gone, or a zombie nobody has reaped yet.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| !st.contains(") Z "))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rabbitmq {pid} still alive"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

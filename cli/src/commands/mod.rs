@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub(crate) mod access;
 pub(crate) mod bench;
 pub(crate) mod chaos;
 pub(crate) mod demo;

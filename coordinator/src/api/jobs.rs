@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
@@ -16,8 +16,9 @@ use shared::{
     state::{ExecutionState, JobState},
 };
 
-use super::{ApiError, ApiResult, no_broker, parse_id};
+use super::{ApiError, ApiResult, guard::AuditDetail, no_broker, parse_id};
 use crate::{
+    access::{Caller, scope},
     app::AppState,
     intake::{self, IntakeError},
     jobs::{self, CancelError},
@@ -31,9 +32,10 @@ use crate::{
 )]
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: String,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<Response> {
     if app.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -61,23 +63,36 @@ pub(super) async fn create(
         });
     }
     let mut redis = app.redis.clone();
-    match intake::create(
-        &mut redis,
-        &app.names,
-        &body,
+    let job = intake::NewJob {
+        text: &body,
         format,
         limits,
-        app.settings.coordinator.webhook_secret.is_some(),
-        shared::amqp::current_traceparent(),
-    )
-    .await
-    {
-        Ok((id, _)) => {
+        can_sign_webhooks: app.settings.coordinator.webhook_secret.is_some(),
+        scope: caller.groups.as_deref(),
+        trace: shared::amqp::current_traceparent(),
+    };
+    match intake::create(&mut redis, &app.names, job).await {
+        Ok((id, spec)) => {
             tracing::Span::current().record("job_id", tracing::field::display(id));
             app.notifier.job_state(id, JobState::InProgress, json!({}));
             app.start_planner(id);
-            Ok((StatusCode::CREATED, Json(json!({"job_id": id}))))
+            let mut response = (StatusCode::CREATED, Json(json!({"job_id": id}))).into_response();
+            response.extensions_mut().insert(AuditDetail(json!({
+                "job_id": id,
+                "action": spec.action.kind(),
+                "target": {
+                    "groups": spec.target.groups,
+                    "devices": spec.target.devices.len(),
+                    "filter": spec.target.filter,
+                },
+            })));
+            Ok(response)
         }
+        Err(IntakeError::OutOfScope(message)) => Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message,
+            field: Some("target".into()),
+        }),
         Err(IntakeError::Invalid(e)) => Err(ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             message: e.to_string(),
@@ -136,10 +151,32 @@ pub(super) async fn get(
 
 pub(super) async fn cancel(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id)?;
     let mut redis = app.redis.clone();
+    if caller.groups.is_some() {
+        // A scoped operator may cancel only jobs that stay inside its groups.
+        let job = shared::store::load_job(&mut redis, &app.names, id)
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+        if let Err(m) = scope::check(
+            &mut redis,
+            &app.names,
+            &job.spec.target,
+            caller.groups.as_deref(),
+        )
+        .await
+        .map_err(ApiError::internal)?
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("job {id}: {m}"),
+            ));
+        }
+    }
     let broker = app.broker().ok_or_else(no_broker)?;
     match jobs::cancel(&mut redis, &broker.publisher, &app.names, id).await {
         Ok(()) => {

@@ -23,6 +23,13 @@
 //! | GET | /v1/jobs/{id}/events | Server-Sent Events: `state`, `progress` (every second), `finished` |
 //! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
 //! | POST | /v1/dlq/replay | put dead letters back on their source queues |
+//! | GET, POST | /v1/tokens | API tokens: list, create (the secret is shown once) |
+//! | DELETE | /v1/tokens/{id} | revoke a token |
+//! | GET | /v1/audit?actor=&job_id=&outcome=&action=&cursor=&limit= | the audit log, newest first |
+//! | GET | /v1/whoami | the caller's identity, role and groups |
+//!
+//! Every route passes [`guard`]: authentication, the role the route needs
+//! ([`crate::access::policy`]), and an audit entry for every state-changing call.
 
 use std::sync::Arc;
 
@@ -37,9 +44,11 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 
+mod access;
 mod devices;
 mod dlq;
 mod events;
+pub mod guard;
 mod health;
 mod jobs;
 
@@ -62,6 +71,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
+        .route("/v1/tokens", get(access::list).post(access::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(access::revoke))
+        .route("/v1/audit", get(access::audit_log))
+        .route("/v1/whoami", get(access::whoami))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .with_state(state)
 }
 

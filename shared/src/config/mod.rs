@@ -211,6 +211,14 @@ impl Settings {
                 ),
             });
         }
+        if let Some(t) = &self.coordinator.auth.bootstrap_token
+            && t.expose().len() < 32
+        {
+            return Err(ConfigError::Value {
+                field: "coordinator.auth.bootstrap_token",
+                problem: "must be at least 32 characters".into(),
+            });
+        }
         if self.coordinator.publish_batch == 0 {
             return Err(ConfigError::Value {
                 field: "coordinator.publish_batch",

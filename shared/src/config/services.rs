@@ -95,6 +95,69 @@ pub struct CoordinatorSettings {
     pub webhook_secret: Option<String>,
     /// Attempts per webhook POST (exponential backoff from 1 s between them).
     pub webhook_max_attempts: u32,
+    /// Who may call the API.
+    pub auth: AuthSettings,
+    /// The audit log of state-changing calls.
+    pub audit: AuditSettings,
+}
+
+/// API authentication. Every route but `/healthz` and `/readyz` (and `/metrics` while
+/// `metrics_public`) needs a bearer token: an API token (`fleetbatch token create`) or the
+/// bootstrap admin token below.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Require a token on the API. `false` turns authentication off (every caller is an
+    /// anonymous admin): accepted only on a loopback address, or with `insecure`.
+    pub required: bool,
+    /// An admin token taken from settings (e.g. `FLEETBATCH_COORDINATOR__AUTH__BOOTSTRAP_TOKEN`),
+    /// to create the first API tokens. At least 32 characters.
+    pub bootstrap_token: Option<Secret>,
+    /// The bootstrap admin token read from a file (a mounted secret) instead.
+    pub bootstrap_token_file: Option<std::path::PathBuf>,
+    /// Serve `/metrics` without a token (Prometheus scrapers usually carry none).
+    pub metrics_public: bool,
+    /// Allow listening on a non-loopback address without authentication and TLS (a warning
+    /// is logged at start).
+    pub insecure: bool,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Entries older than this are trimmed from the log.
+    pub retention_days: u32,
+}
+
+/// A secret setting (a token, a password): never shown by `Debug` or serialisation.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(secrecy::SecretString);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        secrecy::ExposeSecret::expose_secret(&self.0)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
 }
 
 /// Worker settings.
@@ -216,6 +279,14 @@ fn redact_url(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_or_serialised_output() {
+        let s = Secret::from("hunter2-hunter2".to_owned());
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        assert_eq!(serde_json::to_string(&s).expect("json"), "\"[redacted]\"");
+        assert_eq!(s.expose(), "hunter2-hunter2");
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls() {
