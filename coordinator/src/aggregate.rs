@@ -22,7 +22,7 @@ use shared::{
     backoff,
     messages::{self, TaskResult},
     state::{DeviceStatus, ExecutionState},
-    store::{Scripts, TerminalStatus},
+    store::{Reporter, Scripts, TerminalStatus},
     topology::{self, Names},
 };
 use tokio_util::sync::CancellationToken;
@@ -125,6 +125,16 @@ async fn process_batch(
             }
         }
     }
+    // Results are checked, not trusted: a well-formed result that cannot be a worker's
+    // report of its task is kept as evidence and never counted.
+    let mut checked = Vec::with_capacity(results.len());
+    for (r, d) in results {
+        match refusal(&r) {
+            None => checked.push((r, d)),
+            Some(reason) => dead_letter_result(agg, &r, d, &reason).await?,
+        }
+    }
+    let results = checked;
     let now = shared::now_ms();
     let statuses: Vec<DeviceStatus> = results.iter().map(|(r, _)| status_of(r, now)).collect();
     let outcomes: Vec<TerminalStatus<'_>> = results
@@ -148,7 +158,11 @@ async fn process_batch(
             &agg.shutdown,
             || {
                 let mut redis = redis.clone();
-                async move { agg.scripts.record_terminal(&mut redis, &agg.names, chunk).await }
+                async move {
+                    agg.scripts
+                        .record_terminal(&mut redis, &agg.names, chunk, Reporter::Device)
+                        .await
+                }
             },
             |e, delay| tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e), retry_in_ms = delay.as_millis() as u64, "recording results failed; retrying"),
         )
@@ -156,32 +170,21 @@ async fn process_batch(
         let Ok(summary) = recorded else {
             return Ok(());
         };
-        // A result naming a job that does not exist is kept as evidence in the dead-letter
-        // queue, alone (its message may carry results of other jobs, recorded above).
+        // A result naming a job that does not exist, or a device the job does not target,
+        // is kept as evidence in the dead-letter queue, alone (its message may carry results
+        // of other jobs, recorded above).
         for &i in &summary.unknown_jobs {
             let (r, d) = &chunk_results[i];
-            let reason = format!("unknown job {}", r.job_id);
-            tracing::error!(%reason, device_id = %r.device_id, "dead-lettering a result");
-            agg.metrics.dead_lettered.inc();
-            let payload = messages::encode(r)?;
-            let properties = shared::amqp::properties(
-                messages::RESULT_TYPE,
-                &r.execution_id.to_string(),
-                d.properties.headers().clone().unwrap_or_default(),
-            );
-            topology::dead_letter(
-                &agg.publisher,
-                &agg.names,
-                &agg.names.results_queue(),
-                &payload,
-                &properties,
-                &reason,
-            )
-            .await?;
+            dead_letter_result(agg, r, d, &format!("unknown job {}", r.job_id)).await?;
+        }
+        for &i in &summary.untargeted {
+            let (r, d) = &chunk_results[i];
+            let reason = format!("device {} is not a target of job {}", r.device_id, r.job_id);
+            dead_letter_result(agg, r, d, &reason).await?;
         }
         let now = shared::now_ms();
         for (i, ((r, _), counted)) in chunk_results.iter().zip(&summary.counted).enumerate() {
-            if summary.unknown_jobs.contains(&i) {
+            if summary.unknown_jobs.contains(&i) || summary.untargeted.contains(&i) {
                 continue;
             }
             agg.metrics
@@ -215,6 +218,54 @@ async fn process_batch(
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
     Ok(())
+}
+
+/// Moves one result to the dead-letter queue with `reason` (a security event: counted and
+/// logged).
+async fn dead_letter_result(
+    agg: &Aggregator,
+    r: &TaskResult,
+    d: &Delivery,
+    reason: &str,
+) -> anyhow::Result<()> {
+    tracing::error!(%reason, job_id = %r.job_id, device_id = %r.device_id, security_event = "result_refused", "dead-lettering a result");
+    agg.metrics.dead_lettered.inc();
+    let payload = messages::encode(r)?;
+    let properties = shared::amqp::properties(
+        messages::RESULT_TYPE,
+        &r.execution_id.to_string(),
+        d.properties.headers().clone().unwrap_or_default(),
+    );
+    topology::dead_letter(
+        &agg.publisher,
+        &agg.names,
+        &agg.names.results_queue(),
+        &payload,
+        &properties,
+        reason,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Why a decoded result cannot be a worker's report of its task, if it cannot: a state that
+/// is not terminal, a device id no task carries, or an execution id that is not the one of
+/// its job and device.
+fn refusal(r: &TaskResult) -> Option<String> {
+    if !r.state.is_terminal() {
+        return Some(format!("result in non-terminal state {}", r.state.as_str()));
+    }
+    if let Err(e) = shared::device::validate_id(&r.device_id) {
+        return Some(format!("device id: {e}"));
+    }
+    let expected = shared::state::execution_id(r.job_id, &r.device_id);
+    if r.execution_id != expected {
+        return Some(format!(
+            "execution id {} is not the one of job {} on device {} ({expected})",
+            r.execution_id, r.job_id, r.device_id
+        ));
+    }
+    None
 }
 
 /// The status recorded for a result, at `now_ms` (with the task's publishing time, the
@@ -269,6 +320,32 @@ mod tests {
             finished_at_ms: 0,
             readings: Some([("t".to_owned(), 1.0)].into()),
         }
+    }
+
+    #[test]
+    fn results_that_cannot_be_a_workers_report_are_refused_with_the_reason() {
+        let job = Uuid::now_v7();
+        let good = TaskResult {
+            job_id: job,
+            execution_id: shared::state::execution_id(job, "d1"),
+            ..result(ExecutionState::Succeeded, 0)
+        };
+        assert_eq!(refusal(&good), None);
+        let progress = TaskResult {
+            state: ExecutionState::InProgress,
+            ..good.clone()
+        };
+        assert!(refusal(&progress).is_some_and(|r| r.contains("non-terminal")));
+        let other_device = TaskResult {
+            device_id: "d2".into(),
+            ..good.clone()
+        };
+        assert!(refusal(&other_device).is_some_and(|r| r.contains("execution id")));
+        let bad_id = TaskResult {
+            device_id: "a:b".into(),
+            ..good
+        };
+        assert!(refusal(&bad_id).is_some_and(|r| r.contains("device id")));
     }
 
     #[test]

@@ -224,21 +224,8 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
                 )),
             }
         }
-        publish_batch(p, job_id, &sent, now).await?;
-        let outcomes: Vec<TerminalStatus<'_>> = final_statuses
-            .iter()
-            .map(|(device, status)| TerminalStatus {
-                job_id,
-                device_id: device,
-                status,
-            })
-            .collect();
-        p.scripts
-            .record_terminal(redis, &p.names, &outcomes)
-            .await?;
-
-        // Checkpoint: cursor and count move together, after the batch is safely out.
-        planned += decisions.len() as u64;
+        // Every device is QUEUED before its task exists: a device with no status is not a
+        // target, and workers and the aggregator refuse tasks and results for it.
         let queued = serde_json::to_string(&DeviceStatus {
             state: ExecutionState::Queued,
             attempts: 0,
@@ -250,11 +237,28 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             readings: None,
         })?;
         let mut pipe = redis::pipe();
-        pipe.atomic();
         for device in &sent {
             pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
                 .ignore();
         }
+        let () = pipe.query_async(redis).await?;
+        publish_batch(p, job_id, &sent, now).await?;
+        let outcomes: Vec<TerminalStatus<'_>> = final_statuses
+            .iter()
+            .map(|(device, status)| TerminalStatus {
+                job_id,
+                device_id: device,
+                status,
+            })
+            .collect();
+        p.scripts
+            .record_terminal(redis, &p.names, &outcomes, store::Reporter::Planner)
+            .await?;
+
+        // Checkpoint: cursor and count move together, after the batch is safely out.
+        planned += decisions.len() as u64;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.hset_multiple(
             &job_key,
             &[

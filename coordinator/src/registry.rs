@@ -146,6 +146,9 @@ fn validate(d: &Device) -> Result<(), String> {
     for g in &d.groups {
         validate_id(g).map_err(|e| format!("groups: {e}"))?;
     }
+    for k in d.tags.keys() {
+        validate_id(k).map_err(|e| format!("tags: {e}"))?;
+    }
     Ok(())
 }
 

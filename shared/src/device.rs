@@ -69,7 +69,11 @@ impl AttributeFilter {
     }
 }
 
-/// Device and group ids: 1 to 128 printable ASCII characters without spaces or commas.
+/// Device ids, group names and tag keys: 1 to 128 ASCII letters, digits, `-`, `_` and `.`,
+/// starting with a letter or digit. Every transport carries these unescaped: no MQTT
+/// wildcard or level separator (`+`, `#`, `/`), no `$` (broker topics), no `:` or braces
+/// (storage key separators and hash tags), no spaces, commas or control characters.
+/// A MAC address is written with `-` or `.` (`aa-bb-cc-dd-ee-ff`).
 ///
 /// # Errors
 /// What is wrong with the id.
@@ -82,11 +86,14 @@ pub fn validate_id(id: &str) -> Result<(), String> {
     }
     if let Some(c) = id
         .chars()
-        .find(|c| !c.is_ascii_graphic() || *c == ',' || *c == '/')
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
         return Err(format!(
-            "{id:?} contains {c:?}; use printable ASCII without spaces, ',' or '/'"
+            "{id:?} contains {c:?}; use ASCII letters, digits, '-', '_' and '.'"
         ));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("{id:?} must start with a letter or digit"));
     }
     Ok(())
 }
@@ -131,11 +138,17 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_printable_ascii_without_separators() {
-        assert!(validate_id("dev-0000001").is_ok());
-        assert!(validate_id("").is_err());
-        assert!(validate_id("a b").is_err());
-        assert!(validate_id("a,b").is_err());
+    fn ids_are_letters_digits_dashes_underscores_and_dots_that_every_transport_carries() {
+        for ok in ["dev-0000001", "eu_west.2", "A1", "aa-bb-cc-dd-ee-ff"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "a b", "a,b", "$SYS", "a+b", "a#", "a/b", "*", "{x}", "a:b", ".hidden", "-x", "é",
+            "a\nb",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_id(&"x".repeat(128)).is_ok());
         assert!(validate_id(&"x".repeat(129)).is_err());
     }
 }

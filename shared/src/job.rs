@@ -189,6 +189,47 @@ impl Action {
     }
 }
 
+/// The first key of `input` that `canonical` (the parsed spec written back) does not have,
+/// as a dotted path. Free-form values (documents, arguments) come back whole, so their keys
+/// are never reported.
+fn unknown_field(
+    input: &serde_json::Value,
+    canonical: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (input, canonical) {
+        (Value::Object(i), Value::Object(c)) => i.iter().find_map(|(k, v)| match c.get(k) {
+            None => Some(join(k)),
+            Some(cv) => unknown_field(v, cv, &join(k)),
+        }),
+        (Value::Array(i), Value::Array(c)) if i.len() == c.len() => i
+            .iter()
+            .zip(c)
+            .enumerate()
+            .find_map(|(n, (v, cv))| unknown_field(v, cv, &format!("{path}[{n}]"))),
+        _ => None,
+    }
+}
+
+/// Largest per-attempt timeout: an attempt must end well inside RabbitMQ's consumer timeout.
+pub const MAX_ATTEMPT_TIMEOUT_SECS: u64 = 3_600;
+/// Largest job deadline: a year.
+pub const MAX_DEADLINE_SECS: u64 = 365 * 86_400;
+/// Largest attempt count per device.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Largest publishing rate, devices per second.
+pub const MAX_PER_SECOND: u32 = 1_000_000;
+/// Longest job name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
 /// A job file or request body that cannot be accepted. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
@@ -253,6 +294,14 @@ impl JobSpec {
             }
         };
         let spec = Self::from_value(&value)?;
+        // Strict at the edge (a typo in a rollout setting must not vanish silently), tolerant
+        // in storage: the types accept unknown fields, so a spec stored by a newer version
+        // still loads; here every key the spec did not take is refused by name.
+        let canonical = serde_json::to_value(&spec)
+            .map_err(|e| SpecError::new(".", format!("not representable: {e}")))?;
+        if let Some(field) = unknown_field(&value, &canonical, "") {
+            return Err(SpecError::new(field, "unknown field"));
+        }
         spec.validate(limits)?;
         Ok(spec)
     }
@@ -375,20 +424,39 @@ impl JobSpec {
                 }
             }
         }
-        if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
-            return Err(SpecError::new(
-                "retry.max_attempts",
-                "must be between 1 and 100",
-            ));
+        let between = |field: &str, v: u64, max: u64| {
+            if (1..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(SpecError::new(
+                    field,
+                    format!("{v} is not between 1 and {max}"),
+                ))
+            }
+        };
+        between(
+            "retry.max_attempts",
+            u64::from(self.retry.max_attempts),
+            u64::from(MAX_ATTEMPTS),
+        )?;
+        if let Some(t) = self.retry.attempt_timeout_secs {
+            between("retry.attempt_timeout_secs", t, MAX_ATTEMPT_TIMEOUT_SECS)?;
         }
-        if self.retry.attempt_timeout_secs == Some(0) {
-            return Err(SpecError::new(
-                "retry.attempt_timeout_secs",
-                "must be at least 1",
-            ));
+        if let Some(d) = self.retry.deadline_secs {
+            between("retry.deadline_secs", d, MAX_DEADLINE_SECS)?;
         }
-        if self.retry.deadline_secs == Some(0) {
-            return Err(SpecError::new("retry.deadline_secs", "must be at least 1"));
+        if let Some(r) = self.rollout.max_per_second {
+            between(
+                "rollout.max_per_second",
+                u64::from(r),
+                u64::from(MAX_PER_SECOND),
+            )?;
+        }
+        if self.name.as_ref().is_some_and(|n| n.len() > MAX_NAME_BYTES) {
+            return Err(SpecError::new(
+                "name",
+                format!("at most {MAX_NAME_BYTES} bytes"),
+            ));
         }
         for (i, w) in self.notify.webhooks.iter().enumerate() {
             if !(w.url.starts_with("https://") || w.url.starts_with("http://")) {
@@ -397,12 +465,6 @@ impl JobSpec {
                     format!("{:?} is not an http(s) URL", w.url),
                 ));
             }
-        }
-        if self.rollout.max_per_second == Some(0) {
-            return Err(SpecError::new(
-                "rollout.max_per_second",
-                "must be at least 1 (leave it out for no limit)",
-            ));
         }
         let size = serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0);
         if size > limits.max_document_bytes {
@@ -439,6 +501,67 @@ sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 [compatibility]
 hardware_revisions = ["A", "B"]
 "#;
+
+    fn json_with(extra: &str) -> String {
+        format!(r#"{{"target":{{"devices":["d1"]}},"action":{{"type":"reboot"}}{extra}}}"#)
+    }
+
+    #[test]
+    fn every_number_of_a_spec_has_a_bound_named_in_the_error() {
+        for (extra, field) in [
+            (
+                r#","retry":{"attempt_timeout_secs":18446744073709551615}"#,
+                "retry.attempt_timeout_secs",
+            ),
+            (
+                r#","retry":{"attempt_timeout_secs":3601}"#,
+                "retry.attempt_timeout_secs",
+            ),
+            (
+                r#","retry":{"deadline_secs":18446744073709551615}"#,
+                "retry.deadline_secs",
+            ),
+            (r#","retry":{"max_attempts":101}"#, "retry.max_attempts"),
+            (
+                r#","rollout":{"max_per_second":4294967295}"#,
+                "rollout.max_per_second",
+            ),
+        ] {
+            let err = JobSpec::parse(&json_with(extra), SpecFormat::Json, LIMITS).expect_err(extra);
+            assert_eq!(err.field, field, "{extra}: {err}");
+            assert!(err.problem.contains("between"), "{err}");
+        }
+        let at_bounds = json_with(
+            r#","retry":{"attempt_timeout_secs":3600,"deadline_secs":31536000,"max_attempts":100},"rollout":{"max_per_second":1000000}"#,
+        );
+        JobSpec::parse(&at_bounds, SpecFormat::Json, LIMITS)
+            .expect("the bounds themselves are accepted");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_them_at_any_depth() {
+        for (extra, field) in [
+            (r#","rollout":{"max_per_sec":10}"#, "rollout.max_per_sec"),
+            (r#","retries":{"max_attempts":3}"#, "retries"),
+            (
+                r#","retry":{"max_attempts":3,"backoff":"fast"}"#,
+                "retry.backoff",
+            ),
+        ] {
+            let err = JobSpec::parse(&json_with(extra), SpecFormat::Json, LIMITS).expect_err(extra);
+            assert_eq!(err.field, field, "{extra}: {err}");
+            assert!(err.problem.contains("unknown field"), "{err}");
+        }
+        let text = r#"{"target":{"devices":["d1"],"group":["x"]},"action":{"type":"reboot"}}"#;
+        let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("typo");
+        assert_eq!(err.field, "target.group");
+        let text = r#"{"target":{"devices":["d1"]},"action":{"type":"reboot","dealy_secs":5}}"#;
+        let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("typo");
+        assert_eq!(err.field, "action.dealy_secs");
+        // Free-form documents keep whatever keys they have.
+        let text = r#"{"target":{"devices":["d1"]},"action":{"type":"configuration","document":{"any":{"key":1}}}}"#;
+        JobSpec::parse(text, SpecFormat::Json, LIMITS).expect("free-form keys are data");
+    }
 
     #[test]
     fn a_toml_job_file_parses() {

@@ -233,12 +233,14 @@ end
 "#;
 
 /// `record_terminal`: KEYS job, counts, status, state-set, active; ARGV device, counter,
-/// status-json, state, now, job-id. Returns 0 (already terminal: ignored), 1 (recorded),
-/// 2 (recorded, and the job is now finished).
+/// status-json, state, now, job-id, `1` when the device must already have a status (a
+/// device's result: only targets have one). Returns -1 (no such job), -2 (not a target),
+/// 0 (already terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
         r#"{STATUS_LUA}{FINISH_IF_DONE_LUA}
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[7] == '1' and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return -2 end
 if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -298,6 +300,18 @@ pub struct RecordSummary {
     /// Indexes (in input order) of outcomes naming a job that does not exist: nothing was
     /// written for them.
     pub unknown_jobs: Vec<usize>,
+    /// Indexes of devices' results for a device the job does not target: nothing written.
+    pub untargeted: Vec<usize>,
+}
+
+/// Who reports an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// The planner (SKIPPED, CANCELED before sending): the device may have no status yet.
+    Planner,
+    /// A device's result through a worker: counted only for a device the job targets (one
+    /// the planner marked QUEUED before its task existed).
+    Device,
 }
 
 /// The state-changing scripts, loaded once per process.
@@ -346,7 +360,13 @@ impl Scripts {
         conn: &mut ConnectionManager,
         names: &Names,
         outcomes: &[TerminalStatus<'_>],
+        reporter: Reporter,
     ) -> Result<RecordSummary, StoreError> {
+        let targets_only = if reporter == Reporter::Device {
+            "1"
+        } else {
+            ""
+        };
         if outcomes.is_empty() {
             return Ok(RecordSummary::default());
         }
@@ -370,7 +390,8 @@ impl Scripts {
                 .arg(json)
                 .arg(o.status.state.as_str())
                 .arg(&now)
-                .arg(o.job_id.to_string());
+                .arg(o.job_id.to_string())
+                .arg(targets_only);
         }
         let codes: Vec<i64> = self.run(conn, &pipe).await?;
         let mut summary = RecordSummary::default();
@@ -378,6 +399,7 @@ impl Scripts {
             summary.counted.push(c > 0);
             match c {
                 -1 => summary.unknown_jobs.push(i),
+                -2 => summary.untargeted.push(i),
                 0 => summary.duplicates += 1,
                 2 => {
                     summary.recorded += 1;
@@ -590,7 +612,7 @@ mod redis_tests {
                 })
                 .collect();
             self.scripts
-                .record_terminal(&mut self.conn, &self.names, &terminal)
+                .record_terminal(&mut self.conn, &self.names, &terminal, Reporter::Planner)
                 .await
                 .expect("record")
         }

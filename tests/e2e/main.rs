@@ -13,6 +13,7 @@ mod cli;
 mod dead_letter;
 mod devices;
 mod faults;
+mod forged;
 mod guarantees;
 mod helpers;
 mod invalid_input;

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::{
     Channel,
     message::Delivery,
@@ -62,12 +62,23 @@ pub async fn run(
                     let ctx = ctx.clone();
                     tracker.spawn(async move {
                         ctx.metrics.in_flight.inc();
-                        let outcome = handle::handle(
+                        // A panic in a handler must not leak the delivery (unacked, holding a
+                        // prefetch slot for good): the task is dead-lettered with the reason.
+                        let handled = std::panic::AssertUnwindSafe(handle::handle(
                             &ctx,
                             &delivery.data,
                             delivery.properties.headers().as_ref(),
-                        )
+                        ))
+                        .catch_unwind()
                         .await;
+                        let outcome = handled.unwrap_or_else(|panic| {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Outcome::DeadLetter(format!("the task's handler panicked: {what}"))
+                        });
                         settle(&ctx, delivery, outcome).await;
                         ctx.metrics.in_flight.dec();
                     });

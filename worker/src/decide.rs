@@ -11,6 +11,44 @@ use shared::state::{ExecutionState, Readings};
 
 use crate::deliver::Delivered;
 
+/// Why a decoded task cannot be one the planner published, if it cannot: an execution id
+/// that is not its job's and device's, a device id no target has, or counters beyond what
+/// any job allows (attempts and parkings are at most [`shared::job::MAX_ATTEMPTS`]). Such a
+/// task is dead-lettered, never delivered.
+pub fn task_refusal(task: &shared::messages::DeviceTask) -> Option<String> {
+    if let Err(e) = shared::device::validate_id(&task.device_id) {
+        return Some(format!("device id: {e}"));
+    }
+    if shared::state::execution_id(task.job_id, &task.device_id) != task.execution_id {
+        return Some(format!(
+            "execution id {} does not belong to job {} and device {:?}",
+            task.execution_id, task.job_id, task.device_id
+        ));
+    }
+    let max = shared::job::MAX_ATTEMPTS;
+    if task.attempts > max {
+        return Some(format!(
+            "attempts {}: beyond the largest attempt count a job may have ({max})",
+            task.attempts
+        ));
+    }
+    if task.parked > max {
+        return Some(format!(
+            "parked {} times: beyond the largest attempt count a job may have ({max})",
+            task.parked
+        ));
+    }
+    None
+}
+
+/// The per-attempt timeout of a job: its own, else the worker's default; never beyond the
+/// bound the API enforces (a job stored before the bound existed cannot stall a worker).
+pub fn attempt_timeout(job_secs: Option<u64>, default: Duration) -> Duration {
+    job_secs.map_or(default, |s| {
+        Duration::from_secs(s.clamp(1, shared::job::MAX_ATTEMPT_TIMEOUT_SECS))
+    })
+}
+
 /// Whether a claimed task is delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Before {
@@ -149,6 +187,83 @@ pub fn after_delivery(
 /// overflowing on absurd timeouts.
 pub fn claim_lease(lease: Duration, attempt_timeout: Duration) -> Duration {
     lease.saturating_add(attempt_timeout)
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use shared::messages::{DeviceTask, WIRE_VERSION};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn task() -> DeviceTask {
+        let job_id = Uuid::now_v7();
+        DeviceTask {
+            version: WIRE_VERSION,
+            job_id,
+            execution_id: shared::state::execution_id(job_id, "dev-1"),
+            device_id: "dev-1".into(),
+            attempts: 0,
+            parked: 0,
+            published_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_planners_task_is_accepted_and_forged_or_extreme_ones_are_refused() {
+        assert_eq!(task_refusal(&task()), None);
+        let at_bound = DeviceTask {
+            attempts: shared::job::MAX_ATTEMPTS,
+            parked: shared::job::MAX_ATTEMPTS,
+            ..task()
+        };
+        assert_eq!(task_refusal(&at_bound), None);
+        for (t, why) in [
+            (
+                DeviceTask {
+                    attempts: u32::MAX,
+                    ..task()
+                },
+                "attempts",
+            ),
+            (
+                DeviceTask {
+                    parked: u32::MAX,
+                    ..task()
+                },
+                "parked",
+            ),
+            (
+                DeviceTask {
+                    device_id: "dev-2".into(),
+                    ..task()
+                },
+                "execution id",
+            ),
+            (
+                DeviceTask {
+                    device_id: "dev/#".into(),
+                    ..task()
+                },
+                "device id",
+            ),
+        ] {
+            let reason = task_refusal(&t).unwrap_or_default();
+            assert!(reason.contains(why), "{t:?}: {reason:?}");
+        }
+    }
+
+    #[test]
+    fn attempt_timeouts_stay_within_their_bound() {
+        let d = Duration::from_secs(10);
+        assert_eq!(attempt_timeout(None, d), d);
+        assert_eq!(attempt_timeout(Some(5), d), Duration::from_secs(5));
+        assert_eq!(
+            attempt_timeout(Some(u64::MAX), d),
+            Duration::from_secs(shared::job::MAX_ATTEMPT_TIMEOUT_SECS)
+        );
+        assert_eq!(attempt_timeout(Some(0), d), Duration::from_secs(1));
+    }
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
         job_id = %task.job_id,
         execution_id = %task.execution_id,
         device_id = %task.device_id,
-        attempt = task.attempts + 1,
+        attempt = task.attempts.saturating_add(1),
         outcome = Empty,
         trace_id = Empty,
     );
@@ -156,11 +156,9 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     let Some(job) = ctx.jobs.get(&mut redis, &ctx.names, task.job_id).await? else {
         return Ok(Outcome::DeadLetter(format!("unknown job {}", task.job_id)));
     };
-    if shared::state::execution_id(task.job_id, &task.device_id) != task.execution_id {
-        return Ok(Outcome::DeadLetter(format!(
-            "execution id {} does not belong to job {} and device {:?}",
-            task.execution_id, task.job_id, task.device_id
-        )));
+    if let Some(reason) = decide::task_refusal(task) {
+        tracing::error!(%reason, security_event = "task_refused", "refusing a task");
+        return Ok(Outcome::DeadLetter(reason));
     }
     if !ctx
         .active
@@ -175,12 +173,10 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         });
     }
     let _active = ActiveGuard(ctx, task.execution_id);
-    let attempt_timeout = job
-        .spec
-        .retry
-        .attempt_timeout_secs
-        .map(Duration::from_secs)
-        .unwrap_or_else(|| ctx.settings.worker.attempt_timeout());
+    let attempt_timeout = decide::attempt_timeout(
+        job.spec.retry.attempt_timeout_secs,
+        ctx.settings.worker.attempt_timeout(),
+    );
     let lease = decide::claim_lease(ctx.settings.worker.claim_lease(), attempt_timeout);
 
     let claimed = in_progress(ctx, task, task.attempts, None, None);
@@ -199,6 +195,14 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             mark(ctx, "already_done");
             ctx.reporter.publish(*result).await?;
             return Ok(Outcome::Ack);
+        }
+        NextAction::NotTargeted => {
+            let reason = format!(
+                "device {} is not a target of job {}",
+                task.device_id, task.job_id
+            );
+            tracing::error!(%reason, security_event = "task_refused", "refusing a task");
+            return Ok(Outcome::DeadLetter(reason));
         }
         NextAction::HeldByOther { holder } => {
             tracing::debug!(%holder, "execution claimed by another worker; retrying later");
@@ -283,7 +287,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                             to: ForwardTo::Retry(queue),
                             task: DeviceTask {
                                 attempts,
-                                parked: task.parked + 1,
+                                parked: task.parked.saturating_add(1),
                                 ..task.clone()
                             },
                         });

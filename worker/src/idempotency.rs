@@ -51,6 +51,9 @@ pub enum NextAction {
     },
     /// Already finished: re-publish this result and ack.
     ReturnSavedResult(Box<TaskResult>),
+    /// The job does not target the device (the planner marks every target QUEUED before its
+    /// task exists): nothing was claimed or written.
+    NotTargeted,
     /// Another worker holds the claim (it may be working, or dead until the lease ends).
     HeldByOther {
         /// The holder.
@@ -67,8 +70,10 @@ const DONE: &[u8] = b"d:";
 /// (a planner's re-published batch) starts from the recorded number, not from its own.
 /// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON, its
 /// attempts.
-/// Returns {1, recorded attempts as a string} or {0, the record's value}.
+/// Returns {1, recorded attempts as a string}, {0, the record's value}, or {-1, ''} for a
+/// device the job does not target (no status: the planner writes QUEUED before publishing).
 const CLAIM_LUA: &str = r#"
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {-1, ''} end
 local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not mine then
   local held = redis.call('GET', KEYS[1])
@@ -132,6 +137,9 @@ pub async fn try_claim(
         .arg(in_progress.attempts)
         .invoke_async(redis)
         .await?;
+    if claimed == -1 {
+        return Ok(NextAction::NotTargeted);
+    }
     if claimed == 1 {
         // A Lua number: "3", or "3.0"-like from a float in a hand-edited status.
         let recorded_attempts = std::str::from_utf8(&value)
@@ -246,7 +254,42 @@ mod tests {
             parked: 0,
             published_at_ms: 1,
         };
+        // The planner marks its target QUEUED before publishing the task.
+        let mut c = conn.clone();
+        let _: () = c
+            .hset(
+                names.job_status(job),
+                "d1",
+                serde_json::to_string(&status(ExecutionState::Queued, 0)).expect("json"),
+            )
+            .await
+            .expect("queued");
         (conn, names, task)
+    }
+
+    #[tokio::test]
+    async fn a_task_for_a_device_the_job_does_not_target_claims_and_writes_nothing() {
+        let (mut conn, names, task) = setup().await;
+        let stranger = DeviceTask {
+            device_id: "d9".into(),
+            execution_id: execution_id(task.job_id, "d9"),
+            ..task.clone()
+        };
+        assert_eq!(
+            claim(&mut conn, &names, &stranger, "a").await,
+            NextAction::NotTargeted
+        );
+        let status: Option<String> = conn
+            .hget(names.job_status(task.job_id), "d9")
+            .await
+            .expect("hget");
+        assert_eq!(status, None);
+        let record: Option<String> = conn
+            .get(names.idempotency(stranger.execution_id))
+            .await
+            .expect("get");
+        assert_eq!(record, None, "no claim taken");
+        cleanup(conn, &names).await;
     }
 
     fn status(state: ExecutionState, attempts: u32) -> DeviceStatus {
