@@ -49,6 +49,8 @@ pub struct Aggregator {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Webhooks.
     pub notifier: crate::notify::Notifier,
+    /// Device-supplied text (errors) is cut to this many bytes before it is stored.
+    pub max_device_text_bytes: usize,
 }
 
 /// Consumes results until shutdown or a channel failure.
@@ -68,10 +70,20 @@ pub async fn run(agg: Arc<Aggregator>, channel: Channel, tag: String) -> anyhow:
         )
         .await?;
     let mut redis = agg.redis.clone();
+    // A broker that closes the connection does not always end the consumer's stream at once:
+    // look at the channel every second, so a lost broker ends the session (and readiness
+    // says so) promptly.
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     loop {
         let first = tokio::select! {
             biased;
             _ = agg.shutdown.cancelled() => return Ok(()),
+            _ = watch.tick() => {
+                if !channel.status().connected() {
+                    anyhow::bail!("the results channel is no longer connected");
+                }
+                continue;
+            }
             next = consumer.next() => match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
@@ -136,7 +148,10 @@ async fn process_batch(
     }
     let results = checked;
     let now = shared::now_ms();
-    let statuses: Vec<DeviceStatus> = results.iter().map(|(r, _)| status_of(r, now)).collect();
+    let statuses: Vec<DeviceStatus> = results
+        .iter()
+        .map(|(r, _)| status_of(r, now, agg.max_device_text_bytes))
+        .collect();
     let outcomes: Vec<TerminalStatus<'_>> = results
         .iter()
         .zip(&statuses)
@@ -269,18 +284,38 @@ fn refusal(r: &TaskResult) -> Option<String> {
 }
 
 /// The status recorded for a result, at `now_ms` (with the task's publishing time, the
-/// device's end-to-end latency).
-fn status_of(r: &TaskResult, now_ms: u64) -> DeviceStatus {
+/// device's end-to-end latency). What the device wrote is bounded before it is stored: the
+/// error cut to `max_text` bytes (on a character boundary), at most
+/// [`shared::job::MAX_METRICS`] readings with names of at most 64 bytes.
+fn status_of(r: &TaskResult, now_ms: u64, max_text: usize) -> DeviceStatus {
     DeviceStatus {
         state: r.state,
         attempts: r.attempts,
-        error: r.error.clone(),
+        error: r.error.as_deref().map(|e| truncate(e, max_text)),
         updated_at_ms: now_ms,
         next_attempt_at_ms: None,
         worker: Some(r.worker.clone()),
         published_at_ms: (r.published_at_ms > 0).then_some(r.published_at_ms),
-        readings: r.readings.clone(),
+        readings: r.readings.as_ref().map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.len() <= 64)
+                .take(shared::job::MAX_METRICS)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        }),
     }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Seconds from publishing the task to recording its result, when the task says when it was
@@ -350,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_result_is_recorded_as_the_status_the_worker_reported() {
-        let s = status_of(&result(ExecutionState::Failed, 1_000), 5_000);
+        let s = status_of(&result(ExecutionState::Failed, 1_000), 5_000, 1024);
         assert_eq!(s.state, ExecutionState::Failed);
         assert_eq!(s.attempts, 3);
         assert_eq!(s.error.as_deref(), Some("e"));
@@ -360,9 +395,30 @@ mod tests {
         assert_eq!(s.readings, result(ExecutionState::Failed, 0).readings);
         assert_eq!(s.next_attempt_at_ms, None);
         assert_eq!(
-            status_of(&result(ExecutionState::Failed, 0), 5_000).published_at_ms,
+            status_of(&result(ExecutionState::Failed, 0), 5_000, 1024).published_at_ms,
             None
         );
+    }
+
+    #[test]
+    fn device_supplied_text_and_readings_are_bounded_before_they_are_stored() {
+        let long = TaskResult {
+            error: Some("é".repeat(2000)),
+            readings: Some(
+                (0..200)
+                    .map(|i| (format!("m{i:03}"), 1.0))
+                    .chain([("x".repeat(65), 2.0)])
+                    .collect(),
+            ),
+            ..result(ExecutionState::Failed, 0)
+        };
+        let s = status_of(&long, 1, 100);
+        let e = s.error.expect("error");
+        assert!(e.len() <= 100 && e.ends_with('…'), "{} bytes", e.len());
+        let readings = s.readings.expect("readings");
+        assert_eq!(readings.len(), shared::job::MAX_METRICS);
+        assert!(readings.keys().all(|k| k.len() <= 64));
+        assert_eq!(truncate("short", 100), "short");
     }
 
     #[test]

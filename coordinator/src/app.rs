@@ -43,6 +43,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// SHA-256 (hex) of the bootstrap admin token, when one is configured.
     pub bootstrap_sha256: Option<String>,
+    /// Where a job's webhooks may go.
+    pub outbound: crate::outbound::Policy,
     pub(crate) broker: RwLock<Option<Broker>>,
 }
 

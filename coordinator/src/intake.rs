@@ -58,6 +58,8 @@ pub struct NewJob<'a> {
     pub scope: Option<&'a [String]>,
     /// The W3C traceparent of the request, so planning joins its trace.
     pub trace: Option<String>,
+    /// Where the job's webhooks may go.
+    pub outbound: &'a crate::outbound::Policy,
 }
 
 /// Validates and stores a job. The caller starts its planner.
@@ -82,6 +84,15 @@ pub async fn create(
                 .into(),
         }
         .into());
+    }
+    for (i, w) in spec.notify.webhooks.iter().enumerate() {
+        job.outbound
+            .check(&w.url)
+            .await
+            .map_err(|problem| SpecError {
+                field: format!("notify.webhooks[{i}].url"),
+                problem,
+            })?;
     }
     check_targets_exist(redis, names, &spec).await?;
     let id = Uuid::now_v7();

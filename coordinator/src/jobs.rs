@@ -188,10 +188,10 @@ pub async fn devices(
     names: &Names,
     id: Uuid,
     state: Option<ExecutionState>,
-    cursor: Option<&str>,
+    cursor: Option<u64>,
     limit: usize,
 ) -> Result<DevicePage, StoreError> {
-    let mut cursor: u64 = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut cursor: u64 = cursor.unwrap_or(0);
     let limit = limit.clamp(1, 10_000);
     let mut devices = Vec::new();
     // SCAN pages may come back short (even empty) with more to follow: keep scanning until

@@ -29,6 +29,7 @@
 //! - [`report`]: a job's report: failures grouped by error, and the readings summary.
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`notify`]: signed, retried webhooks for job state changes and device failures.
+//! - [`outbound`]: where webhooks may go (an allowlist, else public addresses only).
 //! - [`deadletters`]: listing and replaying the dead-letter queue.
 //!
 //! # Flow of one job
@@ -47,6 +48,7 @@ pub mod intake;
 pub mod jobs;
 pub mod metrics;
 pub mod notify;
+pub mod outbound;
 pub mod planner;
 pub mod readings;
 pub mod registry;

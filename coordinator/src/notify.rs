@@ -75,6 +75,8 @@ pub struct NotifierConfig {
     pub initial_backoff: Duration,
     /// Job state changes are also written to the audit log, kept this long.
     pub audit_retention_days: u32,
+    /// Where a job's own webhooks may go (checked again before each POST).
+    pub outbound: crate::outbound::Policy,
 }
 
 impl Notifier {
@@ -203,12 +205,19 @@ async fn run(
         if n.event == JOB_STATE {
             urls.extend(config.deployment_urls.iter().cloned());
         }
-        urls.extend(
-            job_hooks
-                .iter()
-                .filter(|w| n.event == JOB_STATE || w.device_failures)
-                .map(|w| w.url.clone()),
-        );
+        for w in job_hooks
+            .iter()
+            .filter(|w| n.event == JOB_STATE || w.device_failures)
+        {
+            // A job's own target may have come to resolve inside the network since.
+            match config.outbound.check(&w.url).await {
+                Ok(()) => urls.push(w.url.clone()),
+                Err(problem) => {
+                    tracing::warn!(job_id = %n.job_id, url = %w.url, %problem, security_event = "webhook_refused", "webhook not sent");
+                    counter.with_label_values(&["refused"]).inc();
+                }
+            }
+        }
         if urls.is_empty() {
             continue;
         }

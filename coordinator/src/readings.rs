@@ -65,7 +65,15 @@ async fn for_each_device(
 ) -> Result<(), StoreError> {
     let mut cursor: Option<String> = None;
     loop {
-        let page = jobs::devices(redis, names, id, state, cursor.as_deref(), 5000).await?;
+        let page = jobs::devices(
+            redis,
+            names,
+            id,
+            state,
+            cursor.as_deref().and_then(|c| c.parse().ok()),
+            5000,
+        )
+        .await?;
         page.devices.into_iter().for_each(&mut each);
         match page.next_cursor {
             Some(c) => cursor = Some(c),

@@ -55,8 +55,15 @@ pub async fn build(
     ] {
         let mut cursor: Option<String> = None;
         loop {
-            let page =
-                jobs::devices(redis, names, id, Some(state), cursor.as_deref(), 1000).await?;
+            let page = jobs::devices(
+                redis,
+                names,
+                id,
+                Some(state),
+                cursor.as_deref().and_then(|c| c.parse().ok()),
+                1000,
+            )
+            .await?;
             for e in page.devices {
                 *errors
                     .entry(

@@ -68,6 +68,7 @@ impl Application {
                 max_attempts: settings.coordinator.webhook_max_attempts.max(1),
                 initial_backoff: std::time::Duration::from_secs(1),
                 audit_retention_days: settings.coordinator.audit.retention_days,
+                outbound: crate::outbound::Policy::from_settings(&settings.coordinator),
             },
             redis.clone(),
             names.clone(),
@@ -75,7 +76,9 @@ impl Application {
         );
         let bootstrap_sha256 = bootstrap_token(&settings)?.map(|t| crate::access::tokens::hash(&t));
         check_exposure(&settings)?;
+        let outbound = crate::outbound::Policy::from_settings(&settings.coordinator);
         let state = Arc::new(AppState {
+            outbound: outbound.clone(),
             bootstrap_sha256,
             names,
             settings: Arc::new(settings),
@@ -199,6 +202,7 @@ async fn broker_session(
         shutdown: session.clone(),
         metrics: state.metrics.clone(),
         notifier: state.notifier.clone(),
+        max_device_text_bytes: settings.coordinator.max_device_text_bytes,
     });
     let broker = Broker {
         connection: connection.clone(),

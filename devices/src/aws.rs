@@ -46,9 +46,41 @@ pub fn parse(topic: &str) -> Option<(&str, &str)> {
     Some((thing, rest.strip_prefix("jobs/")?))
 }
 
+/// Checks what a device's request topic names before anything is looked up or stored: the
+/// thing must be a valid device id, and a job id one fleetbatch issued (a UUID; `$next` for
+/// `get`). So no separator can be smuggled into a storage key: thing `ee:ff` cannot reach
+/// the execution of job `aa:bb:cc:dd` on thing `..:ee:ff`.
+///
+/// # Errors
+/// What is wrong, for the `rejected` answer.
+pub fn check_request(thing: &str, operation: &str) -> Result<(), String> {
+    shared::device::validate_id(thing).map_err(|e| format!("thing name: {e}"))?;
+    if let Some((job, action)) = operation.rsplit_once('/') {
+        let next_ok = job == "$next" && action == "get";
+        if !next_ok && uuid::Uuid::parse_str(job).is_err() {
+            return Err(format!("job id {job:?} is not one fleetbatch issued"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_naming_a_foreign_thing_or_job_id_are_refused() {
+        let job = "0193d3a2-6a4b-7c2d-9e1f-0a1b2c3d4e5f";
+        assert!(check_request("dev-1", "get").is_ok());
+        assert!(check_request("dev-1", "start-next").is_ok());
+        assert!(check_request("dev-1", "$next/get").is_ok());
+        assert!(check_request("dev-1", &format!("{job}/update")).is_ok());
+        // Separator injection: neither a thing nor a job id may carry ':'.
+        assert!(check_request("ee:ff", &format!("{job}/update")).is_err());
+        assert!(check_request("ff", "aa:bb:cc:dd:ee/update").is_err());
+        assert!(check_request("dev-1", "$next/update").is_err());
+        assert!(check_request("dev+1", "get").is_err());
+    }
 
     #[test]
     fn topics_split_into_thing_and_operation() {

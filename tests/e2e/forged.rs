@@ -207,10 +207,20 @@ async fn forged_tasks_and_results_are_dead_lettered_with_their_reason_and_never_
 }
 
 #[tokio::test]
-async fn specs_with_out_of_bound_numbers_or_unknown_fields_are_refused_naming_the_field() {
-    let app = spawn_app(0, &[]).await;
+async fn specs_with_out_of_bound_numbers_unknown_fields_or_internal_webhooks_are_refused_naming_the_field()
+ {
+    let app = spawn_app(0, &[("FLEETBATCH_COORDINATOR__WEBHOOK_SECRET", "k")]).await;
     app.import_fleet(10).await;
     for (extra, field) in [
+        // Webhooks cannot be aimed at internal services.
+        (
+            json!({"notify": {"webhooks": [{"url": "http://127.0.0.1:6379/"}]}}),
+            "notify.webhooks[0].url",
+        ),
+        (
+            json!({"notify": {"webhooks": [{"url": "http://169.254.169.254/latest/meta-data"}]}}),
+            "notify.webhooks[0].url",
+        ),
         (
             json!({"retry": {"attempt_timeout_secs": 18_446_744_073_709_551_615_u64}}),
             "retry.attempt_timeout_secs",

@@ -149,3 +149,44 @@ async fn invalid_device_lines_are_reported_by_number_and_valid_ones_imported() {
     }
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_missing_job_is_404_on_every_route_and_a_bad_cursor_is_an_error_naming_it() {
+    // Arrange
+    let app = spawn_app(0, &[]).await;
+    app.import_fleet(10).await;
+    let missing = uuid::Uuid::now_v7();
+
+    // Act and assert: every route under /v1/jobs/{id}.
+    for (method, path) in [
+        ("GET", format!("/v1/jobs/{missing}")),
+        ("GET", format!("/v1/jobs/{missing}/devices")),
+        ("GET", format!("/v1/jobs/{missing}/report")),
+        ("GET", format!("/v1/jobs/{missing}/results")),
+        ("GET", format!("/v1/jobs/{missing}/events")),
+        ("POST", format!("/v1/jobs/{missing}/cancel")),
+    ] {
+        let req = match method {
+            "GET" => app.http.get(app.url(&path)),
+            _ => app.http.post(app.url(&path)),
+        };
+        let r = req.send().await.expect("request");
+        assert_eq!(r.status(), 404, "{method} {path}");
+    }
+    // A cursor that no listing could have returned is refused, not read as "from the start".
+    let id = app
+        .create_job(&crate::helpers::firmware_job(json!({})))
+        .await;
+    for path in [
+        format!("/v1/jobs/{id}/devices?cursor=not-a-cursor"),
+        "/v1/devices?cursor=a/b".to_owned(),
+        "/v1/jobs?cursor=nope".to_owned(),
+        "/v1/audit?cursor=nope".to_owned(),
+    ] {
+        let r = app.http.get(app.url(&path)).send().await.expect("request");
+        assert_eq!(r.status(), 400, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(body["field"], "cursor", "{path}: {body}");
+    }
+    app.teardown().await;
+}

@@ -201,6 +201,7 @@ async fn webhooks_are_signed_retried_and_report_state_changes_and_device_failure
         &[
             ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.1"),
             ("FLEETBATCH_COORDINATOR__WEBHOOK_SECRET", secret),
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_ALLOW_PRIVATE", "true"),
         ],
     )
     .await;

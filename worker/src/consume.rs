@@ -80,6 +80,9 @@ pub async fn run(
                             Outcome::DeadLetter(format!("the task's handler panicked: {what}"))
                         });
                         settle(&ctx, delivery, outcome).await;
+                        ctx.metrics
+                            .last_settled_ms
+                            .store(shared::now_ms(), std::sync::atomic::Ordering::Relaxed);
                         ctx.metrics.in_flight.dec();
                     });
                 }

@@ -9,7 +9,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -37,6 +37,11 @@ pub struct Metrics {
     pub retries: IntCounter,
     /// Connected to the broker and Redis.
     pub ready: Arc<AtomicBool>,
+    /// When a task last settled (acked, forwarded, dead-lettered or handed back), ms since
+    /// the epoch: with every slot busy and nothing settling, the worker is stalled.
+    pub last_settled_ms: Arc<AtomicU64>,
+    /// How long a full, silent worker may go before `/readyz` says it is stalled.
+    pub stall_ms: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -111,7 +116,25 @@ impl Metrics {
             attempt_seconds,
             retries,
             ready: Arc::new(AtomicBool::new(false)),
+            last_settled_ms: Arc::new(AtomicU64::new(shared::now_ms())),
+            stall_ms: Arc::new(AtomicU64::new(120_000)),
         }
+    }
+
+    /// Why the worker is not ready, if it is not: not connected, or stalled (every slot
+    /// busy and no task settled for longer than the stall time).
+    pub fn unready(&self, now_ms: u64) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("not connected".into());
+        }
+        let (busy, slots) = (self.in_flight.get(), self.concurrency.get());
+        let quiet = now_ms.saturating_sub(self.last_settled_ms.load(Ordering::Relaxed));
+        (slots > 0 && busy >= slots && quiet > self.stall_ms.load(Ordering::Relaxed)).then(|| {
+            format!(
+                "stalled: {busy} of {slots} deliveries in flight and none settled for {} s",
+                quiet / 1000
+            )
+        })
     }
 
     /// The text exposition of every metric.
@@ -133,12 +156,32 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not connected")
+                match m.unready(shared::now_ms()) {
+                    None => (StatusCode::OK, "ready".to_owned()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
             }),
         )
         .with_state(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_worker_that_settles_nothing_for_the_stall_time_is_not_ready() {
+        let m = Metrics::new();
+        assert_eq!(m.unready(0).as_deref(), Some("not connected"));
+        m.ready.store(true, Ordering::Relaxed);
+        m.concurrency.set(4);
+        m.stall_ms.store(1_000, Ordering::Relaxed);
+        m.last_settled_ms.store(10_000, Ordering::Relaxed);
+        m.in_flight.set(3);
+        assert_eq!(m.unready(60_000), None, "a free slot: not stalled");
+        m.in_flight.set(4);
+        assert_eq!(m.unready(10_900), None, "full but settling recently");
+        let why = m.unready(12_500).expect("stalled");
+        assert!(why.starts_with("stalled: 4 of 4"), "{why}");
+    }
 }

@@ -44,6 +44,10 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    metrics.stall_ms.store(
+        settings.worker.stall_secs.saturating_mul(1000),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let listener = tokio::net::TcpListener::bind(&settings.worker.listen)
         .await
         .with_context(|| format!("binding the metrics endpoint to {}", settings.worker.listen))?;

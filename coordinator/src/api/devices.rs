@@ -90,10 +90,29 @@ impl DeviceQuery {
             tags,
         })
     }
-    fn key(&self, app: &AppState) -> String {
+    /// The registry key the query reads: the group's, or every device's. A group name
+    /// outside the id character set is refused (it could name another key).
+    fn key(&self, app: &AppState) -> ApiResult<String> {
         match &self.group {
-            Some(g) => app.names.group(g),
-            None => app.names.devices(),
+            Some(g) => {
+                shared::device::validate_id(g)
+                    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e).with_field("group"))?;
+                Ok(app.names.group(g))
+            }
+            None => Ok(app.names.devices()),
+        }
+    }
+
+    /// The cursor: a device id a previous page ended at.
+    fn cursor(&self) -> ApiResult<Option<&str>> {
+        match self.cursor.as_deref() {
+            None | Some("") => Ok(None),
+            Some(c) => shared::device::validate_id(c)
+                .map(|()| Some(c))
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("not a cursor: {e}"))
+                        .with_field("cursor")
+                }),
         }
     }
 }
@@ -109,9 +128,9 @@ pub(super) async fn list(
     let page = registry::scan(
         &mut redis,
         &app.names,
-        &q.key(&app),
+        &q.key(&app)?,
         &filter,
-        q.cursor.as_deref(),
+        q.cursor()?,
         Some(limit),
     )
     .await
@@ -128,7 +147,7 @@ pub(super) async fn count(
 ) -> ApiResult<Json<serde_json::Value>> {
     let filter = q.filter()?;
     let mut redis = app.redis.clone();
-    let key = q.key(&app);
+    let key = q.key(&app)?;
     if filter.is_empty() {
         let n: u64 = redis.zcard(&key).await.map_err(ApiError::internal)?;
         return Ok(Json(json!({"count": n})));

@@ -13,7 +13,10 @@ pub(super) async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, &'s
         .query_async::<String>(&mut redis)
         .await
         .is_ok();
-    match (app.broker().is_some(), redis_ok) {
+    let broker_ok = app
+        .broker()
+        .is_some_and(|b| b.connection.status().connected());
+    match (broker_ok, redis_ok) {
         (true, true) => (StatusCode::OK, "ready"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to RabbitMQ"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "Redis unreachable"),

@@ -70,6 +70,7 @@ pub(super) async fn create(
         can_sign_webhooks: app.settings.coordinator.webhook_secret.is_some(),
         scope: caller.groups.as_deref(),
         trace: shared::amqp::current_traceparent(),
+        outbound: &app.outbound,
     };
     match intake::create(&mut redis, &app.names, job).await {
         Ok((id, spec)) => {
@@ -156,12 +157,12 @@ pub(super) async fn cancel(
 ) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id)?;
     let mut redis = app.redis.clone();
+    let job = shared::store::load_job(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
     if caller.groups.is_some() {
         // A scoped operator may cancel only jobs that stay inside its groups.
-        let job = shared::store::load_job(&mut redis, &app.names, id)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
         if let Err(m) = scope::check(
             &mut redis,
             &app.names,
@@ -214,13 +215,27 @@ pub(super) async fn devices(
             field: Some("status".into()),
         })?),
     };
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<u64>().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("{c:?} is not a cursor"))
+                .with_field("cursor")
+        })?),
+    };
     let mut redis = app.redis.clone();
+    if shared::store::load_job_state(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
     let page = jobs::devices(
         &mut redis,
         &app.names,
         id,
         state,
-        q.cursor.as_deref(),
+        cursor,
         q.limit.unwrap_or(1000),
     )
     .await

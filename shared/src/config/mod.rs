@@ -127,6 +127,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.retry_delays_ms")
                 .with_list_parse_key("coordinator.webhooks")
+                .with_list_parse_key("coordinator.webhook_allowed_hosts")
                 .try_parsing(true)
                 .source(Some(vars)),
         );

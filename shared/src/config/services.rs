@@ -95,6 +95,12 @@ pub struct CoordinatorSettings {
     pub webhook_secret: Option<String>,
     /// Attempts per webhook POST (exponential backoff from 1 s between them).
     pub webhook_max_attempts: u32,
+    /// Hosts a job's own webhooks may call (exact names); empty: any public host.
+    pub webhook_allowed_hosts: Vec<String>,
+    /// Let a job's webhooks call loopback, private and link-local addresses.
+    pub webhook_allow_private: bool,
+    /// Device-supplied text (a result's error) is cut to this many bytes before it is stored.
+    pub max_device_text_bytes: usize,
     /// Who may call the API.
     pub auth: AuthSettings,
     /// The audit log of state-changing calls.
@@ -190,6 +196,9 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     /// How long a worker trusts its cached copy of a job's state before reading it again.
     pub job_cache_ms: u64,
+    /// `/readyz` answers 503 when every delivery slot has been busy this long without one
+    /// task settling (a stalled worker).
+    pub stall_secs: u64,
     /// The MQTT transport (with `transport: mqtt`).
     pub mqtt: MqttSettings,
     /// The HTTP transport (with `transport: http`).

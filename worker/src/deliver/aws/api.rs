@@ -77,6 +77,12 @@ impl AwsJobs {
         if !self.claim_request(name).await {
             return;
         }
+        if let Err(problem) = aws::check_request(thing, op) {
+            tracing::warn!(security_event = "aws_request_refused", topic = %m.topic, %problem, "refusing a device request");
+            self.respond(&m.topic, None, Err(reject("InvalidRequest", &problem)))
+                .await;
+            return;
+        }
         let thing = thing.to_owned();
         let body: Value = if m.payload.is_empty() {
             json!({})
