@@ -30,6 +30,10 @@ pub struct DeviceRequest {
     pub reply_to: Option<String>,
     /// When the worker sent it (ms since the epoch).
     pub sent_at: u64,
+    /// MQTT: a random value new with every attempt; the reply must carry it back, so only
+    /// the device that received the request can answer it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// A device's status report for an execution.
@@ -70,6 +74,17 @@ pub struct DeviceReply {
     /// With SUCCEEDED of a data-retrieval job: metric name to value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readings: Option<Readings>,
+    /// The request's `nonce`, copied (MQTT: a reply without the right one is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+/// Whether a reply document answers the attempt whose request carried `nonce`: the same
+/// execution id and the same nonce. Checked on the raw document, so a forged reply is refused
+/// before its content is interpreted.
+pub fn answers(reply: &serde_json::Value, execution_id: Uuid, nonce: &str) -> bool {
+    reply.get("executionId").and_then(|v| v.as_str()) == Some(execution_id.to_string().as_str())
+        && reply.get("nonce").and_then(|v| v.as_str()) == Some(nonce)
 }
 
 /// Topic a worker publishes requests for `device` on.
@@ -109,6 +124,7 @@ mod tests {
             action: serde_json::from_value(serde_json::json!({"type": "reboot"})).expect("action"),
             reply_to: Some("fleetbatch/workers/w1/replies".into()),
             sent_at: 5,
+            nonce: Some("n1".into()),
         };
         let v = serde_json::to_value(&req).expect("json");
         assert_eq!(v["executionId"], Uuid::nil().to_string());
@@ -120,6 +136,17 @@ mod tests {
         .expect("reply");
         assert_eq!(reply.status, ReplyStatus::Failed);
         assert!(reply.retryable);
+    }
+
+    #[test]
+    fn a_reply_answers_an_attempt_only_with_its_execution_id_and_nonce() {
+        let x = Uuid::new_v4();
+        let good = serde_json::json!({"executionId": x.to_string(), "status": "SUCCEEDED", "nonce": "abc"});
+        assert!(answers(&good, x, "abc"));
+        assert!(!answers(&good, x, "abd"), "another attempt's nonce");
+        assert!(!answers(&good, Uuid::new_v4(), "abc"), "another execution");
+        let bare = serde_json::json!({"executionId": x.to_string(), "status": "SUCCEEDED"});
+        assert!(!answers(&bare, x, "abc"), "no nonce");
     }
 
     #[test]

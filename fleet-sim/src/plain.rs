@@ -65,6 +65,7 @@ pub(crate) fn reply(
         retryable,
         error,
         readings,
+        nonce: req.nonce.clone(),
     }
 }
 

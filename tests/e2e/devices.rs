@@ -629,3 +629,97 @@ async fn mqtt_over_tls_with_client_certificates_and_a_password_survives_a_broker
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn replies_forged_by_another_mqtt_client_are_refused_counted_and_never_recorded() {
+    // Arrange: two observed workers and fleet-sim over MQTT 3.1.1.
+    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "fleetbatch"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", "3.1.1"),
+        ("FLEETBATCH_WORKER__MQTT__TOPIC_PREFIX", prefix.as_str()),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
+    ]);
+    let mut app = spawn_app(0, &env).await;
+    let ports = [app.start_observed_worker(), app.start_observed_worker()];
+    let n = 2_000;
+    let sim = start_sim(&mut app, None, n, "fleetbatch").await;
+    // The forger targets the devices that must not succeed: those that fail, reject, or are
+    // offline at first.
+    let victims: Vec<String> = fleet_ids(n)
+        .into_iter()
+        .filter(|d| {
+            let p = DeviceProfile::for_device(&app.settings.simulator, d);
+            p.rejects || p.fails_permanently || p.offline_attempts > 0
+        })
+        .collect();
+    assert!(victims.len() > 20, "{} victims", victims.len());
+
+    // Act: while the job runs, another MQTT client learns the workers' reply topics (from the
+    // devices' real replies) and answers SUCCEEDED for every victim, with its computed
+    // execution id, without a nonce and with a made-up one.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (link, mut seen) = devices::mqtt::connect(
+        &app.settings.worker.mqtt,
+        "forger",
+        vec![format!("{prefix}/workers/+/replies")],
+        stop.clone(),
+    )
+    .expect("forger connects");
+    let forge = async {
+        let mut topics: HashSet<String> = HashSet::new();
+        let mut sent = 0u64;
+        while !stop.is_cancelled() {
+            while let Ok(m) = seen.try_recv() {
+                topics.insert(m.topic);
+            }
+            let job = app.job_if_any().await;
+            if let Some(id) = job
+                .as_ref()
+                .and_then(|j| j["job_id"].as_str())
+                .and_then(|j| Uuid::parse_str(j).ok())
+            {
+                for topic in &topics {
+                    for d in &victims {
+                        let x = shared::state::execution_id(id, d);
+                        for body in [
+                            json!({"executionId": x, "status": "SUCCEEDED"}),
+                            json!({"executionId": x, "status": "SUCCEEDED", "nonce": "0000"}),
+                        ] {
+                            if link
+                                .publish(topic, body.to_string().into_bytes(), None)
+                                .await
+                                .is_ok()
+                            {
+                                sent += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sent
+    };
+    let run = async {
+        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        stop.cancel();
+    };
+    let (sent, ()) = tokio::join!(forge, run);
+
+    // Assert: every device ended as its own answers say (checked above: no victim succeeded),
+    // and the workers refused and counted the forgeries.
+    assert!(sent > 0, "the forger sent nothing");
+    let mut refused = 0.0;
+    for port in ports {
+        let (_, text) = app
+            .get_text(&format!("http://127.0.0.1:{port}/metrics"))
+            .await;
+        refused += crate::helpers::metric(&text, "fleetbatch_worker_replies_refused_total", &[]);
+    }
+    eprintln!("forged replies sent {sent}, refused {refused}");
+    assert!(refused > 0.0, "no forged reply was counted as refused");
+    app.teardown().await;
+}

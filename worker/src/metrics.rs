@@ -35,6 +35,9 @@ pub struct Metrics {
     pub attempt_seconds: Histogram,
     /// In-process retries (an attempt after a transient error).
     pub retries: IntCounter,
+    /// Device replies refused: not carrying the nonce of the attempt they claim to answer
+    /// (forged by another client, or stale). A security event.
+    pub replies_refused: IntCounter,
     /// Connected to the broker and Redis.
     pub ready: Arc<AtomicBool>,
     /// When a task last settled (acked, forwarded, dead-lettered or handed back), ms since
@@ -96,8 +99,14 @@ impl Metrics {
             "Delivery attempts made after a transient error",
         )
         .expect("static metric definition");
+        let replies_refused = IntCounter::new(
+            "fleetbatch_worker_replies_refused_total",
+            "Device replies refused for not carrying the nonce of the attempt they answer",
+        )
+        .expect("static metric definition");
         // The definitions are static and distinct, so registration cannot fail.
         for m in [
+            Box::new(replies_refused.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(concurrency.clone()),
             Box::new(outcomes.clone()),
@@ -115,6 +124,7 @@ impl Metrics {
             attempts,
             attempt_seconds,
             retries,
+            replies_refused,
             ready: Arc::new(AtomicBool::new(false)),
             last_settled_ms: Arc::new(AtomicU64::new(shared::now_ms())),
             stall_ms: Arc::new(AtomicU64::new(120_000)),

@@ -112,7 +112,14 @@ impl Worker {
             .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
         let transport = transport
             .get_or_try_init(|| async {
-                build_transport(&settings, &worker_id, &redis, &names, transport_stop)
+                build_transport(
+                    &settings,
+                    &metrics,
+                    &worker_id,
+                    &redis,
+                    &names,
+                    transport_stop,
+                )
             })
             .await?
             .clone();
@@ -216,6 +223,7 @@ impl Worker {
 /// The transport the settings choose.
 fn build_transport(
     settings: &Settings,
+    metrics: &crate::metrics::Metrics,
     worker_id: &str,
     redis: &redis::aio::ConnectionManager,
     names: &topology::Names,
@@ -233,8 +241,15 @@ fn build_transport(
             let m = &settings.worker.mqtt;
             tracing::info!(url = %m.url, version = ?m.version, protocol = ?m.protocol, "MQTT transport");
             Transport::Mqtt(
-                MqttTransport::start(settings, worker_id, redis.clone(), names.clone(), stop)
-                    .context("starting the MQTT transport")?,
+                MqttTransport::start(
+                    settings,
+                    worker_id,
+                    redis.clone(),
+                    names.clone(),
+                    metrics.replies_refused.clone(),
+                    stop,
+                )
+                .context("starting the MQTT transport")?,
             )
         }
         Kind::Http => Transport::Http(

@@ -80,6 +80,8 @@ struct Inner {
     reply_topic: String,
     waiting: Waiting,
     aws: Option<AwsJobs>,
+    /// Replies refused because they do not carry the attempt's nonce (forged or stale).
+    refused: prometheus::IntCounter,
 }
 
 /// The MQTT transport; cheap to clone.
@@ -105,6 +107,7 @@ impl MqttTransport {
         worker_id: &str,
         redis: ConnectionManager,
         names: Names,
+        refused: prometheus::IntCounter,
         shutdown: CancellationToken,
     ) -> Result<Self, MqttError> {
         let m = &settings.worker.mqtt;
@@ -141,6 +144,7 @@ impl MqttTransport {
             reply_topic,
             waiting: Waiting::default(),
             aws,
+            refused,
         }));
         tokio::spawn(transport.clone().dispatch(messages, shutdown));
         Ok(transport)
@@ -191,7 +195,9 @@ impl MqttTransport {
         req: &DeliveryRequest,
         mut rx: mpsc::UnboundedReceiver<Bytes>,
     ) -> Result<Reply, DeliverError> {
-        let body = req.to_device_request(Some(self.0.reply_topic.clone()));
+        let nonce = Uuid::new_v4().simple().to_string();
+        let mut body = req.to_device_request(Some(self.0.reply_topic.clone()));
+        body.nonce = Some(nonce.clone());
         let payload = serde_json::to_vec(&body)
             .map_err(|e| DeliverError::Permanent(format!("request not encodable: {e}")))?;
         self.0
@@ -213,7 +219,14 @@ impl MqttTransport {
             let Some(payload) = rx.recv().await else {
                 return Err(DeliverError::Transient("MQTT dispatcher stopped".into()));
             };
-            let reply: DeviceReply = match serde_json::from_slice(&payload) {
+            // Only the device asked can answer: the reply must carry this attempt's nonce.
+            let raw: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+            if !protocol::answers(&raw, req.execution_id, &nonce) {
+                self.0.refused.inc();
+                tracing::warn!(security_event = "reply_refused", device_id = %req.device_id, execution_id = %req.execution_id, "reply without this attempt's nonce refused");
+                continue;
+            }
+            let reply: DeviceReply = match serde_json::from_value(raw) {
                 Ok(r) => r,
                 Err(e) => {
                     return Err(DeliverError::Permanent(format!(

@@ -35,6 +35,7 @@ impl DeliveryRequest {
             action: self.spec.action.clone(),
             reply_to,
             sent_at: shared::now_ms(),
+            nonce: None,
         }
     }
 }
