@@ -64,6 +64,9 @@ enum Command {
     Token(access::TokenCmd),
     /// The audit log (admin): every state-changing call and job state change, newest first.
     Audit(access::AuditArgs),
+    /// Job-document signing keys.
+    #[command(subcommand)]
+    Keys(access::KeysCmd),
     /// Start a coordinator and workers against the local RabbitMQ and Redis, register a
     /// simulated fleet, roll a firmware update out to it, and print a summary.
     Demo(demo::DemoArgs),
@@ -121,6 +124,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Dlq(cmd) => dlq::run(&client, cmd).await?,
         Command::Token(cmd) => access::token(&client, cmd).await?,
         Command::Audit(args) => access::audit(&client, args).await?,
+        Command::Keys(cmd) => access::keys(cmd)?,
     }
     Ok(())
 }

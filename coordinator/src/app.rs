@@ -45,6 +45,8 @@ pub struct AppState {
     pub bootstrap_sha256: Option<String>,
     /// Where a job's webhooks may go.
     pub outbound: crate::outbound::Policy,
+    /// Signs job documents (absent: documents go out unsigned).
+    pub signer: Option<shared::signing::Signer25519>,
     pub(crate) broker: RwLock<Option<Broker>>,
 }
 

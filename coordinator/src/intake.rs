@@ -60,6 +60,8 @@ pub struct NewJob<'a> {
     pub trace: Option<String>,
     /// Where the job's webhooks may go.
     pub outbound: &'a crate::outbound::Policy,
+    /// Signs the job's document, when the deployment signs documents.
+    pub signer: Option<&'a shared::signing::Signer25519>,
 }
 
 /// Validates and stores a job. The caller starts its planner.
@@ -101,6 +103,11 @@ pub async fn create(
         field: ".".into(),
         problem: e.to_string(),
     })?;
+    // Signed once, here: every request to a device carries these bytes and this signature.
+    let signed = job
+        .signer
+        .map(|k| serde_json::to_string(&k.sign(id, &spec.action)).unwrap_or_default())
+        .unwrap_or_default();
     let mut pipe = redis::pipe();
     pipe.atomic()
         .hset_multiple(
@@ -114,6 +121,7 @@ pub async fn create(
                 ("planned", "0".to_owned()),
                 ("planning_done", "0".to_owned()),
                 ("trace", trace.unwrap_or_default()),
+                ("signed", signed),
             ],
         )
         .ignore()

@@ -77,7 +77,9 @@ impl Application {
         let bootstrap_sha256 = bootstrap_token(&settings)?.map(|t| crate::access::tokens::hash(&t));
         check_exposure(&settings)?;
         let outbound = crate::outbound::Policy::from_settings(&settings.coordinator);
+        let signer = signer(&settings)?;
         let state = Arc::new(AppState {
+            signer,
             outbound: outbound.clone(),
             bootstrap_sha256,
             names,
@@ -294,4 +296,24 @@ fn check_exposure(settings: &Settings) -> anyhow::Result<()> {
     );
     tracing::warn!(%listen, "serving the API without authentication on a non-loopback address (coordinator.auth.insecure)");
     Ok(())
+}
+
+/// The job-document signer the settings describe, if any.
+fn signer(settings: &Settings) -> anyhow::Result<Option<shared::signing::Signer25519>> {
+    let s = &settings.coordinator.signing;
+    let seed = match (&s.key, &s.key_file) {
+        (Some(k), _) => k.expose().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading coordinator.signing.key_file {}", path.display()))?,
+        (None, None) => {
+            tracing::warn!(
+                "job documents are not signed (no coordinator.signing.key): devices cannot verify who sent them"
+            );
+            return Ok(None);
+        }
+    };
+    let signer = shared::signing::Signer25519::from_hex(&seed, &s.key_id)
+        .map_err(|e| anyhow::anyhow!("coordinator.signing.key: {e}"))?;
+    tracing::info!(key_id = %signer.key_id, public_key = %signer.public_hex(), "signing job documents");
+    Ok(Some(signer))
 }

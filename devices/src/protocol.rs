@@ -34,6 +34,10 @@ pub struct DeviceRequest {
     /// the device that received the request can answer it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// The job document as signed by the coordinator (its exact bytes, the Ed25519
+    /// signature and the key id), when the deployment signs documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<shared::signing::SignedDocument>,
 }
 
 /// A device's status report for an execution.
@@ -125,6 +129,7 @@ mod tests {
             reply_to: Some("fleetbatch/workers/w1/replies".into()),
             sent_at: 5,
             nonce: Some("n1".into()),
+            signed: None,
         };
         let v = serde_json::to_value(&req).expect("json");
         assert_eq!(v["executionId"], Uuid::nil().to_string());

@@ -166,6 +166,7 @@ mod tests {
     fn settings() -> SimulatorSettings {
         SimulatorSettings {
             seed: 7,
+            trusted_keys: vec![],
             latency_ms: 0,
             latency_jitter_ms: 0,
             transient_failure_rate: 0.0,

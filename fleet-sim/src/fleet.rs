@@ -50,6 +50,8 @@ pub(crate) struct Totals {
 #[derive(Debug)]
 pub(crate) struct Fleet {
     settings: SimulatorSettings,
+    /// Keys job documents must be signed with (none: not checked).
+    trusted: shared::signing::TrustedKeys,
     size: u64,
     devices: Mutex<HashMap<String, DeviceMemory>>,
     totals: Mutex<Totals>,
@@ -68,11 +70,40 @@ impl Fleet {
     /// A fleet of `size` devices named `dev-0000000`...; 0 plays any device id.
     pub(crate) fn new(settings: SimulatorSettings, size: u64) -> Self {
         Self {
+            trusted: Default::default(),
             settings,
             size,
             devices: Mutex::new(HashMap::new()),
             totals: Mutex::new(Totals::default()),
         }
+    }
+
+    /// Devices accept only job documents signed by one of `keys` (`key_id=hex`).
+    ///
+    /// # Errors
+    /// A key that does not parse.
+    pub(crate) fn trusting(mut self, keys: &[String]) -> Result<Self, String> {
+        self.trusted = shared::signing::TrustedKeys::parse(keys)?;
+        Ok(self)
+    }
+
+    /// Why a device refuses a request's job document, if it does: with trusted keys, the
+    /// document must be signed by one of them, for this job, and be the action requested.
+    pub(crate) fn refuses(&self, req: &devices::protocol::DeviceRequest) -> Option<String> {
+        if self.trusted.is_empty() {
+            return None;
+        }
+        if let Err(e) = self.trusted.verify(req.job_id, req.signed.as_ref()) {
+            return Some(e);
+        }
+        let signed: serde_json::Value = req
+            .signed
+            .as_ref()
+            .and_then(|s| serde_json::from_str(&s.document).ok())
+            .unwrap_or_default();
+        let asked = serde_json::to_value(&req.action).unwrap_or_default();
+        (signed["action"] != asked)
+            .then(|| "signature does not cover the action requested".to_owned())
     }
 
     /// Whether `device` is one of ours.
@@ -229,6 +260,7 @@ mod tests {
     fn settings() -> SimulatorSettings {
         SimulatorSettings {
             seed: 1,
+            trusted_keys: vec![],
             latency_ms: 0,
             latency_jitter_ms: 0,
             transient_failure_rate: 0.0,

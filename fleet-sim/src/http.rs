@@ -40,6 +40,9 @@ async fn deliver(
     if req.device_id != id {
         return (StatusCode::BAD_REQUEST, "deviceId does not match the URL").into_response();
     }
+    if let Some(refused) = crate::plain::refusal(&fleet, &req) {
+        return (StatusCode::OK, Json(refused)).into_response();
+    }
     let Some(decision) = fleet.receive_request(&req) else {
         return (StatusCode::NOT_FOUND, "no such device").into_response();
     };

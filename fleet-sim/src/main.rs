@@ -68,7 +68,11 @@ async fn run() -> anyhow::Result<()> {
     let _telemetry = shared::telemetry::init("fleet-sim", &id, &settings.telemetry)
         .context("setting up telemetry")?;
     let shutdown = shared::shutdown::token();
-    let fleet = Arc::new(fleet::Fleet::new(settings.simulator.clone(), args.devices));
+    let fleet = Arc::new(
+        fleet::Fleet::new(settings.simulator.clone(), args.devices)
+            .trusting(&settings.simulator.trusted_keys)
+            .map_err(|e| anyhow::anyhow!("simulator.trusted_keys: {e}"))?,
+    );
 
     let mqtt = &settings.worker.mqtt;
     let mode = args.mqtt.unwrap_or(match mqtt.protocol {

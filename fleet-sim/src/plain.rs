@@ -69,6 +69,22 @@ pub(crate) fn reply(
     }
 }
 
+/// The REJECTED reply of a device that refuses the request's job document (unsigned,
+/// forged, or signed by a key it does not trust), if it refuses it.
+pub(crate) fn refusal(fleet: &Fleet, req: &DeviceRequest) -> Option<DeviceReply> {
+    let reason = fleet.refuses(req)?;
+    tracing::warn!(device_id = %req.device_id, job_id = %req.job_id, %reason, "job document refused");
+    fleet.answered("REJECTED");
+    Some(DeviceReply {
+        execution_id: req.execution_id,
+        status: ReplyStatus::Rejected,
+        retryable: false,
+        error: Some(reason),
+        readings: None,
+        nonce: req.nonce.clone(),
+    })
+}
+
 /// Serves requests arriving on `messages` until shutdown.
 pub(crate) async fn serve(
     fleet: Arc<Fleet>,
@@ -104,6 +120,16 @@ pub(crate) async fn serve(
             .correlation
             .clone()
             .unwrap_or_else(|| Bytes::from(req.execution_id.to_string()));
+        if let Some(refused) = refusal(&fleet, &req) {
+            if let Ok(body) = serde_json::to_vec(&refused)
+                && let Err(e) = link
+                    .publish(&reply_to, body, Some((reply_to.clone(), correlation)))
+                    .await
+            {
+                tracing::warn!(error.message = %e, "reply not sent");
+            }
+            continue;
+        }
         let Some(decision) = fleet.receive_request(&req) else {
             continue;
         };

@@ -145,11 +145,24 @@ impl Cluster {
     /// # Errors
     /// It did not start, or did not answer within 30 s.
     pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let token = [(
+        self.start_coordinator_with(&[]).await
+    }
+
+    /// Starts (or restarts) the coordinator with extra environment (settings of this start
+    /// only) and waits until its API answers.
+    ///
+    /// # Errors
+    /// It did not start, or did not answer within 30 s.
+    pub async fn start_coordinator_with(
+        &mut self,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let mut env = vec![(
             "FLEETBATCH_COORDINATOR__AUTH__BOOTSTRAP_TOKEN".to_owned(),
             self.admin_token.clone(),
         )];
-        let child = self.spawn("coordinator", "coordinator.log", &token)?;
+        env.extend(extra.iter().cloned());
+        let child = self.spawn("coordinator", "coordinator.log", &env)?;
         self.coordinator = Some(child);
         self.coordinator_starts += 1;
         let client = reqwest::Client::new();

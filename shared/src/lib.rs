@@ -36,6 +36,7 @@ pub mod device;
 pub mod job;
 pub mod messages;
 pub mod shutdown;
+pub mod signing;
 pub mod state;
 pub mod store;
 pub mod supervise;

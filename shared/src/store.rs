@@ -117,6 +117,8 @@ pub struct JobRecord {
     pub planning_done: bool,
     /// Counters per execution state, plus `terminal`.
     pub counts: BTreeMap<String, u64>,
+    /// The signed job document, when the deployment signs documents.
+    pub signed: Option<crate::signing::SignedDocument>,
 }
 
 impl JobRecord {
@@ -175,6 +177,12 @@ pub async fn load_job(
         planned: num("planned").unwrap_or(0),
         planning_done: num("planning_done") == Some(1),
         counts: counts.into_iter().collect(),
+        signed: match fields.get("signed").filter(|s| !s.is_empty()) {
+            Some(raw) => {
+                Some(serde_json::from_str(raw).map_err(|e| corrupt(format!("signed: {e}")))?)
+            }
+            None => None,
+        },
     }))
 }
 
@@ -529,6 +537,7 @@ mod tests {
             planned: 0,
             planning_done: false,
             counts: BTreeMap::from([("succeeded".to_owned(), 3), ("terminal".to_owned(), 3)]),
+            signed: None,
         };
         assert_eq!(record(spec.clone()).deadline_ms(), None);
         spec.retry.deadline_secs = Some(7);

@@ -723,3 +723,81 @@ async fn replies_forged_by_another_mqtt_client_are_refused_counted_and_never_rec
     assert!(refused > 0.0, "no forged reply was counted as refused");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_unsigned_or_unknown_ones()
+ {
+    use shared::signing::Signer25519;
+    // Arrange: devices (fleet-sim over HTTP) trust keys k1 and k2; the coordinator signs with
+    // k1 first.
+    let [k1, k2, k3] = ["k1", "k2", "k3"].map(|id| Signer25519::generate(id).expect("key"));
+    let trusted = format!("k1={},k2={}", k1.public_hex(), k2.public_hex());
+    let port = harness::cluster::free_port().expect("port");
+    let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
+    let env = [
+        ("FLEETBATCH_WORKER__TRANSPORT", "http"),
+        ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
+        ("FLEETBATCH_SIMULATOR__TRUSTED_KEYS", trusted.as_str()),
+    ];
+    let mut app = spawn_app(1, &env).await;
+    let n = 300;
+    start_sim(&mut app, Some(port), n, "none").await;
+
+    // Act and assert: each signing setting of the coordinator, one job each.
+    let signing = |k: Option<&Signer25519>| -> Vec<(String, String)> {
+        k.map(|k| {
+            vec![
+                (
+                    "FLEETBATCH_COORDINATOR__SIGNING__KEY".to_owned(),
+                    k.seed_hex(),
+                ),
+                (
+                    "FLEETBATCH_COORDINATOR__SIGNING__KEY_ID".to_owned(),
+                    k.key_id.clone(),
+                ),
+            ]
+        })
+        .unwrap_or_default()
+    };
+    for (key, want, reason) in [
+        (Some(&k1), ExecutionState::Succeeded, None),
+        // Rotation: the coordinator moves to k2, which the devices already trust.
+        (Some(&k2), ExecutionState::Succeeded, None),
+        // A key the devices do not trust (as k1 is once retired from their list).
+        (
+            Some(&k3),
+            ExecutionState::Rejected,
+            Some("unknown key \"k3\""),
+        ),
+        (None, ExecutionState::Rejected, Some("signature missing")),
+    ] {
+        app.cluster
+            .signal_coordinator(nix::sys::signal::Signal::SIGTERM)
+            .expect("sigterm");
+        app.cluster
+            .wait_coordinator(Duration::from_secs(30))
+            .await
+            .expect("coordinator stops");
+        app.cluster
+            .start_coordinator_with(&signing(key))
+            .await
+            .expect("coordinator starts");
+        let id = app.create_job(&firmware_job(json!({}))).await;
+        let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+        assert_eq!(job["state"], "COMPLETED", "{job}");
+        let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+        for (d, s) in &statuses {
+            assert_eq!(
+                s.state,
+                want,
+                "{d} with key {:?}: {s:?}",
+                key.map(|k| &k.key_id)
+            );
+            if let Some(r) = reason {
+                let e = s.error.as_deref().unwrap_or_default();
+                assert!(e.contains(r), "{d}: {e:?} should name {r}");
+            }
+        }
+    }
+    app.teardown().await;
+}

@@ -220,7 +220,8 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         execution_id: task.execution_id,
         device_id: task.device_id.clone(),
         spec: job.spec.clone(),
-        attempt: attempts_before + 1,
+        attempt: attempts_before.saturating_add(1),
+        signed: job.signed.clone(),
     };
     let (state, attempts, error, readings) =
         match decide::before_delivery(job.state.is_live(), job.deadline_ms, now_ms()) {

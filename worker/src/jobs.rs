@@ -29,6 +29,8 @@ pub struct JobView {
     pub state: JobState,
     /// When devices not done by then end TIMED_OUT (ms since epoch).
     pub deadline_ms: Option<u64>,
+    /// The signed document every request carries, when the deployment signs.
+    pub signed: Option<Arc<shared::signing::SignedDocument>>,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,7 @@ impl JobCache {
                     return Ok(None);
                 };
                 let view = JobView {
+                    signed: record.signed.clone().map(Arc::new),
                     deadline_ms: record.deadline_ms(),
                     spec: Arc::new(record.spec),
                     state: record.state,

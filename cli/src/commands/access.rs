@@ -109,6 +109,34 @@ pub(crate) async fn token(client: &Client, cmd: TokenCmd) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `fleetbatch keys ...`: job-document signing keys.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCmd {
+    /// Generate an Ed25519 signing key: the private seed goes to
+    /// `coordinator.signing.key`, the public key to every device (`key_id=public`).
+    Generate {
+        /// Its key id.
+        #[arg(long, default_value = "k1")]
+        key_id: String,
+    },
+}
+
+/// Runs a `keys` command (local: it calls no API).
+pub(crate) fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeysCmd::Generate { key_id } => {
+            let k = shared::signing::Signer25519::generate(&key_id).map_err(anyhow::Error::msg)?;
+            output::print_json(&json!({
+                "key_id": key_id,
+                "private_key": k.seed_hex(),
+                "public_key": k.public_hex(),
+                "device_entry": format!("{key_id}={}", k.public_hex()),
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// Filters of `fleetbatch audit`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AuditArgs {

@@ -71,6 +71,7 @@ pub(super) async fn create(
         scope: caller.groups.as_deref(),
         trace: shared::amqp::current_traceparent(),
         outbound: &app.outbound,
+        signer: app.signer.as_ref(),
     };
     match intake::create(&mut redis, &app.names, job).await {
         Ok((id, spec)) => {

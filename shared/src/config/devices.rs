@@ -120,6 +120,9 @@ pub struct HttpSettings {
 pub struct SimulatorSettings {
     /// Seed mixed into every per-device draw.
     pub seed: u64,
+    /// Public keys (`key_id=hex`) the simulated devices accept job documents from; with any
+    /// given, an unsigned, forged or unknown-key document is answered REJECTED.
+    pub trusted_keys: Vec<String>,
     /// Mean latency of one delivery.
     pub latency_ms: u64,
     /// Latency varies uniformly by up to this much either side of the mean.

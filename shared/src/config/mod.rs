@@ -128,6 +128,7 @@ impl Settings {
                 .with_list_parse_key("worker.retry_delays_ms")
                 .with_list_parse_key("coordinator.webhooks")
                 .with_list_parse_key("coordinator.webhook_allowed_hosts")
+                .with_list_parse_key("simulator.trusted_keys")
                 .try_parsing(true)
                 .source(Some(vars)),
         );

@@ -103,6 +103,8 @@ pub struct CoordinatorSettings {
     pub max_device_text_bytes: usize,
     /// Who may call the API.
     pub auth: AuthSettings,
+    /// How job documents are signed.
+    pub signing: SigningSettings,
     /// The audit log of state-changing calls.
     pub audit: AuditSettings,
 }
@@ -126,6 +128,18 @@ pub struct AuthSettings {
     /// Allow listening on a non-loopback address without authentication and TLS (a warning
     /// is logged at start).
     pub insecure: bool,
+}
+
+/// Signing of job documents (Ed25519). Without a key, documents go out unsigned.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningSettings {
+    /// The signing key: a 32-byte Ed25519 seed as 64 hex digits (`fleetbatch keys generate`).
+    pub key: Option<Secret>,
+    /// The key read from a file (a mounted secret) instead.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The id sent with every signature; devices look the public key up by it.
+    pub key_id: String,
 }
 
 /// The audit log.

@@ -273,6 +273,7 @@ pub(super) mod tests {
             device_id: "d1".into(),
             spec: Arc::new(spec),
             attempt: 1,
+            signed: None,
         }
     }
 

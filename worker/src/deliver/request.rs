@@ -22,6 +22,8 @@ pub struct DeliveryRequest {
     pub spec: Arc<JobSpec>,
     /// 1-based number of this attempt across the task's whole life.
     pub attempt: u32,
+    /// The signed job document, when the deployment signs.
+    pub signed: Option<Arc<shared::signing::SignedDocument>>,
 }
 
 impl DeliveryRequest {
@@ -36,6 +38,7 @@ impl DeliveryRequest {
             reply_to,
             sent_at: shared::now_ms(),
             nonce: None,
+            signed: self.signed.as_deref().cloned(),
         }
     }
 }
