@@ -236,12 +236,14 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             published_at_ms: None,
             readings: None,
         })?;
-        let mut pipe = redis::pipe();
-        for device in &sent {
-            pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
-                .ignore();
+        if !sent.is_empty() {
+            let mut pipe = redis::pipe();
+            for device in &sent {
+                pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
+                    .ignore();
+            }
+            let () = pipe.query_async(redis).await?;
         }
-        let () = pipe.query_async(redis).await?;
         publish_batch(p, job_id, &sent, now).await?;
         let outcomes: Vec<TerminalStatus<'_>> = final_statuses
             .iter()
