@@ -339,7 +339,15 @@ impl AwsJobs {
             .get(&mut redis, &self.0.names, id)
             .await
             .ok()??;
-        serde_json::to_value(&view.spec.action).ok()
+        let mut doc = serde_json::to_value(&view.spec.action).ok()?;
+        // The signed document rides inside the AWS job document, for devices that verify.
+        if let (Some(signed), Value::Object(map)) = (&view.signed, &mut doc) {
+            map.insert(
+                "fleetbatchSignature".into(),
+                serde_json::to_value(signed.as_ref()).ok()?,
+            );
+        }
+        Some(doc)
     }
 
     async fn send(&self, topic: &str, body: Value) {
