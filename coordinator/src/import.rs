@@ -167,6 +167,46 @@ where
     }
 }
 
+/// Bounds an import's body before anything is buffered: a line (an NDJSON record, a CSV row)
+/// longer than `max_line` bytes, or a body longer than `max_total`, ends the stream with an
+/// error naming the limit, so a body without newlines is refused at the limit instead of
+/// being read whole.
+pub fn limited<S>(
+    body: S,
+    max_line: usize,
+    max_total: u64,
+) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>>
+where
+    S: Stream<Item = Result<bytes::Bytes, std::io::Error>>,
+{
+    let (mut run, mut line, mut total) = (0usize, 1u64, 0u64);
+    body.and_then(move |chunk| {
+        let checked = (|| {
+            total += chunk.len() as u64;
+            if total > max_total {
+                return Err(std::io::Error::other(format!(
+                    "the import is larger than {max_total} bytes (coordinator.import_max_bytes)"
+                )));
+            }
+            for &b in chunk.iter() {
+                if b == b'\n' {
+                    run = 0;
+                    line += 1;
+                } else {
+                    run += 1;
+                    if run > max_line {
+                        return Err(std::io::Error::other(format!(
+                            "line {line} is longer than {max_line} bytes (coordinator.import_max_line_bytes)"
+                        )));
+                    }
+                }
+            }
+            Ok(chunk)
+        })();
+        std::future::ready(checked)
+    })
+}
+
 /// Adapts a byte stream with any error type to what [`run`] reads.
 pub fn io_stream<S, B, E>(s: S) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>>
 where
@@ -175,4 +215,35 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     s.map_ok(Into::into).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    async fn read(chunks: &[&str], max_line: usize, max_total: u64) -> Result<usize, String> {
+        let owned: Vec<Result<bytes::Bytes, std::io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(bytes::Bytes::from(c.to_string())))
+            .collect();
+        let mut s = Box::pin(limited(futures::stream::iter(owned), max_line, max_total));
+        let mut n = 0;
+        while let Some(c) = s.next().await {
+            n += c.map_err(|e| e.to_string())?.len();
+        }
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn lines_and_bodies_past_their_limits_end_the_stream_naming_the_limit() {
+        assert_eq!(read(&["abc\nde", "f\n"], 3, 100).await, Ok(8));
+        let long = read(&["abc\nde", "fg\n"], 3, 100)
+            .await
+            .expect_err("line 2");
+        assert!(long.contains("line 2 is longer than 3 bytes"), "{long}");
+        let big = read(&["ab\n", "cd\n"], 10, 5).await.expect_err("total");
+        assert!(big.contains("larger than 5 bytes"), "{big}");
+    }
 }

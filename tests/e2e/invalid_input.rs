@@ -190,3 +190,26 @@ async fn a_missing_job_is_404_on_every_route_and_a_bad_cursor_is_an_error_naming
     }
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn an_import_without_newlines_is_refused_at_the_line_limit_without_echoing_it() {
+    // Arrange
+    let app = spawn_app(0, &[]).await;
+    let body = vec![b'x'; 2 * 1024 * 1024];
+
+    // Act
+    let r = app
+        .http
+        .post(app.url("/v1/devices/import?format=ndjson"))
+        .body(body)
+        .send()
+        .await
+        .expect("import");
+
+    // Assert: 400 naming the limit, and a short answer (the input is not echoed back).
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.expect("body");
+    assert!(text.len() < 1024, "{} bytes answered", text.len());
+    assert!(text.contains("longer than 65536 bytes"), "{text}");
+    app.teardown().await;
+}

@@ -44,7 +44,11 @@ pub(super) async fn import(
         }
     });
     let mut redis = app.redis.clone();
-    let body = Box::pin(import::io_stream(body.into_data_stream()));
+    let body = Box::pin(import::limited(
+        import::io_stream(body.into_data_stream()),
+        app.settings.coordinator.import_max_line_bytes,
+        app.settings.coordinator.import_max_bytes,
+    ));
     let report = match import::run(&mut redis, &app.names, format, body).await {
         Ok(report) => report,
         Err(ImportError::Input(e)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, e)),

@@ -99,6 +99,10 @@ pub struct CoordinatorSettings {
     pub webhook_allowed_hosts: Vec<String>,
     /// Let a job's webhooks call loopback, private and link-local addresses.
     pub webhook_allow_private: bool,
+    /// Longest line (NDJSON record, CSV row) of a device import.
+    pub import_max_line_bytes: usize,
+    /// Largest device import body.
+    pub import_max_bytes: u64,
     /// Device-supplied text (a result's error) is cut to this many bytes before it is stored.
     pub max_device_text_bytes: usize,
     /// Who may call the API.
