@@ -1,6 +1,5 @@
 use std::time::Duration;
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
 use serde_json::json;
 
 use crate::helpers::{firmware_job, fleet_ids, spawn_app};
@@ -10,10 +9,6 @@ async fn corrupt_messages_are_dead_lettered_with_a_reason_and_the_job_still_comp
     // Arrange
     let app = spawn_app(1, &[]).await;
     app.import_fleet(1_000).await;
-    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-corrupt")
-        .await
-        .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
 
     // Act: garbage on the tasks queue and on the results queue, then a real job.
     for (exchange, key) in [
@@ -26,17 +21,8 @@ async fn corrupt_messages_are_dead_lettered_with_a_reason_and_the_job_still_comp
             shared::topology::RESULT_ROUTING_KEY,
         ),
     ] {
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions::default(),
-            b"\xc1 this is not msgpack",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+        app.publish_raw(exchange, key, b"\xc1 this is not msgpack")
+            .await;
     }
     let id = app.create_job(&firmware_job(json!({}))).await;
     let job = app.wait_for_job(id, Duration::from_secs(120)).await;
@@ -65,6 +51,5 @@ async fn corrupt_messages_are_dead_lettered_with_a_reason_and_the_job_still_comp
     let mut expected = vec![app.names.results_queue(), app.names.tasks_queue()];
     expected.sort();
     assert_eq!(sources, expected);
-    let _ = conn.close(200, "done".into()).await;
     app.teardown().await;
 }

@@ -5,7 +5,6 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
 use serde_json::json;
 use shared::{
     messages::{DeviceTask, TaskResult, WIRE_VERSION},
@@ -17,29 +16,17 @@ use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
 
 const DEVICES: u64 = 10_000;
 
-async fn publish(app: &TestApp, ch: &lapin::Channel, to_tasks: bool, payload: &[u8]) {
-    let (exchange, key) = if to_tasks {
-        (
-            app.names.tasks_exchange(),
-            shared::topology::TASK_ROUTING_KEY,
-        )
+/// Publishes a forgery to the tasks (or results) exchange.
+async fn publish(app: &TestApp, to_tasks: bool, payload: &[u8]) {
+    if to_tasks {
+        let key = shared::topology::TASK_ROUTING_KEY;
+        app.publish_raw(app.names.tasks_exchange(), key, payload)
+            .await;
     } else {
-        (
-            app.names.results_exchange(),
-            shared::topology::RESULT_ROUTING_KEY,
-        )
-    };
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        payload,
-        BasicProperties::default(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
+        let key = shared::topology::RESULT_ROUTING_KEY;
+        app.publish_raw(app.names.results_exchange(), key, payload)
+            .await;
+    }
 }
 
 #[tokio::test]
@@ -65,13 +52,6 @@ async fn forged_tasks_and_results_are_dead_lettered_with_their_reason_and_never_
             json!({"target": {"groups": [region]}, "rollout": {"max_per_second": 1000}}),
         ))
         .await;
-    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-forger")
-        .await
-        .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
 
     // Act: forgeries of every kind, while the job runs.
     let task = |device: &str| DeviceTask {
@@ -147,22 +127,10 @@ async fn forged_tasks_and_results_are_dead_lettered_with_their_reason_and_never_
         ),
     ];
     for (t, _) in &tasks {
-        publish(
-            &app,
-            &ch,
-            true,
-            &shared::messages::encode(t).expect("encode"),
-        )
-        .await;
+        publish(&app, true, &shared::messages::encode(t).expect("encode")).await;
     }
     for (r, _) in &results {
-        publish(
-            &app,
-            &ch,
-            false,
-            &shared::messages::encode(r).expect("encode"),
-        )
-        .await;
+        publish(&app, false, &shared::messages::encode(r).expect("encode")).await;
     }
     let job = app.wait_for_job(id, Duration::from_secs(120)).await;
 
@@ -202,7 +170,6 @@ async fn forged_tasks_and_results_are_dead_lettered_with_their_reason_and_never_
     let job = app.wait_for_job(all, Duration::from_secs(180)).await;
     assert_eq!(job["state"], "COMPLETED", "{job}");
     app.assert_exact(all, &fleet_ids(DEVICES)).await;
-    let _ = conn.close(200, "done".into()).await;
     app.teardown().await;
 }
 

@@ -5,7 +5,6 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
 use serde_json::{Value, json};
 use shared::{
     messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
@@ -14,29 +13,6 @@ use shared::{
 use uuid::Uuid;
 
 use crate::helpers::{TestApp, firmware_job, spawn_app};
-
-/// Publishes `payload` to the namespace's exchange `exchange` with `key`, confirmed.
-async fn publish(app: &TestApp, exchange: String, key: &str, payload: &[u8]) {
-    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-publish")
-        .await
-        .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        payload,
-        BasicProperties::default(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
-    let _ = conn.close(200, "done".into()).await;
-}
 
 fn result(job: Uuid, device: &str, state: ExecutionState, error: Option<&str>) -> TaskResult {
     TaskResult {
@@ -71,8 +47,7 @@ async fn a_late_conflicting_result_never_changes_a_terminal_device_and_unknown_j
     let late = result(id, &device, ExecutionState::Failed, Some("late and wrong"));
     let stranger = result(Uuid::now_v7(), "dev-x", ExecutionState::Succeeded, None);
     for r in [&late, &stranger] {
-        publish(
-            &app,
+        app.publish_raw(
             app.names.results_exchange(),
             shared::topology::RESULT_ROUTING_KEY,
             &messages::encode(r).expect("encode"),
@@ -114,8 +89,7 @@ async fn dead_letters_are_listed_with_reasons_and_only_decodable_ones_replayed()
     // Arrange: garbage and a well-formed task for a job nobody created reach the tasks queue;
     // the worker dead-letters both.
     let app = spawn_app(1, &[]).await;
-    publish(
-        &app,
+    app.publish_raw(
         app.names.tasks_exchange(),
         shared::topology::TASK_ROUTING_KEY,
         b"\xc1 not msgpack",
@@ -131,8 +105,7 @@ async fn dead_letters_are_listed_with_reasons_and_only_decodable_ones_replayed()
         parked: 0,
         published_at_ms: 0,
     };
-    publish(
-        &app,
+    app.publish_raw(
         app.names.tasks_exchange(),
         shared::topology::TASK_ROUTING_KEY,
         &messages::encode(&task).expect("encode"),

@@ -74,6 +74,21 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
         .await
         .expect("redis");
     let http = client_with_token(Some(&cluster.admin_token));
+    // Ready means connected to the broker with the topology declared: tests may publish to
+    // the namespace's exchanges straight away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http
+        .get(format!("{}/readyz", cluster.api))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the coordinator was not ready within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     TestApp {
         cluster,
         names: Names::new(&namespace),
@@ -305,6 +320,30 @@ impl TestApp {
             "{totals:?}"
         );
         statuses
+    }
+
+    /// Publishes `payload` as is to the namespace's exchange `exchange` with `key`, confirmed
+    /// (messages that did not come from a coordinator or worker: garbage, forgeries).
+    pub async fn publish_raw(&self, exchange: String, key: &str, payload: &[u8]) {
+        let conn = shared::amqp::connect(&self.settings.amqp, "e2e-publish")
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            payload,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        let _ = conn.close(200, "done".into()).await;
     }
 
     /// Messages in the namespace's dead-letter queue (taken off the queue).
