@@ -188,35 +188,85 @@ pub async fn devices(
     names: &Names,
     id: Uuid,
     state: Option<ExecutionState>,
-    cursor: Option<u64>,
+    cursor: Option<DeviceCursor>,
     limit: usize,
 ) -> Result<DevicePage, StoreError> {
-    let mut cursor: u64 = cursor.unwrap_or(0);
+    let DeviceCursor {
+        mut scan,
+        mut after,
+    } = cursor.unwrap_or_default();
     let limit = limit.clamp(1, 10_000);
     let mut devices = Vec::new();
-    // SCAN pages may come back short (even empty) with more to follow: keep scanning until
-    // the page is full or the scan is complete.
-    loop {
-        let (next, pairs) = scan_statuses(redis, names, id, state, cursor, limit).await?;
-        devices.extend(
-            pairs
-                .into_iter()
-                .filter_map(|(device_id, json)| {
-                    let status: DeviceStatus = serde_json::from_str(&json).ok()?;
-                    Some(DeviceEntry { device_id, status })
-                })
-                .filter(|e| state.is_none_or(|s| e.status.state == s)),
-        );
-        cursor = next;
-        if cursor == 0 || devices.len() >= limit {
-            break;
+    // SCAN steps may come back short (even empty) with more to follow, or longer than asked
+    // (a small hash comes back whole): keep scanning until the page is full or the scan is
+    // complete, and cut a long step at the limit, resuming inside it by device id.
+    let next_cursor = loop {
+        let (next, pairs) = scan_statuses(redis, names, id, state, scan, limit).await?;
+        let mut step: Vec<DeviceEntry> = pairs
+            .into_iter()
+            .filter(|(device_id, _)| after.as_ref().is_none_or(|a| device_id > a))
+            .filter_map(|(device_id, json)| {
+                let status: DeviceStatus = serde_json::from_str(&json).ok()?;
+                Some(DeviceEntry { device_id, status })
+            })
+            .filter(|e| state.is_none_or(|s| e.status.state == s))
+            .collect();
+        step.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        let room = limit - devices.len();
+        if step.len() > room {
+            step.truncate(room);
+            let last = step.last().map(|e| e.device_id.clone());
+            devices.extend(step);
+            break Some(DeviceCursor { scan, after: last });
         }
-    }
+        devices.extend(step);
+        (scan, after) = (next, None);
+        if scan == 0 {
+            break None;
+        }
+        if devices.len() >= limit {
+            break Some(DeviceCursor { scan, after: None });
+        }
+    };
     devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
     Ok(DevicePage {
         devices,
-        next_cursor: (cursor != 0).then(|| cursor.to_string()),
+        next_cursor: next_cursor.map(|c| c.to_string()),
     })
+}
+
+/// Where a listing of a job's devices resumes: a SCAN cursor, and within the SCAN step at
+/// it, the device id the previous page ended on. Written `scan` or `scan:device`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCursor {
+    scan: u64,
+    after: Option<String>,
+}
+
+impl std::str::FromStr for DeviceCursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (scan, after) = match s.split_once(':') {
+            Some((scan, device)) if shared::device::validate_id(device).is_ok() => {
+                (scan, Some(device.to_owned()))
+            }
+            Some(_) => return Err(()),
+            None => (s, None),
+        };
+        Ok(Self {
+            scan: scan.parse().map_err(|_| ())?,
+            after,
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.after {
+            Some(device) => write!(f, "{}:{device}", self.scan),
+            None => write!(f, "{}", self.scan),
+        }
+    }
 }
 
 /// One SCAN step over a job's statuses: the per-state set for terminal states, the status
@@ -344,5 +394,59 @@ return 'OK'
         // No worker is listening: nobody to tell.
         Ok(()) | Err(shared::amqp::AmqpError::Unroutable { .. }) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pages_never_exceed_their_limit_and_together_list_every_device_once() {
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+            .await
+            .expect("redis");
+        let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
+        let id = Uuid::now_v7();
+        // Five small statuses: Redis keeps the hash compact and returns it whole from one
+        // HSCAN step, whatever COUNT says.
+        let all: Vec<String> = (0..5).map(|i| format!("dev-{i}")).collect();
+        for d in &all {
+            let () = redis
+                .hset(
+                    names.job_status(id),
+                    d,
+                    r#"{"state":"SUCCEEDED","updated_at_ms":1}"#,
+                )
+                .await
+                .expect("hset");
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = devices(&mut redis, &names, id, None, cursor, 2)
+                .await
+                .expect("page");
+            assert!(page.devices.len() <= 2, "{page:?}");
+            seen.extend(page.devices.into_iter().map(|e| e.device_id));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c.parse().expect("a cursor the API takes back")),
+                None => break,
+            }
+        }
+        let () = redis.del(names.job_status(id)).await.expect("del");
+        seen.sort();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn cursors_read_back_as_written_and_refuse_what_no_page_produces() {
+        for c in ["0", "17", "17:dev-0001"] {
+            let parsed: DeviceCursor = c.parse().expect(c);
+            assert_eq!(parsed.to_string(), c);
+        }
+        for c in ["", "x", "17:", "17:a b", "-1", "17:dev:1"] {
+            assert!(c.parse::<DeviceCursor>().is_err(), "{c:?}");
+        }
     }
 }

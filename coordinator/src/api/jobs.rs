@@ -218,7 +218,7 @@ pub(super) async fn devices(
     };
     let cursor = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(c.parse::<u64>().map_err(|_| {
+        Some(c) => Some(c.parse::<jobs::DeviceCursor>().map_err(|_| {
             ApiError::new(StatusCode::BAD_REQUEST, format!("{c:?} is not a cursor"))
                 .with_field("cursor")
         })?),
