@@ -13,8 +13,21 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    /// A client of the API at `base`, sending `token` as its bearer token.
-    pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    /// A client of the API at `base`, sending `token` as its bearer token and trusting
+    /// `ca_file` (PEM) beside the system's roots.
+    pub(crate) fn new(
+        base: &str,
+        token: Option<&str>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let ca = ca_file
+            .map(|path| {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading --ca-file {}", path.display()))?;
+                reqwest::Certificate::from_pem(&pem)
+                    .with_context(|| format!("--ca-file {}: not a PEM certificate", path.display()))
+            })
+            .transpose()?;
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = token.filter(|t| !t.is_empty()) {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
@@ -24,6 +37,9 @@ impl Client {
         }
         let build = |timeout: Option<std::time::Duration>| {
             let mut b = reqwest::Client::builder().default_headers(headers.clone());
+            if let Some(ca) = &ca {
+                b = b.add_root_certificate(ca.clone());
+            }
             if let Some(t) = timeout {
                 b = b.timeout(t);
             }

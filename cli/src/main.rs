@@ -38,6 +38,10 @@ struct Cli {
     /// Bearer token for the API (an API token, or the bootstrap admin token).
     #[arg(long, env = "FLEETBATCH_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an HTTPS API beside the system's roots (a private
+    /// CA).
+    #[arg(long, env = "FLEETBATCH_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,7 +105,7 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::new(&cli.api, cli.token.as_deref())?;
+    let client = Client::new(&cli.api, cli.token.as_deref(), cli.ca_file.as_deref())?;
     match cli.command {
         Command::Demo(args) => std::process::exit(demo::run(args).await?),
         Command::Chaos(args) => std::process::exit(chaos::run(args).await?),

@@ -58,7 +58,7 @@ impl Sandbox {
         for _ in 0..workers {
             cluster.start_worker()?;
         }
-        let client = Client::new(&cluster.api, Some(&cluster.admin_token))?;
+        let client = Client::new(&cluster.api, Some(&cluster.admin_token), None)?;
         Ok(Self {
             names: Names::new(&namespace),
             settings,

@@ -47,6 +47,8 @@ pub struct AppState {
     pub outbound: crate::outbound::Policy,
     /// Signs job documents (absent: documents go out unsigned).
     pub signer: Option<shared::signing::Signer25519>,
+    /// Verifies bearer JWTs from the identity provider (absent: OIDC is off).
+    pub oidc: Option<Arc<crate::access::oidc::Oidc>>,
     pub(crate) broker: RwLock<Option<Broker>>,
 }
 

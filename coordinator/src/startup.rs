@@ -14,6 +14,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -78,14 +79,19 @@ impl Application {
         check_exposure(&settings)?;
         let outbound = crate::outbound::Policy::from_settings(&settings.coordinator);
         let signer = signer(&settings)?;
+        let shutdown = CancellationToken::new();
+        let oidc =
+            crate::access::oidc::Oidc::start(&settings.coordinator.auth.oidc, shutdown.clone())
+                .await?;
         let state = Arc::new(AppState {
             signer,
+            oidc,
             outbound: outbound.clone(),
             bootstrap_sha256,
             names,
             settings: Arc::new(settings),
             redis,
-            shutdown: CancellationToken::new(),
+            shutdown,
             metrics,
             notifier,
             broker: RwLock::new(None),
@@ -121,14 +127,14 @@ impl Application {
         // The HTTP server stops last: it ends when the broker session is closed.
         let http_stop = CancellationToken::new();
         let http_stop_signal = http_stop.clone();
-        let mut serving = tokio::spawn(
-            axum::serve(
-                listener,
-                api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
-            .into_future(),
-        );
+        let tls = api_tls(&state.settings).await?;
+        let mut serving = tokio::spawn(serve(
+            listener,
+            api::router(state.clone()),
+            tls,
+            Duration::from_secs(state.settings.coordinator.header_timeout_secs.max(1)),
+            http_stop_signal,
+        ));
         let sessions =
             shared::supervise::with_reconnect("coordinator", state.shutdown.clone(), |stop| {
                 broker_session(state.clone(), instance.clone(), stop)
@@ -150,7 +156,7 @@ impl Application {
                 state.shutdown.cancel();
                 match r {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server failed")),
+                    Ok(Err(e)) => Err(e.context("HTTP server failed")),
                     Err(e) => Err(anyhow::Error::from(e).context("HTTP server panicked")),
                 }
             }
@@ -159,6 +165,65 @@ impl Application {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut serving).await;
         tracing::info!("coordinator stopped");
         result
+    }
+}
+
+/// Serves the API on `listener` (HTTPS with `tls`) until `stop` fires, then lets requests
+/// in flight finish for up to 10 s. A client gets `header_timeout` to send a request's
+/// headers, the TLS handshake included, so half-sent requests cannot hold connections.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = axum_server::Handle::new();
+    let on_stop = handle.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        on_stop.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let listener = listener.into_std()?;
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    let mut server = axum_server::from_tcp(listener)?
+        .handle(handle)
+        .first_request_timeout(header_timeout);
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(header_timeout);
+    match tls {
+        Some(config) => {
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                .handshake_timeout(header_timeout);
+            server.acceptor(acceptor).serve(app).await?;
+        }
+        None => server.serve(app).await?,
+    }
+    Ok(())
+}
+
+/// The API's TLS configuration, when settings name a certificate and key.
+async fn api_tls(
+    settings: &Settings,
+) -> anyhow::Result<Option<axum_server::tls_rustls::RustlsConfig>> {
+    let tls = &settings.coordinator.tls;
+    match (&tls.cert_file, &tls.key_file) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "coordinator.tls: loading the certificate {} and key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            Ok(Some(config))
+        }
+        _ => anyhow::bail!("coordinator.tls: cert_file and key_file go together"),
     }
 }
 
@@ -277,8 +342,8 @@ fn bootstrap_token(settings: &Settings) -> anyhow::Result<Option<String>> {
     Ok(Some(token))
 }
 
-/// Refuses to serve an unauthenticated API beyond this machine unless settings say
-/// `coordinator.auth.insecure`.
+/// Refuses to serve the API beyond this machine without both authentication and TLS, unless
+/// settings say `coordinator.auth.insecure` (then warns).
 fn check_exposure(settings: &Settings) -> anyhow::Result<()> {
     let auth = &settings.coordinator.auth;
     let listen = &settings.coordinator.listen;
@@ -286,15 +351,23 @@ fn check_exposure(settings: &Settings) -> anyhow::Result<()> {
         .parse::<SocketAddr>()
         .map(|a| a.ip().is_loopback())
         .unwrap_or_else(|_| listen.starts_with("localhost:"));
-    if loopback || auth.required {
+    let mut missing = Vec::new();
+    if !auth.required {
+        missing.push("authentication (coordinator.auth.required is false)");
+    }
+    if !settings.coordinator.tls.enabled() {
+        missing.push("TLS (no coordinator.tls.cert_file and key_file)");
+    }
+    if loopback || missing.is_empty() {
         return Ok(());
     }
+    let missing = missing.join(" and ");
     anyhow::ensure!(
         auth.insecure,
-        "coordinator.listen {listen} is not a loopback address and coordinator.auth.required is false: \
-         anyone who reaches it could move the fleet; require authentication, or set coordinator.auth.insecure: true"
+        "coordinator.listen {listen} is not a loopback address and the API has no {missing}: \
+         anyone who reaches it could move the fleet or read its tokens; configure them, or set coordinator.auth.insecure: true"
     );
-    tracing::warn!(%listen, "serving the API without authentication on a non-loopback address (coordinator.auth.insecure)");
+    tracing::warn!(%listen, missing, "serving the API on a non-loopback address without all of its protections (coordinator.auth.insecure)");
     Ok(())
 }
 
@@ -316,4 +389,51 @@ fn signer(settings: &Settings) -> anyhow::Result<Option<shared::signing::Signer2
         .map_err(|e| anyhow::anyhow!("coordinator.signing.key: {e}"))?;
     tracing::info!(key_id = %signer.key_id, public_key = %signer.public_hex(), "signing job documents");
     Ok(Some(signer))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::load_from(None, &env).expect("settings")
+    }
+
+    #[test]
+    fn a_non_loopback_api_needs_authentication_and_tls_unless_insecure() {
+        let open = "0.0.0.0:8080";
+        let l = "FLEETBATCH_COORDINATOR__LISTEN";
+        // Loopback: anything goes.
+        assert!(check_exposure(&settings(&[])).is_ok());
+        // Beyond it, without TLS: refused naming TLS.
+        let e = check_exposure(&settings(&[(l, open)])).expect_err("refused");
+        assert!(e.to_string().contains("coordinator.tls"), "{e}");
+        // Without authentication either: both named.
+        let e = check_exposure(&settings(&[
+            (l, open),
+            ("FLEETBATCH_COORDINATOR__AUTH__REQUIRED", "false"),
+        ]))
+        .expect_err("refused");
+        assert!(e.to_string().contains("authentication"), "{e}");
+        // With both, or with `insecure`: allowed.
+        let tls = [
+            (l, open),
+            ("FLEETBATCH_COORDINATOR__TLS__CERT_FILE", "/etc/cert.pem"),
+            ("FLEETBATCH_COORDINATOR__TLS__KEY_FILE", "/etc/key.pem"),
+        ];
+        assert!(check_exposure(&settings(&tls)).is_ok());
+        assert!(
+            check_exposure(&settings(&[
+                (l, open),
+                ("FLEETBATCH_COORDINATOR__AUTH__INSECURE", "true")
+            ]))
+            .is_ok()
+        );
+    }
 }

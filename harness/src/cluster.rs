@@ -61,6 +61,8 @@ pub struct Cluster {
     /// The coordinator's bootstrap admin token (random per cluster; given to the coordinator
     /// alone).
     pub admin_token: String,
+    /// The CA the API's certificate is checked against (`FLEETBATCH_CA_FILE` in `env`).
+    ca_pem: Option<Vec<u8>>,
     coordinator: Option<Child>,
     coordinator_starts: usize,
     workers: Vec<Option<Child>>,
@@ -82,18 +84,29 @@ impl Cluster {
     ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let mut env = env;
+        let setting = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let scheme = if setting("FLEETBATCH_COORDINATOR__TLS__CERT_FILE").is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let ca_pem = setting("FLEETBATCH_CA_FILE")
+            .map(|path| std::fs::read(&path).with_context(|| format!("reading {path}")))
+            .transpose()?;
+        let api = format!("{scheme}://127.0.0.1:{port}");
         env.push((
             "FLEETBATCH_COORDINATOR__LISTEN".into(),
             format!("127.0.0.1:{port}"),
         ));
         // The CLI's own variable, exported as an operator's shell would: every service
         // started here proves it ignores it.
-        env.push(("FLEETBATCH_API".into(), format!("http://127.0.0.1:{port}")));
+        env.push(("FLEETBATCH_API".into(), api.clone()));
         Ok(Self {
             bin_dir,
             log_dir,
             env,
-            api: format!("http://127.0.0.1:{port}"),
+            api,
+            ca_pem,
             admin_token: format!(
                 "admin-{}{}",
                 uuid::Uuid::new_v4().simple(),
@@ -165,7 +178,7 @@ impl Cluster {
         let child = self.spawn("coordinator", "coordinator.log", &env)?;
         self.coordinator = Some(child);
         self.coordinator_starts += 1;
-        let client = reqwest::Client::new();
+        let client = self.client_builder()?.build()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(format!("{}/healthz", self.api)).send().await
@@ -189,6 +202,18 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// An HTTP client builder for the API: trusts the cluster's CA when it serves HTTPS.
+    ///
+    /// # Errors
+    /// The CA file is not a PEM certificate.
+    pub fn client_builder(&self) -> anyhow::Result<reqwest::ClientBuilder> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.ca_pem {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+        }
+        Ok(builder)
     }
 
     /// Starts a worker with extra environment; returns its index.

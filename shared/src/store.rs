@@ -56,7 +56,7 @@ impl StoreError {
 /// # Errors
 /// Bad URL or Redis unreachable.
 pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(settings.url.as_str())?;
+    let client = client(settings)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(6)
         .set_max_delay(std::time::Duration::from_secs(2))
@@ -65,6 +65,49 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Stor
             settings.response_timeout_ms.max(1),
         )));
     Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// The client the settings describe: a `rediss://` URL with a CA file or client
+/// certificate gets them; any other URL is opened as it is.
+fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+    let read = |path: &std::path::Path, field: &str| {
+        std::fs::read(path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read a TLS file",
+                format!("redis.{field} {}: {e}", path.display()),
+            ))
+        })
+    };
+    let root_cert = settings
+        .ca_file
+        .as_deref()
+        .map(|p| read(p, "ca_file"))
+        .transpose()?;
+    let client_tls = match (&settings.client_cert_file, &settings.client_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert, "client_cert_file")?,
+            client_key: read(key, "client_key_file")?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "redis.client_cert_file and redis.client_key_file go together",
+            ))
+            .into());
+        }
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(redis::Client::open(settings.url.as_str())?);
+    }
+    Ok(redis::Client::build_with_tls(
+        settings.url.as_str(),
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )?)
 }
 
 /// Deletes every key matching `pattern` (e.g. `<namespace>:*`), scanning in batches so a

@@ -431,87 +431,11 @@ struct SecureBroker {
     key: String,
 }
 
-fn run(cmd: &str, args: &[&str], dir: &std::path::Path) {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn secure_broker() -> SecureBroker {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = crate::helpers::TestCa::new();
+    let dir = ca.dir;
     let d = dir.path();
-    let subj = |cn: &str| format!("/CN={cn}");
-    run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            &subj("fleetbatch test CA"),
-        ],
-        d,
-    );
-    std::fs::write(
-        d.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("ext");
-    for name in ["server", "client"] {
-        run(
-            "openssl",
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &subj(name),
-            ],
-            d,
-        );
-        run(
-            "openssl",
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                "san.ext",
-            ],
-            d,
-        );
-    }
-    run(
+    crate::helpers::run(
         "mosquitto_passwd",
         &["-b", "-c", "passwd", "fleet", "s3cret"],
         d,
@@ -541,26 +465,14 @@ async fn secure_broker() -> SecureBroker {
 }
 
 async fn start_mosquitto(dir: &std::path::Path, port: u16) -> tokio::process::Child {
-    let mosquitto = ["/usr/sbin/mosquitto", "mosquitto"]
-        .into_iter()
-        .find(|m| std::path::Path::new(m).exists())
-        .unwrap_or("mosquitto");
-    let child = tokio::process::Command::new(mosquitto)
+    let child = tokio::process::Command::new(crate::helpers::system_binary("mosquitto"))
         .arg("-c")
         .arg(dir.join("mosquitto.conf"))
         .kill_on_drop(true)
         .spawn()
         .expect("mosquitto starts");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return child;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("mosquitto did not open port {port} within 5 s");
+    crate::helpers::wait_for_port(port, "mosquitto").await;
+    child
 }
 
 impl SecureBroker {

@@ -73,7 +73,10 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
     let redis = shared::store::connect(&settings.redis)
         .await
         .expect("redis");
-    let http = client_with_token(Some(&cluster.admin_token));
+    let http = with_token(
+        cluster.client_builder().expect("the cluster's CA"),
+        Some(&cluster.admin_token),
+    );
     // Ready means connected to the broker with the topology declared: tests may publish to
     // the namespace's exchanges straight away.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -102,6 +105,11 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
 /// instead of hanging the suite (the longest request, an event stream followed to the job's
 /// end, is bounded at 120 s).
 pub fn client_with_token(token: Option<&str>) -> reqwest::Client {
+    with_token(reqwest::Client::builder(), token)
+}
+
+/// `builder` finished as [`client_with_token`] does.
+pub fn with_token(builder: reqwest::ClientBuilder, token: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(t) = token {
         headers.insert(
@@ -109,7 +117,7 @@ pub fn client_with_token(token: Option<&str>) -> reqwest::Client {
             format!("Bearer {t}").parse().expect("header"),
         );
     }
-    reqwest::Client::builder()
+    builder
         .default_headers(headers)
         .timeout(Duration::from_secs(180))
         .build()
@@ -451,4 +459,133 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     }
     None
+}
+
+/// Runs a command in `dir`; panics with its stderr when it fails.
+pub fn run(cmd: &str, args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA made with openssl in a temporary directory, with a server certificate for
+/// 127.0.0.1 and localhost (`server.pem`, `server.key`) and a client certificate
+/// (`client.pem`, `client.key`), all signed by `ca.pem`. Files are world-readable (servers
+/// started as root may drop to their own user).
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let subj = |cn: &str| format!("/CN={cn}");
+        run(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                &subj("fleetbatch test CA"),
+            ],
+            d,
+        );
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("ext");
+        for name in ["server", "client"] {
+            run(
+                "openssl",
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &subj(name),
+                ],
+                d,
+            );
+            run(
+                "openssl",
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-extfile",
+                    "san.ext",
+                ],
+                d,
+            );
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(d).expect("dir") {
+            let path = entry.expect("entry").path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self { dir }
+    }
+
+    /// The path of one of its files (`ca.pem`, `server.pem`, ...).
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+}
+
+/// A server binary from the system's packages: its path under /usr/sbin or /usr/bin (not
+/// always on a test's PATH), else the bare name.
+pub fn system_binary(name: &str) -> String {
+    ["/usr/sbin", "/usr/bin"]
+        .iter()
+        .map(|dir| format!("{dir}/{name}"))
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| name.to_owned())
+}
+
+/// Waits up to 5 s for a server started by the test to open `port` on 127.0.0.1.
+pub async fn wait_for_port(port: u16, what: &str) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not open port {port} within 5 s");
 }

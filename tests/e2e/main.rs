@@ -20,4 +20,5 @@ mod invalid_input;
 mod job_roundtrip;
 mod memory;
 mod observability;
+mod secure;
 mod services;

@@ -1,10 +1,12 @@
 //! Who may call the API: identities, roles, group scopes and the route policy.
 //!
-//! Owns turning a request's bearer token into a [`Caller`] ([`tokens`]), the table of what
+//! Owns turning a request's bearer token into a [`Caller`] ([`tokens`] for API tokens,
+//! [`oidc`] for an identity provider's JWTs), the table of what
 //! each route needs ([`policy`]), and the check that a scoped operator's job stays inside
 //! its groups ([`scope`]). It never handles a request's business: the API's guard asks it
 //! who is calling and whether they may, then hands the request on.
 
+pub mod oidc;
 pub mod policy;
 pub mod scope;
 pub mod tokens;

@@ -171,6 +171,14 @@ async fn identify(app: &AppState, headers: &HeaderMap) -> Result<Caller, Refusal
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| unauthorized(tokens::Refused::Missing.to_string()))?;
+    if let Some(oidc) = &app.oidc
+        && looks_like_jwt(secret)
+    {
+        return oidc
+            .verify(secret)
+            .await
+            .map_err(|e| unauthorized(e.to_string()));
+    }
     if app
         .bootstrap_sha256
         .as_deref()
@@ -184,4 +192,10 @@ async fn identify(app: &AppState, headers: &HeaderMap) -> Result<Caller, Refusal
         Ok(Err(refused)) => Err(unauthorized(refused.to_string())),
         Err(e) => Err((None, ApiError::internal(e))),
     }
+}
+
+/// A JWT is three base64url parts, the header's starting `ey` (`{"`); API tokens start
+/// `fbt_`.
+fn looks_like_jwt(secret: &str) -> bool {
+    secret.starts_with("ey") && secret.split('.').count() == 3
 }

@@ -79,6 +79,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             guard::guard,
         ))
+        // A body that stalls this long between two chunks ends its request.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs(
+                state.settings.coordinator.body_idle_timeout_secs.max(1),
+            ),
+        ))
         .with_state(state)
 }
 

@@ -27,8 +27,8 @@ pub use devices::{
     DeviceProtocol, HttpSettings, MqttSettings, MqttVersion, SimulatorSettings, TransportKind,
 };
 pub use services::{
-    AmqpSettings, BackoffSettings, CoordinatorSettings, LogFormat, OtlpProtocol, RedisSettings,
-    TelemetrySettings, WorkerSettings, test_amqp_url, test_redis_url,
+    AmqpSettings, ApiTlsSettings, BackoffSettings, CoordinatorSettings, LogFormat, OidcSettings,
+    OtlpProtocol, RedisSettings, TelemetrySettings, WorkerSettings, test_amqp_url, test_redis_url,
 };
 
 /// The built-in defaults, documented key by key.
@@ -39,7 +39,7 @@ pub const CONFIG_FILE_ENV: &str = "FLEETBATCH_CONFIG";
 
 /// The `fleetbatch` CLI's own variables: they configure the client, not a service, so the
 /// services ignore them (one shell can export them and still start a coordinator).
-pub const CLIENT_ENV: [&str; 2] = ["FLEETBATCH_API", "FLEETBATCH_TOKEN"];
+pub const CLIENT_ENV: [&str; 3] = ["FLEETBATCH_API", "FLEETBATCH_TOKEN", "FLEETBATCH_CA_FILE"];
 
 /// Errors while loading settings.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,7 @@ impl Settings {
                 .with_list_parse_key("coordinator.webhooks")
                 .with_list_parse_key("coordinator.webhook_allowed_hosts")
                 .with_list_parse_key("simulator.trusted_keys")
+                .with_list_parse_key("coordinator.auth.oidc.role_map")
                 .try_parsing(true)
                 .source(Some(vars)),
         );

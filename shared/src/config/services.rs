@@ -24,8 +24,16 @@ pub struct AmqpSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, or `rediss://user:password@host:port/db` for TLS with an ACL
+    /// user.
     pub url: String,
+    /// CA certificate (PEM) that signed a `rediss://` server's certificate; unset: the
+    /// system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers that ask for one (`tls-auth-clients yes`).
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    pub client_key_file: Option<std::path::PathBuf>,
     /// How long one command (or pipeline) may take before it counts as failed. Pipelines of a
     /// thousand scripts take a while on a busy machine: keep this in seconds, not
     /// milliseconds.
@@ -76,6 +84,14 @@ pub struct TelemetrySettings {
 pub struct CoordinatorSettings {
     /// Address of the HTTP API.
     pub listen: String,
+    /// HTTPS: the API's certificate and key. Without them the API speaks plain HTTP, which
+    /// is refused on a non-loopback address unless `auth.insecure`.
+    pub tls: ApiTlsSettings,
+    /// Seconds a client may take to send a request's headers (slow or half-sent requests
+    /// are dropped after it).
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may stall between two chunks before the request fails.
+    pub body_idle_timeout_secs: u64,
     /// Tasks published per batch before waiting for the broker's confirms and writing the
     /// planner's checkpoint. Larger batches go faster; a crash re-publishes at most one batch.
     pub publish_batch: usize,
@@ -132,6 +148,61 @@ pub struct AuthSettings {
     /// Allow listening on a non-loopback address without authentication and TLS (a warning
     /// is logged at start).
     pub insecure: bool,
+    /// Bearer JWTs from an OpenID Connect identity provider.
+    pub oidc: OidcSettings,
+}
+
+/// The API's TLS certificate. Both files or neither.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsSettings {
+    /// Certificate chain (PEM), the server's certificate first.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl ApiTlsSettings {
+    /// Whether the API serves HTTPS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// OpenID Connect: a bearer JWT signed by the identity provider (a key of its JWKS), issued
+/// by `issuer` for `audience`, unexpired, is a caller. Its role comes from `role_claim`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The `iss` every token must carry (unset: OIDC is off).
+    pub issuer: Option<String>,
+    /// The `aud` every token must carry (the API's client id at the provider).
+    pub audience: Option<String>,
+    /// The provider's key set (JWKS), read from a file...
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// ...or fetched from a URL (e.g. the provider's `jwks_uri`).
+    pub jwks_url: Option<String>,
+    /// Seconds between two reloads of the key set (a token signed by a key not yet known
+    /// also triggers one, at most every 30 s).
+    pub jwks_refresh_secs: u64,
+    /// The claim holding the caller's role or roles (a string or a list of strings).
+    pub role_claim: String,
+    /// `value=role` pairs mapping the claim's values to `viewer`, `operator` or `admin`
+    /// (e.g. `fleet-admins=admin`); empty: the values are the roles' own names. The highest
+    /// role a token's values map to wins; a token mapping to none is refused.
+    pub role_map: Vec<String>,
+    /// The claim listing the groups an operator or viewer is confined to; unset or absent
+    /// from a token: the whole fleet.
+    pub groups_claim: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl OidcSettings {
+    /// Whether bearer JWTs are accepted.
+    pub fn enabled(&self) -> bool {
+        self.issuer.is_some()
+    }
 }
 
 /// Signing of job documents (Ed25519). Without a key, documents go out unsigned.
@@ -257,6 +328,9 @@ impl RedisSettings {
         Self {
             url: test_redis_url(),
             response_timeout_ms: 10_000,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
