@@ -16,6 +16,7 @@ mod faults;
 mod forged;
 mod guarantees;
 mod helpers;
+mod hostile;
 mod invalid_input;
 mod job_roundtrip;
 mod memory;

@@ -79,6 +79,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             guard::guard,
         ))
+        // Extractors' own refusals (a body that is not UTF-8, a query that does not parse)
+        // answer in the API's error format too.
+        .layer(axum::middleware::map_response(plain_refusals_as_json))
         // A body that stalls this long between two chunks ends its request.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             std::time::Duration::from_secs(
@@ -126,6 +129,33 @@ impl IntoResponse for ApiError {
 }
 
 pub(super) type ApiResult<T> = Result<T, ApiError>;
+
+/// Largest plain-text refusal turned into a JSON error (extractors' messages are short).
+const MAX_PLAIN_REFUSAL: usize = 4096;
+
+/// A 4xx answered in plain text (axum's extractor rejections) becomes `{"error": text}`.
+async fn plain_refusals_as_json(response: Response) -> Response {
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/plain"));
+    if !status.is_client_error() || !plain {
+        return response;
+    }
+    let (_, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_PLAIN_REFUSAL)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, text).into_response()
+}
 
 pub(super) fn no_broker() -> ApiError {
     ApiError::new(
