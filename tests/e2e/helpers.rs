@@ -333,6 +333,12 @@ impl TestApp {
     /// Publishes `payload` as is to the namespace's exchange `exchange` with `key`, confirmed
     /// (messages that did not come from a coordinator or worker: garbage, forgeries).
     pub async fn publish_raw(&self, exchange: String, key: &str, payload: &[u8]) {
+        self.publish_raw_all(vec![(exchange, key, payload.to_vec())])
+            .await;
+    }
+
+    /// [`Self::publish_raw`] for many messages over one connection, each confirmed.
+    pub async fn publish_raw_all(&self, messages: Vec<(String, &str, Vec<u8>)>) {
         let conn = shared::amqp::connect(&self.settings.amqp, "e2e-publish")
             .await
             .expect("amqp");
@@ -340,17 +346,19 @@ impl TestApp {
         ch.confirm_select(Default::default())
             .await
             .expect("confirms");
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            lapin::options::BasicPublishOptions::default(),
-            payload,
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+        for (exchange, key, payload) in messages {
+            ch.basic_publish(
+                exchange.into(),
+                key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                &payload,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
         let _ = conn.close(200, "done".into()).await;
     }
 

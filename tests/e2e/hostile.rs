@@ -238,43 +238,19 @@ async fn a_thousand_hostile_inputs_crash_nothing_and_the_job_running_beside_them
     };
     let task_bytes = shared::messages::encode(&task).expect("task");
     let result_bytes = shared::messages::encode(&result).expect("result");
-    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-hostile")
-        .await
-        .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut published = 0u64;
-    for i in 0..400 {
-        let (exchange, key, base) = if i % 2 == 0 {
-            (
-                app.names.tasks_exchange(),
-                shared::topology::TASK_ROUTING_KEY,
-                &task_bytes,
-            )
-        } else {
-            (
-                app.names.results_exchange(),
-                shared::topology::RESULT_ROUTING_KEY,
-                &result_bytes,
-            )
-        };
-        let payload = g.mutate(base);
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            lapin::options::BasicPublishOptions::default(),
-            &payload,
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-        published += 1;
-    }
-    let _ = conn.close(200, "done".into()).await;
+    let messages: Vec<(String, &str, Vec<u8>)> = (0..400)
+        .map(|i| {
+            if i % 2 == 0 {
+                let key = shared::topology::TASK_ROUTING_KEY;
+                (app.names.tasks_exchange(), key, g.mutate(&task_bytes))
+            } else {
+                let key = shared::topology::RESULT_ROUTING_KEY;
+                (app.names.results_exchange(), key, g.mutate(&result_bytes))
+            }
+        })
+        .collect();
+    let published = messages.len() as u64;
+    app.publish_raw_all(messages).await;
 
     // Assert: no 5xx, and every refusal says what is wrong.
     let total = answers.len() as u64 + published;
