@@ -68,7 +68,7 @@ pub struct NotifierConfig {
     /// Endpoints told about every job's state changes.
     pub deployment_urls: Vec<String>,
     /// The signing key.
-    pub secret: Option<String>,
+    pub secret: Option<shared::config::Secret>,
     /// Attempts per POST.
     pub max_attempts: u32,
     /// First retry delay.
@@ -263,7 +263,7 @@ async fn post(
             .header(EVENT_HEADER, event)
             .header(DELIVERY_HEADER, delivery);
         if let Some(secret) = &config.secret {
-            req = req.header(SIGNATURE_HEADER, sign(secret, &body));
+            req = req.header(SIGNATURE_HEADER, sign(secret.expose(), &body));
         }
         match req.body(body.clone()).send().await {
             Ok(r) if r.status().is_success() => return true,

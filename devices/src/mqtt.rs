@@ -161,7 +161,7 @@ pub fn connect(
                 .set_inflight(1000)
                 .set_clean_session(true);
             if let Some(u) = &settings.username {
-                o.set_credentials(u, settings.password.clone().unwrap_or_default());
+                o.set_credentials(u, password(settings));
             }
             let (client, events) = rumqttc::AsyncClient::new(o, 4096);
             let inbox = Inbox {
@@ -187,7 +187,7 @@ pub fn connect(
                 .set_max_packet_size(Some(packet as u32))
                 .set_clean_start(true);
             if let Some(u) = &settings.username {
-                o.set_credentials(u, settings.password.clone().unwrap_or_default());
+                o.set_credentials(u, password(settings));
             }
             let (client, events) = rumqttc::v5::AsyncClient::new(o, 4096);
             let inbox = Inbox {
@@ -450,6 +450,15 @@ impl Link {
     pub fn max_payload(&self) -> usize {
         self.max_payload
     }
+}
+
+/// The broker password, for the one call that sends it.
+fn password(settings: &MqttSettings) -> String {
+    settings
+        .password
+        .as_ref()
+        .map(|p| p.expose().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -75,8 +75,8 @@ pub struct MqttSettings {
     pub topic_prefix: String,
     /// User name, if the broker asks for one.
     pub username: Option<String>,
-    /// Password (with `username`).
-    pub password: Option<String>,
+    /// Password (with `username`); never shown by `Debug` or serialisation.
+    pub password: Option<super::services::Secret>,
     /// PEM file of the CA that signed the broker's certificate (TLS); the system's roots
     /// otherwise.
     pub ca_file: Option<String>,

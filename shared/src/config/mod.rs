@@ -28,7 +28,8 @@ pub use devices::{
 };
 pub use services::{
     AmqpSettings, ApiTlsSettings, BackoffSettings, CoordinatorSettings, LogFormat, OidcSettings,
-    OtlpProtocol, RedisSettings, TelemetrySettings, WorkerSettings, test_amqp_url, test_redis_url,
+    OtlpProtocol, RedisSettings, Secret, TelemetrySettings, WorkerSettings, test_amqp_url,
+    test_redis_url,
 };
 
 /// The built-in defaults, documented key by key.
@@ -235,6 +236,51 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_secret_setting_shows_in_the_settings_debug_output() {
+        let env: HashMap<String, String> = [
+            (
+                "FLEETBATCH_AMQP__URL",
+                "amqp://fb:amqp-pass-1@rabbit:5672/%2f",
+            ),
+            (
+                "FLEETBATCH_REDIS__URL",
+                "rediss://fb:redis-pass-2@redis:6380/",
+            ),
+            ("FLEETBATCH_WORKER__MQTT__USERNAME", "fb"),
+            ("FLEETBATCH_WORKER__MQTT__PASSWORD", "mqtt-pass-3"),
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_SECRET", "hook-secret-4"),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__BOOTSTRAP_TOKEN",
+                "bootstrap-token-5-0123456789abcdef",
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__SIGNING__KEY",
+                "6666666666666666666666666666666666666666666666666666666666666666",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let settings = Settings::load_from(None, &env).expect("settings");
+        let shown = format!("{settings:?}");
+        for secret in [
+            "amqp-pass-1",
+            "redis-pass-2",
+            "mqtt-pass-3",
+            "hook-secret-4",
+            "bootstrap-token-5",
+            "6666666666",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        // They are still there for the code that uses them.
+        assert_eq!(
+            settings.worker.mqtt.password.as_ref().map(Secret::expose),
+            Some("mqtt-pass-3")
+        );
+    }
 
     #[test]
     fn the_built_in_defaults_load_and_validate() {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::devices::{HttpSettings, MqttSettings, TransportKind};
 
 /// RabbitMQ settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost`; the vhost `/` is written `%2f`.
@@ -21,7 +21,7 @@ pub struct AmqpSettings {
 }
 
 /// Redis settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// `redis://host:port/db`, or `rediss://user:password@host:port/db` for TLS with an ACL
@@ -108,7 +108,7 @@ pub struct CoordinatorSettings {
     pub webhooks: Vec<String>,
     /// Key of the HMAC-SHA256 signature on every webhook POST. Jobs naming webhooks are
     /// refused while it is unset.
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<Secret>,
     /// Attempts per webhook POST (exponential backoff from 1 s between them).
     pub webhook_max_attempts: u32,
     /// Hosts a job's own webhooks may call (exact names); empty: any public host.
@@ -315,6 +315,29 @@ impl AmqpSettings {
     /// The URL with its password replaced by `***`, for logs.
     pub fn safe_url(&self) -> String {
         redact_url(&self.url)
+    }
+}
+
+// Debug shows URLs with their passwords redacted.
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &self.safe_url())
+            .field("queue_expires_ms", &self.queue_expires_ms)
+            .field("confirm_timeout_secs", &self.confirm_timeout_secs)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.safe_url())
+            .field("response_timeout_ms", &self.response_timeout_ms)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
+            .finish()
     }
 }
 
