@@ -17,7 +17,7 @@ use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
 
 /// Simulated fleet behaviour shared by these tests: latency, transient glitches, permanent
 /// failures, rejections and offline devices.
-const FLEET: &[(&str, &str)] = &[
+pub(crate) const FLEET: &[(&str, &str)] = &[
     ("FLEETBATCH_SIMULATOR__LATENCY_MS", "3"),
     ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
     ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.03"),
@@ -55,7 +55,7 @@ async fn get_json(app: &TestApp, url: &str) -> Value {
 /// profile, the counters, and the devices' own record of deliveries and applications: no
 /// device is contacted more often than the attempts recorded for it, beyond `max_extra`
 /// deliveries in all (0 unless the test breaks something).
-async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64, max_extra: u64) {
+pub(crate) async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64, max_extra: u64) {
     let id = app.create_job(&firmware_job(json!({}))).await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
     assert_eq!(job["state"], "COMPLETED", "{job}");
@@ -120,7 +120,7 @@ async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64, max_extra: u6
 
 /// Starts `fleet-sim` with `n` devices and `mqtt` (`fleetbatch`, `aws-iot-jobs`, `none`) on
 /// `port` (or a free one), and registers the same devices; returns its base URL.
-async fn start_sim(app: &mut TestApp, port: Option<u16>, n: u64, mqtt: &str) -> String {
+pub(crate) async fn start_sim(app: &mut TestApp, port: Option<u16>, n: u64, mqtt: &str) -> String {
     let port = port.unwrap_or_else(|| harness::cluster::free_port().expect("port"));
     let sim = app
         .cluster
@@ -131,17 +131,23 @@ async fn start_sim(app: &mut TestApp, port: Option<u16>, n: u64, mqtt: &str) -> 
     sim
 }
 
-async fn plain_mqtt(version: &str, n: u64) {
-    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+/// Settings for workers speaking the fleetbatch protocol over MQTT `version` under topic
+/// `prefix`, with the shared fleet behaviour.
+pub(crate) fn mqtt_env<'a>(version: &'a str, prefix: &'a str) -> Vec<(&'a str, &'a str)> {
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
         ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
         ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "fleetbatch"),
         ("FLEETBATCH_WORKER__MQTT__VERSION", version),
-        ("FLEETBATCH_WORKER__MQTT__TOPIC_PREFIX", prefix.as_str()),
+        ("FLEETBATCH_WORKER__MQTT__TOPIC_PREFIX", prefix),
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
     ]);
-    let mut app = spawn_app(2, &env).await;
+    env
+}
+
+async fn plain_mqtt(version: &str, n: u64) {
+    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut app = spawn_app(2, &mqtt_env(version, &prefix)).await;
     let sim = start_sim(&mut app, None, n, "fleetbatch").await;
     firmware_over_fleet_sim(&app, &sim, n, 0).await;
     app.teardown().await;
@@ -279,7 +285,19 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
             .await;
         agent_jobs.push(id);
     }
-    firmware_over_fleet_sim(&app, &sim, n, 0).await;
+    // While the fleet-sim job runs, hostile requests arrive on the AWS IoT Jobs topics (this
+    // test owns them): they change nothing of the job, and no process fails.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = async {
+        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        stop.cancel();
+    };
+    let (hostile, ()) = tokio::join!(
+        crate::hostile::aws_requests(&app.settings.worker.mqtt, 300, stop.clone()),
+        run
+    );
+    eprintln!("hostile AWS requests sent: {hostile}");
+    assert!(hostile >= 300, "{hostile} hostile requests sent");
 
     let mut outcomes = HashMap::new();
     for (((thing, mode), (child, rx)), id) in things.iter().zip(agents).zip(&agent_jobs) {
@@ -546,15 +564,7 @@ async fn mqtt_over_tls_with_client_certificates_and_a_password_survives_a_broker
 async fn replies_forged_by_another_mqtt_client_are_refused_counted_and_never_recorded() {
     // Arrange: two observed workers and fleet-sim over MQTT 3.1.1.
     let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
-    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
-    env.extend([
-        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
-        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "fleetbatch"),
-        ("FLEETBATCH_WORKER__MQTT__VERSION", "3.1.1"),
-        ("FLEETBATCH_WORKER__MQTT__TOPIC_PREFIX", prefix.as_str()),
-        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
-    ]);
-    let mut app = spawn_app(0, &env).await;
+    let mut app = spawn_app(0, &mqtt_env("3.1.1", &prefix)).await;
     let ports = [app.start_observed_worker(), app.start_observed_worker()];
     let n = 2_000;
     let sim = start_sim(&mut app, None, n, "fleetbatch").await;

@@ -3,15 +3,23 @@
 //! state-changing route, bad paths and queries on the read routes, random and mutated
 //! MessagePack on the tasks and results exchanges). None gets a 5xx; every refused HTTP
 //! input says why; every queue input is dead-lettered with a reason; no process panics or
-//! dies; and the job finishes exact, with nothing applied twice.
+//! dies; and the job finishes exact, with nothing applied twice. Over MQTT, mutated and
+//! oversized replies on the workers' reply topics, and hostile AWS IoT Jobs requests (the
+//! AWS test sends them, since it owns the `$aws` topics), leave jobs exact with no extra
+//! deliveries.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
+use shared::config::MqttSettings;
 use shared::messages::{DeviceTask, TaskResult, WIRE_VERSION};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
+use crate::{
+    devices::{firmware_over_fleet_sim, mqtt_env, start_sim},
+    helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
+};
 
 const DEVICES: u64 = 10_000;
 
@@ -312,6 +320,110 @@ async fn a_thousand_hostile_inputs_crash_nothing_and_the_job_running_beside_them
         assert!(!reason.is_empty());
     }
     app.teardown().await;
+}
+
+#[tokio::test]
+async fn mutated_and_oversized_mqtt_replies_change_nothing_and_deliver_nothing_twice() {
+    // Arrange: workers and fleet-sim over MQTT 3.1.1 with the fleetbatch protocol.
+    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut app = spawn_app(2, &mqtt_env("3.1.1", &prefix)).await;
+    let n = 3_000;
+    let sim = start_sim(&mut app, None, n, "fleetbatch").await;
+
+    // Act: another client learns the workers' reply topics and a real reply from the
+    // devices' own replies, then sends mutations of it, and oversized ones, while the job
+    // runs.
+    let stop = CancellationToken::new();
+    let settings = app.settings.worker.mqtt.clone();
+    let hostile = async {
+        // Its own limit is above the workers', so it can send what they must refuse.
+        let mut own = settings.clone();
+        own.max_payload_bytes *= 4;
+        let (link, mut seen) = devices::mqtt::connect(
+            &own,
+            "hostile-replies",
+            vec![format!("{prefix}/workers/+/replies")],
+            stop.clone(),
+        )
+        .expect("connects");
+        let mut g = Gen(0xD1B5_4A32_D192_ED03);
+        let mut topics = HashSet::new();
+        let mut base = Vec::new();
+        let mut sent = 0u64;
+        while !stop.is_cancelled() && sent < 600 {
+            while let Ok(m) = seen.try_recv() {
+                topics.insert(m.topic);
+                base = m.payload.to_vec();
+            }
+            for topic in &topics {
+                let payload = if sent % 50 == 49 {
+                    vec![b'{'; settings.max_payload_bytes + 1]
+                } else {
+                    g.mutate(&base)
+                };
+                if link.publish(topic, payload, None).await.is_ok() {
+                    sent += 1;
+                }
+            }
+            let pause = if topics.is_empty() { 20 } else { 2 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        sent
+    };
+    let run = async {
+        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        stop.cancel();
+    };
+    let (sent, ()) = tokio::join!(hostile, run);
+
+    // Assert (above: every device in its expected state, counts exact, no duplicate
+    // application, no extra delivery), and the inputs did arrive.
+    eprintln!("hostile replies sent: {sent}");
+    assert!(sent >= 300, "{sent} hostile replies sent");
+    app.teardown().await;
+}
+
+/// Sends hostile AWS IoT Jobs requests until `stop` (at least `min` of them): requests for
+/// things no deployment knows, malformed and injected thing names and job ids, mutated and
+/// random bodies, on every request topic the workers subscribe to. Returns how many.
+pub async fn aws_requests(settings: &MqttSettings, min: u64, stop: CancellationToken) -> u64 {
+    let (link, _replies) =
+        devices::mqtt::connect(settings, "hostile-aws", vec![], stop.clone()).expect("connects");
+    let mut g = Gen(0x5851_F42D_4C95_7F2D);
+    let things = [
+        "hx-1",
+        "ee:ff",
+        "aa:bb:cc:dd:ee:ff",
+        "$SYS",
+        "x..y",
+        "%u",
+        "{x}",
+        "-",
+    ];
+    let jobs = [
+        "$next".to_owned(),
+        "ee:ff".to_owned(),
+        Uuid::new_v4().to_string(),
+        "../../x".to_owned(),
+        String::new(),
+    ];
+    let base = br#"{"clientToken":"t","status":"SUCCEEDED","expectedVersion":1,"statusDetails":{"k":"v"},"stepTimeoutInMinutes":5}"#;
+    let mut sent = 0u64;
+    while sent < min || !stop.is_cancelled() {
+        let thing = things[g.below(things.len())];
+        let job = &jobs[g.below(jobs.len())];
+        let topic = match g.below(4) {
+            0 => format!("$aws/things/{thing}/jobs/get"),
+            1 => format!("$aws/things/{thing}/jobs/start-next"),
+            2 => format!("$aws/things/{thing}/jobs/{job}/get"),
+            _ => format!("$aws/things/{thing}/jobs/{job}/update"),
+        };
+        if link.publish(&topic, g.mutate(base), None).await.is_ok() {
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sent
 }
 
 fn url_escape(s: &str) -> String {
