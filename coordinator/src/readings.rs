@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt as _;
+
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use shared::{job::Action, state::ExecutionState, store::StoreError, topology::Names};
@@ -126,71 +128,117 @@ pub enum Format {
     Ndjson,
 }
 
-/// Every device's result (state, attempts, error, readings), sorted by device id. `None`
-/// for unknown jobs.
+/// Every device's result (state, attempts, error, readings) as a stream of chunks, one page
+/// of devices (sorted by id within the page) at a time, so an export of any size holds one
+/// page in memory. `None` for unknown jobs. A Redis failure mid-way ends the stream with the
+/// error (the client sees a truncated transfer).
 ///
 /// # Errors
-/// Redis errors.
+/// Redis errors before the first chunk.
 pub async fn export(
-    redis: &mut ConnectionManager,
+    redis: &ConnectionManager,
     names: &Names,
     id: Uuid,
     format: Format,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(job) = shared::store::load_job(redis, names, id).await? else {
+) -> Result<Option<impl futures::Stream<Item = Result<bytes::Bytes, StoreError>> + use<>>, StoreError>
+{
+    let mut conn = redis.clone();
+    let Some(job) = shared::store::load_job(&mut conn, names, id).await? else {
         return Ok(None);
     };
     let metrics = match &job.spec.action {
         Action::DataRetrieval(d) => d.metrics.clone(),
         _ => Vec::new(),
     };
-    let mut entries = Vec::new();
-    for_each_device(redis, names, id, None, |e| entries.push(e)).await?;
-    entries.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-    Ok(Some(match format {
-        Format::Ndjson => {
-            let mut out = Vec::new();
-            for e in &entries {
-                let line = serde_json::json!({
-                    "device_id": e.device_id,
-                    "state": e.status.state.as_str(),
-                    "attempts": e.status.attempts,
-                    "error": e.status.error,
-                    "updated_at_ms": e.status.updated_at_ms,
-                    "readings": e.status.readings,
-                });
-                out.extend_from_slice(line.to_string().as_bytes());
-                out.push(b'\n');
-            }
-            out
-        }
+    let header = match format {
         Format::Csv => {
-            let mut w = csv::Writer::from_writer(Vec::new());
             let mut header = vec!["device_id", "state", "attempts", "error", "updated_at_ms"];
             header.extend(metrics.iter().map(String::as_str));
-            w.write_record(&header).map_err(csv_error)?;
-            for e in &entries {
-                let mut row = vec![
-                    e.device_id.clone(),
-                    e.status.state.as_str().to_owned(),
-                    e.status.attempts.to_string(),
-                    e.status.error.clone().unwrap_or_default(),
-                    e.status.updated_at_ms.to_string(),
-                ];
-                row.extend(metrics.iter().map(|m| {
-                    e.status
-                        .readings
-                        .as_ref()
-                        .and_then(|r| r.get(m))
-                        .map(f64::to_string)
-                        .unwrap_or_default()
-                }));
-                w.write_record(&row).map_err(csv_error)?;
-            }
-            w.into_inner()
-                .map_err(|e| csv_error(e.into_error().into()))?
+            render_csv(&[], &header, &[])?
         }
-    }))
+        Format::Ndjson => Vec::new(),
+    };
+    let names = names.clone();
+    // State: the connection, and where the next page starts (`None`: the scan is done).
+    let pages = futures::stream::try_unfold(
+        (conn, Some(None::<jobs::DeviceCursor>)),
+        move |(mut conn, cursor)| {
+            let names = names.clone();
+            let metrics = metrics.clone();
+            async move {
+                let Some(cursor) = cursor else {
+                    return Ok(None);
+                };
+                let page = jobs::devices(&mut conn, &names, id, None, cursor, EXPORT_PAGE).await?;
+                let next = match page.next_cursor {
+                    Some(c) => Some(Some(c.parse().map_err(|()| StoreError::Corrupt {
+                        key: "(export cursor)".into(),
+                        problem: c,
+                    })?)),
+                    None => None,
+                };
+                let chunk = match format {
+                    Format::Ndjson => render_ndjson(&page.devices),
+                    Format::Csv => render_csv(&page.devices, &[], &metrics)?,
+                };
+                Ok(Some((bytes::Bytes::from(chunk), (conn, next))))
+            }
+        },
+    );
+    Ok(Some(
+        futures::stream::once(async move { Ok(bytes::Bytes::from(header)) }).chain(pages),
+    ))
+}
+
+/// Devices per page of an export.
+const EXPORT_PAGE: usize = 2000;
+
+fn render_ndjson(entries: &[DeviceEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let line = serde_json::json!({
+            "device_id": e.device_id,
+            "state": e.status.state.as_str(),
+            "attempts": e.status.attempts,
+            "error": e.status.error,
+            "updated_at_ms": e.status.updated_at_ms,
+            "readings": e.status.readings,
+        });
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// CSV rows of `entries` (after a `header` row when one is given).
+fn render_csv(
+    entries: &[DeviceEntry],
+    header: &[&str],
+    metrics: &[String],
+) -> Result<Vec<u8>, StoreError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    if !header.is_empty() {
+        w.write_record(header).map_err(csv_error)?;
+    }
+    for e in entries {
+        let mut row = vec![
+            e.device_id.clone(),
+            e.status.state.as_str().to_owned(),
+            e.status.attempts.to_string(),
+            e.status.error.clone().unwrap_or_default(),
+            e.status.updated_at_ms.to_string(),
+        ];
+        row.extend(metrics.iter().map(|m| {
+            e.status
+                .readings
+                .as_ref()
+                .and_then(|r| r.get(m))
+                .map(f64::to_string)
+                .unwrap_or_default()
+        }));
+        w.write_record(&row).map_err(csv_error)?;
+    }
+    w.into_inner().map_err(|e| csv_error(e.into_error().into()))
 }
 
 fn csv_error(e: csv::Error) -> StoreError {

@@ -1,5 +1,6 @@
 //! Bounded memory (guarantee 4): the coordinator streams a job's targets from the registry
-//! while it plans, so planning a large job costs it no more memory than planning a small one.
+//! while it plans, and a job's results page by page while it exports them, so neither costs
+//! it more memory for a large job than for a small one.
 
 use std::time::Duration;
 
@@ -68,6 +69,39 @@ async fn planning_a_100000_device_job_keeps_the_coordinators_memory_bounded() {
         growth < PLANNING_BUDGET_MB,
         "planning {DEVICES} devices grew the coordinator by {growth:.1} MB \
          (baseline {baseline:.1} MB, peak {peak:.1} MB)"
+    );
+
+    // The export of every device's result (100,000 rows) streams: sampled throughout, the
+    // coordinator grows by no more than planning may.
+    let before = rss_mb(pid);
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0f64;
+            while !stop.is_cancelled() {
+                peak = peak.max(rss_mb(pid));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        })
+    };
+    let (status, csv) = app
+        .get_text(&app.url(&format!("/v1/jobs/{id}/results?format=csv")))
+        .await;
+    sampling.cancel();
+    let export_peak = sampler.await.expect("sampler").max(rss_mb(pid));
+    assert_eq!(status, 200);
+    assert_eq!(
+        csv.lines().count() as u64,
+        DEVICES + 1,
+        "a header and a row per device"
+    );
+    let growth = export_peak - before;
+    eprintln!("coordinator RSS: {before:.1} MB before the export, peak {export_peak:.1} MB");
+    assert!(
+        growth < PLANNING_BUDGET_MB,
+        "exporting {DEVICES} results grew the coordinator by {growth:.1} MB"
     );
 
     // The queued tasks are of no further use: drop them with the queue.

@@ -273,11 +273,11 @@ pub(super) async fn results(
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     let format = q.format.unwrap_or(readings::Format::Csv);
-    let mut redis = app.redis.clone();
-    let body = readings::export(&mut redis, &app.names, id, format)
+    let chunks = readings::export(&app.redis, &app.names, id, format)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    let body = axum::body::Body::from_stream(chunks);
     let content_type = match format {
         readings::Format::Csv => "text/csv",
         readings::Format::Ndjson => "application/x-ndjson",
