@@ -280,6 +280,48 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), AmqpE
     Ok(())
 }
 
+/// Checks, without declaring anything, that what a worker uses exists: the tasks queue, the
+/// retry queues, and the results, dead-letter and control exchanges. Passive declarations
+/// need no permission, so a worker runs with a broker user that may not declare, delete or
+/// purge anything; a coordinator declares the topology first.
+///
+/// # Errors
+/// Something is missing (the broker answers NOT_FOUND: no coordinator has declared this
+/// namespace yet), or the connection failed.
+pub async fn check(channel: &Channel, settings: &Settings) -> Result<(), AmqpError> {
+    let names = Names::new(&settings.namespace);
+    let passive_queue = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let passive_exchange = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let queues = std::iter::once(names.tasks_queue())
+        .chain((0..settings.worker.retry_delays_ms.len()).map(|n| names.retry_queue(n)));
+    for q in queues {
+        channel
+            .queue_declare(q.into(), passive_queue, FieldTable::default())
+            .await?;
+    }
+    for (exchange, kind) in [
+        (names.results_exchange(), ExchangeKind::Direct),
+        (names.dead_exchange(), ExchangeKind::Fanout),
+        (names.control_exchange(), ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(
+                exchange.into(),
+                kind,
+                passive_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 /// Moves a message that cannot be processed to the dead-letter exchange, keeping its body and
 /// properties and adding the reason and source queue as headers, so an operator can inspect,
 /// repair and replay it. The caller acks the original once this returns.

@@ -43,7 +43,14 @@ pub fn service_env() -> Vec<(String, String)> {
 /// Starts a coordinator and `workers` workers in a fresh namespace; `env` adds settings
 /// (as `FLEETBATCH_*` variables) for every process.
 pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
-    let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    // A fresh namespace, unless the test brings its own (e.g. one its broker users are for).
+    let namespace = env
+        .iter()
+        .find(|(k, _)| *k == "FLEETBATCH_NAMESPACE")
+        .map_or_else(
+            || format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
+            |(_, v)| (*v).to_owned(),
+        );
     let mut child_env = service_env();
     child_env.push(("FLEETBATCH_NAMESPACE".into(), namespace.clone()));
     child_env.push(("FLEETBATCH_AMQP__QUEUE_EXPIRES_MS".into(), "600000".into()));

@@ -1,7 +1,8 @@
 //! Encryption in transit and identities from an identity provider: the API over HTTPS with a
 //! private CA (the CLI trusts it with `--ca-file`), a whole job against a TLS Redis that lets
 //! in only an ACL user confined to the deployment's keys, and OIDC bearer JWTs accepted only
-//! when signed by the provider's key for this API, unexpired, with a role.
+//! when signed by the provider's key for this API, unexpired, with a role; and each component
+//! on its own least-privilege broker user.
 
 use std::time::Duration;
 
@@ -394,5 +395,123 @@ async fn half_sent_requests_are_dropped_after_the_header_timeout() {
     );
     // The API still answers.
     assert_eq!(app.job_if_any().await, None);
+    app.teardown().await;
+}
+
+/// The broker users `deploy/rabbitmq/users.sh` makes for a namespace; deleted when dropped.
+struct BrokerUsers {
+    namespace: String,
+}
+
+impl Drop for BrokerUsers {
+    fn drop(&mut self) {
+        for role in ["coordinator", "worker"] {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_user", &format!("{}-{role}", self.namespace)])
+                .output();
+        }
+    }
+}
+
+/// `amqp://` URL of the test broker with another user.
+fn amqp_url_as(user: &str, password: &str) -> String {
+    let mut url = url::Url::parse(&shared::config::test_amqp_url()).expect("amqp url");
+    url.set_username(user).expect("user");
+    url.set_password(Some(password)).expect("password");
+    url.to_string()
+}
+
+#[tokio::test]
+async fn each_component_runs_with_its_own_least_privilege_broker_user() {
+    // Arrange: the namespace's users from the deploy script.
+    let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rabbitmq/users.sh");
+    let out = std::process::Command::new("bash")
+        .args([script, &namespace])
+        .env("COORDINATOR_PASSWORD", "coord-pass")
+        .env("WORKER_PASSWORD", "worker-pass")
+        .output()
+        .expect("users.sh runs");
+    let _users = BrokerUsers {
+        namespace: namespace.clone(),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let coordinator_url = amqp_url_as(&format!("{namespace}-coordinator"), "coord-pass");
+    let worker_url = amqp_url_as(&format!("{namespace}-worker"), "worker-pass");
+
+    // The coordinator (and this test) with the coordinator's user, two workers with theirs.
+    let mut app = spawn_app(
+        0,
+        &[
+            ("FLEETBATCH_NAMESPACE", namespace.as_str()),
+            ("FLEETBATCH_AMQP__URL", coordinator_url.as_str()),
+        ],
+    )
+    .await;
+    for _ in 0..2 {
+        app.cluster
+            .start_worker_with(&[("FLEETBATCH_AMQP__URL".into(), worker_url.clone())])
+            .expect("worker");
+    }
+
+    // Act: a job.
+    let n = 2_000;
+    app.import_fleet(n).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+
+    // Assert: the job is exact, and the worker's user cannot do what workers never do.
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    let mut as_worker = app.settings.amqp.clone();
+    as_worker.url = worker_url.clone();
+    let names = app.names.clone();
+    let refused = |what: &str, r: Result<(), lapin::Error>| {
+        let e = r.expect_err(what);
+        assert!(e.to_string().contains("ACCESS_REFUSED"), "{what}: {e}");
+    };
+    let conn = shared::amqp::connect(&as_worker, "e2e-worker-rights")
+        .await
+        .expect("the worker's user connects");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let r = async {
+        ch.basic_publish(
+            names.control_exchange().into(),
+            "".into(),
+            Default::default(),
+            b"cancel everything",
+            Default::default(),
+        )
+        .await?
+        .await
+        .map(|_| ())
+    };
+    refused("publishing a control message", r.await);
+    let ch = conn.create_channel().await.expect("channel");
+    let r = ch
+        .basic_get(names.results_queue().into(), Default::default())
+        .await
+        .map(|_| ());
+    refused("reading results", r);
+    let ch = conn.create_channel().await.expect("channel");
+    let r = ch
+        .queue_delete(names.tasks_queue().into(), Default::default())
+        .await
+        .map(|_| ());
+    refused("deleting the tasks queue", r);
+    let ch = conn.create_channel().await.expect("channel");
+    let r = ch
+        .queue_delete(names.dead_queue().into(), Default::default())
+        .await
+        .map(|_| ());
+    refused("deleting the dead-letter queue", r);
+    let _ = conn.close(200, "done".into()).await;
     app.teardown().await;
 }

@@ -104,9 +104,11 @@ impl Worker {
             .await
             .with_context(|| format!("connecting to RabbitMQ at {}", settings.amqp.safe_url()))?;
         let publisher = amqp::Publisher::new(&connection, &settings.amqp).await?;
-        topology::declare(publisher.channel(), &settings)
+        // The coordinator declares the topology; a worker only checks it is there, so its
+        // broker user needs no right to declare, delete or purge (docs/security.md).
+        topology::check(publisher.channel(), &settings)
             .await
-            .context("declaring the broker topology")?;
+            .context("checking the broker topology (a coordinator declares it)")?;
         let redis = store::connect(&settings.redis)
             .await
             .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
