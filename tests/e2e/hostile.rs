@@ -207,10 +207,15 @@ async fn a_thousand_hostile_inputs_crash_nothing_and_the_job_running_beside_them
                     format!("/v1/jobs?cursor={junk}&limit=0"),
                     format!("/v1/audit?cursor={junk}&limit=5000"),
                     format!("/v1/dlq?limit={junk}"),
+                    format!("/v1/jobs/{junk}/events"),
+                    format!("/v1/jobs/{junk}/results?format={junk}"),
+                    format!("/v1/tokens/{junk}"),
                 ];
                 let path = &paths[g.below(paths.len())];
                 let method = if path.ends_with("/cancel") {
                     post.clone()
+                } else if path.starts_with("/v1/tokens/") {
+                    reqwest::Method::DELETE
                 } else {
                     get.clone()
                 };
