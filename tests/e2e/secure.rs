@@ -43,7 +43,7 @@ async fn tls_redis(ca: &TestCa) -> TlsRedis {
             "--appendonly",
             "no",
         ])
-        .args(["--dir", &ca.path("")])
+        .args(["--dir", &ca.path(""), "--logfile", &ca.path("redis.log")])
         .args(["--user", "default", "off"])
         .args([
             "--user",
