@@ -110,15 +110,39 @@ impl Client {
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> anyhow::Result<T> {
-        let resp = self
+        let req = self
             .http
             .post(self.url(path))
             .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body)
+            .body(body);
+        self.send(req).await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req
             .send()
             .await
             .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
         Self::decode(resp).await
+    }
+
+    /// Creates a job, with an idempotency key when given (a retried create then returns the
+    /// first job).
+    pub(crate) async fn create_job(
+        &self,
+        content_type: &str,
+        spec: String,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut req = self
+            .http
+            .post(self.url("/v1/jobs"))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(spec);
+        if let Some(key) = idempotency_key {
+            req = req.header("idempotency-key", key);
+        }
+        self.send(req).await
     }
 
     /// Succeeds when `url` answers 2xx within five seconds.

@@ -2,11 +2,14 @@
 //!
 //! Owns job creation: parse and validate the spec (the error names the field), check that
 //! explicit devices and groups exist, assign a UUID v7, store the job document once in Redis
-//! (tasks reference it by id), mark the job active and hand it to a planner. It never
+//! (tasks reference it by id), mark the job active and hand it to a planner. A create that
+//! carries an idempotency key already used by the same caller returns the first job instead
+//! of starting a second rollout; the check and the store are one atomic script. It never
 //! publishes tasks itself.
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use shared::{
     job::{JobSpec, SpecError, SpecFormat, SpecLimits},
     now_ms,
@@ -25,6 +28,9 @@ pub enum IntakeError {
     /// The targets leave the caller's group scope (the message names what is outside).
     #[error("{0}")]
     OutOfScope(String),
+    /// The idempotency key was used before, by the same caller, for another spec.
+    #[error("Idempotency-Key was used for another job spec (job {0}); use a new key")]
+    KeyReused(Uuid),
     /// Redis failed.
     #[error("cannot store the job")]
     Store(#[from] StoreError),
@@ -62,7 +68,57 @@ pub struct NewJob<'a> {
     pub outbound: &'a crate::outbound::Policy,
     /// Signs the job's document, when the deployment signs documents.
     pub signer: Option<&'a shared::signing::Signer25519>,
+    /// The caller's idempotency key and who the caller is, if the create carries one.
+    pub idempotency: Option<Idempotency<'a>>,
 }
+
+/// An idempotency key as a caller sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    /// The key (`Idempotency-Key`).
+    pub key: &'a str,
+    /// Who sent it: keys of different callers never collide.
+    pub caller: &'a str,
+}
+
+/// How long a create's idempotency key is remembered.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+
+/// What a create did.
+#[derive(Debug)]
+pub enum Creation {
+    /// A new job.
+    New(Uuid, Box<JobSpec>),
+    /// The job an earlier create with the same idempotency key made.
+    Existing(Uuid),
+}
+
+/// Checks an `Idempotency-Key` value: 1 to 255 visible ASCII characters.
+///
+/// # Errors
+/// The problem, for a 400 naming the header.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be 1 to 255 visible ASCII characters".into());
+    }
+    Ok(())
+}
+
+/// Stores a job (and its idempotency key) unless the key already names one: returns that
+/// job's record (`id\nspec digest`) then, nothing written.
+const STORE_JOB: &str = r"
+if #KEYS == 4 then
+  local prior = redis.call('GET', KEYS[4])
+  if prior then return prior end
+end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+if #KEYS == 4 then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3]) end
+return ''
+";
 
 /// Validates and stores a job. The caller starts its planner.
 ///
@@ -73,7 +129,21 @@ pub async fn create(
     redis: &mut ConnectionManager,
     names: &Names,
     job: NewJob<'_>,
-) -> Result<(Uuid, JobSpec), IntakeError> {
+) -> Result<Creation, IntakeError> {
+    let digest = hex::encode(Sha256::digest(job.text.as_bytes()));
+    let key = job.idempotency.map(|i| {
+        names.create_key(&hex::encode(Sha256::digest(format!(
+            "{}\n{}",
+            i.caller, i.key
+        ))))
+    });
+    // A repeated create answers with its first job at once, whatever changed since.
+    if let Some(key) = &key {
+        let prior: Option<String> = redis::AsyncCommands::get(redis, key).await?;
+        if let Some(prior) = prior {
+            return replayed(&prior, &digest);
+        }
+    }
     let spec = JobSpec::parse(job.text, job.format, job.limits)?;
     if let Err(m) = crate::access::scope::check(redis, names, &spec.target, job.scope).await? {
         return Err(IntakeError::OutOfScope(m));
@@ -108,30 +178,57 @@ pub async fn create(
         .signer
         .map(|k| serde_json::to_string(&k.sign(id, &spec.action)).unwrap_or_default())
         .unwrap_or_default();
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .hset_multiple(
-            names.job(id),
-            &[
-                ("spec", spec_json),
-                ("name", spec.name.clone().unwrap_or_default()),
-                ("state", JobState::InProgress.as_str().to_owned()),
-                ("created_at_ms", now.to_string()),
-                ("updated_at_ms", now.to_string()),
-                ("planned", "0".to_owned()),
-                ("planning_done", "0".to_owned()),
-                ("trace", trace.unwrap_or_default()),
-                ("signed", signed),
-            ],
-        )
-        .ignore()
-        .zadd(names.jobs(), id.to_string(), now)
-        .ignore()
-        .sadd(names.active_jobs(), id.to_string())
-        .ignore();
-    let () = pipe.query_async(redis).await?;
+    let fields = [
+        ("spec", spec_json),
+        ("name", spec.name.clone().unwrap_or_default()),
+        ("state", JobState::InProgress.as_str().to_owned()),
+        ("created_at_ms", now.to_string()),
+        ("updated_at_ms", now.to_string()),
+        ("planned", "0".to_owned()),
+        ("planning_done", "0".to_owned()),
+        ("trace", trace.unwrap_or_default()),
+        ("signed", signed),
+    ];
+    let script = redis::Script::new(STORE_JOB);
+    let mut call = script.prepare_invoke();
+    call.key(names.job(id))
+        .key(names.jobs())
+        .key(names.active_jobs());
+    // The key's record: the job it made and a digest of the spec it was made from.
+    if let Some(key) = &key {
+        call.key(key);
+    }
+    call.arg(id.to_string())
+        .arg(now)
+        .arg(IDEMPOTENCY_TTL_SECS)
+        .arg(format!("{id}\n{digest}"));
+    for (k, v) in &fields {
+        call.arg(*k).arg(v);
+    }
+    let prior: String = call.invoke_async(redis).await?;
+    if !prior.is_empty() {
+        // Another create with the same key won the race.
+        return replayed(&prior, &digest);
+    }
     tracing::info!(job_id = %id, action = spec.action.kind(), "job created");
-    Ok((id, spec))
+    Ok(Creation::New(id, Box::new(spec)))
+}
+
+/// The answer to a create whose idempotency key names `record` (`id\nspec digest`).
+fn replayed(record: &str, digest: &str) -> Result<Creation, IntakeError> {
+    let corrupt = |problem: String| StoreError::Corrupt {
+        key: "idempotency key".into(),
+        problem,
+    };
+    let (first, first_digest) = record
+        .split_once('\n')
+        .ok_or_else(|| corrupt(format!("{record:?} is not id and digest")))?;
+    let first = Uuid::parse_str(first).map_err(|e| corrupt(e.to_string()))?;
+    if first_digest != digest {
+        return Err(IntakeError::KeyReused(first));
+    }
+    tracing::info!(job_id = %first, "create repeated with its idempotency key: the first job stands");
+    Ok(Creation::Existing(first))
 }
 
 async fn check_targets_exist(

@@ -138,6 +138,10 @@ impl Names {
     pub fn active_jobs(&self) -> String {
         format!("{}:jobs:active", self.ns)
     }
+    /// The job a create with an idempotency key made (`digest`: SHA-256 of caller and key).
+    pub fn create_key(&self, digest: &str) -> String {
+        format!("{}:create-key:{digest}", self.ns)
+    }
     /// Idempotency record of one execution.
     pub fn idempotency(&self, execution: Uuid) -> String {
         format!("{}:idem:{execution}", self.ns)

@@ -21,5 +21,6 @@ mod invalid_input;
 mod job_roundtrip;
 mod memory;
 mod observability;
+mod safe_create;
 mod secure;
 mod services;

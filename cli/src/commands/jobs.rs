@@ -134,6 +134,10 @@ pub(crate) struct CreateArgs {
     /// Follow the job until it finishes.
     #[arg(long)]
     watch: bool,
+    /// Make the create safe to retry: the same key returns the first job (for 24 hours)
+    /// instead of starting a second rollout.
+    #[arg(long)]
+    idempotency_key: Option<String>,
     /// Print JSON (the created job; with --watch, the finished job).
     #[arg(long)]
     json: bool,
@@ -189,7 +193,7 @@ fn spec_from_flags(a: &CreateArgs) -> anyhow::Result<Value> {
 pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create(args) => {
-            let created: Value = match &args.file {
+            let (ct, spec) = match &args.file {
                 Some(file) => {
                     let text = tokio::fs::read_to_string(file)
                         .await
@@ -199,15 +203,13 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
                     } else {
                         "application/json"
                     };
-                    client.post("/v1/jobs", ct, text).await?
+                    (ct, text)
                 }
-                None => {
-                    let spec = spec_from_flags(&args)?;
-                    client
-                        .post("/v1/jobs", "application/json", spec.to_string())
-                        .await?
-                }
+                None => ("application/json", spec_from_flags(&args)?.to_string()),
             };
+            let created: Value = client
+                .create_job(ct, spec, args.idempotency_key.as_deref())
+                .await?;
             let id = created["job_id"].as_str().unwrap_or_default().to_owned();
             if args.watch {
                 if !args.json {

@@ -25,6 +25,12 @@ use crate::{
     readings, report,
 };
 
+/// Header making a create safe to retry: the same key (from the same caller) returns the
+/// first job.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header on the answer to a repeated create.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 #[tracing::instrument(
     name = "POST /v1/jobs",
     skip_all,
@@ -62,6 +68,20 @@ pub(super) async fn create(
             field: Some(".".into()),
         });
     }
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|v| {
+            let key = v.to_str().map_err(|_| "must be visible ASCII".to_owned())?;
+            intake::check_key(key).map(|()| key)
+        })
+        .transpose()
+        .map_err(|problem| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{IDEMPOTENCY_KEY}: {problem}"),
+            )
+            .with_field(IDEMPOTENCY_KEY)
+        })?;
     let mut redis = app.redis.clone();
     let job = intake::NewJob {
         text: &body,
@@ -72,9 +92,13 @@ pub(super) async fn create(
         trace: shared::amqp::current_traceparent(),
         outbound: &app.outbound,
         signer: app.signer.as_ref(),
+        idempotency: key.map(|key| intake::Idempotency {
+            key,
+            caller: &caller.subject,
+        }),
     };
     match intake::create(&mut redis, &app.names, job).await {
-        Ok((id, spec)) => {
+        Ok(intake::Creation::New(id, spec)) => {
             tracing::Span::current().record("job_id", tracing::field::display(id));
             app.notifier.job_state(id, JobState::InProgress, json!({}));
             app.start_planner(id);
@@ -90,6 +114,23 @@ pub(super) async fn create(
             })));
             Ok(response)
         }
+        Ok(intake::Creation::Existing(id)) => {
+            let mut response = (
+                StatusCode::OK,
+                [(IDEMPOTENT_REPLAYED, "true")],
+                Json(json!({"job_id": id, "idempotent_replay": true})),
+            )
+                .into_response();
+            response.extensions_mut().insert(AuditDetail(
+                json!({"job_id": id, "idempotent_replay": true}),
+            ));
+            Ok(response)
+        }
+        Err(IntakeError::KeyReused(first)) => Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: IntakeError::KeyReused(first).to_string(),
+            field: Some(IDEMPOTENCY_KEY.into()),
+        }),
         Err(IntakeError::OutOfScope(message)) => Err(ApiError {
             status: StatusCode::FORBIDDEN,
             message,
