@@ -127,16 +127,22 @@ impl Client {
     }
 
     /// Creates a job, with an idempotency key when given (a retried create then returns the
-    /// first job).
+    /// first job); or, with `dry_run`, reports what it would do and creates nothing.
     pub(crate) async fn create_job(
         &self,
         content_type: &str,
         spec: String,
         idempotency_key: Option<&str>,
+        dry_run: bool,
     ) -> anyhow::Result<serde_json::Value> {
+        let path = if dry_run {
+            "/v1/jobs?dry_run=true"
+        } else {
+            "/v1/jobs"
+        };
         let mut req = self
             .http
-            .post(self.url("/v1/jobs"))
+            .post(self.url(path))
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(spec);
         if let Some(key) = idempotency_key {

@@ -120,6 +120,42 @@ if #KEYS == 4 then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3]) end
 return ''
 ";
 
+/// Everything a create checks before it stores anything (a dry run stops here): the spec
+/// parses and validates, its targets stay inside the caller's groups and exist, and its
+/// webhooks can be signed and may be called.
+///
+/// # Errors
+/// As [`create`].
+pub async fn validate(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    job: &NewJob<'_>,
+) -> Result<JobSpec, IntakeError> {
+    let spec = JobSpec::parse(job.text, job.format, job.limits)?;
+    if let Err(m) = crate::access::scope::check(redis, names, &spec.target, job.scope).await? {
+        return Err(IntakeError::OutOfScope(m));
+    }
+    if !spec.notify.webhooks.is_empty() && !job.can_sign_webhooks {
+        return Err(SpecError {
+            field: "notify.webhooks".into(),
+            problem: "this deployment has no coordinator.webhook_secret to sign webhooks with"
+                .into(),
+        }
+        .into());
+    }
+    for (i, w) in spec.notify.webhooks.iter().enumerate() {
+        job.outbound
+            .check(&w.url)
+            .await
+            .map_err(|problem| SpecError {
+                field: format!("notify.webhooks[{i}].url"),
+                problem,
+            })?;
+    }
+    check_targets_exist(redis, names, &spec).await?;
+    Ok(spec)
+}
+
 /// Validates and stores a job. The caller starts its planner.
 ///
 /// # Errors
@@ -144,29 +180,8 @@ pub async fn create(
             return replayed(&prior, &digest);
         }
     }
-    let spec = JobSpec::parse(job.text, job.format, job.limits)?;
-    if let Err(m) = crate::access::scope::check(redis, names, &spec.target, job.scope).await? {
-        return Err(IntakeError::OutOfScope(m));
-    }
+    let spec = validate(redis, names, &job).await?;
     let trace = job.trace;
-    if !spec.notify.webhooks.is_empty() && !job.can_sign_webhooks {
-        return Err(SpecError {
-            field: "notify.webhooks".into(),
-            problem: "this deployment has no coordinator.webhook_secret to sign webhooks with"
-                .into(),
-        }
-        .into());
-    }
-    for (i, w) in spec.notify.webhooks.iter().enumerate() {
-        job.outbound
-            .check(&w.url)
-            .await
-            .map_err(|problem| SpecError {
-                field: format!("notify.webhooks[{i}].url"),
-                problem,
-            })?;
-    }
-    check_targets_exist(redis, names, &spec).await?;
     let id = Uuid::now_v7();
     let now = now_ms();
     let spec_json = serde_json::to_string(&spec).map_err(|e| SpecError {

@@ -18,6 +18,8 @@
 //! - [`intake`]: accepts a job spec, validates it, stores it once, starts its planner.
 //! - [`split`]: streams a job's targets from the registry in id order and decides per device:
 //!   send a task, or skip it (incompatible, unknown). Never holds the fleet in memory.
+//! - [`preview`]: the dry run of a spec: targets decided as the planner would, counted and
+//!   broken down, with the publishing time; nothing stored.
 //! - [`planner`]: the planner loop (plan, then publish): publishes tasks in confirmed batches, at the job's rate,
 //!   checkpointing its cursor so a restarted coordinator resumes where it stopped; cancels
 //!   what is not yet published when the job is canceled.
@@ -50,6 +52,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbound;
 pub mod planner;
+pub mod preview;
 pub mod readings;
 pub mod registry;
 pub mod report;

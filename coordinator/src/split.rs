@@ -99,6 +99,21 @@ impl Targets {
         names: &Names,
         after: Option<&str>,
     ) -> Result<(Vec<Decision>, Option<String>), StoreError> {
+        let (decided, cursor) = self.next_devices(redis, names, after).await?;
+        Ok((decided.into_iter().map(|(d, _)| d).collect(), cursor))
+    }
+
+    /// [`Self::next_batch`] with each decision's device record (absent for devices not in
+    /// the registry), for previews that break the targets down by attribute.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn next_devices(
+        &self,
+        redis: &mut ConnectionManager,
+        names: &Names,
+        after: Option<&str>,
+    ) -> Result<(Vec<(Decision, Option<Device>)>, Option<String>), StoreError> {
         let mut fetched = Vec::with_capacity(self.sources.len());
         for source in &self.sources {
             let ids = match source {
@@ -127,6 +142,7 @@ impl Targets {
                     self.filter.as_ref(),
                     self.compatibility.as_ref(),
                 )
+                .map(|d| (d, device))
             })
             .collect();
         Ok((decisions, Some(cursor)))

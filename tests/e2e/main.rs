@@ -12,6 +12,7 @@ mod cancel;
 mod cli;
 mod dead_letter;
 mod devices;
+mod dry_run;
 mod faults;
 mod forged;
 mod guarantees;

@@ -138,6 +138,10 @@ pub(crate) struct CreateArgs {
     /// instead of starting a second rollout.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Create nothing: print what the job would do (devices targeted, sent and skipped by
+    /// reason, by group, model and hardware revision, and the publishing time).
+    #[arg(long, conflicts_with = "watch")]
+    dry_run: bool,
     /// Print JSON (the created job; with --watch, the finished job).
     #[arg(long)]
     json: bool,
@@ -189,6 +193,40 @@ fn spec_from_flags(a: &CreateArgs) -> anyhow::Result<Value> {
     Ok(spec)
 }
 
+/// A dry run, for people.
+fn dry_run_summary(p: &Value) -> String {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    let mut out = format!(
+        "dry run: nothing created\ntargeted {}: {} to send, {} skipped\n",
+        n("targeted"),
+        n("to_send"),
+        n("skipped")
+    );
+    match p["publish_secs"].as_f64() {
+        Some(s) => {
+            out += &format!(
+                "publishing at {} devices/s takes {:.0} s\n",
+                p["max_per_second"], s
+            )
+        }
+        None => out += "no rate limit: as fast as the workers take tasks\n",
+    }
+    for (title, key) in [
+        ("skipped", "skipped_by_reason"),
+        ("by group", "by_group"),
+        ("by model", "by_model"),
+        ("by hardware revision", "by_hardware_revision"),
+    ] {
+        if let Some(map) = p[key].as_object().filter(|m| !m.is_empty()) {
+            out += &format!("{title}:\n");
+            for (k, v) in map {
+                out += &format!("  {k}: {v}\n");
+            }
+        }
+    }
+    out
+}
+
 /// Runs a `job` command.
 pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
@@ -207,8 +245,17 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
                 }
                 None => ("application/json", spec_from_flags(&args)?.to_string()),
             };
+            if args.dry_run {
+                let preview: Value = client.create_job(ct, spec, None, true).await?;
+                if args.json {
+                    output::print_json(&preview);
+                } else {
+                    print!("{}", dry_run_summary(&preview));
+                }
+                return Ok(());
+            }
             let created: Value = client
-                .create_job(ct, spec, args.idempotency_key.as_deref())
+                .create_job(ct, spec, args.idempotency_key.as_deref(), false)
                 .await?;
             let id = created["job_id"].as_str().unwrap_or_default().to_owned();
             if args.watch {

@@ -31,6 +31,13 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Header on the answer to a repeated create.
 const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
+#[derive(Debug, Deserialize)]
+pub(super) struct CreateQuery {
+    /// Validate and report what the job would do; create nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 #[tracing::instrument(
     name = "POST /v1/jobs",
     skip_all,
@@ -39,6 +46,7 @@ const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    Query(q): Query<CreateQuery>,
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
@@ -97,6 +105,24 @@ pub(super) async fn create(
             caller: &caller.subject,
         }),
     };
+    if q.dry_run {
+        let spec = intake::validate(&mut redis, &app.names, &job)
+            .await
+            .map_err(intake_error)?;
+        let preview = crate::preview::preview(
+            &mut redis,
+            &app.names,
+            &spec,
+            app.settings.coordinator.default_max_per_second,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+        let mut response = Json(preview).into_response();
+        response.extensions_mut().insert(AuditDetail(
+            json!({"dry_run": true, "action": spec.action.kind()}),
+        ));
+        return Ok(response);
+    }
     match intake::create(&mut redis, &app.names, job).await {
         Ok(intake::Creation::New(id, spec)) => {
             tracing::Span::current().record("job_id", tracing::field::display(id));
@@ -126,22 +152,29 @@ pub(super) async fn create(
             ));
             Ok(response)
         }
-        Err(IntakeError::KeyReused(first)) => Err(ApiError {
+        Err(e) => Err(intake_error(e)),
+    }
+}
+
+/// The answer to a create refused by intake.
+fn intake_error(e: IntakeError) -> ApiError {
+    match e {
+        IntakeError::KeyReused(first) => ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             message: IntakeError::KeyReused(first).to_string(),
             field: Some(IDEMPOTENCY_KEY.into()),
-        }),
-        Err(IntakeError::OutOfScope(message)) => Err(ApiError {
+        },
+        IntakeError::OutOfScope(message) => ApiError {
             status: StatusCode::FORBIDDEN,
             message,
             field: Some("target".into()),
-        }),
-        Err(IntakeError::Invalid(e)) => Err(ApiError {
+        },
+        IntakeError::Invalid(e) => ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             message: e.to_string(),
             field: Some(e.field),
-        }),
-        Err(e) => Err(ApiError::internal(e)),
+        },
+        e => ApiError::internal(e),
     }
 }
 

@@ -14,7 +14,7 @@
 //! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&tag=&cursor=&limit= | list (pages carry `next_cursor`) |
 //! | GET | /v1/devices/count?group= | count |
 //! | GET | /v1/groups | groups with member counts |
-//! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`; `Idempotency-Key` makes it safe to retry) |
+//! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`; `Idempotency-Key` makes it safe to retry; `?dry_run=true` reports what it would do and creates nothing) |
 //! | GET | /v1/jobs?limit=&cursor= | newest jobs (pages carry `next_cursor`) |
 //! | GET | /v1/jobs/{id} | state and counters |
 //! | POST | /v1/jobs/{id}/cancel | cancel |
