@@ -82,30 +82,17 @@ async fn a_dry_run_creates_nothing_and_counts_exactly_what_the_job_then_does() {
     assert_eq!(body["field"], "target.groups[0]", "{body}");
 
     // The CLI prints the same report.
-    let out = tokio::process::Command::new(
-        harness::cluster::bin_dir()
-            .expect("bins")
-            .join("fleetbatch"),
-    )
-    .args([
-        "--api",
-        &app.cluster.api,
-        "job",
-        "create",
-        "--group",
-        region,
-    ])
-    .args(["--action", "reboot", "--dry-run"])
-    .env("FLEETBATCH_TOKEN", &app.cluster.admin_token)
-    .output()
-    .await
-    .expect("cli runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = app
+        .fleetbatch(&[
+            "job",
+            "create",
+            "--group",
+            region,
+            "--action",
+            "reboot",
+            "--dry-run",
+        ])
+        .await;
     assert!(text.starts_with("dry run: nothing created"), "{text}");
     assert_eq!(app.job_if_any().await, None);
 

@@ -393,6 +393,28 @@ impl TestApp {
     /// Stops every process and deletes the namespace's Redis keys.
     /// Fails the test if any process it started panicked, exited unexpectedly, or did not
     /// stop cleanly (exit 0) on SIGTERM.
+    /// Runs `fleetbatch --api <this app> args...` as the admin; its stdout, failing the test
+    /// on a non-zero exit.
+    pub async fn fleetbatch(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(
+            harness::cluster::bin_dir()
+                .expect("bins")
+                .join("fleetbatch"),
+        )
+        .args(["--api", &self.cluster.api])
+        .args(args)
+        .env("FLEETBATCH_TOKEN", &self.cluster.admin_token)
+        .output()
+        .await
+        .expect("cli runs");
+        assert!(
+            out.status.success(),
+            "fleetbatch {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
     pub async fn teardown(mut self) {
         let problems = self.cluster.stop_all(Duration::from_secs(30)).await;
         assert!(

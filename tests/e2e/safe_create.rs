@@ -114,26 +114,22 @@ async fn a_create_retried_with_its_idempotency_key_returns_the_first_job_and_sta
 
     // The CLI: the same command run twice with --idempotency-key makes one job.
     let cli = |key: &'static str| {
-        let api = app.cluster.api.clone();
-        let token = app.cluster.admin_token.clone();
+        let app = &app;
         async move {
-            let out = tokio::process::Command::new(
-                harness::cluster::bin_dir()
-                    .expect("bins")
-                    .join("fleetbatch"),
-            )
-            .args(["--api", &api, "job", "create", "--group", "fleet"])
-            .args(["--action", "reboot", "--idempotency-key", key, "--json"])
-            .env("FLEETBATCH_TOKEN", token)
-            .output()
-            .await
-            .expect("cli runs");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            let out = app
+                .fleetbatch(&[
+                    "job",
+                    "create",
+                    "--group",
+                    "fleet",
+                    "--action",
+                    "reboot",
+                    "--idempotency-key",
+                    key,
+                    "--json",
+                ])
+                .await;
+            let v: Value = serde_json::from_str(&out).expect("json");
             v["job_id"].as_str().expect("job id").to_owned()
         }
     };
