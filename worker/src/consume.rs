@@ -95,27 +95,34 @@ pub async fn run(
     };
 
     if result.is_ok() {
-        if let Err(e) = channel
-            .basic_cancel(tag.into(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(error.message = %e, "cancelling the consumer failed");
+        // Every broker call on the way out is bounded: a channel the broker or the client
+        // library left half-closed must not hold the process (unacked tasks return to the
+        // queue when the connection goes).
+        let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+        match tokio::time::timeout(STOP_CALL_TIMEOUT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error.message = %e, "cancelling the consumer failed"),
+            Err(_) => tracing::warn!(
+                timeout_ms = STOP_CALL_TIMEOUT.as_millis() as u64,
+                "the broker did not confirm the consumer's cancel; stopping anyway"
+            ),
         }
         // Deliveries already on their way when we cancelled: hand them back untouched.
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(std::time::Duration::from_millis(100), consumer.next()).await
         {
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let nack = delivery.acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            });
+            let _ = tokio::time::timeout(STOP_CALL_TIMEOUT, nack).await;
         }
     }
     result
 }
+
+/// How long one broker call may take while a worker stops.
+pub(crate) const STOP_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Applies a handler's decision to the broker.
 pub async fn settle(ctx: &Context, delivery: Delivery, outcome: Outcome) {

@@ -215,8 +215,15 @@ impl Worker {
                 "grace period over; unfinished tasks return to the queue"
             );
         }
-        let _ = tasks_channel.close(200, "worker stopping".into()).await;
-        let _ = connection.close(200, "worker stopping".into()).await;
+        let stop_call = crate::consume::STOP_CALL_TIMEOUT;
+        let closed = tokio::time::timeout(stop_call, async {
+            let _ = tasks_channel.close(200, "worker stopping".into()).await;
+            let _ = connection.close(200, "worker stopping".into()).await;
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!("the broker connection did not close in time; leaving it");
+        }
         tracing::info!("worker stopped");
         result
     }
