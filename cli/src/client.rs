@@ -140,11 +140,33 @@ impl Client {
         } else {
             "/v1/jobs"
         };
+        self.post_as(path, content_type, spec, idempotency_key)
+            .await
+    }
+
+    /// A JSON POST that creates a job (a rerun), with an idempotency key when given.
+    pub(crate) async fn post_with_key(
+        &self,
+        path: &str,
+        body: String,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.post_as(path, "application/json", body, idempotency_key)
+            .await
+    }
+
+    async fn post_as(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: String,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
         let mut req = self
             .http
             .post(self.url(path))
             .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(spec);
+            .body(body);
         if let Some(key) = idempotency_key {
             req = req.header("idempotency-key", key);
         }

@@ -11,7 +11,7 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use shared::{
-    job::{JobSpec, SpecError, SpecFormat, SpecLimits},
+    job::{FromJob, JobSpec, SpecError, SpecFormat, SpecLimits},
     now_ms,
     state::JobState,
     store::StoreError,
@@ -183,6 +183,9 @@ pub async fn create(
     let spec = validate(redis, names, &job).await?;
     let trace = job.trace;
     let id = Uuid::now_v7();
+    if let Some(from) = &spec.target.from_job {
+        snapshot_targets(redis, names, from, &names.job_targets(id)).await?;
+    }
     let now = now_ms();
     let spec_json = serde_json::to_string(&spec).map_err(|e| SpecError {
         field: ".".into(),
@@ -220,9 +223,20 @@ pub async fn create(
     for (k, v) in &fields {
         call.arg(*k).arg(v);
     }
-    let prior: String = call.invoke_async(redis).await?;
+    let stored: Result<String, redis::RedisError> = call.invoke_async(redis).await;
+    let prior = match stored {
+        Ok(prior) if prior.is_empty() => prior,
+        // Another create with the same key won the race, or the store failed: this job's
+        // snapshot of targets has no job.
+        other => {
+            if spec.target.from_job.is_some() {
+                let _: Result<(), _> =
+                    redis::AsyncCommands::del(redis, names.job_targets(id)).await;
+            }
+            other?
+        }
+    };
     if !prior.is_empty() {
-        // Another create with the same key won the race.
         return replayed(&prior, &digest);
     }
     tracing::info!(job_id = %id, action = spec.action.kind(), "job created");
@@ -245,6 +259,59 @@ fn replayed(record: &str, digest: &str) -> Result<Creation, IntakeError> {
     tracing::info!(job_id = %first, "create repeated with its idempotency key: the first job stands");
     Ok(Creation::Existing(first))
 }
+
+/// Copies the devices of `from`'s job that ended in its states into the sorted set `into`
+/// (read in id order by the planner), a batch at a time, whatever their number. Refuses
+/// (naming the field) when there are none.
+///
+/// # Errors
+/// No device of the earlier job is in those states, or Redis errors.
+pub async fn snapshot_targets(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    from: &FromJob,
+    into: &str,
+) -> Result<u64, IntakeError> {
+    let mut copied = 0u64;
+    for state in &from.states {
+        let set = names.job_state_set(from.job_id, *state);
+        let mut cursor = 0u64;
+        loop {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(&set)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(SNAPSHOT_BATCH)
+                .query_async(redis)
+                .await?;
+            if !ids.is_empty() {
+                let members: Vec<(u8, &String)> = ids.iter().map(|d| (0, d)).collect();
+                let added: u64 = redis::AsyncCommands::zadd_multiple(redis, into, &members).await?;
+                copied += added;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    if copied == 0 {
+        let states: Vec<&str> = from.states.iter().map(|s| s.as_str()).collect();
+        return Err(SpecError {
+            field: "target.from_job.states".into(),
+            problem: format!(
+                "no device of job {} ended {}",
+                from.job_id,
+                states.join(" or ")
+            ),
+        }
+        .into());
+    }
+    Ok(copied)
+}
+
+/// Device ids copied per step of a snapshot.
+const SNAPSHOT_BATCH: usize = 1000;
 
 async fn check_targets_exist(
     redis: &mut ConnectionManager,
@@ -279,6 +346,16 @@ async fn check_targets_exist(
                         ""
                     }
                 ),
+            }
+            .into());
+        }
+    }
+    if let Some(from) = &spec.target.from_job {
+        let exists: bool = redis::AsyncCommands::exists(redis, names.job(from.job_id)).await?;
+        if !exists {
+            return Err(SpecError {
+                field: "target.from_job.job_id".into(),
+                problem: format!("no job {}", from.job_id),
             }
             .into());
         }

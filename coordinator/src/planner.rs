@@ -172,7 +172,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
     } else {
         p.settings.coordinator.publish_batch
     };
-    let targets = Targets::new(&p.names, &record.spec, batch);
+    let targets = Targets::new(&p.names, record.id, &record.spec, batch);
     let started = tokio::time::Instant::now();
     let mut sent_here: u64 = 0;
     let mut state = record.state;

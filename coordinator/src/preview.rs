@@ -55,7 +55,39 @@ pub async fn preview(
     spec: &JobSpec,
     default_rate: u32,
 ) -> Result<Preview, StoreError> {
-    let targets = Targets::new(names, spec, BATCH);
+    // Targets taken from an earlier job are read from a snapshot, as the job would; a dry
+    // run's snapshot is its own and short-lived.
+    let scratch = uuid::Uuid::now_v7();
+    let snapshot = names.job_targets(scratch);
+    if let Some(from) = &spec.target.from_job {
+        match crate::intake::snapshot_targets(redis, names, from, &snapshot).await {
+            Ok(_) => {
+                let () = redis::AsyncCommands::expire(redis, &snapshot, 600).await?;
+            }
+            Err(crate::intake::IntakeError::Store(e)) => return Err(e),
+            Err(_) => {} // nothing to copy: no targets from that job
+        }
+    }
+    let result = count_targets(redis, names, &Targets::new(names, scratch, spec, BATCH)).await;
+    if spec.target.from_job.is_some() {
+        let () = redis::AsyncCommands::del(redis, &snapshot).await?;
+    }
+    let mut p = result?;
+    let rate = spec
+        .rollout
+        .max_per_second
+        .or((default_rate > 0).then_some(default_rate));
+    p.max_per_second = rate;
+    p.publish_secs = rate.map(|r| p.to_send as f64 / f64::from(r.max(1)));
+    Ok(p)
+}
+
+/// Every target decided, counted and broken down.
+async fn count_targets(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    targets: &Targets,
+) -> Result<Preview, StoreError> {
     let mut p = Preview {
         dry_run: true,
         ..Default::default()
@@ -89,12 +121,6 @@ pub async fn preview(
             None => break,
         }
     }
-    let rate = spec
-        .rollout
-        .max_per_second
-        .or((default_rate > 0).then_some(default_rate));
-    p.max_per_second = rate;
-    p.publish_secs = rate.map(|r| p.to_send as f64 / f64::from(r.max(1)));
     Ok(p)
 }
 

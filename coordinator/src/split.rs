@@ -1,7 +1,7 @@
 //! Turning a job and the registry into a stream of per-device decisions.
 //!
-//! Owns target resolution: the union of explicit ids and group members (or the whole
-//! registry), narrowed by the attribute filter, in device-id order, resumable from any
+//! Owns target resolution: the union of explicit ids, group members and an earlier job's
+//! devices (snapshotted at creation), or the whole registry, narrowed by the attribute filter, in device-id order, resumable from any
 //! device id (the planner's checkpoint). For each device it decides: send a task, or skip it
 //! (incompatible, or not in the registry). It reads a bounded batch at a time and never holds
 //! the fleet in memory. It never publishes or records anything.
@@ -60,9 +60,13 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// The targets of `spec`, read `batch` ids at a time.
-    pub fn new(names: &Names, spec: &JobSpec, batch: usize) -> Self {
+    /// The targets of job `job` with `spec`, read `batch` ids at a time. Targets taken from
+    /// an earlier job are read from the job's snapshot of them ([`Names::job_targets`]).
+    pub fn new(names: &Names, job: uuid::Uuid, spec: &JobSpec, batch: usize) -> Self {
         let mut sources = Vec::new();
+        if spec.target.from_job.is_some() {
+            sources.push(Source::SortedSet(names.job_targets(job)));
+        }
         if !spec.target.devices.is_empty() {
             let mut ids = spec.target.devices.clone();
             ids.sort();

@@ -64,6 +64,19 @@ pub struct TargetSpec {
     /// Attribute filter; every given attribute must match.
     #[serde(default)]
     pub filter: Option<AttributeFilter>,
+    /// The devices of an earlier job that ended in the given states (a rerun), with no
+    /// limit on their number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_job: Option<FromJob>,
+}
+
+/// An earlier job's devices, by the terminal state they ended in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FromJob {
+    /// The earlier job.
+    pub job_id: uuid::Uuid,
+    /// The terminal states whose devices are targeted (e.g. FAILED, TIMED_OUT).
+    pub states: Vec<crate::state::ExecutionState>,
 }
 
 /// Which devices can take the job; the others are SKIPPED.
@@ -347,11 +360,31 @@ impl JobSpec {
     /// The first problem found, naming its field.
     pub fn validate(&self, limits: SpecLimits) -> Result<(), SpecError> {
         let t = &self.target;
-        if t.devices.is_empty() && t.groups.is_empty() && t.filter.is_none() {
+        if t.devices.is_empty() && t.groups.is_empty() && t.filter.is_none() && t.from_job.is_none()
+        {
             return Err(SpecError::new(
                 "target",
-                "name at least one of devices, groups or filter",
+                "name at least one of devices, groups, filter or from_job",
             ));
+        }
+        if let Some(from) = &t.from_job {
+            if from.states.is_empty() {
+                return Err(SpecError::new(
+                    "target.from_job.states",
+                    "name at least one terminal state",
+                ));
+            }
+            if let Some((i, s)) = from
+                .states
+                .iter()
+                .enumerate()
+                .find(|(_, s)| !s.is_terminal())
+            {
+                return Err(SpecError::new(
+                    format!("target.from_job.states[{i}]"),
+                    format!("{} is not a terminal state", s.as_str()),
+                ));
+            }
         }
         if t.devices.len() > limits.max_explicit_devices {
             return Err(SpecError::new(

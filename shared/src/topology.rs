@@ -126,6 +126,11 @@ impl Names {
     pub fn job_status(&self, job: Uuid) -> String {
         format!("{}:job:{job}:status", self.ns)
     }
+    /// Sorted set of a job's targets when they are taken from an earlier job (a rerun):
+    /// copied once at creation, read in id order by the planner.
+    pub fn job_targets(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:targets", self.ns)
+    }
     /// Set of the devices of a job in one terminal state.
     pub fn job_state_set(&self, job: Uuid, state: ExecutionState) -> String {
         format!("{}:job:{job}:in:{}", self.ns, state.as_str())

@@ -393,6 +393,25 @@ impl TestApp {
     /// Stops every process and deletes the namespace's Redis keys.
     /// Fails the test if any process it started panicked, exited unexpectedly, or did not
     /// stop cleanly (exit 0) on SIGTERM.
+    /// An HTTP client calling as a new API token made by the admin with `token` (name,
+    /// role, groups...).
+    pub async fn client_as(&self, token: Value) -> reqwest::Client {
+        let r: Value = self
+            .http
+            .post(self.url("/v1/tokens"))
+            .json(&token)
+            .send()
+            .await
+            .expect("token")
+            .json()
+            .await
+            .expect("json");
+        with_token(
+            reqwest::Client::builder(),
+            Some(r["secret"].as_str().expect("a secret")),
+        )
+    }
+
     /// Runs `fleetbatch --api <this app> args...` as the admin; its stdout, failing the test
     /// on a non-zero exit.
     pub async fn fleetbatch(&self, args: &[&str]) -> String {

@@ -22,6 +22,7 @@ mod invalid_input;
 mod job_roundtrip;
 mod memory;
 mod observability;
+mod rerun;
 mod safe_create;
 mod secure;
 mod services;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app, with_token};
+use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
 
 async fn create(
     app: &TestApp,
@@ -93,20 +93,9 @@ async fn a_create_retried_with_its_idempotency_key_returns_the_first_job_and_sta
     assert_eq!(body["field"], "idempotency-key", "{body}");
 
     // Another caller's key of the same name is its own: a new job.
-    let r: Value = app
-        .http
-        .post(app.url("/v1/tokens"))
-        .json(&json!({"name": "pipeline-b", "role": "operator"}))
-        .send()
-        .await
-        .expect("token")
-        .json()
-        .await
-        .expect("json");
-    let other_caller = with_token(
-        reqwest::Client::builder(),
-        Some(r["secret"].as_str().expect("secret")),
-    );
+    let other_caller = app
+        .client_as(json!({"name": "pipeline-b", "role": "operator"}))
+        .await;
     let (status, _, body) = create(&app, &other_caller, &spec, key).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let second = body["job_id"].as_str().expect("job id").to_owned();

@@ -64,6 +64,22 @@ pub(crate) enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A new job with a finished job's action for exactly its devices that ended in the
+    /// given states (default FAILED and TIMED_OUT), however many.
+    Rerun {
+        /// The earlier job.
+        id: String,
+        /// Terminal states whose devices run again, comma separated (e.g.
+        /// FAILED,TIMED_OUT,REJECTED).
+        #[arg(long, value_delimiter = ',')]
+        states: Vec<String>,
+        /// Make the rerun safe to retry (as job create --idempotency-key).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow a job until it finishes.
     Watch {
         /// Job id.
@@ -304,6 +320,31 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             }
             t.print();
             output::next_page(&v);
+        }
+        JobCmd::Rerun {
+            id,
+            states,
+            idempotency_key,
+            json,
+        } => {
+            let states: Vec<String> = states.iter().map(|s| s.trim().to_uppercase()).collect();
+            let body = if states.is_empty() {
+                json!({})
+            } else {
+                json!({ "states": states })
+            };
+            let v = client
+                .post_with_key(
+                    &format!("/v1/jobs/{id}/rerun"),
+                    body.to_string(),
+                    idempotency_key.as_deref(),
+                )
+                .await?;
+            if json {
+                output::print_json(&v);
+            } else {
+                println!("{}", v["job_id"].as_str().unwrap_or_default());
+            }
         }
         JobCmd::Cancel { id, json } => {
             let v: Value = client

@@ -38,6 +38,11 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
         Access::Role(Role::Operator),
     ),
     (
+        Method::POST,
+        "/v1/jobs/{id}/rerun",
+        Access::Role(Role::Operator),
+    ),
+    (
         Method::GET,
         "/v1/jobs/{id}/devices",
         Access::Role(Role::Viewer),

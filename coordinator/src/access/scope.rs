@@ -2,7 +2,8 @@
 //!
 //! Owns the check of a job's targets against a caller's groups: groups outside the scope,
 //! explicit devices in none of its groups, and targets that reach the whole fleet (no group,
-//! no device list) are refused, named in the message. It never changes a job.
+//! no device list) are refused, named in the message. A rerun (targets taken from an earlier
+//! job) stays inside when the earlier job's own targets did. It never changes a job.
 
 use redis::aio::ConnectionManager;
 use shared::{job::TargetSpec, store::StoreError, topology::Names};
@@ -24,6 +25,43 @@ pub async fn check(
     let Some(scope) = scope else {
         return Ok(Ok(()));
     };
+    // A rerun's devices are those of the earlier job (and of the jobs it reran): check
+    // their targets, up to a bounded chain.
+    let mut from = target.from_job.as_ref().map(|f| f.job_id);
+    for _ in 0..MAX_RERUN_CHAIN {
+        let Some(job) = from else { break };
+        let Some(earlier) = shared::store::load_job(redis, names, job).await? else {
+            break; // intake refuses a missing job, naming the field
+        };
+        if let Err(m) = check_own(redis, names, &earlier.spec.target, scope).await? {
+            return Ok(Err(format!("job {job}, whose devices this targets: {m}")));
+        }
+        from = earlier.spec.target.from_job.map(|f| f.job_id);
+    }
+    if from.is_some() {
+        return Ok(Err(format!(
+            "the chain of reruns is longer than {MAX_RERUN_CHAIN} jobs"
+        )));
+    }
+    if target.from_job.is_some() && target.groups.is_empty() && target.devices.is_empty() {
+        return Ok(Ok(()));
+    }
+    check_own(redis, names, target, scope).await
+}
+
+/// Reruns of reruns followed when checking a scope.
+const MAX_RERUN_CHAIN: usize = 16;
+
+/// The check of a target's own groups and devices.
+async fn check_own(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    target: &TargetSpec,
+    scope: &[String],
+) -> Result<Result<(), String>, StoreError> {
+    if target.from_job.is_some() && target.groups.is_empty() && target.devices.is_empty() {
+        return Ok(Ok(()));
+    }
     if let Err(m) = check_groups(target, scope) {
         return Ok(Err(m));
     }
@@ -88,6 +126,7 @@ mod tests {
 
     fn target(groups: &[&str], devices: &[&str]) -> TargetSpec {
         TargetSpec {
+            from_job: None,
             groups: groups.iter().map(|s| (*s).to_owned()).collect(),
             devices: devices.iter().map(|s| (*s).to_owned()).collect(),
             ..Default::default()

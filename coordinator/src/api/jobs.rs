@@ -50,12 +50,6 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
-    if app.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "coordinator is shutting down",
-        ));
-    }
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -65,6 +59,25 @@ pub(super) async fn create(
     } else {
         SpecFormat::Json
     };
+    submit(&app, &caller, &headers, &body, format, q.dry_run).await
+}
+
+/// Creates (or, with `dry_run`, previews) the job `body` describes: the one path every
+/// create takes, reruns included.
+async fn submit(
+    app: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &str,
+    format: SpecFormat,
+    dry_run: bool,
+) -> ApiResult<Response> {
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "coordinator is shutting down",
+        ));
+    }
     let limits = SpecLimits {
         max_document_bytes: app.settings.coordinator.max_document_bytes,
         max_explicit_devices: app.settings.coordinator.max_explicit_devices,
@@ -92,7 +105,7 @@ pub(super) async fn create(
         })?;
     let mut redis = app.redis.clone();
     let job = intake::NewJob {
-        text: &body,
+        text: body,
         format,
         limits,
         can_sign_webhooks: app.settings.coordinator.webhook_secret.is_some(),
@@ -105,7 +118,7 @@ pub(super) async fn create(
             caller: &caller.subject,
         }),
     };
-    if q.dry_run {
+    if dry_run {
         let spec = intake::validate(&mut redis, &app.names, &job)
             .await
             .map_err(intake_error)?;
@@ -154,6 +167,61 @@ pub(super) async fn create(
         }
         Err(e) => Err(intake_error(e)),
     }
+}
+
+/// What a rerun takes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RerunRequest {
+    /// The terminal states whose devices run again (default FAILED and TIMED_OUT).
+    #[serde(default)]
+    states: Vec<ExecutionState>,
+    /// The new job's name (default: "rerun of ...").
+    name: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/rerun`: a new job with the earlier job's action, settings and
+/// compatibility for exactly its devices that ended in the given states, however many (the
+/// target is the earlier job's state sets, not a list of ids). Created like any job: the
+/// caller's scope, `Idempotency-Key` and `?dry_run=true` apply.
+pub(super) async fn rerun(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<CreateQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let req: RerunRequest = if body.is_empty() {
+        RerunRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("rerun: {e}")))?
+    };
+    let mut redis = app.redis.clone();
+    let earlier = shared::store::load_job(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    let states = if req.states.is_empty() {
+        vec![ExecutionState::Failed, ExecutionState::TimedOut]
+    } else {
+        req.states
+    };
+    let mut spec = earlier.spec;
+    spec.name = Some(req.name.unwrap_or_else(|| {
+        format!(
+            "rerun of {}",
+            spec.name.as_deref().unwrap_or(&id.to_string())
+        )
+    }));
+    spec.target = shared::job::TargetSpec {
+        from_job: Some(shared::job::FromJob { job_id: id, states }),
+        ..Default::default()
+    };
+    let text = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    submit(&app, &caller, &headers, &text, SpecFormat::Json, q.dry_run).await
 }
 
 /// The answer to a create refused by intake.
