@@ -31,6 +31,9 @@ pub struct JobSpec {
     /// Who to tell about this job.
     #[serde(default)]
     pub notify: Notify,
+    /// What undoes the action (e.g. the previous firmware), for `fleetbatch job rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Action>,
 }
 
 /// Push notifications of a job.
@@ -280,6 +283,75 @@ pub enum SpecFormat {
     Toml,
 }
 
+/// Checks an action's values; errors name fields under `prefix` (`action`, `rollback`).
+fn validate_action(action: &Action, prefix: &str) -> Result<(), SpecError> {
+    match action {
+        Action::FirmwareUpdate(FirmwareUpdate {
+            url,
+            version,
+            sha256,
+        }) => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(SpecError::new(
+                    format!("{prefix}.url"),
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+            if version.trim().is_empty() {
+                return Err(SpecError::new(
+                    format!("{prefix}.version"),
+                    "must not be empty",
+                ));
+            }
+            if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(SpecError::new(
+                    format!("{prefix}.sha256"),
+                    "must be 64 hexadecimal digits",
+                ));
+            }
+        }
+        Action::Configuration(Configuration { document }) => {
+            if !document.is_object() {
+                return Err(SpecError::new(
+                    format!("{prefix}.document"),
+                    "must be a JSON object",
+                ));
+            }
+        }
+        Action::Reboot(_) => {}
+        Action::Command(Command { name, .. }) => {
+            if name.trim().is_empty() {
+                return Err(SpecError::new(
+                    format!("{prefix}.name"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Action::DataRetrieval(DataRetrieval { metrics }) => {
+            if metrics.is_empty() || metrics.len() > MAX_METRICS {
+                return Err(SpecError::new(
+                    format!("{prefix}.metrics"),
+                    format!("must name between 1 and {MAX_METRICS} metrics"),
+                ));
+            }
+            for (i, m) in metrics.iter().enumerate() {
+                if m.is_empty()
+                    || m.len() > 64
+                    || !m
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                {
+                    return Err(SpecError::new(
+                        format!("{prefix}.metrics[{i}]"),
+                        format!("{m:?} must be 1-64 ASCII letters, digits, '_', '.' or '-'"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl JobSpec {
     /// Parses and validates a job file.
     ///
@@ -402,60 +474,9 @@ impl JobSpec {
         for (i, g) in t.groups.iter().enumerate() {
             validate_id(g).map_err(|p| SpecError::new(format!("target.groups[{i}]"), p))?;
         }
-        match &self.action {
-            Action::FirmwareUpdate(FirmwareUpdate {
-                url,
-                version,
-                sha256,
-            }) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(SpecError::new(
-                        "action.url",
-                        format!("{url:?} is not an http(s) URL"),
-                    ));
-                }
-                if version.trim().is_empty() {
-                    return Err(SpecError::new("action.version", "must not be empty"));
-                }
-                if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(SpecError::new(
-                        "action.sha256",
-                        "must be 64 hexadecimal digits",
-                    ));
-                }
-            }
-            Action::Configuration(Configuration { document }) => {
-                if !document.is_object() {
-                    return Err(SpecError::new("action.document", "must be a JSON object"));
-                }
-            }
-            Action::Reboot(_) => {}
-            Action::Command(Command { name, .. }) => {
-                if name.trim().is_empty() {
-                    return Err(SpecError::new("action.name", "must not be empty"));
-                }
-            }
-            Action::DataRetrieval(DataRetrieval { metrics }) => {
-                if metrics.is_empty() || metrics.len() > MAX_METRICS {
-                    return Err(SpecError::new(
-                        "action.metrics",
-                        format!("must name between 1 and {MAX_METRICS} metrics"),
-                    ));
-                }
-                for (i, m) in metrics.iter().enumerate() {
-                    if m.is_empty()
-                        || m.len() > 64
-                        || !m
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-                    {
-                        return Err(SpecError::new(
-                            format!("action.metrics[{i}]"),
-                            format!("{m:?} must be 1-64 ASCII letters, digits, '_', '.' or '-'"),
-                        ));
-                    }
-                }
-            }
+        validate_action(&self.action, "action")?;
+        if let Some(rollback) = &self.rollback {
+            validate_action(rollback, "rollback")?;
         }
         let between = |field: &str, v: u64, max: u64| {
             if (1..=max).contains(&v) {

@@ -1,4 +1,4 @@
-//! Rerun: a new job for exactly the devices of a finished job that ended in the chosen
+//! Rerun and rollback: a new job for exactly the devices of a finished job that ended in the chosen
 //! states (by default FAILED and TIMED_OUT), targeted through the earlier job's state sets,
 //! not a list of ids, so there is no cap on their number. Linked to the earlier job, created
 //! like any job (scope, dry run, idempotency key).
@@ -143,5 +143,83 @@ async fn a_rerun_targets_exactly_the_devices_that_ended_in_the_chosen_states() {
         .and_then(|s| s.parse().ok())
         .expect("id");
     app.wait_for_job(fourth, Duration::from_secs(120)).await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_rollback_sends_the_jobs_rollback_action_to_the_devices_that_may_have_changed() {
+    // Arrange: a firmware job that names its way back (the previous firmware).
+    let env = [
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.2"),
+        ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0.1"),
+    ];
+    let app = spawn_app(2, &env).await;
+    let n = 2_000;
+    app.import_fleet(n).await;
+    let back = json!({
+        "type": "firmware_update",
+        "url": "https://fw.example.com/1.9.bin",
+        "version": "1.9.0",
+        "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    });
+    let first = app
+        .create_job(&firmware_job(json!({"rollback": back})))
+        .await;
+    app.wait_for_job(first, Duration::from_secs(120)).await;
+    let before = app.assert_exact(first, &fleet_ids(n)).await;
+    let changed = devices_in(
+        &before,
+        &[ExecutionState::Succeeded, ExecutionState::Failed],
+    );
+    // Rejected devices never took the job: they are not rolled back.
+    assert!(
+        changed.len() < n as usize && !changed.is_empty(),
+        "{}",
+        changed.len()
+    );
+
+    // Act: the rollback, through the CLI (default states: SUCCEEDED and FAILED).
+    let out = app
+        .fleetbatch(&["job", "rollback", &first.to_string(), "--json"])
+        .await;
+    let second: Uuid = serde_json::from_str::<Value>(&out).expect("json")["job_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("id");
+    let job = app.wait_for_job(second, Duration::from_secs(120)).await;
+
+    // Assert: exactly those devices, with the rollback action, each once.
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["spec"]["action"], back, "{job}");
+    app.assert_exact(second, &changed).await;
+
+    // A job without a rollback action cannot be rolled back; a bad one is refused at create.
+    let plain = app.create_job(&firmware_job(json!({}))).await;
+    let (status, body) = rerun(
+        &app,
+        &app.http,
+        &format!("/v1/jobs/{plain}/rollback"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (422, Some("rollback")),
+        "{body}"
+    );
+    let mut bad = back.clone();
+    bad["sha256"] = json!("nope");
+    let (status, body) = app
+        .post_job(
+            &firmware_job(json!({"rollback": bad})).to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (422, Some("rollback.sha256")),
+        "{body}"
+    );
+    app.wait_for_job(plain, Duration::from_secs(120)).await;
     app.teardown().await;
 }

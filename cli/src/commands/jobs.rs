@@ -66,20 +66,10 @@ pub(crate) enum JobCmd {
     },
     /// A new job with a finished job's action for exactly its devices that ended in the
     /// given states (default FAILED and TIMED_OUT), however many.
-    Rerun {
-        /// The earlier job.
-        id: String,
-        /// Terminal states whose devices run again, comma separated (e.g.
-        /// FAILED,TIMED_OUT,REJECTED).
-        #[arg(long, value_delimiter = ',')]
-        states: Vec<String>,
-        /// Make the rerun safe to retry (as job create --idempotency-key).
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Rerun(FollowUpArgs),
+    /// A new job with a finished job's rollback action (its spec's `rollback`) for its
+    /// devices that ended in the given states (default SUCCEEDED and FAILED).
+    Rollback(FollowUpArgs),
     /// Follow a job until it finishes.
     Watch {
         /// Job id.
@@ -102,6 +92,23 @@ pub(crate) enum JobCmd {
 pub(crate) enum ResultsFormat {
     Csv,
     Ndjson,
+}
+
+/// A job made from an earlier one (rerun, rollback).
+#[derive(Debug, clap::Args)]
+pub(crate) struct FollowUpArgs {
+    /// The earlier job.
+    id: String,
+    /// Terminal states whose devices are targeted, comma separated (e.g.
+    /// FAILED,TIMED_OUT,REJECTED).
+    #[arg(long, value_delimiter = ',')]
+    states: Vec<String>,
+    /// Make it safe to retry (as job create --idempotency-key).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +250,29 @@ fn dry_run_summary(p: &Value) -> String {
     out
 }
 
+/// Creates a rerun or a rollback of a job and prints its id.
+async fn follow_up(client: &Client, kind: &str, a: FollowUpArgs) -> anyhow::Result<()> {
+    let states: Vec<String> = a.states.iter().map(|s| s.trim().to_uppercase()).collect();
+    let body = if states.is_empty() {
+        json!({})
+    } else {
+        json!({ "states": states })
+    };
+    let v = client
+        .post_with_key(
+            &format!("/v1/jobs/{}/{kind}", a.id),
+            body.to_string(),
+            a.idempotency_key.as_deref(),
+        )
+        .await?;
+    if a.json {
+        output::print_json(&v);
+    } else {
+        println!("{}", v["job_id"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
 /// Runs a `job` command.
 pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
@@ -321,31 +351,8 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             t.print();
             output::next_page(&v);
         }
-        JobCmd::Rerun {
-            id,
-            states,
-            idempotency_key,
-            json,
-        } => {
-            let states: Vec<String> = states.iter().map(|s| s.trim().to_uppercase()).collect();
-            let body = if states.is_empty() {
-                json!({})
-            } else {
-                json!({ "states": states })
-            };
-            let v = client
-                .post_with_key(
-                    &format!("/v1/jobs/{id}/rerun"),
-                    body.to_string(),
-                    idempotency_key.as_deref(),
-                )
-                .await?;
-            if json {
-                output::print_json(&v);
-            } else {
-                println!("{}", v["job_id"].as_str().unwrap_or_default());
-            }
-        }
+        JobCmd::Rerun(args) => follow_up(client, "rerun", args).await?,
+        JobCmd::Rollback(args) => follow_up(client, "rollback", args).await?,
         JobCmd::Cancel { id, json } => {
             let v: Value = client
                 .post(&format!("/v1/jobs/{id}/cancel"), "application/json", "")

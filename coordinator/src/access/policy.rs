@@ -43,6 +43,11 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
         Access::Role(Role::Operator),
     ),
     (
+        Method::POST,
+        "/v1/jobs/{id}/rollback",
+        Access::Role(Role::Operator),
+    ),
+    (
         Method::GET,
         "/v1/jobs/{id}/devices",
         Access::Role(Role::Viewer),

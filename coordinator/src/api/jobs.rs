@@ -169,15 +169,25 @@ async fn submit(
     }
 }
 
-/// What a rerun takes.
+/// What a rerun or a rollback takes.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RerunRequest {
-    /// The terminal states whose devices run again (default FAILED and TIMED_OUT).
+pub(super) struct FollowUpRequest {
+    /// The terminal states whose devices are targeted (rerun: FAILED and TIMED_OUT by
+    /// default; rollback: SUCCEEDED and FAILED).
     #[serde(default)]
     states: Vec<ExecutionState>,
-    /// The new job's name (default: "rerun of ...").
+    /// The new job's name (default: "rerun of ..." or "rollback of ...").
     name: Option<String>,
+}
+
+/// A job made from an earlier one for its devices in some states.
+#[derive(Debug, Clone, Copy)]
+enum FollowUp {
+    /// The same action again.
+    Rerun,
+    /// The earlier job's `rollback` action.
+    Rollback,
 }
 
 /// `POST /v1/jobs/{id}/rerun`: a new job with the earlier job's action, settings and
@@ -192,27 +202,87 @@ pub(super) async fn rerun(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
-    let req: RerunRequest = if body.is_empty() {
-        RerunRequest::default()
+    follow_up(
+        &app,
+        &caller,
+        &id,
+        q.dry_run,
+        &headers,
+        &body,
+        FollowUp::Rerun,
+    )
+    .await
+}
+
+/// `POST /v1/jobs/{id}/rollback`: a new job with the earlier job's `rollback` action for its
+/// devices that ended in the given states (default SUCCEEDED and FAILED: those that may have
+/// changed), created like a rerun.
+pub(super) async fn rollback(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<CreateQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    follow_up(
+        &app,
+        &caller,
+        &id,
+        q.dry_run,
+        &headers,
+        &body,
+        FollowUp::Rollback,
+    )
+    .await
+}
+
+async fn follow_up(
+    app: &AppState,
+    caller: &Caller,
+    id: &str,
+    dry_run: bool,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: FollowUp,
+) -> ApiResult<Response> {
+    let id = parse_id(id)?;
+    let req: FollowUpRequest = if body.is_empty() {
+        FollowUpRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("rerun: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
     };
     let mut redis = app.redis.clone();
     let earlier = shared::store::load_job(&mut redis, &app.names, id)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    let (word, default_states) = match kind {
+        FollowUp::Rerun => ("rerun", [ExecutionState::Failed, ExecutionState::TimedOut]),
+        FollowUp::Rollback => (
+            "rollback",
+            [ExecutionState::Succeeded, ExecutionState::Failed],
+        ),
+    };
     let states = if req.states.is_empty() {
-        vec![ExecutionState::Failed, ExecutionState::TimedOut]
+        default_states.to_vec()
     } else {
         req.states
     };
     let mut spec = earlier.spec;
+    if let FollowUp::Rollback = kind {
+        spec.action = spec.rollback.take().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("job {id} has no rollback action"),
+            )
+            .with_field("rollback")
+        })?;
+    }
     spec.name = Some(req.name.unwrap_or_else(|| {
         format!(
-            "rerun of {}",
+            "{word} of {}",
             spec.name.as_deref().unwrap_or(&id.to_string())
         )
     }));
@@ -221,7 +291,7 @@ pub(super) async fn rerun(
         ..Default::default()
     };
     let text = serde_json::to_string(&spec).map_err(ApiError::internal)?;
-    submit(&app, &caller, &headers, &text, SpecFormat::Json, q.dry_run).await
+    submit(app, caller, headers, &text, SpecFormat::Json, dry_run).await
 }
 
 /// The answer to a create refused by intake.

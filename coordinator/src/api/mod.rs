@@ -19,6 +19,7 @@
 //! | GET | /v1/jobs/{id} | state and counters |
 //! | POST | /v1/jobs/{id}/cancel | cancel |
 //! | POST | /v1/jobs/{id}/rerun | a new job for the devices that ended in `states` (default FAILED, TIMED_OUT) |
+//! | POST | /v1/jobs/{id}/rollback | the job's `rollback` action for the devices that ended in `states` (default SUCCEEDED, FAILED) |
 //! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
 //! | GET | /v1/jobs/{id}/report?limit= | failures with their last error |
 //! | GET | /v1/jobs/{id}/events | Server-Sent Events: `state`, `progress` (every second), `finished` |
@@ -67,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/rerun", post(jobs::rerun))
+        .route("/v1/jobs/{id}/rollback", post(jobs::rollback))
         .route("/v1/jobs/{id}/devices", get(jobs::devices))
         .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/v1/jobs/{id}/results", get(jobs::results))
