@@ -648,6 +648,38 @@ hardware_revisions = ["A", "B"]
     }
 
     #[test]
+    fn a_target_from_an_earlier_job_names_terminal_states() {
+        let limits = SpecLimits {
+            max_document_bytes: 1 << 20,
+            max_explicit_devices: 10,
+        };
+        let spec = |states: &str| {
+            format!(
+                "[target]\nfrom_job = {{ job_id = \"0193d3a2-6a4b-7c2d-9e1f-0a1b2c3d4e5f\", states = {states} }}\n[action]\ntype = \"reboot\"\n"
+            )
+        };
+        let ok = JobSpec::parse(
+            &spec(r#"["FAILED", "TIMED_OUT"]"#),
+            SpecFormat::Toml,
+            limits,
+        )
+        .expect("a rerun target");
+        let from = ok.target.from_job.expect("from_job");
+        assert_eq!(
+            from.states,
+            vec![
+                crate::state::ExecutionState::Failed,
+                crate::state::ExecutionState::TimedOut
+            ]
+        );
+        let e =
+            JobSpec::parse(&spec(r#"["QUEUED"]"#), SpecFormat::Toml, limits).expect_err("refused");
+        assert_eq!(e.field, "target.from_job.states[0]");
+        let e = JobSpec::parse(&spec("[]"), SpecFormat::Toml, limits).expect_err("refused");
+        assert_eq!(e.field, "target.from_job.states");
+    }
+
+    #[test]
     fn a_job_without_targets_is_refused() {
         let text = r#"{"target":{},"action":{"type":"reboot"}}"#;
         let err = JobSpec::parse(text, SpecFormat::Json, LIMITS).expect_err("refused");

@@ -57,6 +57,10 @@ async fn a_rerun_targets_exactly_the_devices_that_ended_in_the_chosen_states() {
         rerun(&app, &app.http, &format!("{path}?dry_run=true"), json!({})).await;
     assert_eq!(status, 200, "{preview}");
     assert_eq!(preview["targeted"], failed.len() as u64, "{preview}");
+    let text = app
+        .fleetbatch(&["job", "rerun", &first.to_string(), "--dry-run"])
+        .await;
+    assert!(text.starts_with("dry run: nothing created"), "{text}");
     assert_eq!(
         app.job_if_any().await.expect("a job")["job_id"],
         first.to_string()

@@ -106,6 +106,9 @@ pub(crate) struct FollowUpArgs {
     /// Make it safe to retry (as job create --idempotency-key).
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Create nothing: print what the job would do (as job create --dry-run).
+    #[arg(long)]
+    dry_run: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -258,15 +261,18 @@ async fn follow_up(client: &Client, kind: &str, a: FollowUpArgs) -> anyhow::Resu
     } else {
         json!({ "states": states })
     };
+    let query = if a.dry_run { "?dry_run=true" } else { "" };
     let v = client
         .post_with_key(
-            &format!("/v1/jobs/{}/{kind}", a.id),
+            &format!("/v1/jobs/{}/{kind}{query}", a.id),
             body.to_string(),
             a.idempotency_key.as_deref(),
         )
         .await?;
     if a.json {
         output::print_json(&v);
+    } else if a.dry_run {
+        print!("{}", dry_run_summary(&v));
     } else {
         println!("{}", v["job_id"].as_str().unwrap_or_default());
     }
