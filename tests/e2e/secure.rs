@@ -500,18 +500,15 @@ async fn each_component_runs_with_its_own_least_privilege_broker_user() {
         .await
         .map(|_| ());
     refused("reading results", r);
-    let ch = conn.create_channel().await.expect("channel");
-    let r = ch
-        .queue_delete(names.tasks_queue().into(), Default::default())
-        .await
-        .map(|_| ());
-    refused("deleting the tasks queue", r);
-    let ch = conn.create_channel().await.expect("channel");
-    let r = ch
-        .queue_delete(names.dead_queue().into(), Default::default())
-        .await
-        .map(|_| ());
-    refused("deleting the dead-letter queue", r);
+    for queue in [names.tasks_queue(), names.dead_queue()] {
+        // A refusal closes the channel: a fresh one each time.
+        let ch = conn.create_channel().await.expect("channel");
+        let r = ch
+            .queue_delete(queue.clone().into(), Default::default())
+            .await
+            .map(|_| ());
+        refused(&format!("deleting {queue}"), r);
+    }
     let _ = conn.close(200, "done".into()).await;
     app.teardown().await;
 }

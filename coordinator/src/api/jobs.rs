@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Json,
-    extract::{Path, Query, State},
+    extract::{MatchedPath, Path, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -192,49 +192,26 @@ enum FollowUp {
 
 /// `POST /v1/jobs/{id}/rerun`: a new job with the earlier job's action, settings and
 /// compatibility for exactly its devices that ended in the given states, however many (the
-/// target is the earlier job's state sets, not a list of ids). Created like any job: the
-/// caller's scope, `Idempotency-Key` and `?dry_run=true` apply.
-pub(super) async fn rerun(
+/// target is the earlier job's state sets, not a list of ids).
+/// `POST /v1/jobs/{id}/rollback`: the same with the earlier job's `rollback` action, for its
+/// devices that ended SUCCEEDED or FAILED by default (those that may have changed).
+/// Both are created like any job: the caller's scope, `Idempotency-Key` and `?dry_run=true`
+/// apply.
+pub(super) async fn follow_up_job(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    route: MatchedPath,
     Path(id): Path<String>,
     Query(q): Query<CreateQuery>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    follow_up(
-        &app,
-        &caller,
-        &id,
-        q.dry_run,
-        &headers,
-        &body,
-        FollowUp::Rerun,
-    )
-    .await
-}
-
-/// `POST /v1/jobs/{id}/rollback`: a new job with the earlier job's `rollback` action for its
-/// devices that ended in the given states (default SUCCEEDED and FAILED: those that may have
-/// changed), created like a rerun.
-pub(super) async fn rollback(
-    State(app): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    Query(q): Query<CreateQuery>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult<Response> {
-    follow_up(
-        &app,
-        &caller,
-        &id,
-        q.dry_run,
-        &headers,
-        &body,
-        FollowUp::Rollback,
-    )
-    .await
+    let kind = if route.as_str().ends_with("/rollback") {
+        FollowUp::Rollback
+    } else {
+        FollowUp::Rerun
+    };
+    follow_up(&app, &caller, &id, q.dry_run, &headers, &body, kind).await
 }
 
 async fn follow_up(
