@@ -393,6 +393,22 @@ impl TestApp {
     /// Stops every process and deletes the namespace's Redis keys.
     /// Fails the test if any process it started panicked, exited unexpectedly, or did not
     /// stop cleanly (exit 0) on SIGTERM.
+    /// Imports devices `0..n`, runs a firmware job to COMPLETED over all of them and checks
+    /// it exact (every device in one terminal state, counters equal, nothing applied twice);
+    /// returns the job and its statuses.
+    pub async fn run_fleet_job(
+        &self,
+        n: u64,
+        extra: Value,
+    ) -> (Uuid, HashMap<String, DeviceStatus>) {
+        self.import_fleet(n).await;
+        let id = self.create_job(&firmware_job(extra)).await;
+        let job = self.wait_for_job(id, Duration::from_secs(120)).await;
+        assert_eq!(job["state"], "COMPLETED", "{job}");
+        let statuses = self.assert_exact(id, &fleet_ids(n)).await;
+        (id, statuses)
+    }
+
     /// An HTTP client calling as a new API token made by the admin with `token` (name,
     /// role, groups...).
     pub async fn client_as(&self, token: Value) -> reqwest::Client {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use shared::state::ExecutionState;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, firmware_job, fleet_ids, spawn_app};
+use crate::helpers::{TestApp, firmware_job, spawn_app};
 
 async fn rerun(app: &TestApp, client: &reqwest::Client, path: &str, body: Value) -> (u16, Value) {
     let r = client
@@ -41,12 +41,8 @@ async fn a_rerun_targets_exactly_the_devices_that_ended_in_the_chosen_states() {
         ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0.05"),
     ];
     let app = spawn_app(2, &env).await;
-    let n = 5_000;
-    app.import_fleet(n).await;
-    let first = app.create_job(&firmware_job(json!({}))).await;
-    let done = app.wait_for_job(first, Duration::from_secs(120)).await;
-    assert_eq!(done["state"], "COMPLETED", "{done}");
-    let before = app.assert_exact(first, &fleet_ids(n)).await;
+    let (first, before) = app.run_fleet_job(5_000, json!({})).await;
+    let done = app.job(first).await;
     let failed = devices_in(&before, &[ExecutionState::Failed, ExecutionState::TimedOut]);
     let rejected = devices_in(&before, &[ExecutionState::Rejected]);
     assert!(failed.len() > 1_000 && !rejected.is_empty(), "{done}");
@@ -159,18 +155,13 @@ async fn a_rollback_sends_the_jobs_rollback_action_to_the_devices_that_may_have_
     ];
     let app = spawn_app(2, &env).await;
     let n = 2_000;
-    app.import_fleet(n).await;
     let back = json!({
         "type": "firmware_update",
         "url": "https://fw.example.com/1.9.bin",
         "version": "1.9.0",
         "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
     });
-    let first = app
-        .create_job(&firmware_job(json!({"rollback": back})))
-        .await;
-    app.wait_for_job(first, Duration::from_secs(120)).await;
-    let before = app.assert_exact(first, &fleet_ids(n)).await;
+    let (first, before) = app.run_fleet_job(n, json!({"rollback": back})).await;
     let changed = devices_in(
         &before,
         &[ExecutionState::Succeeded, ExecutionState::Failed],
