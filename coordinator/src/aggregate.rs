@@ -100,7 +100,26 @@ pub async fn run(agg: Arc<Aggregator>, channel: Channel, tag: String) -> anyhow:
                 Ok(None) | Err(_) => break,
             }
         }
-        process_batch(&agg, &mut redis, batch).await?;
+        // A broker lost mid-batch can leave an ack or a publish waiting forever: give up
+        // the batch then. Its unacked results come back when the session is rebuilt, and
+        // recording them again changes nothing (the first terminal outcome wins).
+        tokio::select! {
+            r = process_batch(&agg, &mut redis, batch) => r?,
+            () = lost(&channel) => {
+                anyhow::bail!("the results channel was lost while recording a batch")
+            }
+        }
+    }
+}
+
+/// Resolves once `channel` is no longer connected (checked every 250 ms).
+async fn lost(channel: &Channel) {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        every.tick().await;
+        if !channel.status().connected() {
+            return;
+        }
     }
 }
 

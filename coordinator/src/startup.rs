@@ -302,8 +302,16 @@ async fn broker_session(
     broker.tracker.close();
     let grace = std::time::Duration::from_secs(30);
     let _ = tokio::time::timeout(grace, broker.tracker.wait()).await;
-    let _ = results_channel.close(200, "session ending".into()).await;
-    let _ = connection.close(200, "session ending".into()).await;
+    // Closing a connection the broker dropped can wait forever: bounded, like every broker
+    // call on the way out.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = results_channel.close(200, "session ending".into()).await;
+        let _ = connection.close(200, "session ending".into()).await;
+    })
+    .await;
+    if closed.is_err() {
+        tracing::warn!("the broker connection did not close in time; leaving it");
+    }
     match result {
         Ok(()) if stop.is_cancelled() => Ok(()),
         Ok(()) => anyhow::bail!("the results consumer stopped"),
