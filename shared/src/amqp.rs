@@ -43,6 +43,9 @@ pub enum AmqpError {
     /// The broker ended a consumer we did not cancel (channel closed, queue deleted).
     #[error("the broker cancelled the consumer")]
     ConsumerCancelled,
+    /// The channel is no longer connected, though its consumer has not said so yet.
+    #[error("the channel is no longer connected")]
+    ConnectionLost,
     /// The message could not be encoded.
     #[error("cannot encode the message")]
     Encode(#[from] crate::messages::WireError),
@@ -54,7 +57,9 @@ impl AmqpError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             AmqpError::Lapin(e) => !e.is_amqp_soft_error(),
-            AmqpError::ConfirmTimeout(_) | AmqpError::ConsumerCancelled => true,
+            AmqpError::ConfirmTimeout(_)
+            | AmqpError::ConsumerCancelled
+            | AmqpError::ConnectionLost => true,
             AmqpError::Nacked { .. } | AmqpError::Unroutable { .. } | AmqpError::Encode(_) => false,
         }
     }

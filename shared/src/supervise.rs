@@ -18,7 +18,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// logged and retried after an exponential backoff (0.5 s doubling to 30 s, with jitter).
 ///
 /// # Errors
-/// Never while `stop` has not fired; the last error if it fired while an attempt failed.
+/// Never: attempts are retried until `stop` fires, and an attempt that fails after it fired
+/// (a connection broken while draining) is logged and counts as a clean stop.
 pub async fn with_reconnect<F, Fut>(
     what: &str,
     stop: CancellationToken,
@@ -38,7 +39,16 @@ where
         let started = std::time::Instant::now();
         match attempt(stop.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if stop.is_cancelled() => return Err(e),
+            // A requested stop is a clean stop, even when the connection broke while the
+            // process drained: the broker returns whatever was not acked.
+            Err(e) if stop.is_cancelled() => {
+                tracing::warn!(
+                    error.message = %e,
+                    error.cause_chain = %crate::telemetry::chain(e.as_ref()),
+                    "{what} stopped with its broker connection broken"
+                );
+                return Ok(());
+            }
             Err(e) => {
                 if started.elapsed() > HEALTHY_AFTER {
                     backoff.reset();

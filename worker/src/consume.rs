@@ -51,11 +51,19 @@ pub async fn run(
         .await?;
     tracing::info!(queue = %ctx.names.tasks_queue(), prefetch = ctx.settings.worker.concurrency, "consuming tasks");
 
+    // A broker that drops the connection does not always end the consumer's stream at once:
+    // look at the channel every second, so the worker reconnects promptly.
+    let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     let result = loop {
         tokio::select! {
             biased;
             // Shutdown: stop taking tasks at once.
             _ = ctx.shutdown.cancelled() => break Ok(()),
+            _ = watch.tick() => {
+                if !channel.status().connected() {
+                    break Err(AmqpError::ConnectionLost);
+                }
+            }
             // The next task.
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {

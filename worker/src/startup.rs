@@ -106,9 +106,7 @@ impl Worker {
         let publisher = amqp::Publisher::new(&connection, &settings.amqp).await?;
         // The coordinator declares the topology; a worker only checks it is there, so its
         // broker user needs no right to declare, delete or purge (docs/security.md).
-        topology::check(publisher.channel(), &settings)
-            .await
-            .context("checking the broker topology (a coordinator declares it)")?;
+        wait_for_topology(&connection, &settings).await?;
         let redis = store::connect(&settings.redis)
             .await
             .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
@@ -226,6 +224,40 @@ impl Worker {
         }
         tracing::info!("worker stopped");
         result
+    }
+}
+
+/// Checks (passively) that the topology a coordinator declares is there, polling every
+/// 250 ms for up to 15 s, so a worker started alongside a coordinator that has not declared
+/// it yet starts consuming as soon as it has. A failed check closes its channel: each poll
+/// uses a fresh one.
+async fn wait_for_topology(
+    connection: &lapin::Connection,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut logged = false;
+    loop {
+        let channel = connection.create_channel().await?;
+        let checked = topology::check(&channel, settings).await;
+        let close = channel.close(200, "topology checked".into());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+        match checked {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if tokio::time::Instant::now() >= deadline || !connection.status().connected() =>
+            {
+                return Err(anyhow::Error::from(e)
+                    .context("checking the broker topology (a coordinator declares it)"));
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::info!(error.message = %e, "waiting for a coordinator to declare the broker topology");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
     }
 }
 
