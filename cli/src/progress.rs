@@ -126,5 +126,34 @@ pub(crate) fn summary(job: &Value) -> String {
     ] {
         out.push_str(&format!("  {f:<12} {:>10}\n", count(job, f)));
     }
+    if let Some(reason) = job.get("state_reason").and_then(Value::as_str) {
+        out.push_str(&format!("  reason: {reason}\n"));
+    }
+    if let Some(rollout) = job.get("rollout") {
+        out.push_str(&format!(
+            "  rollout: {} wave {}\n",
+            rollout.get("phase").and_then(Value::as_str).unwrap_or("-"),
+            rollout
+                .get("wave")
+                .and_then(Value::as_u64)
+                .map_or(0, |w| w + 1)
+        ));
+        for w in rollout
+            .get("waves")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let c = |k: &str| w["counts"].get(k).and_then(Value::as_u64).unwrap_or(0);
+            out.push_str(&format!(
+                "    {:<16} size {:>8}  finished {:>8}  succeeded {:>8}  failed {:>6}\n",
+                w.get("name").and_then(Value::as_str).unwrap_or("-"),
+                w.get("size").and_then(Value::as_u64).unwrap_or(0),
+                c("terminal"),
+                c("succeeded"),
+                c("failed") + c("rejected") + c("timed_out"),
+            ));
+        }
+    }
     out
 }

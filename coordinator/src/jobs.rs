@@ -5,12 +5,11 @@
 //! CANCELING (only from IN_PROGRESS, atomically) and tells the workers at once over the
 //! control exchange. It never records device outcomes.
 
-use lapin::types::FieldTable;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use serde::Serialize;
 use shared::{
-    amqp::{self, Outgoing, Publisher},
-    messages::{self, CONTROL_TYPE, ControlMessage},
+    amqp::Publisher,
+    messages::ControlMessage,
     now_ms,
     state::{DeviceStatus, ExecutionState, JobState},
     store::{self, JobRecord, StoreError},
@@ -53,8 +52,24 @@ pub struct JobView {
     pub skipped: u64,
     /// Devices not terminal yet.
     pub pending: u64,
+    /// Why the job is PAUSED, ABORTING or ABORTED (or was last paused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// Where a rollout with waves stands, wave by wave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutView>,
     /// The job document.
     pub spec: shared::job::JobSpec,
+}
+
+/// A rollout with waves, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    /// The planner's phase and wave.
+    #[serde(flatten)]
+    pub phase: store::RolloutPhase,
+    /// Every wave with its size and counters.
+    pub waves: Vec<store::WaveProgress>,
 }
 
 impl From<JobRecord> for JobView {
@@ -77,6 +92,8 @@ impl From<JobRecord> for JobView {
             canceled: c(ExecutionState::Canceled),
             skipped: c(ExecutionState::Skipped),
             pending: r.planned.saturating_sub(r.terminal()),
+            state_reason: r.state_reason,
+            rollout: None,
             spec: r.spec,
         }
     }
@@ -91,7 +108,16 @@ pub async fn get(
     names: &Names,
     id: Uuid,
 ) -> Result<Option<JobView>, StoreError> {
-    Ok(store::load_job(redis, names, id).await?.map(JobView::from))
+    let Some(record) = store::load_job(redis, names, id).await? else {
+        return Ok(None);
+    };
+    let waves = store::load_waves(redis, names, &record).await?;
+    let phase = record.rollout.clone();
+    let mut view = JobView::from(record);
+    if !waves.is_empty() {
+        view.rollout = Some(RolloutView { phase, waves });
+    }
+    Ok(Some(view))
 }
 
 /// A page of jobs, newest first.
@@ -328,7 +354,7 @@ pub enum CancelError {
     #[error("no job {0}")]
     NotFound(Uuid),
     /// The job is already over or being canceled.
-    #[error("job {id} is {state}; only IN_PROGRESS jobs can be canceled")]
+    #[error("job {id} is {state}; only IN_PROGRESS or PAUSED jobs can be canceled")]
     NotCancelable {
         /// Job.
         id: Uuid,
@@ -358,7 +384,7 @@ pub async fn cancel(
         r"
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return 'MISSING' end
-if s ~= 'IN_PROGRESS' then return s end
+if s ~= 'IN_PROGRESS' and s ~= 'PAUSED' then return s end
 redis.call('HSET', KEYS[1], 'state', 'CANCELING', 'updated_at_ms', ARGV[1], 'canceled_at_ms', ARGV[1])
 return 'OK'
 ",
@@ -380,21 +406,14 @@ return 'OK'
         }
     }
     tracing::info!(job_id = %id, "job canceling");
-    let payload = messages::encode(&ControlMessage::JobCanceled { job_id: id })
-        .map_err(shared::amqp::AmqpError::from)?;
-    match publisher
-        .publish(Outgoing {
-            exchange: &names.control_exchange(),
-            routing_key: "",
-            payload: &payload,
-            properties: amqp::properties(CONTROL_TYPE, &id.to_string(), FieldTable::default()),
-        })
-        .await
-    {
-        // No worker is listening: nobody to tell.
-        Ok(()) | Err(shared::amqp::AmqpError::Unroutable { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    crate::steer::tell_workers(
+        publisher,
+        names,
+        id,
+        ControlMessage::JobCanceled { job_id: id },
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -23,6 +23,9 @@
 //! - [`planner`]: the planner loop (plan, then publish): publishes tasks in confirmed batches, at the job's rate,
 //!   checkpointing its cursor so a restarted coordinator resumes where it stopped; cancels
 //!   what is not yet published when the job is canceled.
+//! - [`waves`]: the planner of a job with waves: splits the targets into waves (a fixed
+//!   shuffle), publishes a wave, waits at its gate (success rate, soak, approval).
+//! - [`steer`]: pause, resume, approve, abort: the state transitions and the worker broadcast.
 //! - [`aggregate`]: consumes results, records each device's first terminal outcome, finishes
 //!   jobs.
 //! - [`jobs`]: reading jobs for the API (state, counters, per-device status, reports) and
@@ -58,3 +61,5 @@ pub mod registry;
 pub mod report;
 pub mod split;
 pub mod startup;
+pub mod steer;
+pub mod waves;

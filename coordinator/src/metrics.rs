@@ -36,6 +36,11 @@ pub struct Metrics {
     pub task_latency_seconds: Histogram,
     /// Webhook POSTs by result (sent, failed, dropped).
     pub webhooks: IntCounterVec,
+    /// Jobs aborted by a criterion or a gate.
+    pub jobs_aborted: IntCounter,
+    /// Wave gates judged, by verdict (passed, failed, released).
+    pub gates: IntCounterVec,
+    wave_devices: IntGaugeVec,
     queue_messages: IntGaugeVec,
     queue_consumers: IntGaugeVec,
     jobs: IntGaugeVec,
@@ -102,6 +107,27 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric definition");
+        let jobs_aborted = IntCounter::new(
+            "fleetbatch_jobs_aborted_total",
+            "Jobs aborted by an abort criterion or a failed gate",
+        )
+        .expect("static metric definition");
+        let gates = IntCounterVec::new(
+            Opts::new(
+                "fleetbatch_wave_gates_total",
+                "Wave gates judged, by verdict (passed, failed, released by an operator)",
+            ),
+            &["verdict"],
+        )
+        .expect("static metric definition");
+        let wave_devices = IntGaugeVec::new(
+            Opts::new(
+                "fleetbatch_wave_devices",
+                "Devices of each wave of an unfinished job, by state (size and terminal included)",
+            ),
+            &["job_id", "wave", "state"],
+        )
+        .expect("static metric definition");
         let queue_messages = IntGaugeVec::new(
             Opts::new("fleetbatch_queue_messages", "Messages ready in a queue"),
             &["queue"],
@@ -133,6 +159,9 @@ impl Metrics {
             Box::new(dead_lettered.clone()),
             Box::new(task_latency_seconds.clone()),
             Box::new(webhooks.clone()),
+            Box::new(jobs_aborted.clone()),
+            Box::new(gates.clone()),
+            Box::new(wave_devices.clone()),
             Box::new(queue_messages.clone()),
             Box::new(queue_consumers.clone()),
             Box::new(jobs.clone()),
@@ -149,6 +178,9 @@ impl Metrics {
             dead_lettered,
             task_latency_seconds,
             webhooks,
+            jobs_aborted,
+            gates,
+            wave_devices,
             queue_messages,
             queue_consumers,
             jobs,
@@ -222,12 +254,7 @@ impl Metrics {
         }
         let states: Vec<Option<String>> = pipe.query_async(redis).await?;
         self.jobs.reset();
-        for s in [
-            JobState::InProgress,
-            JobState::Canceling,
-            JobState::Completed,
-            JobState::Canceled,
-        ] {
+        for s in JobState::ALL {
             self.jobs.with_label_values(&[s.as_str()]).set(0);
         }
         for s in states.into_iter().flatten() {
@@ -235,6 +262,7 @@ impl Metrics {
         }
         let active: Vec<String> = redis.smembers(names.active_jobs()).await?;
         self.job_devices.reset();
+        self.wave_devices.reset();
         for id in active.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
             let Some(job) = shared::store::load_job(redis, names, id).await? else {
                 continue;
@@ -251,6 +279,17 @@ impl Metrics {
             self.job_devices
                 .with_label_values(&[label.as_str(), "pending"])
                 .set(job.planned.saturating_sub(job.terminal()) as i64);
+            for wave in shared::store::load_waves(redis, names, &job).await? {
+                let index = wave.index.to_string();
+                self.wave_devices
+                    .with_label_values(&[label.as_str(), index.as_str(), "size"])
+                    .set(wave.size as i64);
+                for (state, n) in &wave.counts {
+                    self.wave_devices
+                        .with_label_values(&[label.as_str(), index.as_str(), state.as_str()])
+                        .set(*n as i64);
+                }
+            }
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub const DELIVERY_HEADER: &str = "x-fleetbatch-delivery";
 pub const JOB_STATE: &str = "job.state";
 /// Event names.
 pub const DEVICE_FAILED: &str = "device.failed";
+/// Event names: a wave started, passed or failed its gate, or waits for approval.
+pub const JOB_WAVE: &str = "job.wave";
 
 /// `sha256=<hex>` of the HMAC-SHA256 of `body` under `secret`.
 pub fn sign(secret: &str, body: &[u8]) -> String {
@@ -94,6 +96,17 @@ impl Notifier {
 
     /// Queues a job state change.
     pub fn job_state(&self, job_id: Uuid, state: JobState, counters: Value) {
+        self.job_state_because(job_id, state, counters, None);
+    }
+
+    /// Queues a job state change with its reason (a pause, a failed gate, an abort).
+    pub fn job_state_because(
+        &self,
+        job_id: Uuid,
+        state: JobState,
+        counters: Value,
+        reason: Option<&str>,
+    ) {
         self.send(Notification {
             job_id,
             event: JOB_STATE,
@@ -101,7 +114,25 @@ impl Notifier {
                 "event": JOB_STATE,
                 "job_id": job_id,
                 "state": state.as_str(),
+                "reason": reason,
                 "counters": counters,
+                "at_ms": shared::now_ms(),
+            }),
+        });
+    }
+
+    /// Queues a wave event: `what` is `started`, `passed`, `failed` or `awaiting_approval`.
+    pub fn job_wave(&self, job_id: Uuid, wave: usize, name: &str, what: &str, detail: Value) {
+        self.send(Notification {
+            job_id,
+            event: JOB_WAVE,
+            body: json!({
+                "event": JOB_WAVE,
+                "job_id": job_id,
+                "wave": wave,
+                "name": name,
+                "what": what,
+                "detail": detail,
                 "at_ms": shared::now_ms(),
             }),
         });
@@ -170,7 +201,7 @@ async fn run(
     while let Some(n) = rx.recv().await {
         if n.event == JOB_STATE {
             let state = n.body["state"].as_str().unwrap_or_default().to_owned();
-            let detail = json!({"counters": n.body["counters"]});
+            let detail = json!({"counters": n.body["counters"], "reason": n.body["reason"]});
             crate::audit::job_event(
                 &mut redis,
                 &names,
@@ -202,13 +233,11 @@ async fn run(
             }
         };
         let mut urls: Vec<String> = Vec::new();
-        if n.event == JOB_STATE {
+        let job_event = n.event == JOB_STATE || n.event == JOB_WAVE;
+        if job_event {
             urls.extend(config.deployment_urls.iter().cloned());
         }
-        for w in job_hooks
-            .iter()
-            .filter(|w| n.event == JOB_STATE || w.device_failures)
-        {
+        for w in job_hooks.iter().filter(|w| job_event || w.device_failures) {
             // A job's own target may have come to resolve inside the network since.
             match config.outbound.check(&w.url).await {
                 Ok(()) => urls.push(w.url.clone()),

@@ -5,8 +5,11 @@
 //! confirm, records SKIPPED devices, and checkpoints its cursor and count in Redis. A
 //! coordinator that dies mid-job resumes from the checkpoint: at most one batch is published
 //! again, and the workers' idempotency keys absorb it. When the job is canceled, devices not
-//! yet published are recorded CANCELED instead. One planner per job runs at a time across
-//! coordinators (a lease in Redis). It never consumes results.
+//! yet published are recorded CANCELED instead; while it is PAUSED nothing is published. The
+//! rate follows the job's ramp. A job with waves is planned by [`crate::waves`] with the
+//! helpers here; a job with abort criteria is watched by its planner until it finishes. One
+//! planner per job runs at a time across coordinators (a lease in Redis). It never consumes
+//! results.
 
 use std::{sync::Arc, time::Duration};
 
@@ -67,7 +70,7 @@ impl Drop for RunningGuard {
     }
 }
 
-const LEASE: Duration = Duration::from_secs(15);
+pub(crate) const LEASE: Duration = Duration::from_secs(15);
 
 /// Plans `job_id` to the end (or until shutdown). Waits for another coordinator's lease to
 /// lapse if one holds it.
@@ -141,55 +144,278 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
 }
 
 async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyhow::Result<()> {
-    let job_key = p.names.job(job_id);
     let Some(record) = store::load_job(redis, &p.names, job_id).await? else {
         anyhow::bail!("job {job_id} vanished before planning");
     };
-    if record.planning_done {
+    if !record.planning_done {
+        if record.spec.rollout.waves.is_empty() {
+            plan_flat(p, redis, job_id, &record).await?;
+        } else {
+            crate::waves::plan(p, redis, &record).await?;
+        }
+    }
+    if p.shutdown.is_cancelled() {
         return Ok(());
     }
-    let (cursor, planned): (Option<String>, Option<u64>) = redis::pipe()
+    // Abort criteria hold until the last device finished.
+    if !record.spec.rollout.abort.is_empty() {
+        loop {
+            let now = watch(p, redis, job_id).await?;
+            if now.state.is_finished() || p.shutdown.is_cancelled() {
+                break;
+            }
+            renew_lease(p, redis, job_id).await?;
+            pause(p, WATCH_EVERY).await;
+        }
+    }
+    Ok(())
+}
+
+/// How often a waiting planner (paused, at a gate, watching abort criteria) looks again.
+pub(crate) const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Sleeps, or returns early on shutdown.
+pub(crate) async fn pause(p: &Planners, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = p.shutdown.cancelled() => {}
+    }
+}
+
+/// Keeps this coordinator's lease on the job.
+pub(crate) async fn renew_lease(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+) -> anyhow::Result<()> {
+    let _: bool = redis
+        .pexpire(p.names.planner_lock(job_id), LEASE.as_millis() as i64)
+        .await?;
+    Ok(())
+}
+
+/// One turn of a planner's loop: `None` on shutdown; otherwise renews the lease and returns
+/// the job as [`watch`] sees it.
+///
+/// # Errors
+/// As [`watch`].
+pub(crate) async fn turn(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+) -> anyhow::Result<Option<store::JobRecord>> {
+    if p.shutdown.is_cancelled() {
+        return Ok(None);
+    }
+    renew_lease(p, redis, job_id).await?;
+    watch(p, redis, job_id).await.map(Some)
+}
+
+/// Reads the job and judges its abort criteria: a criterion that trips aborts the job (the
+/// record returned is then ABORTING).
+///
+/// # Errors
+/// Redis errors, or the job vanished.
+pub(crate) async fn watch(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+) -> anyhow::Result<store::JobRecord> {
+    let Some(mut record) = store::load_job(redis, &p.names, job_id).await? else {
+        anyhow::bail!("job {job_id} vanished while planning");
+    };
+    if matches!(record.state, JobState::InProgress | JobState::Paused) {
+        let tally = record.tally();
+        if let Some(reason) = record
+            .spec
+            .rollout
+            .abort
+            .iter()
+            .find_map(|c| c.trips(&tally))
+        {
+            abort(p, redis, job_id, &reason).await?;
+            record.state = JobState::Aborting;
+            record.state_reason = Some(reason);
+        }
+    }
+    Ok(record)
+}
+
+/// Aborts the job with `reason`, telling the workers and the job's listeners.
+pub(crate) async fn abort(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    reason: &str,
+) -> anyhow::Result<()> {
+    match crate::steer::steer(
+        redis,
+        Some(&p.publisher),
+        &p.names,
+        job_id,
+        crate::steer::Steer::Abort,
+        reason,
+    )
+    .await
+    {
+        Ok(state) => {
+            tracing::warn!(%job_id, %reason, "job aborted");
+            p.metrics.jobs_aborted.inc();
+            p.notifier
+                .job_state_because(job_id, state, serde_json::json!({}), Some(reason));
+            Ok(())
+        }
+        // Canceled or paused-then-canceled meanwhile: nothing to abort.
+        Err(crate::steer::SteerError::Refused { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Paces publishing: after `n` devices at `rate` per second the next batch waits `n / rate`
+/// seconds from when this one started (never bursting to catch up after a pause).
+#[derive(Debug)]
+pub(crate) struct Pace {
+    due: tokio::time::Instant,
+}
+
+impl Pace {
+    pub(crate) fn new() -> Self {
+        Self {
+            due: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Devices per batch at `rate`: about four batches a second, at most `max`.
+    pub(crate) fn batch(rate: Option<f64>, max: usize) -> usize {
+        match rate {
+            Some(r) => max.min(((r / 4.0) as usize).max(1)),
+            None => max,
+        }
+        .max(1)
+    }
+
+    /// Waits before the next batch after `n` devices were published at `rate`.
+    pub(crate) async fn after(&mut self, p: &Planners, n: usize, rate: Option<f64>) {
+        let Some(rate) = rate.filter(|r| *r > 0.0) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        self.due = self.due.max(now - Duration::from_millis(50))
+            + Duration::from_secs_f64(n as f64 / rate);
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.due) => {}
+            _ = p.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Marks `devices` QUEUED (a device without a status is not a target: workers and the
+/// aggregator refuse tasks and results for it), then publishes their tasks.
+pub(crate) async fn send(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    devices: &[&str],
+) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let queued = serde_json::to_string(&DeviceStatus {
+        state: ExecutionState::Queued,
+        attempts: 0,
+        error: None,
+        updated_at_ms: now,
+        next_attempt_at_ms: None,
+        worker: None,
+        published_at_ms: None,
+        readings: None,
+    })?;
+    let mut pipe = redis::pipe();
+    for device in devices {
+        pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
+            .ignore();
+    }
+    let () = pipe.query_async(redis).await?;
+    publish_batch(p, job_id, devices, now).await
+}
+
+/// Records devices that end without a task (SKIPPED, or CANCELED before being sent).
+pub(crate) async fn conclude(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    finals: &[(&str, DeviceStatus)],
+) -> anyhow::Result<()> {
+    let outcomes: Vec<TerminalStatus<'_>> = finals
+        .iter()
+        .map(|(device, status)| TerminalStatus {
+            job_id,
+            device_id: device,
+            status,
+        })
+        .collect();
+    p.scripts
+        .record_terminal(redis, &p.names, &outcomes, store::Reporter::Planner)
+        .await?;
+    Ok(())
+}
+
+/// Plans a job without waves: every target in id order, at the job's rate and ramp.
+async fn plan_flat(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    record: &store::JobRecord,
+) -> anyhow::Result<()> {
+    let job_key = p.names.job(job_id);
+    let (cursor, planned, published): (Option<String>, Option<u64>, Option<u64>) = redis::pipe()
         .hget(&job_key, "cursor")
         .hget(&job_key, "planned")
+        .hget(&job_key, "published")
         .query_async(redis)
         .await?;
     let mut cursor = cursor.filter(|c| !c.is_empty());
     let mut planned = planned.unwrap_or(0);
+    let mut published = published.unwrap_or(0);
     if cursor.is_some() {
         tracing::info!(%job_id, planned, "resuming planning from checkpoint");
     }
-
-    let rate = record
-        .spec
-        .rollout
-        .max_per_second
-        .unwrap_or(p.settings.coordinator.default_max_per_second);
-    let batch = if rate > 0 {
-        p.settings
-            .coordinator
-            .publish_batch
-            .min((rate as usize / 4).max(1))
-    } else {
-        p.settings.coordinator.publish_batch
-    };
-    let targets = Targets::new(&p.names, record.id, &record.spec, batch);
-    let started = tokio::time::Instant::now();
-    let mut sent_here: u64 = 0;
+    let rollout = &record.spec.rollout;
+    let default_rate = p.settings.coordinator.default_max_per_second;
+    let mut targets = Targets::new(&p.names, record.id, &record.spec, 1);
+    let mut pace = Pace::new();
     let mut state = record.state;
+    let mut succeeded = record.count(ExecutionState::Succeeded);
+    let mut batches = 0u64;
 
     loop {
         if p.shutdown.is_cancelled() {
             tracing::info!(%job_id, planned, "planner stopping for shutdown; will resume");
             return Ok(());
         }
-        let _: bool = redis
-            .pexpire(p.names.planner_lock(job_id), LEASE.as_millis() as i64)
-            .await?;
-        if state == JobState::InProgress {
-            state = store::load_job_state(redis, &p.names, job_id)
-                .await?
-                .unwrap_or(JobState::Canceling);
+        renew_lease(p, redis, job_id).await?;
+        // The state (and, with abort criteria, the counters) before every batch; a ramp
+        // that counts successes reads them every few batches.
+        if !state.is_stopping() {
+            let now = if rollout.abort.is_empty() && !needs_counts(rollout, batches) {
+                store::load_job_state(redis, &p.names, job_id)
+                    .await?
+                    .unwrap_or(JobState::Canceling)
+            } else {
+                let r = watch(p, redis, job_id).await?;
+                succeeded = r.count(ExecutionState::Succeeded);
+                r.state
+            };
+            state = now;
         }
+        batches += 1;
+        if state == JobState::Paused {
+            pause(p, WATCH_EVERY).await;
+            continue;
+        }
+        let rate = rollout.rate(default_rate, published, succeeded);
+        targets.set_batch(Pace::batch(rate, p.settings.coordinator.publish_batch));
         let (decisions, next) = targets
             .next_batch(redis, &p.names, cursor.as_deref())
             .await
@@ -203,7 +429,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             return Ok(());
         };
 
-        let canceling = state != JobState::InProgress;
+        let canceling = state.is_stopping();
         let now = now_ms();
         let mut sent = Vec::new();
         let mut final_statuses = Vec::new();
@@ -212,11 +438,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
                 Decision::Send(device) if !canceling => sent.push(device.as_str()),
                 Decision::Send(device) => final_statuses.push((
                     device.as_str(),
-                    status(
-                        ExecutionState::Canceled,
-                        "job canceled before the device was sent the job",
-                        now,
-                    ),
+                    status(ExecutionState::Canceled, stopped_reason(state), now),
                 )),
                 Decision::Skip { device, reason } => final_statuses.push((
                     device.as_str(),
@@ -224,41 +446,12 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
                 )),
             }
         }
-        // Every device is QUEUED before its task exists: a device with no status is not a
-        // target, and workers and the aggregator refuse tasks and results for it.
-        let queued = serde_json::to_string(&DeviceStatus {
-            state: ExecutionState::Queued,
-            attempts: 0,
-            error: None,
-            updated_at_ms: now,
-            next_attempt_at_ms: None,
-            worker: None,
-            published_at_ms: None,
-            readings: None,
-        })?;
-        if !sent.is_empty() {
-            let mut pipe = redis::pipe();
-            for device in &sent {
-                pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
-                    .ignore();
-            }
-            let () = pipe.query_async(redis).await?;
-        }
-        publish_batch(p, job_id, &sent, now).await?;
-        let outcomes: Vec<TerminalStatus<'_>> = final_statuses
-            .iter()
-            .map(|(device, status)| TerminalStatus {
-                job_id,
-                device_id: device,
-                status,
-            })
-            .collect();
-        p.scripts
-            .record_terminal(redis, &p.names, &outcomes, store::Reporter::Planner)
-            .await?;
+        send(p, redis, job_id, &sent).await?;
+        conclude(p, redis, job_id, &final_statuses).await?;
 
-        // Checkpoint: cursor and count move together, after the batch is safely out.
+        // Checkpoint: cursor and counts move together, after the batch is safely out.
         planned += decisions.len() as u64;
+        published += sent.len() as u64;
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.hset_multiple(
@@ -266,25 +459,36 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
             &[
                 ("cursor", next.clone()),
                 ("planned", planned.to_string()),
+                ("published", published.to_string()),
                 ("updated_at_ms", now_ms().to_string()),
             ],
         )
         .ignore();
         let () = pipe.query_async(redis).await?;
         cursor = Some(next);
-
-        sent_here += sent.len() as u64;
-        if rate > 0 && !sent.is_empty() {
-            let due = started + Duration::from_secs_f64(sent_here as f64 / f64::from(rate));
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = p.shutdown.cancelled() => {}
-            }
-        }
+        pace.after(p, sent.len(), rate).await;
     }
 }
 
-fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceStatus {
+/// Whether a ramp counting successes needs fresh counters for batch `n` (every 4th).
+fn needs_counts(rollout: &shared::rollout::Rollout, n: u64) -> bool {
+    rollout
+        .ramp
+        .as_ref()
+        .is_some_and(|r| r.increase_after.succeeded.is_some())
+        && n.is_multiple_of(4)
+}
+
+/// The error recorded on devices canceled before they were sent the job.
+pub(crate) fn stopped_reason(state: JobState) -> &'static str {
+    if state == JobState::Aborting {
+        "job aborted before the device was sent the job"
+    } else {
+        "job canceled before the device was sent the job"
+    }
+}
+
+pub(crate) fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceStatus {
     DeviceStatus {
         state,
         attempts: 0,

@@ -88,6 +88,11 @@ impl Targets {
         }
     }
 
+    /// Reads `batch` ids at a time from now on (the planner follows its rate).
+    pub fn set_batch(&mut self, batch: usize) {
+        self.batch = batch.max(1);
+    }
+
     /// The next decisions after device id `after` (exclusive), in id order; empty when the
     /// targets are exhausted. Devices the filter excludes are not targeted at all, so the
     /// returned batch may be shorter than the batch size (or empty while more follow: check

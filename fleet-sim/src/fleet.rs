@@ -18,6 +18,8 @@ use shared::{config::SimulatorSettings, job::Action, state::Readings};
 struct DeviceMemory {
     /// Per job: deliveries received.
     deliveries: HashMap<String, u32>,
+    /// Per job: when the first and the last delivery arrived (ms since the epoch).
+    contacts: HashMap<String, Contact>,
     /// Executions applied: the device's memory that makes repeats harmless.
     executions: std::collections::HashSet<String>,
     /// Per job: times applied (more than 1 would be a duplicate application: the same job
@@ -25,6 +27,13 @@ struct DeviceMemory {
     applied: HashMap<String, u32>,
     /// Readings sent, per job.
     readings: HashMap<String, Readings>,
+}
+
+/// When a job reached a device: its first and its last delivery (ms since the epoch).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Contact {
+    pub(crate) first_ms: u64,
+    pub(crate) last_ms: u64,
 }
 
 /// Totals over the fleet, served at `/stats`.
@@ -134,6 +143,14 @@ impl Fleet {
         let (delivery, applied) = {
             let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
             let mem = devices.entry(device.to_owned()).or_default();
+            let now = shared::now_ms();
+            mem.contacts
+                .entry(job.to_owned())
+                .and_modify(|c| c.last_ms = now)
+                .or_insert(Contact {
+                    first_ms: now,
+                    last_ms: now,
+                });
             let n = mem.deliveries.entry(job.to_owned()).or_default();
             *n += 1;
             (*n, mem.executions.contains(execution))
@@ -238,6 +255,17 @@ impl Fleet {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter_map(|(d, m)| m.deliveries.get(job).map(|n| (d.clone(), *n)))
+            .collect()
+    }
+
+    /// When `job` first and last reached each device it reached (rollout order and stop
+    /// times are checked from these).
+    pub(crate) fn contacts(&self, job: &str) -> BTreeMap<String, Contact> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(d, m)| m.contacts.get(job).map(|c| (d.clone(), *c)))
             .collect()
     }
 

@@ -28,6 +28,7 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .route("/stats", get(stats))
         .route("/readings/{job}", get(readings))
         .route("/deliveries/{job}", get(deliveries))
+        .route("/contacts/{job}", get(contacts))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(fleet)
 }
@@ -75,6 +76,10 @@ async fn device(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Resp
 
 async fn readings(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
     Json(fleet.readings(&job)).into_response()
+}
+
+async fn contacts(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
+    Json(fleet.contacts(&job)).into_response()
 }
 
 async fn deliveries(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::device::{AttributeFilter, validate_id};
+pub use crate::rollout::Rollout;
 
 /// What a job does to each device, and to which devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,7 +26,7 @@ pub struct JobSpec {
     /// Retries and timeouts.
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Publishing rate.
+    /// Rate, ramp, waves and abort criteria.
     #[serde(default)]
     pub rollout: Rollout,
     /// Who to tell about this job.
@@ -120,14 +121,6 @@ impl Default for RetryPolicy {
             deadline_secs: None,
         }
     }
-}
-
-/// Publishing rate.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Rollout {
-    /// Devices per second the planner publishes at most (unset: the deployment default).
-    #[serde(default)]
-    pub max_per_second: Option<u32>,
 }
 
 /// What a device is asked to do.
@@ -499,12 +492,21 @@ impl JobSpec {
         if let Some(d) = self.retry.deadline_secs {
             between("retry.deadline_secs", d, MAX_DEADLINE_SECS)?;
         }
-        if let Some(r) = self.rollout.max_per_second {
-            between(
-                "rollout.max_per_second",
-                u64::from(r),
-                u64::from(MAX_PER_SECOND),
-            )?;
+        self.rollout.validate(MAX_PER_SECOND)?;
+        if self.rollout.on_abort == crate::rollout::OnAbort::Rollback && self.rollback.is_none() {
+            return Err(SpecError::new(
+                "rollout.on_abort",
+                "\"rollback\" needs the job's rollback action",
+            ));
+        }
+        for (i, w) in self.rollout.waves.iter().enumerate() {
+            if let Some(sel) = &w.selector {
+                for k in sel.tags.keys() {
+                    validate_id(k).map_err(|p| {
+                        SpecError::new(format!("rollout.waves[{i}].selector.tags.{k}"), p)
+                    })?;
+                }
+            }
         }
         if self.name.as_ref().is_some_and(|n| n.len() > MAX_NAME_BYTES) {
             return Err(SpecError::new(
@@ -596,6 +598,14 @@ hardware_revisions = ["A", "B"]
     fn unknown_fields_are_refused_naming_them_at_any_depth() {
         for (extra, field) in [
             (r#","rollout":{"max_per_sec":10}"#, "rollout.max_per_sec"),
+            (
+                r#","rollout":{"waves":[{"count":5,"sucess_threshold":99},{}]}"#,
+                "rollout.waves[0].sucess_threshold",
+            ),
+            (
+                r#","rollout":{"abort":[{"failure_type":"FAILED","threshold_percent":5,"min_exec":9}]}"#,
+                "rollout.abort[0].min_exec",
+            ),
             (r#","retries":{"max_attempts":3}"#, "retries"),
             (
                 r#","retry":{"max_attempts":3,"backoff":"fast"}"#,

@@ -8,6 +8,7 @@
 //! - [`config`]: the one [`config::Settings`] struct, loaded in layers (defaults, file, env).
 //! - [`job`]: the job spec (targets, action, compatibility, retries, rollout) and its
 //!   validation.
+//! - [`rollout`]: rate, ramp, waves and gates, abort criteria: the spec and its arithmetic.
 //! - [`state`]: the states of a job and of each device execution, and a device's status.
 //! - [`device`]: the device record and the one attribute filter.
 //! - [`messages`]: the MessagePack wire types (`DeviceTask`, `TaskResult`, `ControlMessage`).
@@ -35,6 +36,7 @@ pub mod config;
 pub mod device;
 pub mod job;
 pub mod messages;
+pub mod rollout;
 pub mod shutdown;
 pub mod signing;
 pub mod state;

@@ -111,6 +111,12 @@ pub enum ControlMessage {
         #[serde(rename = "j")]
         job_id: Uuid,
     },
+    /// A job was paused, resumed or aborted: read its state again before the next delivery.
+    JobChanged {
+        /// The job.
+        #[serde(rename = "j")]
+        job_id: Uuid,
+    },
 }
 
 /// A message that could not be encoded or decoded.

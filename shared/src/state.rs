@@ -31,6 +31,13 @@ pub enum JobState {
     Completed,
     /// Canceled, and every device reached a terminal state.
     Canceled,
+    /// Held by an operator or a failed wave gate: nothing new is published and parked
+    /// retries wait; `resume` continues from the checkpoint.
+    Paused,
+    /// An abort criterion tripped (or a gate said abort): queued devices are being canceled.
+    Aborting,
+    /// Aborted, and every device reached a terminal state.
+    Aborted,
 }
 
 impl JobState {
@@ -41,6 +48,9 @@ impl JobState {
             JobState::Canceling => "CANCELING",
             JobState::Completed => "COMPLETED",
             JobState::Canceled => "CANCELED",
+            JobState::Paused => "PAUSED",
+            JobState::Aborting => "ABORTING",
+            JobState::Aborted => "ABORTED",
         }
     }
     /// Parses the storage name.
@@ -50,6 +60,9 @@ impl JobState {
             "CANCELING" => JobState::Canceling,
             "COMPLETED" => JobState::Completed,
             "CANCELED" => JobState::Canceled,
+            "PAUSED" => JobState::Paused,
+            "ABORTING" => JobState::Aborting,
+            "ABORTED" => JobState::Aborted,
             _ => return None,
         })
     }
@@ -59,8 +72,25 @@ impl JobState {
     }
     /// Whether the job is over.
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Canceled)
+        matches!(
+            self,
+            JobState::Completed | JobState::Canceled | JobState::Aborted
+        )
     }
+    /// Whether the job is winding down: nothing new starts, queued devices end CANCELED.
+    pub fn is_stopping(self) -> bool {
+        matches!(self, JobState::Canceling | JobState::Aborting)
+    }
+    /// Every state, for metrics.
+    pub const ALL: [JobState; 7] = [
+        JobState::InProgress,
+        JobState::Paused,
+        JobState::Canceling,
+        JobState::Aborting,
+        JobState::Completed,
+        JobState::Canceled,
+        JobState::Aborted,
+    ];
 }
 
 /// State of one device's execution of one job.

@@ -162,6 +162,23 @@ pub struct JobRecord {
     pub counts: BTreeMap<String, u64>,
     /// The signed job document, when the deployment signs documents.
     pub signed: Option<crate::signing::SignedDocument>,
+    /// Why the job is PAUSED, ABORTING or ABORTED (or was last paused).
+    pub state_reason: Option<String>,
+    /// Where a rollout with waves stands.
+    pub rollout: RolloutPhase,
+}
+
+/// Where a rollout with waves stands, as the planner records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RolloutPhase {
+    /// `splitting` (assigning devices to waves), `publishing`, `gate` (waiting for the
+    /// wave's gate), `soak`, `approval`, `done`; empty before planning starts.
+    pub phase: String,
+    /// The wave being published or judged (from 0).
+    pub wave: Option<u64>,
+    /// The highest wave whose gate an operator released (approve, or resume after a
+    /// failed gate).
+    pub released: Option<u64>,
 }
 
 impl JobRecord {
@@ -173,6 +190,10 @@ impl JobRecord {
     pub fn terminal(&self) -> u64 {
         self.counts.get("terminal").copied().unwrap_or(0)
     }
+    /// Finished devices by outcome, as gates and abort criteria judge them.
+    pub fn tally(&self) -> crate::rollout::Tally {
+        tally_of(&self.counts)
+    }
     /// When devices not finished by then end TIMED_OUT.
     pub fn deadline_ms(&self) -> Option<u64> {
         self.spec
@@ -180,6 +201,68 @@ impl JobRecord {
             .deadline_secs
             .map(|s| self.created_at_ms + s * 1000)
     }
+}
+
+/// Finished devices by outcome from a counters hash (a job's or a wave's).
+pub fn tally_of<'a>(
+    counts: impl IntoIterator<Item = (&'a String, &'a u64)>,
+) -> crate::rollout::Tally {
+    let counts: HashMap<&str, u64> = counts.into_iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let c = |s: ExecutionState| counts.get(s.counter()).copied().unwrap_or(0);
+    crate::rollout::Tally {
+        succeeded: c(ExecutionState::Succeeded),
+        failed: c(ExecutionState::Failed),
+        rejected: c(ExecutionState::Rejected),
+        timed_out: c(ExecutionState::TimedOut),
+        canceled: c(ExecutionState::Canceled),
+    }
+}
+
+/// One wave of a job, as reports show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WaveProgress {
+    /// Index, from 0.
+    pub index: usize,
+    /// Name.
+    pub name: String,
+    /// Devices assigned to it (0 until the planner has split the targets).
+    pub size: u64,
+    /// Counters per execution state, plus `terminal`.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// Every wave of a job with its size and counters (empty for a job without waves).
+///
+/// # Errors
+/// Redis errors.
+pub async fn load_waves(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    job: &JobRecord,
+) -> Result<Vec<WaveProgress>, StoreError> {
+    let waves = &job.spec.rollout.waves;
+    if waves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for i in 0..waves.len() {
+        pipe.zcard(names.job_wave(job.id, i))
+            .hgetall(names.job_wave_counts(job.id, i));
+    }
+    let raw: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let mut out = Vec::with_capacity(waves.len());
+    for (i, pair) in raw.chunks(2).enumerate() {
+        let size: u64 = redis::from_redis_value(pair[0].clone()).unwrap_or(0);
+        let counts: HashMap<String, u64> =
+            redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+        out.push(WaveProgress {
+            index: i,
+            name: waves[i].label(i),
+            size,
+            counts: counts.into_iter().collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// Reads a job record with its counters. `None` if there is no such job.
@@ -219,6 +302,15 @@ pub async fn load_job(
         finished_at_ms: num("finished_at_ms"),
         planned: num("planned").unwrap_or(0),
         planning_done: num("planning_done") == Some(1),
+        state_reason: fields
+            .get("state_reason")
+            .filter(|s| !s.is_empty())
+            .cloned(),
+        rollout: RolloutPhase {
+            phase: fields.get("phase").cloned().unwrap_or_default(),
+            wave: num("wave"),
+            released: num("released_wave"),
+        },
         counts: counts.into_iter().collect(),
         signed: match fields.get("signed").filter(|s| !s.is_empty()) {
             Some(raw) => {
@@ -248,9 +340,9 @@ pub async fn load_job_state(
 const FINISH_IF_DONE_LUA: &str = r#"
 local function finish_if_done(terminal)
   local j = redis.call('HMGET', KEYS[1], 'planning_done', 'planned', 'state')
-  if j[1] == '1' and tonumber(j[2]) == terminal and (j[3] == 'IN_PROGRESS' or j[3] == 'CANCELING') then
-    local final = 'COMPLETED'
-    if j[3] == 'CANCELING' then final = 'CANCELED' end
+  local finals = {IN_PROGRESS = 'COMPLETED', PAUSED = 'COMPLETED', CANCELING = 'CANCELED', ABORTING = 'ABORTED'}
+  local final = finals[j[3] or '']
+  if j[1] == '1' and tonumber(j[2]) == terminal and final then
     redis.call('HSET', KEYS[1], 'state', final, 'finished_at_ms', ARGV[5], 'updated_at_ms', ARGV[5])
     redis.call('SREM', KEYS[5], ARGV[6])
     return 2
@@ -283,9 +375,10 @@ local function attempts_of(raw)
 end
 "#;
 
-/// `record_terminal`: KEYS job, counts, status, state-set, active; ARGV device, counter,
-/// status-json, state, now, job-id, `1` when the device must already have a status (a
-/// device's result: only targets have one). Returns -1 (no such job), -2 (not a target),
+/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of; ARGV device,
+/// counter, status-json, state, now, job-id, `1` when the device must already have a status
+/// (a device's result: only targets have one), the job's wave-key prefix. A device with a
+/// wave counts in its wave's counters too. Returns -1 (no such job), -2 (not a target),
 /// 0 (already terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
@@ -296,6 +389,12 @@ if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local wave = redis.call('HGET', KEYS[6], ARGV[1])
+if wave then
+  local counts = ARGV[8] .. wave .. ':counts'
+  redis.call('HINCRBY', counts, ARGV[2], 1)
+  redis.call('HINCRBY', counts, 'terminal', 1)
+end
 local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
 return finish_if_done(terminal)
 "#
@@ -430,19 +529,21 @@ impl Scripts {
             })?;
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(5)
+                .arg(6)
                 .arg(names.job(o.job_id))
                 .arg(names.job_counts(o.job_id))
                 .arg(names.job_status(o.job_id))
                 .arg(names.job_state_set(o.job_id, o.status.state))
                 .arg(names.active_jobs())
+                .arg(names.job_wave_of(o.job_id))
                 .arg(o.device_id)
                 .arg(o.status.state.counter())
                 .arg(json)
                 .arg(o.status.state.as_str())
                 .arg(&now)
                 .arg(o.job_id.to_string())
-                .arg(targets_only);
+                .arg(targets_only)
+                .arg(names.job_wave_prefix(o.job_id));
         }
         let codes: Vec<i64> = self.run(conn, &pipe).await?;
         let mut summary = RecordSummary::default();
@@ -581,6 +682,8 @@ mod tests {
             planning_done: false,
             counts: BTreeMap::from([("succeeded".to_owned(), 3), ("terminal".to_owned(), 3)]),
             signed: None,
+            state_reason: None,
+            rollout: RolloutPhase::default(),
         };
         assert_eq!(record(spec.clone()).deadline_ms(), None);
         spec.retry.deadline_secs = Some(7);

@@ -131,6 +131,31 @@ impl Names {
     pub fn job_targets(&self, job: Uuid) -> String {
         format!("{}:job:{job}:targets", self.ns)
     }
+    /// Sorted set of a job's sendable targets not yet given a wave, scored by their place in
+    /// the job's shuffle ([`crate::rollout`]): the planner's working set while it splits.
+    pub fn job_wave_pool(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:wave:pool", self.ns)
+    }
+    /// Sorted set of the devices matching wave `wave`'s selector, while the planner splits.
+    pub fn job_wave_candidates(&self, job: Uuid, wave: usize) -> String {
+        format!("{}:job:{job}:wave:{wave}:candidates", self.ns)
+    }
+    /// Sorted set of the devices of wave `wave`, in shuffle order.
+    pub fn job_wave(&self, job: Uuid, wave: usize) -> String {
+        format!("{}:job:{job}:wave:{wave}", self.ns)
+    }
+    /// Prefix of the per-wave keys; the recording script appends `<wave>:counts`.
+    pub fn job_wave_prefix(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:wave:", self.ns)
+    }
+    /// Hash of a wave's counters per execution state (as [`Self::job_counts`]).
+    pub fn job_wave_counts(&self, job: Uuid, wave: usize) -> String {
+        format!("{}:job:{job}:wave:{wave}:counts", self.ns)
+    }
+    /// Hash device id -> the index of its wave.
+    pub fn job_wave_of(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:waveof", self.ns)
+    }
     /// Set of the devices of a job in one terminal state.
     pub fn job_state_set(&self, job: Uuid, state: ExecutionState) -> String {
         format!("{}:job:{job}:in:{}", self.ns, state.as_str())

@@ -187,14 +187,7 @@ async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.cluster
-        .signal_coordinator(Signal::SIGKILL)
-        .expect("kill");
-    app.cluster
-        .wait_coordinator(Duration::from_secs(10))
-        .await
-        .expect("dead");
-    app.cluster.start_coordinator().await.expect("restart");
+    app.crash_coordinator().await;
 
     // Act 2: SIGKILL again once planning is done but results are still coming in.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
@@ -210,14 +203,7 @@ async fn killing_the_coordinator_while_publishing_and_while_aggregating_resumes_
         assert!(tokio::time::Instant::now() < deadline, "{job}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.cluster
-        .signal_coordinator(Signal::SIGKILL)
-        .expect("kill");
-    app.cluster
-        .wait_coordinator(Duration::from_secs(10))
-        .await
-        .expect("dead");
-    app.cluster.start_coordinator().await.expect("restart");
+    app.crash_coordinator().await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
 
     // Assert: nobody resubmitted anything; re-published tasks were absorbed.

@@ -200,12 +200,15 @@ impl TestApp {
             .expect("job json")
     }
 
-    /// Polls until the job is COMPLETED or CANCELED.
+    /// Polls until the job is over (COMPLETED, CANCELED or ABORTED).
     pub async fn wait_for_job(&self, id: Uuid, timeout: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let job = self.job(id).await;
-            if matches!(job["state"].as_str(), Some("COMPLETED") | Some("CANCELED")) {
+            if matches!(
+                job["state"].as_str(),
+                Some("COMPLETED" | "CANCELED" | "ABORTED")
+            ) {
                 return job;
             }
             assert!(
@@ -407,6 +410,18 @@ impl TestApp {
         assert_eq!(job["state"], "COMPLETED", "{job}");
         let statuses = self.assert_exact(id, &fleet_ids(n)).await;
         (id, statuses)
+    }
+
+    /// Kills the coordinator with SIGKILL and starts a new one (same settings).
+    pub async fn crash_coordinator(&mut self) {
+        self.cluster
+            .signal_coordinator(nix::sys::signal::Signal::SIGKILL)
+            .expect("kill");
+        self.cluster
+            .wait_coordinator(Duration::from_secs(10))
+            .await
+            .expect("dead");
+        self.cluster.start_coordinator().await.expect("restart");
     }
 
     /// An HTTP client calling as a new API token made by the admin with `token` (name,

@@ -23,6 +23,7 @@ mod job_roundtrip;
 mod memory;
 mod observability;
 mod rerun;
+mod rollouts;
 mod safe_create;
 mod secure;
 mod services;

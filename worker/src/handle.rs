@@ -21,7 +21,7 @@ use shared::{
     config::Settings,
     messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
     now_ms,
-    state::{DeviceStatus, ExecutionState},
+    state::{DeviceStatus, ExecutionState, JobState},
     store::Scripts,
     topology::Names,
 };
@@ -160,6 +160,21 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         tracing::error!(%reason, security_event = "task_refused", "refusing a task");
         return Ok(Outcome::DeadLetter(reason));
     }
+    if job.state == JobState::Paused {
+        // Held until the job resumes: parked without an attempt, back in a few seconds.
+        mark(ctx, "paused");
+        let queue = ctx
+            .settings
+            .worker
+            .retry_delays_ms
+            .len()
+            .saturating_sub(1)
+            .min(1);
+        return Ok(Outcome::Forward {
+            to: ForwardTo::Retry(queue),
+            task: task.clone(),
+        });
+    }
     if !ctx
         .active
         .lock()
@@ -234,6 +249,14 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     deadline_ms: job.deadline_ms,
                 };
                 let between_attempts = |p: deliver::Progress| async move {
+                    // Paused, canceled or aborted meanwhile: no further attempt here; the
+                    // task goes back and its next handler parks or cancels it.
+                    let mut redis = ctx.redis.clone();
+                    if let Ok(Some(now)) = ctx.jobs.get(&mut redis, &ctx.names, task.job_id).await
+                        && now.state != JobState::InProgress
+                    {
+                        return deliver::Claim::Stopping;
+                    }
                     let status = in_progress(
                         ctx,
                         task,

@@ -2,8 +2,8 @@
 //!
 //! Owns the answer to "is this job still live, and what does it ask for?" for every task,
 //! without a Redis round trip per task: documents never change once stored, and states are
-//! trusted for `job_cache_ms` (a cancel therefore stops new deliveries within that bound, or
-//! at once when the coordinator's control broadcast arrives). It never writes to Redis.
+//! trusted for `job_cache_ms` (a cancel, pause or abort therefore stops new deliveries within
+//! that bound, or at once when the coordinator's control broadcast arrives). It never writes to Redis.
 
 use std::{
     collections::HashMap,
@@ -117,9 +117,6 @@ impl JobCache {
     /// Forces the next lookup of `id` to read Redis (a control message said it changed).
     pub fn invalidate(&self, id: Uuid) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = entries.get_mut(&id) {
-            e.view.state = JobState::Canceling;
-            e.fetched = Instant::now() - self.ttl;
-        }
+        entries.remove(&id);
     }
 }

@@ -338,6 +338,10 @@ async fn listen_for_control(ctx: Arc<Context>, channel: Channel) -> anyhow::Resu
                 tracing::info!(%job_id, "job canceled: no new deliveries");
                 ctx.jobs.invalidate(job_id);
             }
+            Ok(messages::ControlMessage::JobChanged { job_id }) => {
+                tracing::info!(%job_id, "job state changed: reading it again");
+                ctx.jobs.invalidate(job_id);
+            }
             Err(e) => tracing::warn!(error.message = %e, "ignoring an undecodable control message"),
         }
     }

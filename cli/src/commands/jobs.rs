@@ -1,4 +1,5 @@
-//! `fleetbatch job ...`: creating, following, inspecting and cancelling jobs.
+//! `fleetbatch job ...`: creating, following, inspecting, steering (pause, resume, approve)
+//! and cancelling jobs.
 
 use std::path::PathBuf;
 
@@ -40,6 +41,15 @@ pub(crate) enum JobCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pause a job: nothing new is published and parked retries wait; deliveries under
+    /// way finish.
+    Pause(SteerArgs),
+    /// Resume a paused job from its checkpoint (a job paused by a failed wave gate goes on
+    /// to the next wave).
+    Resume(SteerArgs),
+    /// Let the next wave start: the wave waiting for approval, at its gate or soak, or the
+    /// wave whose failed gate paused the job.
+    Approve(SteerArgs),
     /// Per-device status, in device-id order.
     Devices {
         /// Job id.
@@ -92,6 +102,43 @@ pub(crate) enum JobCmd {
 pub(crate) enum ResultsFormat {
     Csv,
     Ndjson,
+}
+
+/// Pause, resume, approve.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SteerArgs {
+    /// Job id.
+    id: String,
+    /// Why, for the job's record and the audit log.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn steer(client: &Client, word: &str, a: SteerArgs) -> anyhow::Result<()> {
+    let body = match &a.reason {
+        Some(r) => json!({ "reason": r }).to_string(),
+        None => String::new(),
+    };
+    let v: Value = client
+        .post(
+            &format!("/v1/jobs/{}/{word}", a.id),
+            "application/json",
+            body,
+        )
+        .await?;
+    if a.json {
+        output::print_json(&v);
+    } else {
+        println!(
+            "{} {}",
+            v["job_id"].as_str().unwrap_or(&a.id),
+            v["state"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// A job made from an earlier one (rerun, rollback).
@@ -357,6 +404,9 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
             t.print();
             output::next_page(&v);
         }
+        JobCmd::Pause(args) => steer(client, "pause", args).await?,
+        JobCmd::Resume(args) => steer(client, "resume", args).await?,
+        JobCmd::Approve(args) => steer(client, "approve", args).await?,
         JobCmd::Rerun(args) => follow_up(client, "rerun", args).await?,
         JobCmd::Rollback(args) => follow_up(client, "rollback", args).await?,
         JobCmd::Cancel { id, json } => {

@@ -39,6 +39,21 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     ),
     (
         Method::POST,
+        "/v1/jobs/{id}/pause",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
+        "/v1/jobs/{id}/resume",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
+        "/v1/jobs/{id}/approve",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
         "/v1/jobs/{id}/rerun",
         Access::Role(Role::Operator),
     ),

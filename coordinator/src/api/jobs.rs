@@ -340,20 +340,20 @@ pub(super) async fn get(
     }
 }
 
-pub(super) async fn cancel(
-    State(app): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let id = parse_id(&id)?;
+/// Loads job `id` for a change by `caller`: a scoped operator may change only jobs that
+/// stay inside its groups.
+async fn job_for_change(
+    app: &AppState,
+    caller: &Caller,
+    id: uuid::Uuid,
+) -> ApiResult<shared::store::JobRecord> {
     let mut redis = app.redis.clone();
     let job = shared::store::load_job(&mut redis, &app.names, id)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
-    if caller.groups.is_some() {
-        // A scoped operator may cancel only jobs that stay inside its groups.
-        if let Err(m) = scope::check(
+    if caller.groups.is_some()
+        && let Err(m) = scope::check(
             &mut redis,
             &app.names,
             &job.spec.target,
@@ -361,13 +361,23 @@ pub(super) async fn cancel(
         )
         .await
         .map_err(ApiError::internal)?
-        {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("job {id}: {m}"),
-            ));
-        }
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("job {id}: {m}"),
+        ));
     }
+    Ok(job)
+}
+
+pub(super) async fn cancel(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id)?;
+    job_for_change(&app, &caller, id).await?;
+    let mut redis = app.redis.clone();
     let broker = app.broker().ok_or_else(no_broker)?;
     match jobs::cancel(&mut redis, &broker.publisher, &app.names, id).await {
         Ok(()) => {
@@ -378,6 +388,77 @@ pub(super) async fn cancel(
             Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
         }
         Err(e @ CancelError::NotCancelable { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+/// The body of a pause (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SteerRequest {
+    /// Why, for the record.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/pause`, `/resume` and `/approve` (the route says which).
+pub(super) async fn steer(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    route: MatchedPath,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    use crate::steer::{Steer, SteerError};
+    let id = parse_id(&id)?;
+    let req: SteerRequest = if body.is_empty() {
+        SteerRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
+    };
+    let (change, word) = match route.as_str().rsplit('/').next() {
+        Some("pause") => (Steer::Pause, "paused"),
+        Some("resume") => (Steer::Resume, "resumed"),
+        _ => (Steer::Approve, "approved"),
+    };
+    job_for_change(&app, &caller, id).await?;
+    let reason = match req.reason.filter(|r| !r.trim().is_empty()) {
+        Some(r) if r.len() > 1024 => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reason: at most 1024 bytes",
+            )
+            .with_field("reason"));
+        }
+        Some(r) => format!("{word} by {}: {r}", caller.subject),
+        None => format!("{word} by {}", caller.subject),
+    };
+    let mut redis = app.redis.clone();
+    let broker = app.broker();
+    match crate::steer::steer(
+        &mut redis,
+        broker.as_ref().map(|b| &b.publisher),
+        &app.names,
+        id,
+        change,
+        &reason,
+    )
+    .await
+    {
+        Ok(state) => {
+            app.notifier
+                .job_state_because(id, state, json!({}), Some(&reason));
+            Ok(Json(
+                json!({"job_id": id, "state": state, "reason": reason}),
+            ))
+        }
+        Err(SteerError::NotFound(_)) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))
+        }
+        Err(e @ SteerError::Refused { .. }) => {
             Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
         }
         Err(e) => Err(ApiError::internal(e)),

@@ -1,0 +1,346 @@
+//! Safe rollouts end to end, on real processes and fleet-sim over HTTP: waves contacted in
+//! order behind their gates (checked from the devices' own delivery timestamps), a failing
+//! canary that pauses the job, a coordinator SIGKILL at the gate, resume and approve, abort
+//! criteria, pause mid-job, and the ramp.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use shared::state::ExecutionState;
+use uuid::Uuid;
+
+use crate::{
+    devices::start_sim,
+    helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
+};
+
+/// Workers speaking HTTP to fleet-sim on `port`, devices failing permanently at `fail_rate`.
+async fn http_fleet(port: u16, fail_rate: &str) -> TestApp {
+    let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
+    let env = [
+        ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
+        ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", fail_rate),
+        ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ("FLEETBATCH_WORKER__TRANSPORT", "http"),
+        ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "2000"),
+    ];
+    spawn_app(2, &env).await
+}
+
+/// When each device was first and last reached by `job`, from fleet-sim.
+async fn contacts(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, (u64, u64)> {
+    let v: Value = app
+        .http
+        .get(format!("{sim}/contacts/{job}"))
+        .send()
+        .await
+        .expect("contacts")
+        .json()
+        .await
+        .expect("json");
+    v.as_object()
+        .expect("an object")
+        .iter()
+        .map(|(d, c)| {
+            (
+                d.clone(),
+                (
+                    c["first_ms"].as_u64().expect("first"),
+                    c["last_ms"].as_u64().expect("last"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The wave of every device of `job`, as the planner assigned them.
+async fn waves_of(app: &TestApp, job: Uuid) -> HashMap<String, usize> {
+    let mut redis = app.redis.clone();
+    let raw: HashMap<String, usize> = redis
+        .hgetall(app.names.job_wave_of(job))
+        .await
+        .expect("wave of");
+    raw
+}
+
+/// Polls job `id` until `pred` holds (or fails after `timeout`).
+async fn wait_until(
+    app: &TestApp,
+    id: Uuid,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let job = app.job(id).await;
+        if pred(&job) {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0.02").await;
+    let n = 10_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"waves": [
+            {"name": "canary", "count": 50, "success_threshold": 90},
+            {"percent": 10, "success_threshold": 90},
+            {}
+        ]}})))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+
+    // The split: 50, 10 % and the rest, each device in one wave.
+    let sizes: Vec<u64> = job["rollout"]["waves"]
+        .as_array()
+        .expect("waves")
+        .iter()
+        .map(|w| w["size"].as_u64().expect("size"))
+        .collect();
+    assert_eq!(sizes, vec![50, 1_000, 8_950], "{job}");
+    let wave_of = waves_of(&app, id).await;
+    assert_eq!(wave_of.len() as u64, n);
+    // Per-wave counters add up to the job's.
+    let succeeded: u64 = job["rollout"]["waves"]
+        .as_array()
+        .expect("waves")
+        .iter()
+        .map(|w| w["counts"]["succeeded"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(Some(succeeded), job["succeeded"].as_u64(), "{job}");
+
+    // Order, from the devices' clocks: every device of wave k+1 was first reached after the
+    // last delivery to any device of wave k (the gate needs every device of wave k finished).
+    let seen = contacts(&app, &sim, id).await;
+    assert_eq!(seen.len() as u64, n, "every device was reached");
+    for k in 0..2 {
+        let last_of_k = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k)
+            .map(|(_, c)| c.1)
+            .max()
+            .expect("wave k reached");
+        let first_of_next = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k + 1)
+            .map(|(_, c)| c.0)
+            .min()
+            .expect("wave k+1 reached");
+        assert!(
+            first_of_next >= last_of_k,
+            "wave {} was reached at {first_of_next}, before wave {k}'s last delivery at {last_of_k}",
+            k + 1
+        );
+    }
+    // Failures were real: about 2 % of devices, in every wave.
+    let failed = statuses
+        .values()
+        .filter(|s| s.state == ExecutionState::Failed)
+        .count();
+    assert!((100..=400).contains(&failed), "{failed} failed");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_until_resumed() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0.3").await;
+    let n = 2_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"waves": [
+            {"name": "canary", "count": 50, "success_threshold": 95},
+            {}
+        ]}})))
+        .await;
+
+    // The canary fails its gate: PAUSED, with the reason.
+    let job = wait_until(&app, id, Duration::from_secs(120), |j| {
+        j["state"] == "PAUSED"
+    })
+    .await;
+    let reason = job["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("gate of canary failed"), "{job}");
+    let wave_of = waves_of(&app, id).await;
+    let canary: HashSet<&String> = wave_of
+        .iter()
+        .filter(|(_, w)| **w == 0)
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(canary.len(), 50);
+
+    // A coordinator SIGKILL while paused at the gate changes nothing.
+    app.crash_coordinator().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.job(id).await["state"], "PAUSED");
+    let seen = contacts(&app, &sim, id).await;
+    let outside: Vec<&String> = seen.keys().filter(|d| !canary.contains(d)).collect();
+    assert!(
+        outside.is_empty(),
+        "devices outside the canary reached: {outside:?}"
+    );
+    assert_eq!(seen.len(), 50, "every canary device was reached");
+
+    // Resume: the gate is released and the rest of the fleet gets the job, exact.
+    let out = app
+        .fleetbatch(&["job", "resume", &id.to_string(), "--json"])
+        .await;
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["state"], "IN_PROGRESS", "{v}");
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    assert_eq!(contacts(&app, &sim, id).await.len() as u64, n);
+    let stats: Value = app
+        .http
+        .get(format!("{sim}/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    // A finished job can no longer be paused.
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/pause")))
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(r.status().as_u16(), 409);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_tripped_abort_criterion_aborts_the_job_and_cancels_what_was_not_sent() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0.25").await;
+    let n = 5_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {
+            "max_per_second": 500,
+            "abort": [{"failure_type": "FAILED", "threshold_percent": 10, "min_executed": 500}]
+        }})))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "ABORTED", "{job}");
+    let reason = job["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("FAILED >= 10 %"), "{job}");
+
+    // Every device terminal and counted once; the ones never reached are CANCELED.
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let seen = contacts(&app, &sim, id).await;
+    let canceled = job["canceled"].as_u64().unwrap_or(0);
+    assert!(
+        canceled > 1_000,
+        "most of the fleet was never sent the job: {job}"
+    );
+    for (device, s) in &statuses {
+        if !seen.contains_key(device) {
+            assert_eq!(s.state, ExecutionState::Canceled, "{device}: {s:?}");
+        }
+    }
+    // Nothing reached a device more than a second after the abort.
+    let mut redis = app.redis.clone();
+    let aborted_at: u64 = redis
+        .hget(app.names.job(id), "aborted_at_ms")
+        .await
+        .expect("aborted at");
+    let last = seen.values().map(|c| c.1).max().unwrap_or(0);
+    assert!(
+        last <= aborted_at + 1_000,
+        "a device was reached {} ms after the abort",
+        last - aborted_at
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_paused_job_reaches_no_device_until_resumed_and_the_ramp_speeds_up() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0").await;
+    let n = 600;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    // 20/s for the first 40 devices, then 40/s, 80/s, capped at 160/s.
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {
+            "max_per_second": 160,
+            "ramp": {"base_per_second": 20, "increment_factor": 2.0, "increase_after": {"notified": 40}}
+        }})))
+        .await;
+    wait_until(&app, id, Duration::from_secs(60), |j| {
+        j["terminal"].as_u64() >= Some(150)
+    })
+    .await;
+    let out = app
+        .fleetbatch(&["job", "pause", &id.to_string(), "--reason", "night"])
+        .await;
+    assert!(out.contains("PAUSED"), "{out}");
+    // Deliveries under way finish; after a second nothing more reaches a device.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = contacts(&app, &sim, id).await.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let job = app.job(id).await;
+    assert_eq!(job["state"], "PAUSED");
+    assert!(
+        job["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("night"),
+        "{job}"
+    );
+    assert_eq!(
+        contacts(&app, &sim, id).await.len(),
+        before,
+        "reached while paused"
+    );
+    assert!((before as u64) < n);
+
+    app.fleetbatch(&["job", "resume", &id.to_string()]).await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+
+    // The ramp, from the devices' clocks: the first 40 devices took about 2 s (20/s), the
+    // next 40 about 1 s (40/s); the tail ran near the cap.
+    let mut firsts: Vec<u64> = contacts(&app, &sim, id)
+        .await
+        .values()
+        .map(|c| c.0)
+        .collect();
+    firsts.sort_unstable();
+    let span = |a: usize, b: usize| (firsts[b] - firsts[a]) as f64 / 1000.0;
+    let step1 = span(0, 39);
+    let step2 = span(40, 79);
+    assert!(
+        (1.4..=3.0).contains(&step1),
+        "first 40 in {step1} s (want about 2)"
+    );
+    assert!(
+        (0.6..=1.6).contains(&step2),
+        "next 40 in {step2} s (want about 1)"
+    );
+    assert!(step2 < step1, "the rate went up: {step1} s then {step2} s");
+    app.teardown().await;
+}
