@@ -20,11 +20,17 @@ use crate::{
 
 /// Workers speaking HTTP to fleet-sim on `port`, devices failing permanently at `fail_rate`.
 async fn http_fleet(port: u16, fail_rate: &str) -> TestApp {
+    http_fleet_retrying(port, fail_rate, "0").await
+}
+
+/// As [`http_fleet`], with transient failures at `transient_rate` (retried after 20 ms).
+async fn http_fleet_retrying(port: u16, fail_rate: &str, transient_rate: &str) -> TestApp {
     let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
     let env = [
         ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
         ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
-        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", transient_rate),
+        ("FLEETBATCH_WORKER__BACKOFF__INITIAL_MS", "20"),
         ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", fail_rate),
         ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
         ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
@@ -95,7 +101,9 @@ async fn wait_until(
 #[tokio::test]
 async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
     let port = harness::cluster::free_port().expect("port");
-    let mut app = http_fleet(port, "0.02").await;
+    // Transient failures keep some devices of each wave busy with retries while most of the
+    // wave is done: a next wave started early would overlap them.
+    let mut app = http_fleet_retrying(port, "0.02", "0.05").await;
     let n = 10_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
     let id = app
