@@ -104,5 +104,52 @@ async fn a_dry_run_creates_nothing_and_counts_exactly_what_the_job_then_does() {
     assert_eq!(job["skipped"], preview["skipped"], "{job}");
     let statuses = app.statuses(id).await;
     assert_eq!(statuses.len() as u64, targets.len() as u64);
+
+    // Waves: a canary of revision-A devices, 10 %, the rest; the dry run's wave sizes are
+    // the real job's.
+    let mut waved = spec.clone();
+    waved["rollout"] = json!({"max_per_second": 400, "waves": [
+        {"name": "canary", "count": 20, "selector": {"hardware_revision": "A"}, "soak_secs": 1},
+        {"percent": 10},
+        {}
+    ]});
+    let preview: Value = app
+        .http
+        .post(app.url("/v1/jobs?dry_run=true"))
+        .json(&waved)
+        .send()
+        .await
+        .expect("dry run")
+        .json()
+        .await
+        .expect("json");
+    let sizes = |waves: &Value| -> Vec<u64> {
+        waves
+            .as_array()
+            .expect("waves")
+            .iter()
+            .map(|w| w["size"].as_u64().expect("size"))
+            .collect()
+    };
+    let planned = sizes(&preview["waves"]);
+    assert_eq!(planned.iter().sum::<u64>(), sent.len() as u64, "{preview}");
+    assert_eq!(planned[0], 20, "{preview}");
+    assert_eq!(preview["soak_secs"], 1, "{preview}");
+    let id = app.create_job(&waved).await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(sizes(&job["rollout"]["waves"]), planned, "{job}");
+    // The canary took only revision-A devices.
+    let mut redis = app.redis.clone();
+    let canary: Vec<String> =
+        redis::AsyncCommands::zrange(&mut redis, app.names.job_wave(id, 0), 0, -1)
+            .await
+            .expect("canary");
+    assert!(
+        canary.iter().all(|d| targets
+            .iter()
+            .any(|t| &t.id == d && t.hardware_revision == "A")),
+        "{canary:?}"
+    );
     app.teardown().await;
 }

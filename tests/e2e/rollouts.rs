@@ -29,7 +29,10 @@ async fn http_fleet_retrying(port: u16, fail_rate: &str, transient_rate: &str) -
     let env = [
         ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
         ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
-        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", transient_rate),
+        (
+            "FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE",
+            transient_rate,
+        ),
         ("FLEETBATCH_WORKER__BACKOFF__INITIAL_MS", "20"),
         ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", fail_rate),
         ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),

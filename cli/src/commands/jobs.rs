@@ -284,6 +284,16 @@ fn dry_run_summary(p: &Value) -> String {
         }
         None => out += "no rate limit: as fast as the workers take tasks\n",
     }
+    if let Some(waves) = p["waves"].as_array().filter(|w| !w.is_empty()) {
+        out += &format!("waves (soaks add {} s):\n", n("soak_secs"));
+        for w in waves {
+            out += &format!(
+                "  {:<24} {:>10}\n",
+                w["name"].as_str().unwrap_or("-"),
+                w["size"].as_u64().unwrap_or(0)
+            );
+        }
+    }
     for (title, key) in [
         ("skipped", "skipped_by_reason"),
         ("by group", "by_group"),

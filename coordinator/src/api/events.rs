@@ -13,7 +13,9 @@ use uuid::Uuid;
 use super::{ApiError, ApiResult, parse_id};
 use crate::{app::AppState, jobs};
 
-/// Server-Sent Events for one job: a `state` event whenever its state changes, a `progress`
+/// Server-Sent Events for one job: a `state` event (with the reason) whenever its state
+/// changes, a `wave` event whenever a rollout with waves moves to another phase or wave, a
+/// `progress`
 /// event with the counters every second (and at once when they change after a quiet
 /// second), and a final `finished` event, after which the stream ends.
 pub(super) async fn stream(
@@ -38,6 +40,7 @@ pub(super) async fn stream(
         app: Arc<AppState>,
         id: Uuid,
         last_state: Option<JobState>,
+        last_phase: Option<(String, Option<u64>)>,
         pending: std::collections::VecDeque<Event>,
         done: bool,
         first: bool,
@@ -46,6 +49,7 @@ pub(super) async fn stream(
         app,
         id,
         last_state: None,
+        last_phase: None,
         pending: Default::default(),
         done: false,
         first: true,
@@ -73,10 +77,21 @@ pub(super) async fn stream(
             if w.last_state != Some(job.state) {
                 w.last_state = Some(job.state);
                 w.pending.push_back(
-                    Event::default()
-                        .event("state")
-                        .data(json!({"job_id": w.id, "state": job.state}).to_string()),
+                    Event::default().event("state").data(
+                        json!({"job_id": w.id, "state": job.state, "reason": job.state_reason})
+                            .to_string(),
+                    ),
                 );
+            }
+            if let Some(r) = &job.rollout {
+                let phase = (r.phase.phase.clone(), r.phase.wave);
+                if w.last_phase.as_ref() != Some(&phase) {
+                    w.pending.push_back(Event::default().event("wave").data(
+                        json!({"job_id": w.id, "phase": phase.0, "wave": phase.1, "waves": r.waves})
+                            .to_string(),
+                    ));
+                    w.last_phase = Some(phase);
+                }
             }
             w.pending
                 .push_back(Event::default().event("progress").data(data.clone()));
