@@ -75,10 +75,5 @@ impl AppState {
 }
 
 pub(crate) fn spawn_planner(broker: &Broker, job_id: Uuid) {
-    let planners = broker.planners.clone();
-    broker.tracker.spawn(async move {
-        if let Err(e) = planner::run(planners, job_id).await {
-            tracing::error!(%job_id, error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "planner stopped; the job resumes with the next broker session");
-        }
-    });
+    planner::start(&broker.planners, job_id);
 }

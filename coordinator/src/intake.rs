@@ -93,6 +93,68 @@ pub enum Creation {
     Existing(Uuid),
 }
 
+/// A job made from an earlier one, for its devices that ended in some states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowUp {
+    /// The same action again.
+    Rerun,
+    /// The earlier job's `rollback` action.
+    Rollback,
+}
+
+/// The spec of a follow-up of `earlier` for its devices that ended in `states` (default:
+/// FAILED and TIMED_OUT for a rerun; SUCCEEDED and FAILED, the devices that may have
+/// changed, for a rollback). A rerun keeps the earlier job's settings, rollout included; a
+/// rollback sends the `rollback` action to every chosen device at the earlier job's rate,
+/// without waves, abort criteria or a rollback of its own.
+///
+/// # Errors
+/// The earlier job has no rollback action (field `rollback`).
+pub fn follow_up_spec(
+    earlier: &shared::store::JobRecord,
+    kind: FollowUp,
+    states: Vec<shared::state::ExecutionState>,
+    name: Option<String>,
+) -> Result<JobSpec, SpecError> {
+    use shared::state::ExecutionState;
+    let (word, default_states) = match kind {
+        FollowUp::Rerun => ("rerun", [ExecutionState::Failed, ExecutionState::TimedOut]),
+        FollowUp::Rollback => (
+            "rollback",
+            [ExecutionState::Succeeded, ExecutionState::Failed],
+        ),
+    };
+    let states = if states.is_empty() {
+        default_states.to_vec()
+    } else {
+        states
+    };
+    let id = earlier.id;
+    let mut spec = earlier.spec.clone();
+    if kind == FollowUp::Rollback {
+        spec.action = spec.rollback.take().ok_or_else(|| SpecError {
+            field: "rollback".into(),
+            problem: format!("job {id} has no rollback action"),
+        })?;
+        spec.rollout = shared::rollout::Rollout {
+            max_per_second: spec.rollout.max_per_second,
+            ramp: spec.rollout.ramp.take(),
+            ..Default::default()
+        };
+    }
+    spec.name = Some(name.unwrap_or_else(|| {
+        format!(
+            "{word} of {}",
+            spec.name.as_deref().unwrap_or(&id.to_string())
+        )
+    }));
+    spec.target = shared::job::TargetSpec {
+        from_job: Some(shared::job::FromJob { job_id: id, states }),
+        ..Default::default()
+    };
+    Ok(spec)
+}
+
 /// Checks an `Idempotency-Key` value: 1 to 255 visible ASCII characters.
 ///
 /// # Errors

@@ -55,6 +55,22 @@ pub struct Planners {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Webhooks.
     pub notifier: crate::notify::Notifier,
+    /// Where webhooks of jobs the planner creates (automatic rollbacks) may go.
+    pub outbound: crate::outbound::Policy,
+    /// Signs the documents of jobs the planner creates, when the deployment signs.
+    pub signer: Option<shared::signing::Signer25519>,
+    /// The session's tasks: planners, and the planners of jobs they create.
+    pub tracker: tokio_util::task::TaskTracker,
+}
+
+/// Starts planning `job_id` on the session's tracker.
+pub fn start(p: &Arc<Planners>, job_id: Uuid) {
+    let p = p.clone();
+    p.tracker.clone().spawn(async move {
+        if let Err(e) = run(p, job_id).await {
+            tracing::error!(%job_id, error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "planner stopped; the job resumes with the next broker session");
+        }
+    });
 }
 
 /// Removes a job from [`Planners::running`] when its planner ends, however it ends.
@@ -136,6 +152,13 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
         .await
         // Stopped: the planner of the next start resumes from the checkpoint.
         .or(Ok(()));
+        if result.is_ok() && !p.shutdown.is_cancelled() {
+            match rollback_if_aborted(&p, &mut redis, job_id).await {
+                Ok(Some(rollback)) => start(&p, rollback),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%job_id, error.message = %e, "automatic rollback not created yet; the next start tries again"),
+            }
+        }
         let _: Result<i64, _> = redis.del(&lock).await;
         result
     }
@@ -157,8 +180,11 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
     if p.shutdown.is_cancelled() {
         return Ok(());
     }
-    // Abort criteria hold until the last device finished.
-    if !record.spec.rollout.abort.is_empty() {
+    // Abort criteria hold until the last device finished; an automatic rollback waits for
+    // the aborted job to finish.
+    if !record.spec.rollout.abort.is_empty()
+        || record.spec.rollout.on_abort == shared::rollout::OnAbort::Rollback
+    {
         loop {
             let now = watch(p, redis, job_id).await?;
             if now.state.is_finished() || p.shutdown.is_cancelled() {
@@ -260,6 +286,13 @@ pub(crate) async fn abort(
     {
         Ok(state) => {
             tracing::warn!(%job_id, %reason, "job aborted");
+            if let Ok(Some(job)) = store::load_job(redis, &p.names, job_id).await
+                && job.spec.rollout.on_abort == shared::rollout::OnAbort::Rollback
+            {
+                let _: i64 = redis
+                    .sadd(p.names.pending_rollbacks(), job_id.to_string())
+                    .await?;
+            }
             p.metrics.jobs_aborted.inc();
             p.notifier
                 .job_state_because(job_id, state, serde_json::json!({}), Some(reason));
@@ -269,6 +302,91 @@ pub(crate) async fn abort(
         Err(crate::steer::SteerError::Refused { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Creates the rollback job of `job_id` once it is ABORTED, when it asked for one
+/// (`on_abort = "rollback"`): the spec's `rollback` action for the devices that SUCCEEDED or
+/// FAILED. Exactly once, across restarts (an idempotency key per aborted job). Returns the
+/// new job to plan.
+///
+/// # Errors
+/// Redis errors (the next start tries again).
+async fn rollback_if_aborted(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+) -> anyhow::Result<Option<Uuid>> {
+    let pending: bool = redis
+        .sismember(p.names.pending_rollbacks(), job_id.to_string())
+        .await?;
+    if !pending {
+        return Ok(None);
+    }
+    let Some(job) = store::load_job(redis, &p.names, job_id).await? else {
+        let _: i64 = redis
+            .srem(p.names.pending_rollbacks(), job_id.to_string())
+            .await?;
+        return Ok(None);
+    };
+    if job.state != JobState::Aborted {
+        return Ok(None);
+    }
+    let spec =
+        crate::intake::follow_up_spec(&job, crate::intake::FollowUp::Rollback, Vec::new(), None);
+    let created = match spec {
+        Ok(spec) => {
+            let text = serde_json::to_string(&spec)?;
+            let caller = format!("job:{job_id}");
+            let c = &p.settings.coordinator;
+            crate::intake::create(
+                redis,
+                &p.names,
+                crate::intake::NewJob {
+                    text: &text,
+                    format: shared::job::SpecFormat::Json,
+                    limits: shared::job::SpecLimits {
+                        max_document_bytes: c.max_document_bytes,
+                        max_explicit_devices: c.max_explicit_devices,
+                    },
+                    can_sign_webhooks: c.webhook_secret.is_some(),
+                    scope: None,
+                    trace: shared::amqp::current_traceparent(),
+                    outbound: &p.outbound,
+                    signer: p.signer.as_ref(),
+                    idempotency: Some(crate::intake::Idempotency {
+                        key: "on-abort-rollback",
+                        caller: &caller,
+                    }),
+                },
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let new = match created {
+        Ok(crate::intake::Creation::New(id, _)) => {
+            tracing::warn!(%job_id, rollback_job_id = %id, "rollback job created for the aborted job");
+            p.notifier.job_state_because(
+                id,
+                JobState::InProgress,
+                serde_json::json!({}),
+                Some(&format!("rollback of aborted job {job_id}")),
+            );
+            Some(id)
+        }
+        Ok(crate::intake::Creation::Existing(_)) => None,
+        Err(crate::intake::IntakeError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            // Nothing to roll back (no device succeeded or failed), or a spec the
+            // deployment refuses: said once, not retried.
+            tracing::error!(%job_id, error.message = %e, "no automatic rollback for the aborted job");
+            None
+        }
+    };
+    let _: i64 = redis
+        .srem(p.names.pending_rollbacks(), job_id.to_string())
+        .await?;
+    Ok(new)
 }
 
 /// Paces publishing: after `n` devices at `rate` per second the next batch waits `n / rate`

@@ -259,6 +259,9 @@ async fn broker_session(
         running: Default::default(),
         metrics: state.metrics.clone(),
         notifier: state.notifier.clone(),
+        outbound: state.outbound.clone(),
+        signer: state.signer.clone(),
+        tracker: TaskTracker::new(),
     });
     let aggregator = Arc::new(aggregate::Aggregator {
         names: state.names.clone(),
@@ -274,15 +277,22 @@ async fn broker_session(
     let broker = Broker {
         connection: connection.clone(),
         publisher,
+        tracker: planners.tracker.clone(),
         planners,
-        tracker: TaskTracker::new(),
     };
     state.set_broker(Some(broker.clone()));
     tracing::info!("connected to RabbitMQ");
 
     // Resume jobs that were running when a coordinator (or this session) last stopped.
     let mut redis = state.redis.clone();
-    let active: Vec<String> = redis.smembers(state.names.active_jobs()).await?;
+    let mut active: Vec<String> = redis.smembers(state.names.active_jobs()).await?;
+    // Aborted jobs whose automatic rollback is not created yet.
+    let pending: Vec<String> = redis.smembers(state.names.pending_rollbacks()).await?;
+    let pending: Vec<String> = pending
+        .into_iter()
+        .filter(|id| !active.contains(id))
+        .collect();
+    active.extend(pending);
     for id in active.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
         tracing::info!(job_id = %id, "resuming job");
         spawn_planner(&broker, id);

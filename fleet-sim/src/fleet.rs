@@ -34,6 +34,8 @@ struct DeviceMemory {
 pub(crate) struct Contact {
     pub(crate) first_ms: u64,
     pub(crate) last_ms: u64,
+    /// When the device last answered (HTTP devices): with `last_ms`, the span it was busy.
+    pub(crate) replied_ms: Option<u64>,
 }
 
 /// Totals over the fleet, served at `/stats`.
@@ -150,6 +152,7 @@ impl Fleet {
                 .or_insert(Contact {
                     first_ms: now,
                     last_ms: now,
+                    replied_ms: None,
                 });
             let n = mem.deliveries.entry(job.to_owned()).or_default();
             *n += 1;
@@ -256,6 +259,17 @@ impl Fleet {
             .iter()
             .filter_map(|(d, m)| m.deliveries.get(job).map(|n| (d.clone(), *n)))
             .collect()
+    }
+
+    /// Notes that `device` answered a delivery of `job` now.
+    pub(crate) fn replied(&self, device: &str, job: &str) {
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = devices
+            .get_mut(device)
+            .and_then(|m| m.contacts.get_mut(job))
+        {
+            c.replied_ms = Some(shared::now_ms());
+        }
     }
 
     /// When `job` first and last reached each device it reached (rollout order and stop

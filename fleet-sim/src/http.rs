@@ -53,6 +53,7 @@ async fn deliver(
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     };
     tokio::time::sleep(after).await;
+    fleet.replied(&req.device_id, &req.job_id.to_string());
     let reply = crate::plain::reply(&fleet, &req, outcome, &decision);
     let code = if outcome == SimOutcome::Transient {
         StatusCode::SERVICE_UNAVAILABLE

@@ -19,6 +19,10 @@ pub struct Rollout {
     /// Start slower and speed up: the rate grows by a factor after every step of devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
+    /// At most this many devices with the same value of a tag in delivery at once (e.g. per
+    /// site, so one site's uplink is not flooded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<InFlightLimit>,
     /// Ordered waves; none means every target at once (at the rate).
     #[serde(default)]
     pub waves: Vec<Wave>,
@@ -29,6 +33,19 @@ pub struct Rollout {
     #[serde(default)]
     pub on_abort: OnAbort,
 }
+
+/// A concurrency limit per value of a device tag, across every worker. Devices without the
+/// tag are not limited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlightLimit {
+    /// The tag (e.g. `site` or `gateway`).
+    pub tag: String,
+    /// Devices per tag value in delivery at once.
+    pub max: u32,
+}
+
+/// Largest per-tag concurrency limit.
+pub const MAX_IN_FLIGHT: u32 = 100_000;
 
 /// An exponential ramp of the publishing rate: `base_per_second * increment_factor^k` after
 /// the k-th step, capped by `max_per_second`.
@@ -355,6 +372,17 @@ impl Rollout {
                         "name exactly one of notified or succeeded, at least 1".into(),
                     );
                 }
+            }
+        }
+        if let Some(l) = &self.max_in_flight {
+            if let Err(p) = crate::device::validate_id(&l.tag) {
+                return err("rollout.max_in_flight.tag".into(), p);
+            }
+            if !(1..=MAX_IN_FLIGHT).contains(&l.max) {
+                return err(
+                    "rollout.max_in_flight.max".into(),
+                    format!("{} is not between 1 and {MAX_IN_FLIGHT}", l.max),
+                );
             }
         }
         if self.waves.len() > MAX_WAVES {

@@ -152,6 +152,12 @@ impl Names {
     pub fn job_wave_counts(&self, job: Uuid, wave: usize) -> String {
         format!("{}:job:{job}:wave:{wave}:counts", self.ns)
     }
+    /// Sorted set of the executions of a job in delivery to devices whose limited tag has
+    /// the value `value` (hex-encoded in the key), scored by when each slot lapses.
+    pub fn job_in_flight(&self, job: Uuid, value: &str) -> String {
+        let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}:job:{job}:inflight:{hex}", self.ns)
+    }
     /// Hash device id -> the index of its wave.
     pub fn job_wave_of(&self, job: Uuid) -> String {
         format!("{}:job:{job}:waveof", self.ns)
@@ -167,6 +173,11 @@ impl Names {
     /// Set of jobs not finished yet (the coordinator resumes these at start).
     pub fn active_jobs(&self) -> String {
         format!("{}:jobs:active", self.ns)
+    }
+    /// Set of aborted jobs whose automatic rollback job is not created yet
+    /// (`on_abort = "rollback"`); every coordinator start looks at it again.
+    pub fn pending_rollbacks(&self) -> String {
+        format!("{}:jobs:rollback-pending", self.ns)
     }
     /// The job a create with an idempotency key made (`digest`: SHA-256 of caller and key).
     pub fn create_key(&self, digest: &str) -> String {

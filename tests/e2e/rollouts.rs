@@ -355,3 +355,264 @@ async fn a_paused_job_reaches_no_device_until_resumed_and_the_ramp_speeds_up() {
     assert!(step2 < step1, "the rate went up: {step1} s then {step2} s");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn max_in_flight_per_site_is_never_exceeded() {
+    // Devices answer after 40 ms; 1,000 devices over 50 sites, at most 2 per site at once,
+    // while two workers could take 512 at once.
+    let port = harness::cluster::free_port().expect("port");
+    let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
+    let env = [
+        ("FLEETBATCH_SIMULATOR__LATENCY_MS", "40"),
+        ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "0"),
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ("FLEETBATCH_WORKER__TRANSPORT", "http"),
+        ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
+        ("FLEETBATCH_WORKER__RETRY_DELAYS_MS", "200,1000"),
+    ];
+    let mut app = spawn_app(2, &env).await;
+    let n = 1_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {
+            "max_in_flight": {"tag": "site", "max": 2}
+        }})))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+
+    // From the devices' clocks: how many devices of one site were busy at once.
+    let seen = contacts(&app, &sim, id).await;
+    let replied = replies(&app, &sim, id).await;
+    let mut by_site: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for i in 0..n {
+        let d = harness::fleet::device(i);
+        let busy = (seen[&d.id].1, replied[&d.id]);
+        by_site
+            .entry(d.tags["site"].clone())
+            .or_default()
+            .push(busy);
+    }
+    let mut most = 0;
+    for (site, spans) in &by_site {
+        // Events: +1 at a start, -1 at an end (ends first at equal times).
+        let mut events: Vec<(u64, i32)> = spans
+            .iter()
+            .flat_map(|(a, b)| [(*a, 1), (*b, -1)])
+            .collect();
+        events.sort_by_key(|(t, d)| (*t, *d));
+        let (mut now, mut peak) = (0, 0);
+        for (_, d) in events {
+            now += d;
+            peak = peak.max(now);
+        }
+        assert!(peak <= 2, "{peak} devices of {site} busy at once");
+        most = most.max(peak);
+    }
+    assert_eq!(most, 2, "the limit was reached somewhere");
+    app.teardown().await;
+}
+
+/// When each device last answered `job`, from fleet-sim (HTTP devices).
+async fn replies(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, u64> {
+    let v: Value = app
+        .http
+        .get(format!("{sim}/contacts/{job}"))
+        .send()
+        .await
+        .expect("contacts")
+        .json()
+        .await
+        .expect("json");
+    v.as_object()
+        .expect("an object")
+        .iter()
+        .map(|(d, c)| (d.clone(), c["replied_ms"].as_u64().expect("replied")))
+        .collect()
+}
+
+#[tokio::test]
+async fn coordinator_sigkills_at_a_gate_mid_wave_and_while_paused_change_no_outcome() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0.01").await;
+    let n = 5_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {
+            "max_per_second": 1000,
+            "waves": [
+                {"name": "canary", "count": 200, "soak_secs": 3},
+                {"percent": 20, "soak_secs": 1},
+                {}
+            ]
+        }})))
+        .await;
+    let phase = |j: &Value| {
+        (
+            j["rollout"]["phase"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            j["rollout"]["wave"].as_u64().unwrap_or(0),
+        )
+    };
+
+    // 1. While the canary soaks after its gate passed.
+    wait_until(&app, id, Duration::from_secs(60), |j| {
+        phase(j) == ("soak".to_owned(), 0)
+    })
+    .await;
+    app.crash_coordinator().await;
+    // 2. Mid-wave: the second wave is being published.
+    wait_until(&app, id, Duration::from_secs(60), |j| {
+        phase(j) == ("publishing".to_owned(), 1) && j["terminal"].as_u64() > Some(400)
+    })
+    .await;
+    app.crash_coordinator().await;
+    // 3. While paused in the last wave.
+    wait_until(&app, id, Duration::from_secs(60), |j| {
+        phase(j) == ("publishing".to_owned(), 2) && j["terminal"].as_u64() > Some(1_500)
+    })
+    .await;
+    app.fleetbatch(&["job", "pause", &id.to_string()]).await;
+    app.crash_coordinator().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = app.job(id).await;
+    assert_eq!(job["state"], "PAUSED", "{job}");
+    app.fleetbatch(&["job", "resume", &id.to_string()]).await;
+
+    // The job ends as if nothing happened: exact, in wave order, nothing applied twice and
+    // no device reached more often than its recorded attempts.
+    let job = app.wait_for_job(id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let wave_of = waves_of(&app, id).await;
+    let seen = contacts(&app, &sim, id).await;
+    for k in 0..2 {
+        let last_of_k = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k)
+            .map(|(_, c)| c.1)
+            .max()
+            .expect("reached");
+        let first_of_next = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k + 1)
+            .map(|(_, c)| c.0)
+            .min()
+            .expect("reached");
+        assert!(first_of_next >= last_of_k, "wave {} started early", k + 1);
+    }
+    let received: Value = app
+        .http
+        .get(format!("{sim}/deliveries/{id}"))
+        .send()
+        .await
+        .expect("deliveries")
+        .json()
+        .await
+        .expect("json");
+    let extra: u64 = statuses
+        .iter()
+        .map(|(d, s)| {
+            received[d.as_str()]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(u64::from(s.attempts))
+        })
+        .sum();
+    assert_eq!(extra, 0, "deliveries beyond the recorded attempts");
+    let stats: Value = app
+        .http
+        .get(format!("{sim}/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_aborted_job_with_on_abort_rollback_rolls_back_exactly_its_changed_devices() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0.25").await;
+    let n = 2_000;
+    start_sim(&mut app, Some(port), n, "none").await;
+    let rollback = json!({
+        "type": "firmware_update",
+        "url": "https://fw.example.com/1.9.bin",
+        "version": "1.9.0",
+        "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    });
+    let id = app
+        .create_job(&firmware_job(json!({
+            "rollback": rollback,
+            "rollout": {
+                "max_per_second": 400,
+                "abort": [{"failure_type": "FAILED", "threshold_percent": 10, "min_executed": 200}],
+                "on_abort": "rollback"
+            }
+        })))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "ABORTED", "{job}");
+    let changed: HashSet<String> = app
+        .statuses(id)
+        .await
+        .into_iter()
+        .filter(|(_, s)| matches!(s.state, ExecutionState::Succeeded | ExecutionState::Failed))
+        .map(|(d, _)| d)
+        .collect();
+
+    // The rollback job appears by itself, with the rollback action, for exactly those.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rollback_id = loop {
+        let list: Value = app
+            .http
+            .get(app.url("/v1/jobs"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        let found = list["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["job_id"] != json!(id))
+            .and_then(|j| j["job_id"].as_str().map(str::to_owned));
+        if let Some(found) = found {
+            break Uuid::parse_str(&found).expect("uuid");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no rollback job");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let done = app
+        .wait_for_job(rollback_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(done["state"], "COMPLETED", "{done}");
+    assert_eq!(done["spec"]["action"], rollback, "{done}");
+    assert_eq!(done["spec"]["target"]["from_job"]["job_id"], json!(id));
+    assert_eq!(done["spec"]["rollout"]["abort"], json!([]), "{done}");
+    app.assert_exact(rollback_id, &changed).await;
+    // Exactly one rollback job.
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(2), "{list}");
+    app.teardown().await;
+}

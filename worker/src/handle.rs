@@ -33,6 +33,7 @@ use crate::{
     deliver::{self, AttemptPolicy, DeliveryRequest, Transport},
     idempotency::{self, NextAction},
     jobs::JobCache,
+    limits::{self, Slot},
 };
 
 /// Everything a handler needs, shared by all handlers of a worker.
@@ -194,6 +195,36 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     );
     let lease = decide::claim_lease(ctx.settings.worker.claim_lease(), attempt_timeout);
 
+    // A per-tag concurrency limit: a slot before the claim, or the task waits its turn.
+    let slot = match &job.spec.rollout.max_in_flight {
+        Some(limit) if job.state.is_live() => {
+            limits::take(
+                &mut redis,
+                &ctx.names,
+                limit,
+                task.job_id,
+                &task.device_id,
+                task.execution_id,
+                lease,
+            )
+            .await?
+        }
+        _ => Slot::Unlimited,
+    };
+    let held = match slot {
+        Slot::Full { value } => {
+            tracing::debug!(%value, "tag value at its in-flight limit; the task waits its turn");
+            mark(ctx, "in_flight_limit");
+            return Ok(Outcome::Forward {
+                to: ForwardTo::Retry(0),
+                task: task.clone(),
+            });
+        }
+        Slot::Held(h) => Some(h),
+        Slot::Unlimited => None,
+    };
+    let _slot = SlotGuard(held.clone().map(|h| (ctx.redis.clone(), h)));
+
     let claimed = in_progress(ctx, task, task.attempts, None, None);
     let recorded_attempts = match idempotency::try_claim(
         &mut redis,
@@ -248,7 +279,18 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     backoff: ctx.settings.worker.backoff.clone(),
                     deadline_ms: job.deadline_ms,
                 };
+                let held = &held;
                 let between_attempts = |p: deliver::Progress| async move {
+                    if let Some(h) = held {
+                        let mut redis = ctx.redis.clone();
+                        if !matches!(
+                            h.renew(&mut redis, lease.saturating_add(p.delay)).await,
+                            Ok(true)
+                        ) {
+                            // The slot lapsed and was taken: give the task back.
+                            return deliver::Claim::Stopping;
+                        }
+                    }
                     // Paused, canceled or aborted meanwhile: no further attempt here; the
                     // task goes back and its next handler parks or cancels it.
                     let mut redis = ctx.redis.clone();
@@ -412,6 +454,21 @@ async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) {
     {
         // The lease expires on its own.
         tracing::debug!(error.message = %e, "claim not released");
+    }
+}
+
+/// Gives a per-tag slot back when the handler is done with the task, however it ends.
+struct SlotGuard(Option<(ConnectionManager, limits::Held)>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some((mut redis, held)) = self.0.take() {
+            tokio::spawn(async move {
+                if let Err(e) = held.release(&mut redis).await {
+                    tracing::debug!(error.message = %e, "slot not released; it lapses");
+                }
+            });
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //!   attempt loop's result means (record, park, hand back).
 //! - [`idempotency`]: the claim / done record per execution in Redis.
 //! - [`jobs`]: a short-lived cache of job documents and states, invalidated by control
-//!   messages when a job is canceled.
+//!   messages when a job is canceled, paused, resumed or aborted.
+//! - [`limits`]: per-tag concurrency slots (`rollout.max_in_flight`) shared by every worker.
 //! - [`deliver`]: the device transports (simulator, MQTT, AWS IoT Jobs, HTTP) and the retry loop
 //!   with per-attempt timeout and exponential backoff.
 //! - [`report`]: publishes results to the results exchange, confirmed.
@@ -30,6 +31,7 @@ pub mod deliver;
 pub mod handle;
 pub mod idempotency;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod report;
 pub mod startup;

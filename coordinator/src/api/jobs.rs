@@ -181,15 +181,6 @@ pub(super) struct FollowUpRequest {
     name: Option<String>,
 }
 
-/// A job made from an earlier one for its devices in some states.
-#[derive(Debug, Clone, Copy)]
-enum FollowUp {
-    /// The same action again.
-    Rerun,
-    /// The earlier job's `rollback` action.
-    Rollback,
-}
-
 /// `POST /v1/jobs/{id}/rerun`: a new job with the earlier job's action, settings and
 /// compatibility for exactly its devices that ended in the given states, however many (the
 /// target is the earlier job's state sets, not a list of ids).
@@ -207,9 +198,9 @@ pub(super) async fn follow_up_job(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let kind = if route.as_str().ends_with("/rollback") {
-        FollowUp::Rollback
+        intake::FollowUp::Rollback
     } else {
-        FollowUp::Rerun
+        intake::FollowUp::Rerun
     };
     follow_up(&app, &caller, &id, q.dry_run, &headers, &body, kind).await
 }
@@ -221,7 +212,7 @@ async fn follow_up(
     dry_run: bool,
     headers: &HeaderMap,
     body: &[u8],
-    kind: FollowUp,
+    kind: intake::FollowUp,
 ) -> ApiResult<Response> {
     let id = parse_id(id)?;
     let req: FollowUpRequest = if body.is_empty() {
@@ -235,38 +226,9 @@ async fn follow_up(
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
-    let (word, default_states) = match kind {
-        FollowUp::Rerun => ("rerun", [ExecutionState::Failed, ExecutionState::TimedOut]),
-        FollowUp::Rollback => (
-            "rollback",
-            [ExecutionState::Succeeded, ExecutionState::Failed],
-        ),
-    };
-    let states = if req.states.is_empty() {
-        default_states.to_vec()
-    } else {
-        req.states
-    };
-    let mut spec = earlier.spec;
-    if let FollowUp::Rollback = kind {
-        spec.action = spec.rollback.take().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("job {id} has no rollback action"),
-            )
-            .with_field("rollback")
-        })?;
-    }
-    spec.name = Some(req.name.unwrap_or_else(|| {
-        format!(
-            "{word} of {}",
-            spec.name.as_deref().unwrap_or(&id.to_string())
-        )
-    }));
-    spec.target = shared::job::TargetSpec {
-        from_job: Some(shared::job::FromJob { job_id: id, states }),
-        ..Default::default()
-    };
+    let spec = intake::follow_up_spec(&earlier, kind, req.states, req.name).map_err(|e| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.problem.clone()).with_field(&e.field)
+    })?;
     let text = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     submit(app, caller, headers, &text, SpecFormat::Json, dry_run).await
 }
