@@ -349,7 +349,11 @@ fn reports_failure(state: ExecutionState, counted: bool) -> bool {
     counted
         && matches!(
             state,
-            ExecutionState::Failed | ExecutionState::Rejected | ExecutionState::TimedOut
+            ExecutionState::Failed
+                | ExecutionState::Rejected
+                | ExecutionState::TimedOut
+                | ExecutionState::Unhealthy
+                | ExecutionState::RolledBack
         )
 }
 

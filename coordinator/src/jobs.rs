@@ -46,6 +46,10 @@ pub struct JobView {
     pub rejected: u64,
     /// Terminal counts.
     pub timed_out: u64,
+    /// Terminal counts: installed but reported unhealthy or silent within the health window.
+    pub unhealthy: u64,
+    /// Terminal counts: installed but the device rolled itself back.
+    pub rolled_back: u64,
     /// Terminal counts.
     pub canceled: u64,
     /// Terminal counts.
@@ -89,6 +93,8 @@ impl From<JobRecord> for JobView {
             failed: c(ExecutionState::Failed),
             rejected: c(ExecutionState::Rejected),
             timed_out: c(ExecutionState::TimedOut),
+            unhealthy: c(ExecutionState::Unhealthy),
+            rolled_back: c(ExecutionState::RolledBack),
             canceled: c(ExecutionState::Canceled),
             skipped: c(ExecutionState::Skipped),
             pending: r.planned.saturating_sub(r.terminal()),

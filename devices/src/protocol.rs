@@ -38,6 +38,38 @@ pub struct DeviceRequest {
     /// signature and the key id), when the deployment signs documents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed: Option<shared::signing::SignedDocument>,
+    /// A health probe, not a delivery: the device has already reported SUCCEEDED for this
+    /// execution and now answers with its `health` (without applying anything).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
+}
+
+/// How a device is after applying an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthStatus {
+    /// Still checking itself (rebooting, self-test under way): ask again later.
+    Pending,
+    /// Runs the new version and passes its checks.
+    Healthy,
+    /// Fails its checks (`reason` says which).
+    Unhealthy,
+    /// Fell back to the previous version (A/B partition, watchdog).
+    RolledBack,
+}
+
+/// A device's health report, in the reply to a health probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthReport {
+    /// Its health.
+    pub status: HealthStatus,
+    /// The version it runs now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// With UNHEALTHY or ROLLED_BACK: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A device's status report for an execution.
@@ -81,6 +113,9 @@ pub struct DeviceReply {
     /// The request's `nonce`, copied (MQTT: a reply without the right one is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// The answer to a health probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
 }
 
 /// Whether a reply document answers the attempt whose request carried `nonce`: the same
@@ -130,8 +165,28 @@ mod tests {
             sent_at: 5,
             nonce: Some("n1".into()),
             signed: None,
+            health_check: false,
         };
         let v = serde_json::to_value(&req).expect("json");
+        assert!(
+            v.get("healthCheck").is_none(),
+            "a delivery carries no probe flag"
+        );
+        let probe = serde_json::to_value(DeviceRequest {
+            health_check: true,
+            ..req.clone()
+        })
+        .expect("json");
+        assert_eq!(probe["healthCheck"], true);
+        let reply: DeviceReply = serde_json::from_value(serde_json::json!({
+            "executionId": Uuid::nil(), "status": "SUCCEEDED",
+            "health": {"status": "ROLLED_BACK", "version": "1.0", "reason": "watchdog"}
+        }))
+        .expect("a health report");
+        assert_eq!(
+            reply.health.map(|h| h.status),
+            Some(HealthStatus::RolledBack)
+        );
         assert_eq!(v["executionId"], Uuid::nil().to_string());
         assert_eq!(v["replyTo"], "fleetbatch/workers/w1/replies");
         assert_eq!(v["action"]["type"], "reboot");

@@ -30,6 +30,10 @@ pub struct DeviceProfile {
     pub offline_attempts: u32,
     /// Never answers at all.
     pub hangs: bool,
+    /// Reports itself unhealthy after installing (health-confirmed jobs).
+    pub unhealthy: bool,
+    /// Rolls itself back after installing (health-confirmed jobs).
+    pub rolls_back: bool,
 }
 
 /// A uniform draw in [0, 1) from (seed, key, purpose, n).
@@ -48,6 +52,8 @@ const TRANSIENT: u64 = 0x5452_414e;
 const LATENCY: u64 = 0x4c41_5445;
 const HANG: u64 = 0x4841_4e47;
 const READING: u64 = 0x5245_4144;
+const UNHEALTHY: u64 = 0x554e_4845;
+const ROLLBACK: u64 = 0x524f_4c4c;
 
 impl DeviceProfile {
     /// The profile of `device` under `settings`: a pure function, so tests can predict it.
@@ -64,6 +70,8 @@ impl DeviceProfile {
                 0
             },
             hangs: unit(s, device, HANG, 0) < settings.hang_rate,
+            unhealthy: unit(s, device, UNHEALTHY, 0) < settings.unhealthy_rate,
+            rolls_back: unit(s, device, ROLLBACK, 0) < settings.rollback_rate,
         }
     }
 }
@@ -132,6 +140,48 @@ pub fn decide(
     Answer::Reply { after, outcome }
 }
 
+/// Error text of a simulated device that fails its health check.
+pub const UNHEALTHY_REASON: &str = "simulated health check failed: watchdog reset after boot";
+/// Error text of a simulated device that rolled itself back.
+pub const ROLLBACK_REASON: &str = "simulated A/B fallback: new image did not boot";
+/// The version a simulated device falls back to.
+pub const PREVIOUS_VERSION: &str = "0.9.0-previous";
+
+/// What a simulated device answers to a health probe after applying `action`: healthy on
+/// the action's version (or `applied` for actions without one), unless its profile says it
+/// fails its checks or rolls back.
+pub fn health(
+    settings: &SimulatorSettings,
+    device: &str,
+    action: &shared::job::Action,
+) -> crate::protocol::HealthReport {
+    use crate::protocol::{HealthReport, HealthStatus};
+    let profile = DeviceProfile::for_device(settings, device);
+    let version = match action {
+        shared::job::Action::FirmwareUpdate(f) => f.version.clone(),
+        _ => "applied".to_owned(),
+    };
+    if profile.rolls_back {
+        HealthReport {
+            status: HealthStatus::RolledBack,
+            version: Some(PREVIOUS_VERSION.to_owned()),
+            reason: Some(ROLLBACK_REASON.to_owned()),
+        }
+    } else if profile.unhealthy {
+        HealthReport {
+            status: HealthStatus::Unhealthy,
+            version: Some(version),
+            reason: Some(UNHEALTHY_REASON.to_owned()),
+        }
+    } else {
+        HealthReport {
+            status: HealthStatus::Healthy,
+            version: Some(version),
+            reason: None,
+        }
+    }
+}
+
 /// Latency of one delivery: the mean plus uniform jitter.
 pub fn latency(settings: &SimulatorSettings, device: &str, attempt: u32) -> Duration {
     if settings.latency_ms == 0 && settings.latency_jitter_ms == 0 {
@@ -175,6 +225,8 @@ mod tests {
             offline_rate: 0.2,
             offline_attempts: 2,
             hang_rate: 0.0,
+            unhealthy_rate: 0.0,
+            rollback_rate: 0.0,
             reboot_ms: 0,
             record_deliveries: false,
         }

@@ -55,6 +55,8 @@ pub(crate) struct Totals {
     pub(crate) answers: BTreeMap<String, u64>,
     /// Deliveries for devices this fleet does not have (ignored).
     pub(crate) unknown_devices: u64,
+    /// Health reports sent, by status.
+    pub(crate) health_reports: BTreeMap<String, u64>,
 }
 
 /// The simulated fleet.
@@ -230,6 +232,46 @@ impl Fleet {
         }
     }
 
+    /// The answer to a health probe for `req`'s execution: the device's health after
+    /// applying it (PENDING if it has not applied it). Not a delivery: nothing is counted.
+    pub(crate) fn health(
+        &self,
+        req: &devices::protocol::DeviceRequest,
+    ) -> Option<devices::protocol::DeviceReply> {
+        if !self.has(&req.device_id) {
+            return None;
+        }
+        let applied = self
+            .devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&req.device_id)
+            .is_some_and(|m| m.executions.contains(&req.execution_id.to_string()));
+        let health = if applied {
+            simdevice::health(&self.settings, &req.device_id, &req.action)
+        } else {
+            devices::protocol::HealthReport {
+                status: devices::protocol::HealthStatus::Pending,
+                version: None,
+                reason: None,
+            }
+        };
+        *self
+            .totals()
+            .health_reports
+            .entry(format!("{:?}", health.status).to_uppercase())
+            .or_default() += 1;
+        Some(devices::protocol::DeviceReply {
+            execution_id: req.execution_id,
+            status: devices::protocol::ReplyStatus::Succeeded,
+            retryable: false,
+            error: None,
+            readings: None,
+            nonce: req.nonce.clone(),
+            health: Some(health),
+        })
+    }
+
     /// Counts a final answer sent.
     pub(crate) fn answered(&self, status: &str) {
         *self.totals().answers.entry(status.to_owned()).or_default() += 1;
@@ -311,6 +353,8 @@ mod tests {
             offline_rate: 0.0,
             offline_attempts: 0,
             hang_rate: 0.0,
+            unhealthy_rate: 0.0,
+            rollback_rate: 0.0,
             reboot_ms: 0,
             record_deliveries: false,
         }

@@ -44,6 +44,12 @@ async fn deliver(
     if let Some(refused) = crate::plain::refusal(&fleet, &req) {
         return (StatusCode::OK, Json(refused)).into_response();
     }
+    if req.health_check {
+        return match fleet.health(&req) {
+            Some(answer) => (StatusCode::OK, Json(answer)).into_response(),
+            None => (StatusCode::NOT_FOUND, "no such device").into_response(),
+        };
+    }
     let Some(decision) = fleet.receive_request(&req) else {
         return (StatusCode::NOT_FOUND, "no such device").into_response();
     };

@@ -66,6 +66,7 @@ pub(crate) fn reply(
         error,
         readings,
         nonce: req.nonce.clone(),
+        health: None,
     }
 }
 
@@ -82,6 +83,7 @@ pub(crate) fn refusal(fleet: &Fleet, req: &DeviceRequest) -> Option<DeviceReply>
         error: Some(reason),
         readings: None,
         nonce: req.nonce.clone(),
+        health: None,
     })
 }
 
@@ -127,6 +129,17 @@ pub(crate) async fn serve(
                     .await
             {
                 tracing::warn!(error.message = %e, "reply not sent");
+            }
+            continue;
+        }
+        if req.health_check {
+            if let Some(answer) = fleet.health(&req)
+                && let Ok(body) = serde_json::to_vec(&answer)
+                && let Err(e) = link
+                    .publish(&reply_to, body, Some((reply_to.clone(), correlation)))
+                    .await
+            {
+                tracing::warn!(error.message = %e, "health report not sent");
             }
             continue;
         }

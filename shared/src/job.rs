@@ -32,10 +32,31 @@ pub struct JobSpec {
     /// Who to tell about this job.
     #[serde(default)]
     pub notify: Notify,
+    /// Success means healthy: after the device reports SUCCEEDED it must report healthy
+    /// within the window, or the execution ends UNHEALTHY (or ROLLED_BACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
     /// What undoes the action (e.g. the previous firmware), for `fleetbatch job rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Action>,
 }
+
+/// A health confirmation after success.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Seconds after the install succeeded within which the device must report healthy.
+    pub window_secs: u64,
+    /// Seconds between two asks for the device's health report.
+    #[serde(default = "default_probe_secs")]
+    pub probe_every_secs: u64,
+}
+
+fn default_probe_secs() -> u64 {
+    5
+}
+
+/// Longest health window: an hour (the worker keeps the execution while it waits).
+pub const MAX_HEALTH_WINDOW_SECS: u64 = 3_600;
 
 /// Push notifications of a job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -493,6 +514,14 @@ impl JobSpec {
             between("retry.deadline_secs", d, MAX_DEADLINE_SECS)?;
         }
         self.rollout.validate(MAX_PER_SECOND)?;
+        if let Some(h) = &self.health {
+            between("health.window_secs", h.window_secs, MAX_HEALTH_WINDOW_SECS)?;
+            between(
+                "health.probe_every_secs",
+                h.probe_every_secs,
+                h.window_secs.max(1),
+            )?;
+        }
         if self.rollout.on_abort == crate::rollout::OnAbort::Rollback && self.rollback.is_none() {
             return Err(SpecError::new(
                 "rollout.on_abort",

@@ -156,7 +156,9 @@ pub enum FailureType {
     Rejected,
     /// TIMED_OUT devices.
     TimedOut,
-    /// All three.
+    /// UNHEALTHY and ROLLED_BACK devices (jobs with a health confirmation).
+    Unhealthy,
+    /// All of them.
     Any,
 }
 
@@ -184,6 +186,8 @@ pub struct Tally {
     pub rejected: u64,
     /// TIMED_OUT.
     pub timed_out: u64,
+    /// UNHEALTHY and ROLLED_BACK: installed, but not healthy after.
+    pub unhealthy: u64,
     /// CANCELED.
     pub canceled: u64,
 }
@@ -191,7 +195,7 @@ pub struct Tally {
 impl Tally {
     /// Devices that were contacted and finished (not canceled).
     pub fn executed(&self) -> u64 {
-        self.succeeded + self.failed + self.rejected + self.timed_out
+        self.succeeded + self.failed + self.rejected + self.timed_out + self.unhealthy
     }
 
     /// Every finished device.
@@ -204,7 +208,8 @@ impl Tally {
             FailureType::Failed => self.failed,
             FailureType::Rejected => self.rejected,
             FailureType::TimedOut => self.timed_out,
-            FailureType::Any => self.failed + self.rejected + self.timed_out,
+            FailureType::Unhealthy => self.unhealthy,
+            FailureType::Any => self.failed + self.rejected + self.timed_out + self.unhealthy,
         }
     }
 }
@@ -244,6 +249,7 @@ impl FailureType {
             FailureType::Failed => "FAILED",
             FailureType::Rejected => "REJECTED",
             FailureType::TimedOut => "TIMED_OUT",
+            FailureType::Unhealthy => "UNHEALTHY",
             FailureType::Any => "ANY",
         }
     }

@@ -115,15 +115,24 @@ pub enum ExecutionState {
     Canceled,
     /// The device cannot take the job (compatibility constraint); never sent.
     Skipped,
+    /// Installed; waiting for the device's health report (jobs with `health`).
+    Verifying,
+    /// Installed, but the device reported itself unhealthy, or sent no health report within
+    /// the job's health window.
+    Unhealthy,
+    /// Installed, but the device rolled itself back (an A/B fallback).
+    RolledBack,
 }
 
 impl ExecutionState {
     /// Every terminal state, in report order.
-    pub const TERMINAL: [ExecutionState; 6] = [
+    pub const TERMINAL: [ExecutionState; 8] = [
         ExecutionState::Succeeded,
         ExecutionState::Failed,
         ExecutionState::Rejected,
         ExecutionState::TimedOut,
+        ExecutionState::Unhealthy,
+        ExecutionState::RolledBack,
         ExecutionState::Canceled,
         ExecutionState::Skipped,
     ];
@@ -140,6 +149,9 @@ impl ExecutionState {
             ExecutionState::TimedOut => "TIMED_OUT",
             ExecutionState::Canceled => "CANCELED",
             ExecutionState::Skipped => "SKIPPED",
+            ExecutionState::Verifying => "VERIFYING",
+            ExecutionState::Unhealthy => "UNHEALTHY",
+            ExecutionState::RolledBack => "ROLLED_BACK",
         }
     }
 
@@ -156,6 +168,9 @@ impl ExecutionState {
             ExecutionState::TimedOut,
             ExecutionState::Canceled,
             ExecutionState::Skipped,
+            ExecutionState::Verifying,
+            ExecutionState::Unhealthy,
+            ExecutionState::RolledBack,
         ]
         .into_iter()
         .find(|st| st.as_str() == up)
@@ -165,7 +180,10 @@ impl ExecutionState {
     pub fn is_terminal(self) -> bool {
         !matches!(
             self,
-            ExecutionState::Queued | ExecutionState::InProgress | ExecutionState::RetryScheduled
+            ExecutionState::Queued
+                | ExecutionState::InProgress
+                | ExecutionState::RetryScheduled
+                | ExecutionState::Verifying
         )
     }
 
@@ -181,6 +199,9 @@ impl ExecutionState {
             ExecutionState::TimedOut => "timed_out",
             ExecutionState::Canceled => "canceled",
             ExecutionState::Skipped => "skipped",
+            ExecutionState::Verifying => "verifying",
+            ExecutionState::Unhealthy => "unhealthy",
+            ExecutionState::RolledBack => "rolled_back",
         }
     }
 }

@@ -214,6 +214,7 @@ pub fn tally_of<'a>(
         failed: c(ExecutionState::Failed),
         rejected: c(ExecutionState::Rejected),
         timed_out: c(ExecutionState::TimedOut),
+        unhealthy: c(ExecutionState::Unhealthy) + c(ExecutionState::RolledBack),
         canceled: c(ExecutionState::Canceled),
     }
 }
@@ -367,7 +368,7 @@ local function is_terminal(raw)
   if not raw then return false end
   local st = state_of(raw)
   if not st then return false end
-  return st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED'
+  return st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED' and st ~= 'VERIFYING'
 end
 local function attempts_of(raw)
   if not raw then return 0 end

@@ -25,8 +25,18 @@ async fn http_fleet(port: u16, fail_rate: &str) -> TestApp {
 
 /// As [`http_fleet`], with transient failures at `transient_rate` (retried after 20 ms).
 async fn http_fleet_retrying(port: u16, fail_rate: &str, transient_rate: &str) -> TestApp {
+    http_fleet_with(port, fail_rate, transient_rate, &[]).await
+}
+
+/// As [`http_fleet_retrying`], with `extra` settings.
+async fn http_fleet_with(
+    port: u16,
+    fail_rate: &str,
+    transient_rate: &str,
+    extra: &[(&str, &str)],
+) -> TestApp {
     let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
-    let env = [
+    let mut env = vec![
         ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
         ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "2"),
         (
@@ -41,6 +51,7 @@ async fn http_fleet_retrying(port: u16, fail_rate: &str, transient_rate: &str) -
         ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "2000"),
     ];
+    env.extend_from_slice(extra);
     spawn_app(2, &env).await
 }
 
@@ -614,5 +625,109 @@ async fn an_aborted_job_with_on_abort_rollback_rolls_back_exactly_its_changed_de
         .await
         .expect("json");
     assert_eq!(list["jobs"].as_array().map(Vec::len), Some(2), "{list}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_canary_whose_installs_succeed_but_devices_turn_unhealthy_fails_its_gate() {
+    // About 30 % of devices install fine and then report unhealthy or roll themselves back.
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet_with(
+        port,
+        "0",
+        "0",
+        &[
+            ("FLEETBATCH_SIMULATOR__UNHEALTHY_RATE", "0.2"),
+            ("FLEETBATCH_SIMULATOR__ROLLBACK_RATE", "0.1"),
+        ],
+    )
+    .await;
+    let n = 1_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({
+            "health": {"window_secs": 10, "probe_every_secs": 1},
+            "rollout": {"waves": [
+                {"name": "canary", "count": 50, "success_threshold": 90},
+                {}
+            ]}
+        })))
+        .await;
+    let job = wait_until(&app, id, Duration::from_secs(120), |j| {
+        j["state"] == "PAUSED"
+    })
+    .await;
+    let reason = job["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("gate of canary failed"), "{job}");
+
+    // Every canary install succeeded on the device, none FAILED; the device's health says
+    // which ones count.
+    let stats: Value = app
+        .http
+        .get(format!("{sim}/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["applications"], 50, "{stats}");
+    assert_eq!(job["failed"], 0, "{job}");
+    let statuses = app.statuses(id).await;
+    let wave_of = waves_of(&app, id).await;
+    let mut seen = HashMap::new();
+    for (device, wave) in &wave_of {
+        if *wave != 0 {
+            assert!(
+                !statuses.contains_key(device),
+                "{device} outside the canary was sent the job"
+            );
+            continue;
+        }
+        let profile =
+            devices::simdevice::DeviceProfile::for_device(&app.settings.simulator, device);
+        let want = if profile.rolls_back {
+            ExecutionState::RolledBack
+        } else if profile.unhealthy {
+            ExecutionState::Unhealthy
+        } else {
+            ExecutionState::Succeeded
+        };
+        let got = &statuses[device];
+        assert_eq!(got.state, want, "{device}: {got:?}");
+        *seen.entry(want).or_insert(0) += 1;
+    }
+    assert!(seen.get(&ExecutionState::RolledBack) > Some(&0), "{seen:?}");
+    assert!(seen.get(&ExecutionState::Unhealthy) > Some(&0), "{seen:?}");
+    assert_eq!(
+        job["unhealthy"].as_u64().unwrap_or(0) + job["rolled_back"].as_u64().unwrap_or(0),
+        (seen.get(&ExecutionState::RolledBack).copied().unwrap_or(0)
+            + seen.get(&ExecutionState::Unhealthy).copied().unwrap_or(0)) as u64,
+        "{job}"
+    );
+    let rolled = statuses
+        .values()
+        .find(|s| s.state == ExecutionState::RolledBack)
+        .expect("a rolled-back device");
+    assert!(
+        rolled
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(devices::simdevice::PREVIOUS_VERSION),
+        "{rolled:?}"
+    );
+    // Canceling the paused job ends it: the rest never reached.
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status().as_u16(), 200);
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "CANCELED", "{job}");
+    assert_eq!(job["canceled"], n - 50, "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
     app.teardown().await;
 }

@@ -305,6 +305,7 @@ mod tests {
             attempts: 2,
             reply: Reply {
                 readings: Some(readings.clone()),
+                health: None,
             },
         };
         assert_eq!(

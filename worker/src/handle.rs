@@ -268,6 +268,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         spec: job.spec.clone(),
         attempt: attempts_before.saturating_add(1),
         signed: job.signed.clone(),
+        health_check: false,
     };
     let (state, attempts, error, readings) =
         match decide::before_delivery(job.state.is_live(), job.deadline_ms, now_ms()) {
@@ -325,6 +326,48 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     job.deadline_ms,
                     now_ms(),
                 ) {
+                    After::Conclude {
+                        state: ExecutionState::Succeeded,
+                        attempts,
+                        error,
+                        readings,
+                    } if job.spec.health.is_some() => {
+                        let health = job
+                            .spec
+                            .health
+                            .as_ref()
+                            .map_or((0, 5), |h| (h.window_secs, h.probe_every_secs));
+                        match verify(ctx, task, &req, health, attempt_timeout, lease, attempts)
+                            .await
+                        {
+                            Some((state, verdict)) => {
+                                (state, attempts, verdict.or(error), readings)
+                            }
+                            None => {
+                                // Stopping, or the claim lapsed: the next copy delivers again
+                                // (the device acknowledges the repeat) and verifies.
+                                let status = DeviceStatus {
+                                    state: ExecutionState::Queued,
+                                    attempts,
+                                    error: None,
+                                    updated_at_ms: now_ms(),
+                                    next_attempt_at_ms: None,
+                                    worker: Some(ctx.worker_id.clone()),
+                                    published_at_ms: None,
+                                    readings: None,
+                                };
+                                hand_back(ctx, task, &status).await;
+                                mark(ctx, "handed_back");
+                                return Ok(Outcome::Forward {
+                                    to: ForwardTo::Tasks,
+                                    task: DeviceTask {
+                                        attempts,
+                                        ..task.clone()
+                                    },
+                                });
+                            }
+                        }
+                    }
                     After::Conclude {
                         state,
                         attempts,
@@ -428,6 +471,102 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     .await?;
     ctx.reporter.publish(result).await?;
     Ok(Outcome::Ack)
+}
+
+/// After a device reported SUCCEEDED on a job with a health confirmation: asks it for its
+/// health every `every` seconds (holding the claim, the device shown VERIFYING) until it
+/// reports healthy (SUCCEEDED), unhealthy (UNHEALTHY) or rolled back (ROLLED_BACK), or the
+/// `window` seconds pass without a healthy report (UNHEALTHY). Returns the terminal state
+/// and its reason; `None` when the worker stops or loses the claim first.
+async fn verify(
+    ctx: &Context,
+    task: &DeviceTask,
+    req: &DeliveryRequest,
+    (window, every): (u64, u64),
+    attempt_timeout: Duration,
+    lease: Duration,
+    attempts: u32,
+) -> Option<(ExecutionState, Option<String>)> {
+    use devices::protocol::HealthStatus;
+    let until = now_ms().saturating_add(window.saturating_mul(1_000));
+    let every = Duration::from_secs(every.max(1));
+    let probe = DeliveryRequest {
+        health_check: true,
+        ..req.clone()
+    };
+    if !ctx.transport.probes_health() {
+        return Some((
+            ExecutionState::Unhealthy,
+            Some("the job asks for a health confirmation, and AWS IoT Jobs devices cannot be asked for one".into()),
+        ));
+    }
+    let mut last = "no health report yet".to_owned();
+    loop {
+        let status = DeviceStatus {
+            state: ExecutionState::Verifying,
+            attempts,
+            error: Some(last.clone()),
+            updated_at_ms: now_ms(),
+            next_attempt_at_ms: Some(now_ms() + every.as_millis() as u64),
+            worker: Some(ctx.worker_id.clone()),
+            published_at_ms: None,
+            readings: None,
+        };
+        if !matches!(
+            hold_claim(ctx, task, &status, lease.saturating_add(every)).await,
+            deliver::Claim::Held
+        ) {
+            return None;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = ctx.shutdown.cancelled() => return None,
+        }
+        let answer = tokio::time::timeout(attempt_timeout, ctx.transport.attempt(&probe)).await;
+        match answer {
+            Ok(Ok(deliver::Reply {
+                health: Some(h), ..
+            })) => {
+                let version = h.version.unwrap_or_else(|| "an unknown version".into());
+                let reason = h.reason.unwrap_or_else(|| "no reason given".into());
+                match h.status {
+                    HealthStatus::Healthy => {
+                        mark(ctx, "healthy");
+                        return Some((ExecutionState::Succeeded, None));
+                    }
+                    HealthStatus::Unhealthy => {
+                        return Some((
+                            ExecutionState::Unhealthy,
+                            Some(format!("unhealthy after install, runs {version}: {reason}")),
+                        ));
+                    }
+                    HealthStatus::RolledBack => {
+                        return Some((
+                            ExecutionState::RolledBack,
+                            Some(format!("device rolled itself back to {version}: {reason}")),
+                        ));
+                    }
+                    HealthStatus::Pending => last = "health check pending on the device".into(),
+                }
+            }
+            Ok(Ok(_)) => last = "an answer without a health report".into(),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => {
+                last = format!(
+                    "no answer to the health probe within {} ms",
+                    attempt_timeout.as_millis()
+                );
+            }
+        }
+        if now_ms() >= until {
+            return Some((
+                ExecutionState::Unhealthy,
+                Some(format!(
+                    "no healthy report within the {window} s health window (last: {last})"
+                )),
+            ));
+        }
+    }
 }
 
 /// Records a task's attempts in its device status (so they survive even if its updated copy

@@ -139,6 +139,11 @@ pub struct SimulatorSettings {
     pub offline_attempts: u32,
     /// Fraction of devices that hang: they never answer.
     pub hang_rate: f64,
+    /// Fraction of devices that report themselves unhealthy after installing (jobs with a
+    /// health confirmation).
+    pub unhealthy_rate: f64,
+    /// Fraction of devices that roll themselves back after installing.
+    pub rollback_rate: f64,
     /// Extra time a reboot takes (reboot jobs only).
     pub reboot_ms: u64,
     /// Log which worker made each delivery, with its attempt number, per execution (for

@@ -156,6 +156,8 @@ impl Settings {
         rate("simulator.reject_rate", s.reject_rate)?;
         rate("simulator.offline_rate", s.offline_rate)?;
         rate("simulator.hang_rate", s.hang_rate)?;
+        rate("simulator.unhealthy_rate", s.unhealthy_rate)?;
+        rate("simulator.rollback_rate", s.rollback_rate)?;
         let m = &self.worker.mqtt;
         if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
             return Err(ConfigError::Value {

@@ -274,6 +274,7 @@ pub(super) mod tests {
             spec: Arc::new(spec),
             attempt: 1,
             signed: None,
+            health_check: false,
         }
     }
 

@@ -96,6 +96,12 @@ struct Addressed {
 }
 
 impl MqttTransport {
+    /// Whether devices on this transport answer health probes (the fleetbatch protocol
+    /// does; AWS IoT Jobs has no such call).
+    pub fn probes_health(&self) -> bool {
+        self.0.aws.is_none()
+    }
+
     /// Connects to the broker and starts the dispatcher. With the AWS IoT Jobs protocol the
     /// worker also answers devices' jobs requests, sharing the subscription with every
     /// worker of the deployment.

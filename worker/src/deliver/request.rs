@@ -24,6 +24,8 @@ pub struct DeliveryRequest {
     pub attempt: u32,
     /// The signed job document, when the deployment signs.
     pub signed: Option<Arc<shared::signing::SignedDocument>>,
+    /// A health probe after success, not a delivery (jobs with `health`).
+    pub health_check: bool,
 }
 
 impl DeliveryRequest {
@@ -39,6 +41,7 @@ impl DeliveryRequest {
             sent_at: shared::now_ms(),
             nonce: None,
             signed: self.signed.as_deref().cloned(),
+            health_check: self.health_check,
         }
     }
 }
@@ -53,7 +56,10 @@ pub fn reply_outcome(
     let error = reply.error.unwrap_or_else(|| "no reason given".to_owned());
     Some(match reply.status {
         ReplyStatus::InProgress => return None,
-        ReplyStatus::Succeeded => Ok(Reply::with_readings(spec, reply.readings)),
+        ReplyStatus::Succeeded => Ok(Reply {
+            health: reply.health,
+            ..Reply::with_readings(spec, reply.readings)
+        }),
         ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error)),
         ReplyStatus::Failed => Err(DeliverError::Permanent(error)),
         ReplyStatus::Rejected => Err(DeliverError::Rejected(error)),
@@ -86,6 +92,8 @@ pub enum DeliverError {
 pub struct Reply {
     /// Readings (data-retrieval jobs): only the metrics the job asked for.
     pub readings: Option<Readings>,
+    /// The answer to a health probe.
+    pub health: Option<devices::protocol::HealthReport>,
 }
 
 impl Reply {
@@ -101,6 +109,7 @@ impl Reply {
             .collect();
         Self {
             readings: (!kept.is_empty()).then_some(kept),
+            health: None,
         }
     }
 }

@@ -83,6 +83,28 @@ return 1
     pub async fn deliver(&self, req: &DeliveryRequest) -> Result<Reply, DeliverError> {
         let exec = req.execution_id.to_string();
         let mut redis = self.redis.clone();
+        if req.health_check {
+            // A health probe: not a delivery; the device's health after applying it.
+            let applied: bool =
+                redis::AsyncCommands::hexists(&mut redis, self.names.sim_done(req.job_id), &exec)
+                    .await
+                    .map_err(|e| {
+                        DeliverError::Transient(format!("simulator state unavailable: {e}"))
+                    })?;
+            let health = if applied {
+                simdevice::health(&self.settings, &req.device_id, &req.spec.action)
+            } else {
+                devices::protocol::HealthReport {
+                    status: devices::protocol::HealthStatus::Pending,
+                    version: None,
+                    reason: None,
+                }
+            };
+            return Ok(Reply {
+                readings: None,
+                health: Some(health),
+            });
+        }
         let (n, done): (u32, i64) = self
             .receive
             .key(self.names.sim_deliveries(req.job_id))

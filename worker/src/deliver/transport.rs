@@ -39,6 +39,14 @@ impl Transport {
         }
     }
 
+    /// Whether devices reached this way answer health probes after success.
+    pub fn probes_health(&self) -> bool {
+        match self {
+            Transport::Mqtt(m) => m.probes_health(),
+            _ => true,
+        }
+    }
+
     /// Tells the transport how an execution ended when the device did not say so itself
     /// (attempts spent, job deadline, cancel), so device-side state agrees with the job.
     pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
