@@ -126,6 +126,11 @@ pub(crate) fn summary(job: &Value) -> String {
     ] {
         out.push_str(&format!("  {f:<12} {:>10}\n", count(job, f)));
     }
+    for f in ["unhealthy", "rolled_back"] {
+        if count(job, f) > 0 {
+            out.push_str(&format!("  {f:<12} {:>10}\n", count(job, f)));
+        }
+    }
     if let Some(reason) = job.get("state_reason").and_then(Value::as_str) {
         out.push_str(&format!("  reason: {reason}\n"));
     }

@@ -21,7 +21,8 @@ use crate::{
 pub struct Report {
     /// The job.
     pub job: JobView,
-    /// Devices that did not succeed (FAILED, REJECTED, TIMED_OUT), with their last error.
+    /// Devices that did not succeed (FAILED, REJECTED, TIMED_OUT, UNHEALTHY, ROLLED_BACK),
+    /// with their last error. Per-wave counters are in the job view's `rollout.waves`.
     pub failures: Vec<DeviceEntry>,
     /// How many devices failed with each error.
     pub errors: BTreeMap<String, u64>,
@@ -52,6 +53,8 @@ pub async fn build(
         ExecutionState::Failed,
         ExecutionState::Rejected,
         ExecutionState::TimedOut,
+        ExecutionState::Unhealthy,
+        ExecutionState::RolledBack,
     ] {
         let mut cursor: Option<String> = None;
         loop {

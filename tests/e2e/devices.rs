@@ -40,7 +40,7 @@ fn expected_state(settings: &SimulatorSettings, device: &str) -> ExecutionState 
     }
 }
 
-async fn get_json(app: &TestApp, url: &str) -> Value {
+pub(crate) async fn get_json(app: &TestApp, url: &str) -> Value {
     app.http
         .get(url)
         .send()

@@ -37,15 +37,16 @@ fn devices_in(
 async fn a_rerun_targets_exactly_the_devices_that_ended_in_the_chosen_states() {
     // Arrange: a finished job over a fleet where many devices fail or reject.
     let env = [
-        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.3"),
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.42"),
         ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0.05"),
     ];
     let app = spawn_app(2, &env).await;
-    let (first, before) = app.run_fleet_job(5_000, json!({})).await;
+    // 50,000 devices, about 20,000 of which fail.
+    let (first, before) = app.run_fleet_job(50_000, json!({})).await;
     let done = app.job(first).await;
     let failed = devices_in(&before, &[ExecutionState::Failed, ExecutionState::TimedOut]);
     let rejected = devices_in(&before, &[ExecutionState::Rejected]);
-    assert!(failed.len() > 1_000 && !rejected.is_empty(), "{done}");
+    assert!(failed.len() > 18_000 && !rejected.is_empty(), "{done}");
 
     // Act + assert: a dry run of the rerun counts the failed devices and creates nothing.
     let path = format!("/v1/jobs/{first}/rerun");

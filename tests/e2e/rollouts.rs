@@ -14,7 +14,7 @@ use shared::state::ExecutionState;
 use uuid::Uuid;
 
 use crate::{
-    devices::start_sim,
+    devices::{get_json, start_sim},
     helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
 };
 
@@ -57,15 +57,7 @@ async fn http_fleet_with(
 
 /// When each device was first and last reached by `job`, from fleet-sim.
 async fn contacts(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, (u64, u64)> {
-    let v: Value = app
-        .http
-        .get(format!("{sim}/contacts/{job}"))
-        .send()
-        .await
-        .expect("contacts")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(app, &format!("{sim}/contacts/{job}")).await;
     v.as_object()
         .expect("an object")
         .iter()
@@ -118,7 +110,7 @@ async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
     // Transient failures keep some devices of each wave busy with retries while most of the
     // wave is done: a next wave started early would overlap them.
     let mut app = http_fleet_retrying(port, "0.02", "0.05").await;
-    let n = 10_000;
+    let n = 20_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
     let id = app
         .create_job(&firmware_job(json!({"rollout": {"waves": [
@@ -138,7 +130,7 @@ async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
         .iter()
         .map(|w| w["size"].as_u64().expect("size"))
         .collect();
-    assert_eq!(sizes, vec![50, 1_000, 8_950], "{job}");
+    assert_eq!(sizes, vec![50, 2_000, 17_950], "{job}");
     let wave_of = waves_of(&app, id).await;
     assert_eq!(wave_of.len() as u64, n);
     // Per-wave counters add up to the job's.
@@ -178,7 +170,7 @@ async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
         .values()
         .filter(|s| s.state == ExecutionState::Failed)
         .count();
-    assert!((100..=400).contains(&failed), "{failed} failed");
+    assert!((200..=800).contains(&failed), "{failed} failed");
     app.teardown().await;
 }
 
@@ -232,15 +224,7 @@ async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_unti
     assert_eq!(job["state"], "COMPLETED", "{job}");
     app.assert_exact(id, &fleet_ids(n)).await;
     assert_eq!(contacts(&app, &sim, id).await.len() as u64, n);
-    let stats: Value = app
-        .http
-        .get(format!("{sim}/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let stats: Value = get_json(&app, &format!("{sim}/stats")).await;
     assert_eq!(stats["duplicate_applications"], 0, "{stats}");
     // A finished job can no longer be paused.
     let r = app
@@ -257,7 +241,7 @@ async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_unti
 async fn a_tripped_abort_criterion_aborts_the_job_and_cancels_what_was_not_sent() {
     let port = harness::cluster::free_port().expect("port");
     let mut app = http_fleet(port, "0.25").await;
-    let n = 5_000;
+    let n = 20_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
     let id = app
         .create_job(&firmware_job(json!({"rollout": {
@@ -430,15 +414,7 @@ async fn max_in_flight_per_site_is_never_exceeded() {
 
 /// When each device last answered `job`, from fleet-sim (HTTP devices).
 async fn replies(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, u64> {
-    let v: Value = app
-        .http
-        .get(format!("{sim}/contacts/{job}"))
-        .send()
-        .await
-        .expect("contacts")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(app, &format!("{sim}/contacts/{job}")).await;
     v.as_object()
         .expect("an object")
         .iter()
@@ -518,15 +494,7 @@ async fn coordinator_sigkills_at_a_gate_mid_wave_and_while_paused_change_no_outc
             .expect("reached");
         assert!(first_of_next >= last_of_k, "wave {} started early", k + 1);
     }
-    let received: Value = app
-        .http
-        .get(format!("{sim}/deliveries/{id}"))
-        .send()
-        .await
-        .expect("deliveries")
-        .json()
-        .await
-        .expect("json");
+    let received: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
     let extra: u64 = statuses
         .iter()
         .map(|(d, s)| {
@@ -537,15 +505,7 @@ async fn coordinator_sigkills_at_a_gate_mid_wave_and_while_paused_change_no_outc
         })
         .sum();
     assert_eq!(extra, 0, "deliveries beyond the recorded attempts");
-    let stats: Value = app
-        .http
-        .get(format!("{sim}/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let stats: Value = get_json(&app, &format!("{sim}/stats")).await;
     assert_eq!(stats["duplicate_applications"], 0, "{stats}");
     app.teardown().await;
 }
@@ -662,15 +622,7 @@ async fn a_canary_whose_installs_succeed_but_devices_turn_unhealthy_fails_its_ga
 
     // Every canary install succeeded on the device, none FAILED; the device's health says
     // which ones count.
-    let stats: Value = app
-        .http
-        .get(format!("{sim}/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let stats: Value = get_json(&app, &format!("{sim}/stats")).await;
     assert_eq!(stats["applications"], 50, "{stats}");
     assert_eq!(job["failed"], 0, "{job}");
     let statuses = app.statuses(id).await;
@@ -729,5 +681,40 @@ async fn a_canary_whose_installs_succeed_but_devices_turn_unhealthy_fails_its_ga
     assert_eq!(job["state"], "CANCELED", "{job}");
     assert_eq!(job["canceled"], n - 50, "{job}");
     app.assert_exact(id, &fleet_ids(n)).await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_spread_wave_starts_its_devices_evenly_over_its_spread() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet(port, "0").await;
+    let n = 420;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"waves": [
+            {"count": 20},
+            {"spread_secs": 4}
+        ]}})))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    let wave_of = waves_of(&app, id).await;
+    let mut firsts: Vec<u64> = contacts(&app, &sim, id)
+        .await
+        .into_iter()
+        .filter(|(d, _)| wave_of[d] == 1)
+        .map(|(_, c)| c.0)
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts.len(), 400);
+    let at = |i: usize| (firsts[i] - firsts[0]) as f64 / 1000.0;
+    // 400 devices over 4 s: 100 a second, the middle one at about 2 s.
+    assert!((3.2..=5.5).contains(&at(399)), "spread over {} s", at(399));
+    assert!(
+        (1.4..=2.8).contains(&at(200)),
+        "the 200th started at {} s",
+        at(200)
+    );
     app.teardown().await;
 }
