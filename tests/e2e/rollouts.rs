@@ -55,6 +55,53 @@ async fn http_fleet_with(
     spawn_app(2, &env).await
 }
 
+/// A webhook endpoint on loopback that answers 200 and keeps every JSON body.
+async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::{Router, extract::State, routing::post};
+    use std::future::IntoFuture as _;
+    type Bodies = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+    let bodies: Bodies = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let app = Router::new()
+        .route(
+            "/hook",
+            post(
+                |State(b): State<Bodies>, body: axum::body::Bytes| async move {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        b.lock().expect("lock").push(v);
+                    }
+                    "ok"
+                },
+            ),
+        )
+        .with_state(bodies.clone());
+    tokio::spawn(axum::serve(listener, app).into_future());
+    (url, bodies)
+}
+
+/// The job's event stream read until it contains every one of `needles` (or 20 s pass);
+/// the text read.
+async fn sse_until(app: &TestApp, id: Uuid, needles: &[&str]) -> String {
+    let mut resp = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .expect("events");
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !needles.iter().all(|n| text.contains(n)) {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => panic!("the event stream never said {needles:?}: {text}"),
+        }
+    }
+    text
+}
+
 /// When each device was first and last reached by `job`, from fleet-sim.
 async fn contacts(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, (u64, u64)> {
     let v: Value = get_json(app, &format!("{sim}/contacts/{job}")).await;
@@ -177,14 +224,27 @@ async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
 #[tokio::test]
 async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_until_resumed() {
     let port = harness::cluster::free_port().expect("port");
-    let mut app = http_fleet(port, "0.3").await;
+    let (hook, received) = webhook_receiver().await;
+    let mut app = http_fleet_with(
+        port,
+        "0.3",
+        "0",
+        &[
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_SECRET", "s3cret-for-tests"),
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_ALLOW_PRIVATE", "true"),
+        ],
+    )
+    .await;
     let n = 2_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
     let id = app
-        .create_job(&firmware_job(json!({"rollout": {"waves": [
-            {"name": "canary", "count": 50, "success_threshold": 95},
-            {}
-        ]}})))
+        .create_job(&firmware_job(json!({
+            "notify": {"webhooks": [{"url": hook}]},
+            "rollout": {"waves": [
+                {"name": "canary", "count": 50, "success_threshold": 95},
+                {}
+            ]}
+        })))
         .await;
 
     // The canary fails its gate: PAUSED, with the reason.
@@ -194,6 +254,29 @@ async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_unti
     .await;
     let reason = job["state_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("gate of canary failed"), "{job}");
+    // Listeners heard it: a job.wave "failed" webhook for the canary and a job.state PAUSED
+    // one with the reason; the event stream's state event carries the reason too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = received.lock().expect("lock").clone();
+        let wave_failed = got
+            .iter()
+            .any(|v| v["event"] == "job.wave" && v["what"] == "failed" && v["wave"] == 0);
+        let paused = got.iter().any(|v| {
+            v["event"] == "job.state"
+                && v["state"] == "PAUSED"
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("gate of canary failed"))
+        });
+        if wave_failed && paused {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "webhooks: {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The state event carries the reason; a wave event follows the rollout's phase.
+    sse_until(&app, id, &["gate of canary failed", "event: wave"]).await;
     let wave_of = waves_of(&app, id).await;
     let canary: HashSet<&String> = wave_of
         .iter()
