@@ -145,21 +145,30 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
             || {
                 let mut redis = redis.clone();
                 let p = &p;
-                async move { plan(p, &mut redis, job_id).await }
+                async move {
+                    match plan(p, &mut redis, job_id).await {
+                        Err(e) if e.downcast_ref::<LeaseLost>().is_some() => {
+                            tracing::warn!(%job_id, "planner lease lost; another coordinator plans the job");
+                            Ok(())
+                        }
+                        other => other,
+                    }
+                }
             },
             |e, delay| tracing::warn!(%job_id, error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), retry_in_ms = delay.as_millis() as u64, "planning interrupted; resuming from the checkpoint"),
         )
         .await
         // Stopped: the planner of the next start resumes from the checkpoint.
         .or(Ok(()));
-        if result.is_ok() && !p.shutdown.is_cancelled() {
+        let ours: Option<String> = redis.get(&lock).await.unwrap_or(None);
+        if result.is_ok() && !p.shutdown.is_cancelled() && ours.as_deref() == Some(p.instance.as_str()) {
             match rollback_if_aborted(&p, &mut redis, job_id).await {
                 Ok(Some(rollback)) => start(&p, rollback),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(%job_id, error.message = %e, "automatic rollback not created yet; the next start tries again"),
             }
         }
-        let _: Result<i64, _> = redis.del(&lock).await;
+        let _ = release(&mut redis, &lock, &p.instance).await;
         result
     }
     .instrument(span)
@@ -208,16 +217,71 @@ pub(crate) async fn pause(p: &Planners, d: Duration) {
     }
 }
 
+/// The planner lost its lease on the job (it lapsed, and another coordinator may have
+/// taken the job): it stops at once without writing anything more.
+#[derive(Debug, thiserror::Error)]
+#[error("planner lease on job {0} lost")]
+pub struct LeaseLost(pub Uuid);
+
+// KEYS lease; ARGV owner, ms. Renews only the owner's lease: 1, else 0.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+// KEYS lease; ARGV owner. Deletes only the owner's lease.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
 /// Keeps this coordinator's lease on the job.
+///
+/// # Errors
+/// [`LeaseLost`] when the lease is no longer ours (the planner must stop: another
+/// coordinator may be planning the job); Redis errors.
 pub(crate) async fn renew_lease(
     p: &Planners,
     redis: &mut ConnectionManager,
     job_id: Uuid,
 ) -> anyhow::Result<()> {
-    let _: bool = redis
-        .pexpire(p.names.planner_lock(job_id), LEASE.as_millis() as i64)
+    if renew(redis, &p.names.planner_lock(job_id), &p.instance, LEASE).await? {
+        Ok(())
+    } else {
+        Err(LeaseLost(job_id).into())
+    }
+}
+
+/// Renews `owner`'s lease `key` for `ttl`; false if `owner` does not hold it.
+async fn renew(
+    redis: &mut ConnectionManager,
+    key: &str,
+    owner: &str,
+    ttl: Duration,
+) -> Result<bool, redis::RedisError> {
+    let renewed: i64 = redis::Script::new(RENEW)
+        .key(key)
+        .arg(owner)
+        .arg(ttl.as_millis() as u64)
+        .invoke_async(redis)
         .await?;
-    Ok(())
+    Ok(renewed == 1)
+}
+
+/// Gives up `owner`'s lease `key`, if it still holds it.
+async fn release(
+    redis: &mut ConnectionManager,
+    key: &str,
+    owner: &str,
+) -> Result<bool, redis::RedisError> {
+    let released: i64 = redis::Script::new(RELEASE)
+        .key(key)
+        .arg(owner)
+        .invoke_async(redis)
+        .await?;
+    Ok(released == 1)
 }
 
 /// One turn of a planner's loop: `None` on shutdown; otherwise renews the lease and returns
@@ -678,4 +742,30 @@ async fn publish_batch(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_owner_renews_or_releases_a_lease() {
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+            .await
+            .expect("redis");
+        let key = format!("u{}:lease", Uuid::new_v4().simple());
+        let ttl = Duration::from_secs(5);
+        // Nobody holds it: renewing does not take it.
+        assert!(!renew(&mut redis, &key, "a", ttl).await.expect("renew"));
+        let () = redis.set(&key, "a").await.expect("set");
+        assert!(renew(&mut redis, &key, "a", ttl).await.expect("renew"));
+        // Another coordinator can neither renew nor release it.
+        assert!(!renew(&mut redis, &key, "b", ttl).await.expect("renew"));
+        assert!(!release(&mut redis, &key, "b").await.expect("release"));
+        let holder: Option<String> = redis.get(&key).await.expect("get");
+        assert_eq!(holder.as_deref(), Some("a"));
+        assert!(release(&mut redis, &key, "a").await.expect("release"));
+        let holder: Option<String> = redis.get(&key).await.expect("get");
+        assert_eq!(holder, None);
+    }
 }

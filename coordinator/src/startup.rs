@@ -18,7 +18,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use redis::AsyncCommands;
 use shared::{
     amqp::{self, Publisher},
     config::Settings,
@@ -283,19 +282,34 @@ async fn broker_session(
     state.set_broker(Some(broker.clone()));
     tracing::info!("connected to RabbitMQ");
 
-    // Resume jobs that were running when a coordinator (or this session) last stopped.
+    // Resume jobs that were running when a coordinator (or this session) last stopped, and
+    // keep adopting: a job whose coordinator died is planned on by another once its lease
+    // lapses (a planner of this process waits for it).
     let mut redis = state.redis.clone();
-    let mut active: Vec<String> = redis.smembers(state.names.active_jobs()).await?;
-    // Aborted jobs whose automatic rollback is not created yet.
-    let pending: Vec<String> = redis.smembers(state.names.pending_rollbacks()).await?;
-    let pending: Vec<String> = pending
-        .into_iter()
-        .filter(|id| !active.contains(id))
-        .collect();
-    active.extend(pending);
-    for id in active.iter().filter_map(|s| Uuid::parse_str(s).ok()) {
+    for id in unfinished_jobs(&mut redis, &state.names).await? {
         tracing::info!(job_id = %id, "resuming job");
         spawn_planner(&broker, id);
+    }
+    {
+        let (broker, names, mut redis, session) = (
+            broker.clone(),
+            state.names.clone(),
+            state.redis.clone(),
+            session.clone(),
+        );
+        broker.tracker.clone().spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(ADOPT_EVERY) => {}
+                    _ = session.cancelled() => return,
+                }
+                match unfinished_jobs(&mut redis, &names).await {
+                    // A job planned here already returns at once.
+                    Ok(ids) => ids.into_iter().for_each(|id| spawn_planner(&broker, id)),
+                    Err(e) => tracing::debug!(error.message = %e, "adoption sweep skipped"),
+                }
+            }
+        });
     }
 
     let results_channel = connection.create_channel().await?;
@@ -387,6 +401,26 @@ fn check_exposure(settings: &Settings) -> anyhow::Result<()> {
     );
     tracing::warn!(%listen, missing, "serving the API on a non-loopback address without all of its protections (coordinator.auth.insecure)");
     Ok(())
+}
+
+/// How often a coordinator looks for unfinished jobs no planner of its own runs.
+const ADOPT_EVERY: Duration = Duration::from_secs(10);
+
+/// Jobs that need a planner: the active ones, and aborted ones whose automatic rollback is
+/// not created yet.
+async fn unfinished_jobs(
+    redis: &mut redis::aio::ConnectionManager,
+    names: &shared::topology::Names,
+) -> Result<Vec<Uuid>, redis::RedisError> {
+    let (mut ids, pending): (Vec<String>, Vec<String>) = redis::pipe()
+        .smembers(names.active_jobs())
+        .smembers(names.pending_rollbacks())
+        .query_async(redis)
+        .await?;
+    ids.extend(pending);
+    ids.sort();
+    ids.dedup();
+    Ok(ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
 }
 
 /// The job-document signer the settings describe, if any.

@@ -543,3 +543,51 @@ async fn a_sigtermed_worker_under_load_drains_and_exits_cleanly_with_nothing_los
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_planner_that_loses_its_lease_stops_publishing_and_the_job_is_adopted_again() {
+    // Arrange: a slow job (300 devices/s) on 3,000 devices.
+    let app = spawn_app(2, &[]).await;
+    let n = 3_000;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 300}})))
+        .await;
+    app.wait_for_terminal(id, 600, Duration::from_secs(60))
+        .await;
+    let mut redis = app.redis.clone();
+    let published = |mut r: redis::aio::ConnectionManager| {
+        let key = app.names.job(id);
+        async move {
+            let n: Option<u64> = redis::AsyncCommands::hget(&mut r, key, "published")
+                .await
+                .expect("published");
+            n.unwrap_or(0)
+        }
+    };
+
+    // Act: another owner takes the planner lease (as a coordinator would after ours lapsed).
+    let lease = app.names.planner_lock(id);
+    let () = redis::AsyncCommands::set_ex(&mut redis, &lease, "intruder", 60)
+        .await
+        .expect("steal");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_theft = published(redis.clone()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = published(redis.clone()).await;
+
+    // Assert: our planner stopped (at most the batch under way was checkpointed), and once
+    // the lease is free again the job is adopted and finishes exact.
+    assert!(at_theft < n, "the job was still being published");
+    assert_eq!(
+        later, at_theft,
+        "the planner kept publishing without its lease"
+    );
+    let () = redis::AsyncCommands::del(&mut redis, &lease)
+        .await
+        .expect("free");
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    app.teardown().await;
+}
