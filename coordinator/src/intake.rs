@@ -155,6 +155,18 @@ pub fn follow_up_spec(
     Ok(spec)
 }
 
+/// The state a new job starts in: SCHEDULED until its `schedule.start_at`, else IN_PROGRESS.
+pub fn initial_state(spec: &JobSpec, now_ms: u64) -> JobState {
+    match spec
+        .schedule
+        .as_ref()
+        .and_then(shared::job::Schedule::start_ms)
+    {
+        Some(start) if start > now_ms => JobState::Scheduled,
+        _ => JobState::InProgress,
+    }
+}
+
 /// Checks an `Idempotency-Key` value: 1 to 255 visible ASCII characters.
 ///
 /// # Errors
@@ -261,7 +273,7 @@ pub async fn create(
     let fields = [
         ("spec", spec_json),
         ("name", spec.name.clone().unwrap_or_default()),
-        ("state", JobState::InProgress.as_str().to_owned()),
+        ("state", initial_state(&spec, now).as_str().to_owned()),
         ("created_at_ms", now.to_string()),
         ("updated_at_ms", now.to_string()),
         ("planned", "0".to_owned()),

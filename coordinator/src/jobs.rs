@@ -360,7 +360,7 @@ pub enum CancelError {
     #[error("no job {0}")]
     NotFound(Uuid),
     /// The job is already over or being canceled.
-    #[error("job {id} is {state}; only IN_PROGRESS or PAUSED jobs can be canceled")]
+    #[error("job {id} is {state}; only SCHEDULED, IN_PROGRESS or PAUSED jobs can be canceled")]
     NotCancelable {
         /// Job.
         id: Uuid,
@@ -390,7 +390,7 @@ pub async fn cancel(
         r"
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return 'MISSING' end
-if s ~= 'IN_PROGRESS' and s ~= 'PAUSED' then return s end
+if s ~= 'IN_PROGRESS' and s ~= 'PAUSED' and s ~= 'SCHEDULED' then return s end
 redis.call('HSET', KEYS[1], 'state', 'CANCELING', 'updated_at_ms', ARGV[1], 'canceled_at_ms', ARGV[1])
 return 'OK'
 ",

@@ -176,9 +176,18 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
 }
 
 async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyhow::Result<()> {
-    let Some(record) = store::load_job(redis, &p.names, job_id).await? else {
+    let Some(mut record) = store::load_job(redis, &p.names, job_id).await? else {
         anyhow::bail!("job {job_id} vanished before planning");
     };
+    if record.state == JobState::Scheduled {
+        if !wait_for_start(p, redis, &record).await? {
+            return Ok(());
+        }
+        let Some(now) = store::load_job(redis, &p.names, job_id).await? else {
+            anyhow::bail!("job {job_id} vanished before planning");
+        };
+        record = now;
+    }
     if !record.planning_done {
         if record.spec.rollout.waves.is_empty() {
             plan_flat(p, redis, job_id, &record).await?;
@@ -204,6 +213,91 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
         }
     }
     Ok(())
+}
+
+/// Holds a SCHEDULED job until its start time, then starts it. Returns false on shutdown;
+/// true once the job started (or was canceled meanwhile: planning then cancels its devices).
+async fn wait_for_start(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    record: &store::JobRecord,
+) -> anyhow::Result<bool> {
+    let job_id = record.id;
+    let start = record
+        .spec
+        .schedule
+        .as_ref()
+        .and_then(shared::job::Schedule::start_ms)
+        .unwrap_or(0);
+    loop {
+        if p.shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        renew_lease(p, redis, job_id).await?;
+        let state = store::load_job_state(redis, &p.names, job_id)
+            .await?
+            .unwrap_or(JobState::Canceling);
+        if state != JobState::Scheduled {
+            return Ok(true);
+        }
+        if now_ms() >= start {
+            match crate::steer::steer(
+                redis,
+                None,
+                &p.names,
+                job_id,
+                crate::steer::Steer::Start,
+                "schedule.start_at reached",
+            )
+            .await
+            {
+                Ok(state) => {
+                    tracing::info!(%job_id, "scheduled job started");
+                    p.notifier.job_state(job_id, state, serde_json::json!({}));
+                }
+                Err(crate::steer::SteerError::Refused { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(true);
+        }
+        let left = Duration::from_millis(start.saturating_sub(now_ms()));
+        pause(p, left.min(WATCH_EVERY)).await;
+    }
+}
+
+/// Whether the job's `schedule.end_at` has passed, and what it then does.
+pub(crate) fn ended(spec: &shared::job::JobSpec) -> Option<shared::job::EndBehavior> {
+    let s = spec.schedule.as_ref()?;
+    (s.end_ms()? <= now_ms()).then_some(s.end_behavior)
+}
+
+/// Applies a passed `schedule.end_at` to a running job: with `cancel` the job is canceled
+/// (CANCELING); with `stop` nothing changes but the planner sends no more. Returns the
+/// state to plan with.
+pub(crate) async fn apply_end(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    state: JobState,
+    end: shared::job::EndBehavior,
+) -> anyhow::Result<JobState> {
+    if end != shared::job::EndBehavior::Cancel || state.is_stopping() || state.is_finished() {
+        return Ok(state);
+    }
+    match crate::jobs::cancel(redis, &p.publisher, &p.names, job_id).await {
+        Ok(()) => {
+            tracing::info!(%job_id, "schedule.end_at reached: job canceled");
+            p.notifier.job_state_because(
+                job_id,
+                JobState::Canceling,
+                serde_json::json!({}),
+                Some("schedule.end_at reached"),
+            );
+            Ok(JobState::Canceling)
+        }
+        Err(crate::jobs::CancelError::NotCancelable { .. }) => Ok(state),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How often a waiting planner (paused, at a gate, watching abort criteria) looks again.
@@ -592,7 +686,11 @@ async fn plan_flat(
             state = now;
         }
         batches += 1;
-        if state == JobState::Paused {
+        let end = ended(&record.spec);
+        if let Some(behavior) = end {
+            state = apply_end(p, redis, job_id, state, behavior).await?;
+        }
+        if state == JobState::Paused && end.is_none() {
             pause(p, WATCH_EVERY).await;
             continue;
         }
@@ -611,7 +709,7 @@ async fn plan_flat(
             return Ok(());
         };
 
-        let canceling = state.is_stopping();
+        let canceling = state.is_stopping() || end.is_some();
         let now = now_ms();
         let mut sent = Vec::new();
         let mut final_statuses = Vec::new();
@@ -661,12 +759,15 @@ fn needs_counts(rollout: &shared::rollout::Rollout, n: u64) -> bool {
         && n.is_multiple_of(4)
 }
 
-/// The error recorded on devices canceled before they were sent the job.
+/// The error recorded on devices canceled before they were sent the job (a running job's
+/// devices end so when its `schedule.end_at` passed).
 pub(crate) fn stopped_reason(state: JobState) -> &'static str {
-    if state == JobState::Aborting {
-        "job aborted before the device was sent the job"
-    } else {
-        "job canceled before the device was sent the job"
+    match state {
+        JobState::Aborting => "job aborted before the device was sent the job",
+        JobState::Canceling | JobState::Canceled => {
+            "job canceled before the device was sent the job"
+        }
+        _ => "job reached its schedule.end_at before the device was sent the job",
     }
 }
 

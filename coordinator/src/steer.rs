@@ -7,7 +7,7 @@
 //! outcomes.
 //!
 //! ```text
-//! IN_PROGRESS ──pause──▶ PAUSED ──resume──▶ IN_PROGRESS
+//! SCHEDULED ──start_at──▶ IN_PROGRESS ──pause──▶ PAUSED ──resume──▶ IN_PROGRESS
 //!      │   └──gate failed (pause)──▶ PAUSED ──resume | approve──▶ IN_PROGRESS (gate released)
 //!      └──criterion tripped | gate failed (abort)──▶ ABORTING ──every device terminal──▶ ABORTED
 //! ```
@@ -38,6 +38,8 @@ pub enum Steer {
     Abort,
     /// Pause because wave `n`'s gate failed.
     GateFailed(u64),
+    /// A SCHEDULED job's start time came.
+    Start,
 }
 
 impl Steer {
@@ -48,6 +50,7 @@ impl Steer {
             Steer::Approve => "approve",
             Steer::Abort => "abort",
             Steer::GateFailed(_) => "gate",
+            Steer::Start => "start",
         }
     }
 }
@@ -105,6 +108,10 @@ elseif a == 'resume' or a == 'approve' then
   end
   redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'updated_at_ms', now)
   return {'OK', 'IN_PROGRESS'}
+elseif a == 'start' then
+  if s ~= 'SCHEDULED' then return {'NO', s} end
+  redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'updated_at_ms', now, 'started_at_ms', now)
+  return {'OK', 'IN_PROGRESS'}
 elseif a == 'abort' then
   if s ~= 'IN_PROGRESS' and s ~= 'PAUSED' then return {'NO', s} end
   redis.call('HSET', KEYS[1], 'state', 'ABORTING', 'state_reason', ARGV[3], 'updated_at_ms', now, 'aborted_at_ms', now)
@@ -152,6 +159,7 @@ pub async fn steer(
                         "approve lets the next wave start: the job must be waiting at a gate, soak or approval, or PAUSED by a failed gate"
                     }
                     Steer::Abort => "only IN_PROGRESS or PAUSED jobs can be aborted",
+                    Steer::Start => "only SCHEDULED jobs start",
                 },
             });
         }

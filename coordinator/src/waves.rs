@@ -317,6 +317,10 @@ async fn publish(
         let Some(now) = planner::turn(p, redis, job_id).await? else {
             return Ok(Step::Stopped);
         };
+        if let Some(end) = planner::ended(&record.spec) {
+            planner::apply_end(p, redis, job_id, now.state, end).await?;
+            return Ok(Step::Stopping { wave, offset });
+        }
         if now.state.is_stopping() || now.state.is_finished() {
             return Ok(Step::Stopping { wave, offset });
         }
@@ -379,6 +383,13 @@ async fn gate(
         let Some(now) = planner::turn(p, redis, job_id).await? else {
             return Ok(Step::Stopped);
         };
+        if let Some(end) = planner::ended(&record.spec) {
+            planner::apply_end(p, redis, job_id, now.state, end).await?;
+            return Ok(Step::Stopping {
+                wave: wave + 1,
+                offset: 0,
+            });
+        }
         if now.state.is_stopping() || now.state.is_finished() {
             return Ok(Step::Stopping {
                 wave: wave + 1,

@@ -32,6 +32,9 @@ pub struct JobSpec {
     /// Who to tell about this job.
     #[serde(default)]
     pub notify: Notify,
+    /// When the job starts and ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
     /// Success means healthy: after the device reports SUCCEEDED it must report healthy
     /// within the window, or the execution ends UNHEALTHY (or ROLLED_BACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,6 +42,56 @@ pub struct JobSpec {
     /// What undoes the action (e.g. the previous firmware), for `fleetbatch job rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Action>,
+}
+
+/// When a job starts and ends (RFC 3339 times, e.g. `2026-12-05T02:00:00+01:00`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Nothing is published before this time; until then the job is SCHEDULED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<String>,
+    /// Nothing is published after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_at: Option<String>,
+    /// What the end does to devices not yet finished.
+    #[serde(default)]
+    pub end_behavior: EndBehavior,
+}
+
+/// What `schedule.end_at` does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndBehavior {
+    /// Stop publishing: devices not yet sent the job end CANCELED, deliveries already under
+    /// way (and their retries) finish; the job ends COMPLETED.
+    #[default]
+    Stop,
+    /// Cancel the job: as `fleetbatch job cancel` at that time.
+    Cancel,
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn rfc3339_ms(text: &str) -> Result<u64, String> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("{text:?} is not an RFC 3339 time (e.g. 2026-12-05T02:00:00Z): {e}")
+        })?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("{text:?} is before 1970"))
+}
+
+impl Schedule {
+    /// When the job starts (ms since the epoch), if it says.
+    pub fn start_ms(&self) -> Option<u64> {
+        self.start_at.as_deref().and_then(|t| rfc3339_ms(t).ok())
+    }
+    /// When the job ends (ms since the epoch), if it says.
+    pub fn end_ms(&self) -> Option<u64> {
+        self.end_at.as_deref().and_then(|t| rfc3339_ms(t).ok())
+    }
 }
 
 /// A health confirmation after success.
@@ -514,6 +567,21 @@ impl JobSpec {
             between("retry.deadline_secs", d, MAX_DEADLINE_SECS)?;
         }
         self.rollout.validate(MAX_PER_SECOND)?;
+        if let Some(sc) = &self.schedule {
+            let start = match &sc.start_at {
+                Some(t) => Some(rfc3339_ms(t).map_err(|p| SpecError::new("schedule.start_at", p))?),
+                None => None,
+            };
+            if let Some(t) = &sc.end_at {
+                let end = rfc3339_ms(t).map_err(|p| SpecError::new("schedule.end_at", p))?;
+                if start.is_some_and(|s| end <= s) {
+                    return Err(SpecError::new(
+                        "schedule.end_at",
+                        "must be after schedule.start_at",
+                    ));
+                }
+            }
+        }
         if let Some(h) = &self.health {
             between("health.window_secs", h.window_secs, MAX_HEALTH_WINDOW_SECS)?;
             between(
@@ -654,6 +722,41 @@ hardware_revisions = ["A", "B"]
         // Free-form documents keep whatever keys they have.
         let text = r#"{"target":{"devices":["d1"]},"action":{"type":"configuration","document":{"any":{"key":1}}}}"#;
         JobSpec::parse(text, SpecFormat::Json, LIMITS).expect("free-form keys are data");
+    }
+
+    #[test]
+    fn schedules_take_rfc3339_times_and_refuse_bad_ones_by_field() {
+        let spec = JobSpec::parse(
+            &json_with(r#","schedule":{"start_at":"2026-12-05T02:00:00+01:00","end_at":"2026-12-05T01:30:00Z","end_behavior":"cancel"}"#),
+            SpecFormat::Json,
+            LIMITS,
+        )
+        .expect("offsets and Z both parse");
+        let s = spec.schedule.expect("schedule");
+        assert_eq!(
+            s.start_ms(),
+            Some(1_796_432_400_000),
+            "02:00 at +01:00 is 01:00 UTC"
+        );
+        assert_eq!(s.end_ms(), Some(1_796_434_200_000));
+        assert_eq!(s.end_behavior, EndBehavior::Cancel);
+        for (extra, field) in [
+            (
+                r#","schedule":{"start_at":"tomorrow"}"#,
+                "schedule.start_at",
+            ),
+            (
+                r#","schedule":{"start_at":"2026-12-05T02:00:00Z","end_at":"2026-12-05T01:00:00Z"}"#,
+                "schedule.end_at",
+            ),
+            (
+                r#","schedule":{"end_behaviour":"stop"}"#,
+                "schedule.end_behaviour",
+            ),
+        ] {
+            let err = JobSpec::parse(&json_with(extra), SpecFormat::Json, LIMITS).expect_err(extra);
+            assert_eq!(err.field, field, "{extra}: {err}");
+        }
     }
 
     #[test]

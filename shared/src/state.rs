@@ -38,6 +38,8 @@ pub enum JobState {
     Aborting,
     /// Aborted, and every device reached a terminal state.
     Aborted,
+    /// Waiting for its `schedule.start_at`: nothing is published yet.
+    Scheduled,
 }
 
 impl JobState {
@@ -51,6 +53,7 @@ impl JobState {
             JobState::Paused => "PAUSED",
             JobState::Aborting => "ABORTING",
             JobState::Aborted => "ABORTED",
+            JobState::Scheduled => "SCHEDULED",
         }
     }
     /// Parses the storage name.
@@ -63,6 +66,7 @@ impl JobState {
             "PAUSED" => JobState::Paused,
             "ABORTING" => JobState::Aborting,
             "ABORTED" => JobState::Aborted,
+            "SCHEDULED" => JobState::Scheduled,
             _ => return None,
         })
     }
@@ -82,7 +86,8 @@ impl JobState {
         matches!(self, JobState::Canceling | JobState::Aborting)
     }
     /// Every state, for metrics.
-    pub const ALL: [JobState; 7] = [
+    pub const ALL: [JobState; 8] = [
+        JobState::Scheduled,
         JobState::InProgress,
         JobState::Paused,
         JobState::Canceling,

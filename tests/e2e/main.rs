@@ -25,5 +25,6 @@ mod observability;
 mod rerun;
 mod rollouts;
 mod safe_create;
+mod schedule;
 mod secure;
 mod services;

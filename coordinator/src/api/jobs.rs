@@ -139,7 +139,8 @@ async fn submit(
     match intake::create(&mut redis, &app.names, job).await {
         Ok(intake::Creation::New(id, spec)) => {
             tracing::Span::current().record("job_id", tracing::field::display(id));
-            app.notifier.job_state(id, JobState::InProgress, json!({}));
+            let state = intake::initial_state(&spec, shared::now_ms());
+            app.notifier.job_state(id, state, json!({}));
             app.start_planner(id);
             let mut response = (StatusCode::CREATED, Json(json!({"job_id": id}))).into_response();
             response.extensions_mut().insert(AuditDetail(json!({
