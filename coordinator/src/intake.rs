@@ -104,9 +104,9 @@ pub enum FollowUp {
 
 /// The spec of a follow-up of `earlier` for its devices that ended in `states` (default:
 /// FAILED and TIMED_OUT for a rerun; SUCCEEDED and FAILED, the devices that may have
-/// changed, for a rollback). A rerun keeps the earlier job's settings, rollout included; a
-/// rollback sends the `rollback` action to every chosen device at the earlier job's rate,
-/// without waves, abort criteria or a rollback of its own.
+/// changed, for a rollback). A rerun keeps the earlier job's settings, rollout included, and
+/// starts now (no schedule); a rollback sends the `rollback` action to every chosen device at
+/// the earlier job's rate, without waves, abort criteria, a schedule or a rollback of its own.
 ///
 /// # Errors
 /// The earlier job has no rollback action (field `rollback`).
@@ -142,6 +142,8 @@ pub fn follow_up_spec(
             ..Default::default()
         };
     }
+    // A follow-up starts now: the earlier job's start and end times are over or moot.
+    spec.schedule = None;
     spec.name = Some(name.unwrap_or_else(|| {
         format!(
             "{word} of {}",
@@ -457,4 +459,73 @@ async fn check_targets_exist(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::state::ExecutionState;
+
+    fn earlier(spec: serde_json::Value) -> shared::store::JobRecord {
+        shared::store::JobRecord {
+            id: Uuid::from_u128(7),
+            spec: serde_json::from_value(spec).expect("spec"),
+            state: JobState::Aborted,
+            created_at_ms: 0,
+            finished_at_ms: None,
+            planned: 0,
+            planning_done: true,
+            counts: Default::default(),
+            signed: None,
+            state_reason: None,
+            rollout: Default::default(),
+        }
+    }
+
+    #[test]
+    fn follow_ups_start_now_and_a_rollback_drops_waves_criteria_and_its_own_rollback() {
+        let job = earlier(serde_json::json!({
+            "name": "fw",
+            "target": {"groups": ["g"]},
+            "action": {"type": "reboot"},
+            "rollback": {"type": "command", "name": "undo"},
+            "schedule": {"end_at": "2026-01-01T00:00:00Z"},
+            "rollout": {
+                "max_per_second": 50,
+                "waves": [{"count": 5}, {}],
+                "abort": [{"failure_type": "ANY", "threshold_percent": 5, "min_executed": 1}],
+                "on_abort": "rollback"
+            }
+        }));
+        let rerun = follow_up_spec(&job, FollowUp::Rerun, Vec::new(), None).expect("rerun");
+        assert_eq!(rerun.schedule, None, "a rerun starts now");
+        assert_eq!(rerun.rollout, job.spec.rollout, "a rerun keeps its rollout");
+        assert_eq!(rerun.name.as_deref(), Some("rerun of fw"));
+        let from = rerun.target.from_job.expect("from job");
+        assert_eq!(from.job_id, job.id);
+        assert_eq!(
+            from.states,
+            vec![ExecutionState::Failed, ExecutionState::TimedOut]
+        );
+
+        let back = follow_up_spec(&job, FollowUp::Rollback, Vec::new(), None).expect("rollback");
+        assert_eq!(back.action, job.spec.rollback.clone().expect("rollback"));
+        assert_eq!(back.rollback, None);
+        assert_eq!(back.schedule, None);
+        assert!(back.rollout.waves.is_empty() && back.rollout.abort.is_empty());
+        assert_eq!(back.rollout.on_abort, shared::rollout::OnAbort::Nothing);
+        assert_eq!(back.rollout.max_per_second, Some(50));
+        // The rollback job's spec is valid on its own.
+        back.validate(SpecLimits {
+            max_document_bytes: 65_536,
+            max_explicit_devices: 10,
+        })
+        .expect("valid");
+
+        let none = earlier(serde_json::json!({
+            "target": {"groups": ["g"]}, "action": {"type": "reboot"}
+        }));
+        let err = follow_up_spec(&none, FollowUp::Rollback, Vec::new(), None).expect_err("none");
+        assert_eq!(err.field, "rollback");
+    }
 }
