@@ -29,7 +29,7 @@ async fn http_fleet_retrying(port: u16, fail_rate: &str, transient_rate: &str) -
 }
 
 /// As [`http_fleet_retrying`], with `extra` settings.
-async fn http_fleet_with(
+pub(crate) async fn http_fleet_with(
     port: u16,
     fail_rate: &str,
     transient_rate: &str,
@@ -53,6 +53,25 @@ async fn http_fleet_with(
     ];
     env.extend_from_slice(extra);
     spawn_app(2, &env).await
+}
+
+/// Creates a job (with `extra`) whose first wave is a canary of 50 devices gated at
+/// `threshold` % success, then the rest; waits until the canary's failed gate pauses it and
+/// checks the reason. Returns the job and its view.
+async fn paused_canary(app: &TestApp, threshold: u32, extra: Value) -> (Uuid, Value) {
+    let mut spec = firmware_job(extra);
+    spec["rollout"] = json!({"waves": [
+        {"name": "canary", "count": 50, "success_threshold": threshold},
+        {}
+    ]});
+    let id = app.create_job(&spec).await;
+    let job = wait_until(app, id, Duration::from_secs(120), |j| {
+        j["state"] == "PAUSED"
+    })
+    .await;
+    let reason = job["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("gate of canary failed"), "{job}");
+    (id, job)
 }
 
 /// A webhook endpoint on loopback that answers 200 and keeps every JSON body.
@@ -237,23 +256,8 @@ async fn a_failing_canary_pauses_the_job_and_survives_a_coordinator_sigkill_unti
     .await;
     let n = 2_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
-    let id = app
-        .create_job(&firmware_job(json!({
-            "notify": {"webhooks": [{"url": hook}]},
-            "rollout": {"waves": [
-                {"name": "canary", "count": 50, "success_threshold": 95},
-                {}
-            ]}
-        })))
-        .await;
-
     // The canary fails its gate: PAUSED, with the reason.
-    let job = wait_until(&app, id, Duration::from_secs(120), |j| {
-        j["state"] == "PAUSED"
-    })
-    .await;
-    let reason = job["state_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("gate of canary failed"), "{job}");
+    let (id, _) = paused_canary(&app, 95, json!({"notify": {"webhooks": [{"url": hook}]}})).await;
     // Listeners heard it: a job.wave "failed" webhook for the canary and a job.state PAUSED
     // one with the reason; the event stream's state event carries the reason too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -687,21 +691,12 @@ async fn a_canary_whose_installs_succeed_but_devices_turn_unhealthy_fails_its_ga
     .await;
     let n = 1_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
-    let id = app
-        .create_job(&firmware_job(json!({
-            "health": {"window_secs": 10, "probe_every_secs": 1},
-            "rollout": {"waves": [
-                {"name": "canary", "count": 50, "success_threshold": 90},
-                {}
-            ]}
-        })))
-        .await;
-    let job = wait_until(&app, id, Duration::from_secs(120), |j| {
-        j["state"] == "PAUSED"
-    })
+    let (id, job) = paused_canary(
+        &app,
+        90,
+        json!({"health": {"window_secs": 10, "probe_every_secs": 1}}),
+    )
     .await;
-    let reason = job["state_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("gate of canary failed"), "{job}");
 
     // Every canary install succeeded on the device, none FAILED; the device's health says
     // which ones count.

@@ -9,21 +9,9 @@ use shared::state::ExecutionState;
 
 use crate::{
     devices::{get_json, start_sim},
-    helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
+    helpers::{TestApp, firmware_job, fleet_ids},
+    rollouts::http_fleet_with,
 };
-
-async fn http_fleet(port: u16) -> TestApp {
-    let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
-    spawn_app(
-        2,
-        &[
-            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
-            ("FLEETBATCH_WORKER__TRANSPORT", "http"),
-            ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
-        ],
-    )
-    .await
-}
 
 /// RFC 3339 for `ms` milliseconds from now.
 fn in_ms(ms: u64) -> (String, u64) {
@@ -48,7 +36,7 @@ async fn first_contacts(app: &TestApp, sim: &str, job: uuid::Uuid) -> Vec<u64> {
 #[tokio::test]
 async fn nothing_is_sent_before_start_at_and_a_canceled_scheduled_job_contacts_no_one() {
     let port = harness::cluster::free_port().expect("port");
-    let mut app = http_fleet(port).await;
+    let mut app = http_fleet_with(port, "0", "0", &[]).await;
     let n = 1_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
 
@@ -96,7 +84,7 @@ async fn nothing_is_sent_before_start_at_and_a_canceled_scheduled_job_contacts_n
 #[tokio::test]
 async fn end_at_stops_publishing_and_the_rest_end_canceled_with_the_reason() {
     let port = harness::cluster::free_port().expect("port");
-    let mut app = http_fleet(port).await;
+    let mut app = http_fleet_with(port, "0", "0", &[]).await;
     let n = 2_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
     // 200 devices a second for 3 s: about 600 are sent the job.

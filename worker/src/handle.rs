@@ -343,29 +343,9 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                             Some((state, verdict)) => {
                                 (state, attempts, verdict.or(error), readings)
                             }
-                            None => {
-                                // Stopping, or the claim lapsed: the next copy delivers again
-                                // (the device acknowledges the repeat) and verifies.
-                                let status = DeviceStatus {
-                                    state: ExecutionState::Queued,
-                                    attempts,
-                                    error: None,
-                                    updated_at_ms: now_ms(),
-                                    next_attempt_at_ms: None,
-                                    worker: Some(ctx.worker_id.clone()),
-                                    published_at_ms: None,
-                                    readings: None,
-                                };
-                                hand_back(ctx, task, &status).await;
-                                mark(ctx, "handed_back");
-                                return Ok(Outcome::Forward {
-                                    to: ForwardTo::Tasks,
-                                    task: DeviceTask {
-                                        attempts,
-                                        ..task.clone()
-                                    },
-                                });
-                            }
+                            // Stopping, or the claim lapsed: the next copy delivers again (the
+                            // device acknowledges the repeat) and verifies.
+                            None => return Ok(requeue(ctx, task, attempts).await),
                         }
                     }
                     After::Conclude {
@@ -421,25 +401,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                         });
                     }
                     After::HandBack { attempts } => {
-                        let status = DeviceStatus {
-                            state: ExecutionState::Queued,
-                            attempts,
-                            error: None,
-                            updated_at_ms: now_ms(),
-                            next_attempt_at_ms: None,
-                            worker: Some(ctx.worker_id.clone()),
-                            published_at_ms: None,
-                            readings: None,
-                        };
-                        hand_back(ctx, task, &status).await;
-                        mark(ctx, "handed_back");
-                        return Ok(Outcome::Forward {
-                            to: ForwardTo::Tasks,
-                            task: DeviceTask {
-                                attempts,
-                                ..task.clone()
-                            },
-                        });
+                        return Ok(requeue(ctx, task, attempts).await);
                     }
                 }
             }
@@ -566,6 +528,30 @@ async fn verify(
                 )),
             ));
         }
+    }
+}
+
+/// Hands the task back to the tasks queue with `attempts` made: the device shows QUEUED with
+/// them, the claim is given up, and the forwarded copy counts on from there.
+async fn requeue(ctx: &Context, task: &DeviceTask, attempts: u32) -> Outcome {
+    let status = DeviceStatus {
+        state: ExecutionState::Queued,
+        attempts,
+        error: None,
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: None,
+        worker: Some(ctx.worker_id.clone()),
+        published_at_ms: None,
+        readings: None,
+    };
+    hand_back(ctx, task, &status).await;
+    mark(ctx, "handed_back");
+    Outcome::Forward {
+        to: ForwardTo::Tasks,
+        task: DeviceTask {
+            attempts,
+            ..task.clone()
+        },
     }
 }
 
