@@ -139,6 +139,35 @@ async fn contacts(app: &TestApp, sim: &str, job: Uuid) -> HashMap<String, (u64, 
         .collect()
 }
 
+/// Every device of wave k+1 was first reached after the last delivery to any device of wave
+/// k, for each of `waves` waves (a gate that waits for every device of its wave allows no
+/// overlap).
+fn assert_waves_in_order(
+    seen: &HashMap<String, (u64, u64)>,
+    wave_of: &HashMap<String, usize>,
+    waves: usize,
+) {
+    for k in 0..waves - 1 {
+        let last_of_k = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k)
+            .map(|(_, c)| c.1)
+            .max()
+            .expect("wave k reached");
+        let first_of_next = seen
+            .iter()
+            .filter(|(d, _)| wave_of[*d] == k + 1)
+            .map(|(_, c)| c.0)
+            .min()
+            .expect("wave k+1 reached");
+        assert!(
+            first_of_next >= last_of_k,
+            "wave {} was reached at {first_of_next}, before wave {k}'s last delivery at {last_of_k}",
+            k + 1
+        );
+    }
+}
+
 /// The wave of every device of `job`, as the planner assigned them.
 async fn waves_of(app: &TestApp, job: Uuid) -> HashMap<String, usize> {
     let mut redis = app.redis.clone();
@@ -212,25 +241,7 @@ async fn three_waves_reach_no_device_before_the_previous_gate_passed() {
     // last delivery to any device of wave k (the gate needs every device of wave k finished).
     let seen = contacts(&app, &sim, id).await;
     assert_eq!(seen.len() as u64, n, "every device was reached");
-    for k in 0..2 {
-        let last_of_k = seen
-            .iter()
-            .filter(|(d, _)| wave_of[*d] == k)
-            .map(|(_, c)| c.1)
-            .max()
-            .expect("wave k reached");
-        let first_of_next = seen
-            .iter()
-            .filter(|(d, _)| wave_of[*d] == k + 1)
-            .map(|(_, c)| c.0)
-            .min()
-            .expect("wave k+1 reached");
-        assert!(
-            first_of_next >= last_of_k,
-            "wave {} was reached at {first_of_next}, before wave {k}'s last delivery at {last_of_k}",
-            k + 1
-        );
-    }
+    assert_waves_in_order(&seen, &wave_of, 3);
     // Failures were real: about 2 % of devices, in every wave.
     let failed = statuses
         .values()
@@ -566,21 +577,7 @@ async fn coordinator_sigkills_at_a_gate_mid_wave_and_while_paused_change_no_outc
     let statuses = app.assert_exact(id, &fleet_ids(n)).await;
     let wave_of = waves_of(&app, id).await;
     let seen = contacts(&app, &sim, id).await;
-    for k in 0..2 {
-        let last_of_k = seen
-            .iter()
-            .filter(|(d, _)| wave_of[*d] == k)
-            .map(|(_, c)| c.1)
-            .max()
-            .expect("reached");
-        let first_of_next = seen
-            .iter()
-            .filter(|(d, _)| wave_of[*d] == k + 1)
-            .map(|(_, c)| c.0)
-            .min()
-            .expect("reached");
-        assert!(first_of_next >= last_of_k, "wave {} started early", k + 1);
-    }
+    assert_waves_in_order(&seen, &wave_of, 3);
     let received: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
     let extra: u64 = statuses
         .iter()
