@@ -56,6 +56,10 @@ pub struct JobView {
     pub skipped: u64,
     /// Devices not terminal yet.
     pub pending: u64,
+    /// Of those, devices waiting without a worker: outside their maintenance window, for
+    /// their device to come online, or held by a pause (`WAITING_FOR_WINDOW`,
+    /// `WAITING_FOR_DEVICE`). Read for a single job, 0 in lists.
+    pub waiting: u64,
     /// Why the job is PAUSED, ABORTING or ABORTED (or was last paused).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
@@ -98,6 +102,7 @@ impl From<JobRecord> for JobView {
             canceled: c(ExecutionState::Canceled),
             skipped: c(ExecutionState::Skipped),
             pending: r.planned.saturating_sub(r.terminal()),
+            waiting: 0,
             state_reason: r.state_reason,
             rollout: None,
             spec: r.spec,
@@ -120,6 +125,7 @@ pub async fn get(
     let waves = store::load_waves(redis, names, &record).await?;
     let phase = record.rollout.clone();
     let mut view = JobView::from(record);
+    view.waiting = shared::parking::parked_of_job(redis, names, id).await?;
     if !waves.is_empty() {
         view.rollout = Some(RolloutView { phase, waves });
     }
@@ -419,6 +425,7 @@ return 'OK'
         ControlMessage::JobCanceled { job_id: id },
     )
     .await?;
+    crate::steer::wake(redis, names, id).await;
     Ok(())
 }
 

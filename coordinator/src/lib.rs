@@ -62,4 +62,5 @@ pub mod report;
 pub mod split;
 pub mod startup;
 pub mod steer;
+pub mod wake;
 pub mod waves;

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub jobs_aborted: IntCounter,
     /// Wave gates judged, by verdict (passed, failed, released).
     pub gates: IntCounterVec,
+    /// Parked tasks published again (window opened, device online, job woken).
+    pub tasks_woken: IntCounter,
+    /// Tasks waiting in the parking lot (closed windows, offline devices).
+    pub tasks_parked: prometheus::IntGauge,
     wave_devices: IntGaugeVec,
     queue_messages: IntGaugeVec,
     queue_consumers: IntGaugeVec,
@@ -120,6 +124,16 @@ impl Metrics {
             &["verdict"],
         )
         .expect("static metric definition");
+        let tasks_woken = IntCounter::new(
+            "fleetbatch_tasks_woken_total",
+            "Parked tasks published again (a window opened, a device came online, a job was woken)",
+        )
+        .expect("static metric definition");
+        let tasks_parked = prometheus::IntGauge::new(
+            "fleetbatch_tasks_parked",
+            "Tasks waiting without a worker: outside their window or for an offline device",
+        )
+        .expect("static metric definition");
         let wave_devices = IntGaugeVec::new(
             Opts::new(
                 "fleetbatch_wave_devices",
@@ -161,6 +175,8 @@ impl Metrics {
             Box::new(webhooks.clone()),
             Box::new(jobs_aborted.clone()),
             Box::new(gates.clone()),
+            Box::new(tasks_woken.clone()),
+            Box::new(tasks_parked.clone()),
             Box::new(wave_devices.clone()),
             Box::new(queue_messages.clone()),
             Box::new(queue_consumers.clone()),
@@ -180,6 +196,8 @@ impl Metrics {
             webhooks,
             jobs_aborted,
             gates,
+            tasks_woken,
+            tasks_parked,
             wave_devices,
             queue_messages,
             queue_consumers,

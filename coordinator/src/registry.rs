@@ -152,9 +152,6 @@ fn validate(d: &Device) -> Result<(), String> {
     Ok(())
 }
 
-/// The attributes stored per device, in the order [`ATTRIBUTE_FIELDS`] reads them.
-pub const ATTRIBUTE_FIELDS: [&str; 5] = ["model", "hw", "fw", "groups", "tags"];
-
 /// Writes a batch of devices (upsert: a re-imported device leaves groups it no longer lists).
 ///
 /// # Errors
@@ -203,55 +200,6 @@ pub async fn write_batch(
     }
     let () = write.query_async(redis).await?;
     Ok(())
-}
-
-/// Builds a [`Device`] from the fields read in [`ATTRIBUTE_FIELDS`] order.
-pub fn from_fields(id: &str, f: &[Option<String>]) -> Device {
-    let get = |i: usize| f.get(i).cloned().flatten().unwrap_or_default();
-    Device {
-        id: id.to_owned(),
-        model: get(0),
-        hardware_revision: get(1),
-        firmware_version: get(2),
-        groups: get(3)
-            .split(',')
-            .filter(|g| !g.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        tags: serde_json::from_str(&get(4)).unwrap_or_default(),
-    }
-}
-
-/// Reads the attributes of a batch of devices; `None` for ids not in the registry.
-///
-/// # Errors
-/// Redis errors.
-pub async fn read_batch(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    ids: &[String],
-) -> Result<Vec<Option<Device>>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for id in ids {
-        pipe.cmd("HMGET")
-            .arg(names.device(id))
-            .arg(&ATTRIBUTE_FIELDS);
-    }
-    let rows: Vec<Vec<Option<String>>> = pipe.query_async(redis).await?;
-    Ok(ids
-        .iter()
-        .zip(rows)
-        .map(|(id, f)| {
-            if f.iter().all(Option::is_none) {
-                None
-            } else {
-                Some(from_fields(id, &f))
-            }
-        })
-        .collect())
 }
 
 /// Ids of a sorted set after `after` (exclusive), in id order, at most `limit`.
@@ -314,7 +262,11 @@ pub async fn scan(
         let Some(last) = ids.last().cloned() else {
             return Ok(page);
         };
-        for d in read_batch(redis, names, &ids).await?.into_iter().flatten() {
+        for d in shared::store::read_devices(redis, names, &ids)
+            .await?
+            .into_iter()
+            .flatten()
+        {
             if !filter.matches(&d) {
                 continue;
             }
@@ -409,7 +361,7 @@ mod tests {
             Some("a,b".to_owned()),
             Some("{\"k\":\"v\"}".to_owned()),
         ];
-        let d = from_fields("d1", &f);
+        let d = shared::store::from_fields("d1", &f);
         assert_eq!(d.groups, vec!["a", "b"]);
         assert_eq!(d.tags.get("k").map(String::as_str), Some("v"));
     }

@@ -140,7 +140,7 @@ impl Targets {
         let Some(cursor) = ids.last().cloned() else {
             return Ok((Vec::new(), None));
         };
-        let devices = registry::read_batch(redis, names, &ids).await?;
+        let devices = shared::store::read_devices(redis, names, &ids).await?;
         let decisions = ids
             .into_iter()
             .zip(devices)

@@ -312,6 +312,15 @@ async fn broker_session(
         });
     }
 
+    // Parked tasks come back when they are due.
+    broker.tracker.clone().spawn(crate::wake::run(
+        state.names.clone(),
+        state.redis.clone(),
+        Publisher::new(&connection, &settings.amqp).await?,
+        state.metrics.clone(),
+        session.clone(),
+    ));
+
     let results_channel = connection.create_channel().await?;
     let result = aggregate::run(
         aggregator,

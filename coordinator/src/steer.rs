@@ -178,7 +178,19 @@ pub async fn steer(
         // Workers re-read the state within their cache TTL anyway.
         tracing::warn!(job_id = %id, error.message = %e, "workers not told of the change at once");
     }
+    wake(redis, names, id).await;
     Ok(state)
+}
+
+/// Makes the job's parked tasks due now, so their next handler sees the change (cancels,
+/// delivers or parks them again). Best effort: a parked task is due again at its window or
+/// deadline anyway, and a paused one within a minute.
+pub async fn wake(redis: &mut ConnectionManager, names: &Names, id: Uuid) {
+    match shared::parking::wake_job(redis, names, id, now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(job_id = %id, woken = n, "parked tasks woken"),
+        Err(e) => tracing::warn!(job_id = %id, error.message = %e, "parked tasks not woken"),
+    }
 }
 
 /// Broadcasts a control message to every worker. Nobody listening is not an error.

@@ -441,6 +441,29 @@ impl Link {
         }
     }
 
+    /// Publishes a retained message at QoS 1 (presence announcements); an empty payload
+    /// clears the topic's retained message.
+    ///
+    /// # Errors
+    /// A stopped client.
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), MqttError> {
+        match &self.client {
+            Client::V4(c) => c
+                .publish(topic, QoS::AtLeastOnce, true, payload)
+                .await
+                .map_err(|e| MqttError::Client(e.to_string())),
+            Client::V5(c) => c
+                .publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await
+                .map_err(|e| MqttError::Client(e.to_string())),
+        }
+    }
+
     /// Whether the connection to the broker is up now.
     pub fn is_connected(&self) -> bool {
         self.connected.load(std::sync::atomic::Ordering::Relaxed)

@@ -144,6 +144,32 @@ pub fn device_of_request_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a s
         .strip_suffix("/jobs")
 }
 
+/// Topic a device announces its presence on: retained, `{"online":true}` once connected and
+/// `{"online":false}` as its last will (the broker publishes it when the device drops).
+pub fn presence_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/devices/{device}/presence")
+}
+
+/// Filter matching every device's presence topic (workers subscribe to it).
+pub fn presence_filter(prefix: &str) -> String {
+    format!("{prefix}/devices/+/presence")
+}
+
+/// The device id in a presence topic, if `topic` is one.
+pub fn device_of_presence_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix("/devices/")?
+        .strip_suffix("/presence")
+}
+
+/// A device's presence announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Whether the device is connected.
+    pub online: bool,
+}
+
 /// Topic a worker receives replies on.
 pub fn reply_topic(prefix: &str, worker: &str) -> String {
     format!("{prefix}/workers/{worker}/replies")
@@ -213,6 +239,13 @@ mod tests {
     fn request_topics_name_their_device() {
         let t = request_topic("fleetbatch", "dev-7");
         assert_eq!(device_of_request_topic("fleetbatch", &t), Some("dev-7"));
+        let p = presence_topic("fleetbatch", "dev-7");
+        assert_eq!(device_of_presence_topic("fleetbatch", &p), Some("dev-7"));
+        assert_eq!(device_of_presence_topic("fleetbatch", &t), None);
+        assert_eq!(
+            serde_json::to_string(&Presence { online: false }).expect("json"),
+            r#"{"online":false}"#
+        );
         assert_eq!(
             device_of_request_topic("fleetbatch", "fleetbatch/workers/w/replies"),
             None

@@ -57,6 +57,13 @@ pub(crate) struct Totals {
     pub(crate) unknown_devices: u64,
     /// Health reports sent, by status.
     pub(crate) health_reports: BTreeMap<String, u64>,
+    /// Deliveries to a device while it was announced offline (a real device would never
+    /// have received them): must stay 0.
+    pub(crate) offline_deliveries: u64,
+    /// Devices played as offline (`--offline`), and when they came online (ms since the
+    /// epoch; absent while they are offline).
+    pub(crate) offline_devices: u64,
+    pub(crate) came_online_at_ms: Option<u64>,
 }
 
 /// The simulated fleet.
@@ -68,6 +75,8 @@ pub(crate) struct Fleet {
     size: u64,
     devices: Mutex<HashMap<String, DeviceMemory>>,
     totals: Mutex<Totals>,
+    /// Devices `dev-0000000` .. below this index are offline until they are brought online.
+    offline_below: std::sync::atomic::AtomicU64,
 }
 
 /// What the device will do with a delivery.
@@ -88,6 +97,7 @@ impl Fleet {
             size,
             devices: Mutex::new(HashMap::new()),
             totals: Mutex::new(Totals::default()),
+            offline_below: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -119,15 +129,32 @@ impl Fleet {
             .then(|| "signature does not cover the action requested".to_owned())
     }
 
+    /// Plays the first `n` devices as offline until [`Self::bring_online`].
+    pub(crate) fn set_offline(&self, n: u64) {
+        self.offline_below
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+        self.totals().offline_devices = n;
+    }
+
+    /// The offline devices come online now.
+    pub(crate) fn bring_online(&self) {
+        self.offline_below
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        self.totals().came_online_at_ms = Some(shared::now_ms());
+    }
+
+    /// Whether `device` is offline now.
+    pub(crate) fn is_offline(&self, device: &str) -> bool {
+        let below = self.offline_below.load(std::sync::atomic::Ordering::SeqCst);
+        below > 0 && index(device).is_some_and(|n| n < below)
+    }
+
     /// Whether `device` is one of ours.
     pub(crate) fn has(&self, device: &str) -> bool {
         if self.size == 0 {
             return true;
         }
-        device
-            .strip_prefix("dev-")
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|n| n < self.size && device.len() >= 11)
+        index(device).is_some_and(|n| n < self.size && device.len() >= 11)
     }
 
     /// Registers a delivery of `job` (`execution`) to `device` and decides the answer.
@@ -142,6 +169,11 @@ impl Fleet {
     ) -> Option<Decision> {
         if !self.has(device) {
             self.totals().unknown_devices += 1;
+            return None;
+        }
+        if self.is_offline(device) {
+            // Sent to a device that had announced itself offline: it never gets it.
+            self.totals().offline_deliveries += 1;
             return None;
         }
         let (delivery, applied) = {
@@ -335,6 +367,13 @@ impl Fleet {
             "readings": m.readings,
         }))
     }
+}
+
+/// The number in a device id `dev-NNNNNNN`.
+fn index(device: &str) -> Option<u64> {
+    device
+        .strip_prefix("dev-")
+        .and_then(|n| n.parse::<u64>().ok())
 }
 
 #[cfg(test)]

@@ -9,12 +9,14 @@
 //! `GET /stats`, `GET /devices/{id}` and `GET /readings/{job}`.
 //!
 //! Layout: [`fleet`] (device memory), [`plain`] (fleetbatch protocol), [`aws`] (AWS IoT Jobs
-//! agent), [`http`] (HTTP devices and the report endpoints).
+//! agent), [`presence`] (devices going offline and coming back), [`http`] (HTTP devices
+//! and the report endpoints).
 
 mod aws;
 mod fleet;
 mod http;
 mod plain;
+mod presence;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -47,6 +49,14 @@ struct Args {
     /// Protocol on MQTT (default: the settings' `worker.mqtt.protocol`).
     #[arg(long, value_enum)]
     mqtt: Option<MqttMode>,
+    /// Play the first N devices as offline over MQTT: each announces `{"online":false}`
+    /// (retained) on its presence topic at start, receives nothing, and after
+    /// `--offline-secs` announces `{"online":true}` and answers from then on.
+    #[arg(long, default_value_t = 0)]
+    offline: u64,
+    /// How long the `--offline` devices stay offline.
+    #[arg(long, default_value_t = 60)]
+    offline_secs: u64,
     /// Address of the HTTP devices and the report endpoints.
     #[arg(long, default_value = "127.0.0.1:9100")]
     listen: String,
@@ -87,6 +97,17 @@ async fn run() -> anyhow::Result<()> {
     if mode != MqttMode::None {
         let (link, messages) = devices::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
             .context("connecting to the MQTT broker")?;
+        if args.offline > 0 {
+            fleet.set_offline(args.offline);
+            tokio::spawn(presence::play(
+                fleet.clone(),
+                link.clone(),
+                mqtt.topic_prefix.clone(),
+                args.offline,
+                std::time::Duration::from_secs(args.offline_secs),
+                shutdown.clone(),
+            ));
+        }
         let task = match mode {
             MqttMode::Fleetbatch => tokio::spawn(plain::serve(
                 fleet.clone(),

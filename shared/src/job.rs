@@ -35,6 +35,9 @@ pub struct JobSpec {
     /// When the job starts and ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// When each device may be contacted (maintenance windows).
+    #[serde(default, skip_serializing_if = "crate::window::Maintenance::is_empty")]
+    pub maintenance: crate::window::Maintenance,
     /// Success means healthy: after the device reports SUCCEEDED it must report healthy
     /// within the window, or the execution ends UNHEALTHY (or ROLLED_BACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,7 +327,7 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             problem: problem.into(),
@@ -351,6 +354,14 @@ pub enum SpecFormat {
 }
 
 /// Checks an action's values; errors name fields under `prefix` (`action`, `rollback`).
+/// Checks the tag keys of the selector at `at` (`<at>.selector.tags.<key>`).
+fn selector_tags(selector: Option<&AttributeFilter>, at: &str) -> Result<(), SpecError> {
+    for k in selector.map(|s| s.tags.keys()).into_iter().flatten() {
+        validate_id(k).map_err(|p| SpecError::new(format!("{at}.selector.tags.{k}"), p))?;
+    }
+    Ok(())
+}
+
 fn validate_action(action: &Action, prefix: &str) -> Result<(), SpecError> {
     match action {
         Action::FirmwareUpdate(FirmwareUpdate {
@@ -582,6 +593,10 @@ impl JobSpec {
                 }
             }
         }
+        self.maintenance.validate()?;
+        for (i, w) in self.maintenance.windows.iter().enumerate() {
+            selector_tags(w.selector.as_ref(), &format!("maintenance.windows[{i}]"))?;
+        }
         if let Some(h) = &self.health {
             between("health.window_secs", h.window_secs, MAX_HEALTH_WINDOW_SECS)?;
             between(
@@ -597,13 +612,7 @@ impl JobSpec {
             ));
         }
         for (i, w) in self.rollout.waves.iter().enumerate() {
-            if let Some(sel) = &w.selector {
-                for k in sel.tags.keys() {
-                    validate_id(k).map_err(|p| {
-                        SpecError::new(format!("rollout.waves[{i}].selector.tags.{k}"), p)
-                    })?;
-                }
-            }
+            selector_tags(w.selector.as_ref(), &format!("rollout.waves[{i}]"))?;
         }
         if self.name.as_ref().is_some_and(|n| n.len() > MAX_NAME_BYTES) {
             return Err(SpecError::new(

@@ -36,6 +36,7 @@ pub mod config;
 pub mod device;
 pub mod job;
 pub mod messages;
+pub mod parking;
 pub mod rollout;
 pub mod shutdown;
 pub mod signing;
@@ -44,6 +45,7 @@ pub mod store;
 pub mod supervise;
 pub mod telemetry;
 pub mod topology;
+pub mod window;
 
 /// Milliseconds since the Unix epoch, the timestamp unit used on the wire and in Redis.
 pub fn now_ms() -> u64 {

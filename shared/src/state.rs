@@ -108,6 +108,11 @@ pub enum ExecutionState {
     InProgress,
     /// Parked on a delayed-retry queue after transient failures.
     RetryScheduled,
+    /// Outside its maintenance window: waits, without an attempt, until the window opens.
+    WaitingForWindow,
+    /// Its device announced itself offline: waits, without an attempt, until it comes online
+    /// (or the job's deadline passes).
+    WaitingForDevice,
     /// The device did it.
     Succeeded,
     /// The device failed permanently, or every attempt failed.
@@ -148,6 +153,8 @@ impl ExecutionState {
             ExecutionState::Queued => "QUEUED",
             ExecutionState::InProgress => "IN_PROGRESS",
             ExecutionState::RetryScheduled => "RETRY_SCHEDULED",
+            ExecutionState::WaitingForWindow => "WAITING_FOR_WINDOW",
+            ExecutionState::WaitingForDevice => "WAITING_FOR_DEVICE",
             ExecutionState::Succeeded => "SUCCEEDED",
             ExecutionState::Failed => "FAILED",
             ExecutionState::Rejected => "REJECTED",
@@ -160,25 +167,28 @@ impl ExecutionState {
         }
     }
 
+    /// Every state.
+    pub const ALL: [ExecutionState; 14] = [
+        ExecutionState::Queued,
+        ExecutionState::InProgress,
+        ExecutionState::RetryScheduled,
+        ExecutionState::WaitingForWindow,
+        ExecutionState::WaitingForDevice,
+        ExecutionState::Succeeded,
+        ExecutionState::Failed,
+        ExecutionState::Rejected,
+        ExecutionState::TimedOut,
+        ExecutionState::Canceled,
+        ExecutionState::Skipped,
+        ExecutionState::Verifying,
+        ExecutionState::Unhealthy,
+        ExecutionState::RolledBack,
+    ];
+
     /// Parses the storage name, case-insensitively (`failed`, `timed_out`, `TIMED_OUT`).
     pub fn parse(s: &str) -> Option<Self> {
         let up = s.to_ascii_uppercase().replace('-', "_");
-        [
-            ExecutionState::Queued,
-            ExecutionState::InProgress,
-            ExecutionState::RetryScheduled,
-            ExecutionState::Succeeded,
-            ExecutionState::Failed,
-            ExecutionState::Rejected,
-            ExecutionState::TimedOut,
-            ExecutionState::Canceled,
-            ExecutionState::Skipped,
-            ExecutionState::Verifying,
-            ExecutionState::Unhealthy,
-            ExecutionState::RolledBack,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == up)
+        Self::ALL.into_iter().find(|st| st.as_str() == up)
     }
 
     /// Whether no further change can happen.
@@ -188,6 +198,8 @@ impl ExecutionState {
             ExecutionState::Queued
                 | ExecutionState::InProgress
                 | ExecutionState::RetryScheduled
+                | ExecutionState::WaitingForWindow
+                | ExecutionState::WaitingForDevice
                 | ExecutionState::Verifying
         )
     }
@@ -198,6 +210,8 @@ impl ExecutionState {
             ExecutionState::Queued => "queued",
             ExecutionState::InProgress => "in_progress",
             ExecutionState::RetryScheduled => "retry_scheduled",
+            ExecutionState::WaitingForWindow => "waiting_for_window",
+            ExecutionState::WaitingForDevice => "waiting_for_device",
             ExecutionState::Succeeded => "succeeded",
             ExecutionState::Failed => "failed",
             ExecutionState::Rejected => "rejected",

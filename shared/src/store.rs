@@ -369,6 +369,7 @@ local function is_terminal(raw)
   local st = state_of(raw)
   if not st then return false end
   return st ~= 'QUEUED' and st ~= 'IN_PROGRESS' and st ~= 'RETRY_SCHEDULED' and st ~= 'VERIFYING'
+    and st ~= 'WAITING_FOR_WINDOW' and st ~= 'WAITING_FOR_DEVICE'
 end
 local function attempts_of(raw)
   if not raw then return 0 end
@@ -640,9 +641,75 @@ impl Scripts {
     }
 }
 
+// ---- the device registry, as workers and planners read it ----
+
+/// The attributes stored per device, in the order [`ATTRIBUTE_FIELDS`] reads them.
+pub const ATTRIBUTE_FIELDS: [&str; 5] = ["model", "hw", "fw", "groups", "tags"];
+
+/// Builds a [`Device`] from the fields read in [`ATTRIBUTE_FIELDS`] order.
+pub fn from_fields(id: &str, f: &[Option<String>]) -> crate::device::Device {
+    let get = |i: usize| f.get(i).cloned().flatten().unwrap_or_default();
+    crate::device::Device {
+        id: id.to_owned(),
+        model: get(0),
+        hardware_revision: get(1),
+        firmware_version: get(2),
+        groups: get(3)
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        tags: serde_json::from_str(&get(4)).unwrap_or_default(),
+    }
+}
+
+/// Reads the attributes of a batch of devices; `None` for ids not in the registry.
+///
+/// # Errors
+/// Redis errors.
+pub async fn read_devices(
+    redis: &mut ConnectionManager,
+    names: &crate::topology::Names,
+    ids: &[String],
+) -> Result<Vec<Option<crate::device::Device>>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("HMGET")
+            .arg(names.device(id))
+            .arg(&ATTRIBUTE_FIELDS);
+    }
+    let rows: Vec<Vec<Option<String>>> = pipe.query_async(redis).await?;
+    Ok(ids
+        .iter()
+        .zip(rows)
+        .map(|(id, f)| {
+            if f.iter().all(Option::is_none) {
+                None
+            } else {
+                Some(from_fields(id, &f))
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_script_knows_every_non_terminal_state() {
+        for st in crate::state::ExecutionState::ALL {
+            let named = STATUS_LUA.contains(&format!("st ~= '{}'", st.as_str()));
+            assert_eq!(
+                named,
+                !st.is_terminal(),
+                "{st:?} in STATUS_LUA's is_terminal"
+            );
+        }
+    }
 
     #[test]
     fn connection_trouble_is_transient_and_corrupt_data_is_not() {

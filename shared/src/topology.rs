@@ -21,7 +21,7 @@ use uuid::Uuid;
 use lapin::BasicProperties;
 
 use crate::{
-    amqp::{AmqpError, Outgoing, Publisher, set_header},
+    amqp::{AmqpError, Outgoing, PendingConfirm, Publisher, set_header},
     config::Settings,
     state::ExecutionState,
 };
@@ -192,6 +192,30 @@ impl Names {
         format!("{}:job:{job}:planner", self.ns)
     }
 
+    // ---- Redis: the parking lot (tasks waiting without a worker) ----
+
+    /// Sorted set execution id -> when a parked task is due again (ms since epoch; `+inf`
+    /// for one that waits for its device with no deadline).
+    pub fn parked_due(&self) -> String {
+        format!("{}:parked:due", self.ns)
+    }
+    /// Hash execution id -> the parked task (a 16-byte park token, then the encoded task).
+    pub fn parked_tasks(&self) -> String {
+        format!("{}:parked:tasks", self.ns)
+    }
+    /// Set of a job's parked executions (woken together on cancel, abort or resume).
+    pub fn parked_job(&self, job: Uuid) -> String {
+        format!("{}:parked:job:{job}", self.ns)
+    }
+    /// Set of the executions waiting for one device to come online.
+    pub fn parked_device(&self, device: &str) -> String {
+        format!("{}:parked:device:{device}", self.ns)
+    }
+    /// Hash device id -> `online` | `offline`, as the devices last announced it.
+    pub fn presence(&self) -> String {
+        format!("{}:presence", self.ns)
+    }
+
     // ---- Redis: API access ----
 
     /// Hash token id -> JSON token record (never the secret).
@@ -224,6 +248,41 @@ fn queue_args(settings: &Settings, extra: &[(&str, AMQPValue)]) -> FieldTable {
         args.insert(ShortString::from(*k), v.clone());
     }
     args
+}
+
+/// Publishes a task again (a forwarded, retried or woken copy) to the tasks exchange, or,
+/// with `retry = Some(n)`, to delayed-retry queue `n`; with the job id and attempt count as
+/// headers and the current trace context. Returns the broker's pending confirm.
+///
+/// # Errors
+/// Encoding or broker errors.
+pub async fn send_task(
+    publisher: &Publisher,
+    names: &Names,
+    retry: Option<usize>,
+    task: &crate::messages::DeviceTask,
+) -> Result<PendingConfirm, AmqpError> {
+    let payload = crate::messages::encode(task)?;
+    let mut headers = FieldTable::default();
+    set_header(&mut headers, HEADER_JOB_ID, &task.job_id.to_string());
+    set_header(&mut headers, HEADER_ATTEMPT, &task.attempts.to_string());
+    crate::amqp::inject_current_context(&mut headers);
+    let (exchange, routing_key) = match retry {
+        None => (names.tasks_exchange(), TASK_ROUTING_KEY.to_owned()),
+        Some(n) => (String::new(), names.retry_queue(n)),
+    };
+    publisher
+        .send(Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            payload: &payload,
+            properties: crate::amqp::properties(
+                crate::messages::TASK_TYPE,
+                &task.execution_id.to_string(),
+                headers,
+            ),
+        })
+        .await
 }
 
 /// Declares exchanges, queues and bindings. Safe to call from every process at every start:

@@ -138,16 +138,21 @@ impl TestApp {
 
     /// Registers generated devices `0..n` (all in group `fleet`).
     pub async fn import_fleet(&self, n: u64) {
+        let v = self.import_ndjson(harness::fleet::ndjson(n)).await;
+        assert_eq!(v["imported"].as_u64(), Some(n), "{v}");
+    }
+
+    /// Imports devices from NDJSON lines; returns the import report.
+    pub async fn import_ndjson(&self, lines: Vec<u8>) -> Value {
         let r = self
             .http
             .post(self.url("/v1/devices/import?format=ndjson"))
-            .body(harness::fleet::ndjson(n))
+            .body(lines)
             .send()
             .await
             .expect("import request");
         assert!(r.status().is_success(), "import failed: {}", r.status());
-        let v: Value = r.json().await.expect("import report");
-        assert_eq!(v["imported"].as_u64(), Some(n), "{v}");
+        r.json().await.expect("import report")
     }
 
     /// Posts a job; returns the status and body.

@@ -28,3 +28,4 @@ mod safe_create;
 mod schedule;
 mod secure;
 mod services;
+mod waiting;

@@ -179,7 +179,7 @@ async fn waves_of(app: &TestApp, job: Uuid) -> HashMap<String, usize> {
 }
 
 /// Polls job `id` until `pred` holds (or fails after `timeout`).
-async fn wait_until(
+pub(crate) async fn wait_until(
     app: &TestApp,
     id: Uuid,
     timeout: Duration,

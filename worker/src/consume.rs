@@ -18,8 +18,8 @@ use lapin::{
     types::FieldTable,
 };
 use shared::{
-    amqp::{self, AmqpError, Publisher},
-    messages::{self, DeviceTask},
+    amqp::{AmqpError, Publisher},
+    messages::DeviceTask,
     topology::Names,
 };
 use tokio_util::task::TaskTracker;
@@ -192,36 +192,12 @@ async fn forward(
     to: ForwardTo,
     task: &DeviceTask,
 ) -> Result<(), shared::amqp::AmqpError> {
-    let payload = messages::encode(task)?;
-    let mut headers = FieldTable::default();
-    amqp::set_header(
-        &mut headers,
-        shared::topology::HEADER_JOB_ID,
-        &task.job_id.to_string(),
-    );
-    amqp::set_header(
-        &mut headers,
-        shared::topology::HEADER_ATTEMPT,
-        &task.attempts.to_string(),
-    );
-    amqp::inject_current_context(&mut headers);
-    let (exchange, routing_key) = match to {
-        ForwardTo::Tasks => (
-            names.tasks_exchange(),
-            shared::topology::TASK_ROUTING_KEY.to_owned(),
-        ),
-        ForwardTo::Retry(n) => (String::new(), names.retry_queue(n)),
+    let retry = match to {
+        ForwardTo::Tasks => None,
+        ForwardTo::Retry(n) => Some(n),
     };
-    publisher
-        .publish(amqp::Outgoing {
-            exchange: &exchange,
-            routing_key: &routing_key,
-            payload: &payload,
-            properties: amqp::properties(
-                messages::TASK_TYPE,
-                &task.execution_id.to_string(),
-                headers,
-            ),
-        })
+    shared::topology::send_task(publisher, names, retry, task)
+        .await?
+        .wait()
         .await
 }

@@ -32,9 +32,16 @@ use crate::{
     decide::{self, After, Before},
     deliver::{self, AttemptPolicy, DeliveryRequest, Transport},
     idempotency::{self, NextAction},
-    jobs::JobCache,
+    jobs::{JobCache, JobView as Job},
     limits::{self, Slot},
 };
+use shared::{
+    parking::{self, Wait},
+    window::Verdict,
+};
+
+/// How long a paused job's task waits before it is looked at again (resume wakes it at once).
+const PAUSED_RECHECK_MS: u64 = 60_000;
 
 /// Everything a handler needs, shared by all handlers of a worker.
 #[derive(Debug)]
@@ -162,19 +169,24 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         return Ok(Outcome::DeadLetter(reason));
     }
     if job.state == JobState::Paused {
-        // Held until the job resumes: parked without an attempt, back in a few seconds.
+        // Held until the job resumes (which wakes it), without an attempt or a worker slot;
+        // looked at again within a minute in any case.
+        parking::park(
+            &mut redis,
+            &ctx.names,
+            task,
+            Wait::Until(now_ms().saturating_add(PAUSED_RECHECK_MS)),
+        )
+        .await?;
         mark(ctx, "paused");
-        let queue = ctx
-            .settings
-            .worker
-            .retry_delays_ms
-            .len()
-            .saturating_sub(1)
-            .min(1);
-        return Ok(Outcome::Forward {
-            to: ForwardTo::Retry(queue),
-            task: task.clone(),
-        });
+        return Ok(Outcome::Ack);
+    }
+    let mut closes_at = None;
+    if job.state.is_live() {
+        match wait_if_needed(ctx, &mut redis, task, &job).await? {
+            Ok(closes) => closes_at = closes,
+            Err(parked) => return Ok(parked),
+        }
     }
     if !ctx
         .active
@@ -289,6 +301,20 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                             Ok(true)
                         ) {
                             // The slot lapsed and was taken: give the task back.
+                            return deliver::Claim::Stopping;
+                        }
+                    }
+                    // The window closed, or the device went offline: no further attempt
+                    // here; the task goes back and its next handler parks it.
+                    if closes_at.is_some_and(|c| now_ms() >= c) {
+                        return deliver::Claim::Stopping;
+                    }
+                    if ctx.transport.announces_presence() {
+                        let mut redis = ctx.redis.clone();
+                        if matches!(
+                            parking::is_offline(&mut redis, &ctx.names, &task.device_id).await,
+                            Ok(true)
+                        ) {
                             return deliver::Claim::Stopping;
                         }
                     }
@@ -528,6 +554,99 @@ async fn verify(
                 )),
             ));
         }
+    }
+}
+
+/// Parks a task whose device may not be contacted now: outside its maintenance window, or
+/// announced offline. Its status shows why and until when; no attempt is spent and no slot
+/// held: `Err(outcome)`. `Ok(closes_at)`: deliver it now; with windows, no further attempt
+/// starts after `closes_at` (one under way finishes). A passed deadline is left to the
+/// delivery path (TIMED_OUT).
+async fn wait_if_needed(
+    ctx: &Context,
+    redis: &mut ConnectionManager,
+    task: &DeviceTask,
+    job: &Job,
+) -> anyhow::Result<Result<Option<u64>, Outcome>> {
+    let now = now_ms();
+    if job.deadline_ms.is_some_and(|d| now >= d) {
+        return Ok(Ok(None));
+    }
+    let mut closes_at = None;
+    if !job.spec.maintenance.is_empty() {
+        let device =
+            shared::store::read_devices(redis, &ctx.names, std::slice::from_ref(&task.device_id))
+                .await?
+                .pop()
+                .flatten();
+        let verdict = job.spec.maintenance.verdict(device.as_ref(), now);
+        if let Verdict::Open { closes_at_ms } = verdict {
+            closes_at = Some(closes_at_ms);
+        }
+        if let Verdict::Closed { opens_at_ms } = verdict {
+            let due = opens_at_ms
+                .unwrap_or(u64::MAX)
+                .min(job.deadline_ms.unwrap_or(u64::MAX));
+            parking::park(redis, &ctx.names, task, Wait::Until(due)).await?;
+            let why = match opens_at_ms {
+                Some(_) => "outside its maintenance window",
+                None => "its maintenance window never opens again",
+            };
+            note_waiting(ctx, task, ExecutionState::WaitingForWindow, Some(due), why).await;
+            mark(ctx, "waiting_for_window");
+            return Ok(Err(Outcome::Ack));
+        }
+    }
+    if ctx.transport.announces_presence()
+        && parking::is_offline(redis, &ctx.names, &task.device_id).await?
+        && parking::park(redis, &ctx.names, task, Wait::Device(job.deadline_ms)).await?
+    {
+        note_waiting(
+            ctx,
+            task,
+            ExecutionState::WaitingForDevice,
+            job.deadline_ms,
+            "device offline: waits for it to come online",
+        )
+        .await;
+        mark(ctx, "waiting_for_device");
+        return Ok(Err(Outcome::Ack));
+    }
+    Ok(Ok(closes_at))
+}
+
+/// Shows a parked task's device as waiting (best effort: the lot holds the task whatever the
+/// status says).
+async fn note_waiting(
+    ctx: &Context,
+    task: &DeviceTask,
+    state: ExecutionState,
+    until: Option<u64>,
+    why: &str,
+) {
+    let status = DeviceStatus {
+        state,
+        attempts: task.attempts,
+        error: Some(why.to_owned()),
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: until.filter(|u| *u != u64::MAX),
+        worker: Some(ctx.worker_id.clone()),
+        published_at_ms: Some(task.published_at_ms),
+        readings: None,
+    };
+    let mut redis = ctx.redis.clone();
+    if let Err(e) = ctx
+        .scripts
+        .record_progress(
+            &mut redis,
+            &ctx.names,
+            task.job_id,
+            &task.device_id,
+            &status,
+        )
+        .await
+    {
+        tracing::debug!(error.message = %e, "waiting status not recorded");
     }
 }
 

@@ -82,6 +82,8 @@ struct Inner {
     aws: Option<AwsJobs>,
     /// Replies refused because they do not carry the attempt's nonce (forged or stale).
     refused: prometheus::IntCounter,
+    /// Presence announcements, applied in arrival order by one task.
+    presence: mpsc::UnboundedSender<(String, bool)>,
 }
 
 /// The MQTT transport; cheap to clone.
@@ -118,7 +120,10 @@ impl MqttTransport {
     ) -> Result<Self, MqttError> {
         let m = &settings.worker.mqtt;
         let reply_topic = protocol::reply_topic(&m.topic_prefix, worker_id);
-        let mut subscriptions = vec![reply_topic.clone()];
+        let mut subscriptions = vec![
+            reply_topic.clone(),
+            protocol::presence_filter(&m.topic_prefix),
+        ];
         if m.protocol == DeviceProtocol::AwsIotJobs {
             let group = m.shared_subscriptions.then(|| names.mqtt_share_group());
             subscriptions.extend(devices::aws::filters(
@@ -132,6 +137,13 @@ impl MqttTransport {
             subscriptions,
             shutdown.clone(),
         )?;
+        let (presence, announcements) = mpsc::unbounded_channel();
+        tokio::spawn(apply_presence(
+            announcements,
+            redis.clone(),
+            names.clone(),
+            shutdown.clone(),
+        ));
         let aws = (m.protocol == DeviceProtocol::AwsIotJobs).then(|| {
             AwsJobs::new(
                 link.clone(),
@@ -151,6 +163,7 @@ impl MqttTransport {
             waiting: Waiting::default(),
             aws,
             refused,
+            presence,
         }));
         tokio::spawn(transport.clone().dispatch(messages, shutdown));
         Ok(transport)
@@ -171,12 +184,35 @@ impl MqttTransport {
                     }
                     Err(e) => tracing::warn!(error.message = %e, "unreadable reply ignored"),
                 }
+            } else if let Some(device) =
+                protocol::device_of_presence_topic(&self.0.prefix, &m.topic)
+            {
+                match (
+                    shared::device::validate_id(device),
+                    serde_json::from_slice::<protocol::Presence>(&m.payload),
+                ) {
+                    (Ok(()), Ok(p)) => {
+                        let _ = self.0.presence.send((device.to_owned(), p.online));
+                    }
+                    (Err(e), _) => {
+                        tracing::debug!(error.message = %e, "presence of an invalid device id ignored")
+                    }
+                    (_, Err(e)) => {
+                        tracing::debug!(device_id = %device, error.message = %e, "unreadable presence ignored")
+                    }
+                }
             } else if let Some(aws) = &self.0.aws {
                 let aws = aws.clone();
                 let name = aws.request_name(&m);
                 tokio::spawn(async move { aws.handle_request(m, name).await });
             }
         }
+    }
+
+    /// Devices on this transport announce their presence (a retained online message and an
+    /// offline last will), so an offline device's tasks wait for it.
+    pub fn announces_presence(&self) -> bool {
+        true
     }
 
     /// One attempt.
@@ -251,6 +287,40 @@ impl MqttTransport {
     pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {
         if let Some(aws) = &self.0.aws {
             aws.conclude(req, state).await;
+        }
+    }
+}
+
+/// Records presence announcements in arrival order (an offline followed at once by an
+/// online must end online), waking the tasks of devices that come online. Redis trouble is
+/// retried with a pause: a lost announcement would leave a device waiting.
+async fn apply_presence(
+    mut announcements: mpsc::UnboundedReceiver<(String, bool)>,
+    mut redis: ConnectionManager,
+    names: Names,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (device, online) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = announcements.recv() => match a { Some(a) => a, None => return },
+        };
+        loop {
+            match shared::parking::announce(&mut redis, &names, &device, online, shared::now_ms())
+                .await
+            {
+                Ok(woken) => {
+                    tracing::debug!(device_id = %device, online, woken, "presence recorded");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(device_id = %device, error.message = %e, "presence not recorded; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                }
+            }
         }
     }
 }

@@ -47,6 +47,15 @@ impl Transport {
         }
     }
 
+    /// Whether devices reached this way announce their presence (MQTT), so the tasks of a
+    /// device known to be offline wait for it instead of spending attempts.
+    pub fn announces_presence(&self) -> bool {
+        match self {
+            Transport::Mqtt(m) => m.announces_presence(),
+            _ => false,
+        }
+    }
+
     /// Tells the transport how an execution ended when the device did not say so itself
     /// (attempts spent, job deadline, cancel), so device-side state agrees with the job.
     pub async fn conclude(&self, req: &DeliveryRequest, state: ExecutionState) {

@@ -1,0 +1,63 @@
+//! Devices that are offline for a while: they announce it on their presence topics
+//! (retained, as a real device's last will would), receive nothing, then announce that they
+//! are online again. At shutdown their retained announcements are cleared, so a broker shared
+//! by several runs keeps none of them.
+
+use std::{sync::Arc, time::Duration};
+
+use devices::{mqtt::Link, protocol};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::Fleet;
+
+/// Announces devices `0..n` offline, brings them online after `offline_for`, clears the
+/// announcements when `shutdown` fires.
+pub(crate) async fn play(
+    fleet: Arc<Fleet>,
+    link: Link,
+    prefix: String,
+    n: u64,
+    offline_for: Duration,
+    shutdown: CancellationToken,
+) {
+    // Give the connection a moment to come up.
+    for _ in 0..100 {
+        if link.is_connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    announce(&link, &prefix, n, Some(false)).await;
+    tracing::info!(devices = n, secs = offline_for.as_secs(), "devices offline");
+    tokio::select! {
+        _ = tokio::time::sleep(offline_for) => {}
+        _ = shutdown.cancelled() => {
+            announce(&link, &prefix, n, None).await;
+            return;
+        }
+    }
+    fleet.bring_online();
+    announce(&link, &prefix, n, Some(true)).await;
+    tracing::info!(devices = n, "devices online");
+    shutdown.cancelled().await;
+    announce(&link, &prefix, n, None).await;
+}
+
+/// Publishes every device's presence (`None`: clears it).
+async fn announce(link: &Link, prefix: &str, n: u64, online: Option<bool>) {
+    let payload = match online {
+        Some(online) => serde_json::to_vec(&protocol::Presence { online }).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    for i in 0..n {
+        let topic = protocol::presence_topic(prefix, &harness_id(i));
+        if let Err(e) = link.publish_retained(&topic, payload.clone()).await {
+            tracing::warn!(error.message = %e, %topic, "presence not announced");
+        }
+    }
+}
+
+/// The id of device `i` (as `fleetbatch devices import --generate` names them).
+fn harness_id(i: u64) -> String {
+    format!("dev-{i:07}")
+}

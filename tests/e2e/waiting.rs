@@ -1,0 +1,250 @@
+//! Devices that may not be contacted now, on real processes with fleet-sim: maintenance
+//! windows to the second in two time zones (every contact inside its device's window, from
+//! fleet-sim's own clocks; attempts equal real deliveries), and devices offline over MQTT
+//! (no attempt and no worker slot while offline, success within seconds of coming online).
+
+use std::{collections::HashMap, time::Duration};
+
+use serde_json::{Value, json};
+use shared::state::ExecutionState;
+use uuid::Uuid;
+
+use crate::{
+    devices::{get_json, mqtt_env},
+    helpers::{TestApp, firmware_job, fleet_ids, gauge, spawn_app},
+    rollouts::http_fleet_with,
+};
+
+/// Registers devices `0..n`: even ones in Berlin (`site=berlin`, `tz=Europe/Berlin`), odd
+/// ones in New York.
+async fn import_two_sites(app: &TestApp, n: u64) {
+    let mut body = Vec::new();
+    for i in 0..n {
+        let (site, tz) = if i.is_multiple_of(2) {
+            ("berlin", "Europe/Berlin")
+        } else {
+            ("newyork", "America/New_York")
+        };
+        let d = json!({"id": harness::fleet::device_id(i), "groups": ["fleet"],
+            "tags": {"site": site, "tz": tz}});
+        body.extend(serde_json::to_vec(&d).expect("json"));
+        body.push(b'\n');
+    }
+    let report = app.import_ndjson(body).await;
+    assert_eq!(report["imported"], n, "{report}");
+}
+
+/// The local hour now and the next one in `zone`, as a cron hour list (a window built from
+/// it stays open across an hour boundary during the test).
+fn hours_in(zone: chrono_tz::Tz) -> String {
+    use chrono::Timelike;
+    let h = chrono::Utc::now().with_timezone(&zone).hour();
+    format!("{h},{}", (h + 1) % 24)
+}
+
+/// Whether `ms` falls in the window opening every 20 s at second `start` (mod 20) for 5 s,
+/// with `late` ms of grace for an attempt started just before it closed.
+fn inside(ms: u64, start: u64, late: u64) -> bool {
+    let into = (ms % 20_000 + 20_000 - start * 1000) % 20_000;
+    into < 5_000 + late
+}
+
+#[tokio::test]
+async fn windows_to_the_second_in_two_time_zones_hold_every_contact_inside_its_window() {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet_with(port, "0", "0", &[]).await;
+    let n = 5_000;
+    let sim = app
+        .cluster
+        .start_fleet_sim(port, &["--devices", &n.to_string(), "--mqtt", "none"])
+        .await
+        .expect("fleet-sim");
+    import_two_sites(&app, n).await;
+    // Berlin devices: open 5 s from second 0, 20 and 40 of the current Berlin hours; New York
+    // devices: from second 10, 30 and 50 of the current New York hours. Read in UTC (a zone
+    // not taken from the tag), a window's hours would never match and its devices never be
+    // contacted.
+    let berlin = hours_in(chrono_tz::Europe::Berlin);
+    let new_york = hours_in(chrono_tz::America::New_York);
+    let spec = firmware_job(json!({
+        "maintenance": {
+            "time_zone_tag": "tz",
+            "windows": [
+                {"name": "berlin-night", "cron": format!("0-59/20 * {berlin} * * *"),
+                 "duration_secs": 5, "selector": {"tags": {"site": "berlin"}}},
+                {"name": "newyork-night", "cron": format!("10-59/20 * {new_york} * * *"),
+                 "duration_secs": 5, "selector": {"tags": {"site": "newyork"}}}
+            ]
+        }
+    }));
+    let id = app.create_job(&spec).await;
+    // Within a closed window the devices wait, visibly, without a worker.
+    let mut saw_waiting = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let job = loop {
+        let job = app.job(id).await;
+        saw_waiting = saw_waiting.max(job["waiting"].as_u64().unwrap_or(0));
+        if job["state"] == "COMPLETED" {
+            break job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not done: {job}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(saw_waiting > 0, "no device was seen waiting for its window");
+    assert_eq!(job["succeeded"], n, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+
+    let contacts: Value = get_json(&app, &format!("{sim}/contacts/{id}")).await;
+    let deliveries: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
+    let mut outside = Vec::new();
+    let mut attempts_off = Vec::new();
+    for (device, s) in &statuses {
+        assert_eq!(s.state, ExecutionState::Succeeded, "{device}: {s:?}");
+        let i: u64 = device[4..].parse().expect("index");
+        let start = if i.is_multiple_of(2) { 0 } else { 10 };
+        let c = &contacts[device.as_str()];
+        for at in [c["first_ms"].as_u64(), c["last_ms"].as_u64()] {
+            let at = at.expect("contacted");
+            if !inside(at, start, 300) {
+                outside.push(format!(
+                    "{device} at {} ms into the 20 s cycle",
+                    at % 20_000
+                ));
+            }
+        }
+        let got = deliveries[device.as_str()].as_u64().unwrap_or(0);
+        if got != u64::from(s.attempts) {
+            attempts_off.push(format!(
+                "{device}: {got} deliveries, {} attempts",
+                s.attempts
+            ));
+        }
+    }
+    assert!(
+        outside.is_empty(),
+        "{} contacts outside their window: {:?}",
+        outside.len(),
+        &outside[..outside.len().min(10)]
+    );
+    assert!(
+        attempts_off.is_empty(),
+        "attempts differ from deliveries: {:?}",
+        &attempts_off[..attempts_off.len().min(10)]
+    );
+    let stats = get_json(&app, &format!("{sim}/stats")).await;
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_coming_online() {
+    let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut env = mqtt_env("5", &prefix);
+    env.extend([
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+    ]);
+    let mut app = spawn_app(2, &env).await;
+    let observed = app.start_observed_worker();
+    let n = 10_000u64;
+    let offline = 2_000u64;
+    let offline_secs = 45u64;
+    let port = harness::cluster::free_port().expect("port");
+    let sim = app
+        .cluster
+        .start_fleet_sim(
+            port,
+            &[
+                "--devices",
+                &n.to_string(),
+                "--mqtt",
+                "fleetbatch",
+                "--offline",
+                &offline.to_string(),
+                "--offline-secs",
+                &offline_secs.to_string(),
+            ],
+        )
+        .await
+        .expect("fleet-sim");
+    app.import_fleet(n).await;
+    // Presence reaches the workers before the job starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two attempts of 1.5 s: without waiting, an offline device would be FAILED in seconds.
+    let id = app
+        .create_job(&firmware_job(json!({"retry": {"max_attempts": 2}})))
+        .await;
+
+    // While they are offline: the others finish, the offline ones wait in storage, and the
+    // observed worker holds nothing in flight.
+    let job = crate::rollouts::wait_until(&app, id, Duration::from_secs(offline_secs), |j| {
+        j["succeeded"].as_u64() == Some(n - offline) && j["waiting"].as_u64() == Some(offline)
+    })
+    .await;
+    assert_eq!(job["state"], "IN_PROGRESS", "{job}");
+    let (_, text) = app
+        .get_text(&format!("http://127.0.0.1:{observed}/metrics"))
+        .await;
+    let in_flight = gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]);
+    assert_eq!(
+        in_flight, 0.0,
+        "worker slots held while devices are offline"
+    );
+    let statuses = app.statuses(id).await;
+    let waiting: Vec<_> = statuses
+        .values()
+        .filter(|s| s.state == ExecutionState::WaitingForDevice)
+        .collect();
+    assert_eq!(
+        waiting.len() as u64,
+        offline,
+        "visible as WAITING_FOR_DEVICE"
+    );
+    assert!(waiting.iter().all(|s| s.attempts == 0), "no attempt spent");
+
+    let job = app
+        .wait_for_job(id, Duration::from_secs(offline_secs + 120))
+        .await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["succeeded"], n, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let stats = get_json(&app, &format!("{sim}/stats")).await;
+    assert_eq!(
+        stats["offline_deliveries"], 0,
+        "sent to offline devices: {stats}"
+    );
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    let online_at = stats["came_online_at_ms"].as_u64().expect("came online");
+    let deliveries: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
+    let mut slow = Vec::new();
+    let mut extra = 0;
+    let late: HashMap<&String, u64> = statuses
+        .iter()
+        .filter(|(d, _)| d[4..].parse::<u64>().expect("index") < offline)
+        .map(|(d, s)| (d, s.updated_at_ms.saturating_sub(online_at)))
+        .collect();
+    for (device, s) in &statuses {
+        let got = deliveries[device.as_str()].as_u64().unwrap_or(0);
+        extra += got.saturating_sub(u64::from(s.attempts));
+        if let Some(after) = late.get(device)
+            && *after > 5_000
+        {
+            slow.push(format!("{device}: {after} ms after coming online"));
+        }
+    }
+    assert_eq!(late.len() as u64, offline);
+    assert_eq!(extra, 0, "deliveries beyond the attempts recorded");
+    assert!(
+        slow.is_empty(),
+        "{} devices took longer than 5 s: {:?}",
+        slow.len(),
+        &slow[..slow.len().min(10)]
+    );
+    eprintln!(
+        "offline devices: slowest success {} ms after coming online",
+        late.values().max().copied().unwrap_or(0)
+    );
+    app.teardown().await;
+}
