@@ -21,7 +21,7 @@ mod sandbox;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use client::Client;
-use commands::{access, bench, chaos, demo, devices, dlq, jobs};
+use commands::{access, bench, chaos, demo, devices, dlq, jobs, schedules};
 
 /// Run batch jobs on fleets of devices.
 #[derive(Debug, Parser)]
@@ -60,6 +60,9 @@ enum Command {
     /// Jobs.
     #[command(subcommand)]
     Job(jobs::JobCmd),
+    /// Recurring jobs: each occurrence of a cron schedule creates a child job.
+    #[command(subcommand)]
+    Schedule(schedules::ScheduleCmd),
     /// The dead-letter queue: messages that could not be processed, with the reason.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
@@ -125,6 +128,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Groups { json } => devices::groups(&client, json).await?,
         Command::Devices(cmd) => devices::run(&client, cmd).await?,
         Command::Job(cmd) => jobs::run(&client, cmd).await?,
+        Command::Schedule(cmd) => schedules::run(&client, cmd).await?,
         Command::Dlq(cmd) => dlq::run(&client, cmd).await?,
         Command::Token(cmd) => access::token(&client, cmd).await?,
         Command::Audit(args) => access::audit(&client, args).await?,

@@ -257,6 +257,15 @@ pub async fn create(
         }
     }
     let spec = validate(redis, names, &job).await?;
+    if spec.schedule.as_ref().is_some_and(|s| s.cron.is_some()) {
+        return Err(SpecError {
+            field: "schedule.cron".into(),
+            problem: "a recurring job is created as a schedule: POST /v1/schedules \
+                      (`fleetbatch schedule create`)"
+                .into(),
+        }
+        .into());
+    }
     let trace = job.trace;
     let id = Uuid::now_v7();
     if let Some(from) = &spec.target.from_job {

@@ -64,3 +64,4 @@ pub mod startup;
 pub mod steer;
 pub mod wake;
 pub mod waves;
+pub mod recurring;

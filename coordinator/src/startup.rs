@@ -321,6 +321,13 @@ async fn broker_session(
         session.clone(),
     ));
 
+    // Recurring jobs fire their occurrences.
+    broker.tracker.clone().spawn(crate::recurring::run(
+        state.clone(),
+        broker.clone(),
+        session.clone(),
+    ));
+
     let results_channel = connection.create_channel().await?;
     let result = aggregate::run(
         aggregator,

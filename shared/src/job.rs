@@ -59,6 +59,36 @@ pub struct Schedule {
     /// What the end does to devices not yet finished.
     #[serde(default)]
     pub end_behavior: EndBehavior,
+    /// Recurring: a cron expression (5 fields, or 6 with seconds first); each occurrence
+    /// creates a child job (created with `POST /v1/schedules`). `start_at` and `end_at` then
+    /// bound the occurrences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// IANA time zone `cron` is read in (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// What an occurrence missed while no coordinator ran becomes.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub missed: crate::window::Missed,
+    /// An occurrence not run within this many seconds of its time is missed (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_after_secs: Option<u64>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+impl Schedule {
+    /// The zone occurrences are read in.
+    pub fn zone(&self) -> &str {
+        self.time_zone.as_deref().unwrap_or("UTC")
+    }
+
+    /// How late an occurrence may run before it counts as missed, in ms.
+    pub fn late_after_ms(&self) -> u64 {
+        self.late_after_secs.unwrap_or(60).saturating_mul(1000)
+    }
 }
 
 /// What `schedule.end_at` does.
@@ -583,6 +613,16 @@ impl JobSpec {
                 Some(t) => Some(rfc3339_ms(t).map_err(|p| SpecError::new("schedule.start_at", p))?),
                 None => None,
             };
+            if let Some(c) = &sc.cron {
+                crate::window::check_cron(c).map_err(|p| SpecError::new("schedule.cron", p))?;
+            }
+            if let Some(z) = &sc.time_zone {
+                crate::window::check_zone(z)
+                    .map_err(|p| SpecError::new("schedule.time_zone", p))?;
+            }
+            if let Some(l) = sc.late_after_secs {
+                between("schedule.late_after_secs", l, MAX_DEADLINE_SECS)?;
+            }
             if let Some(t) = &sc.end_at {
                 let end = rfc3339_ms(t).map_err(|p| SpecError::new("schedule.end_at", p))?;
                 if start.is_some_and(|s| end <= s) {

@@ -192,6 +192,21 @@ impl Names {
         format!("{}:job:{job}:planner", self.ns)
     }
 
+    // ---- Redis: recurring jobs ----
+
+    /// Sorted set of every recurring schedule, scored by creation time.
+    pub fn schedules(&self) -> String {
+        format!("{}:schedules", self.ns)
+    }
+    /// Hash of one schedule: spec, state, creator's scope, the occurrence handled last.
+    pub fn schedule(&self, id: Uuid) -> String {
+        format!("{}:schedule:{id}", self.ns)
+    }
+    /// Sorted set of a schedule's child jobs, scored by their occurrence time.
+    pub fn schedule_runs(&self, id: Uuid) -> String {
+        format!("{}:schedule:{id}:runs", self.ns)
+    }
+
     // ---- Redis: the parking lot (tasks waiting without a worker) ----
 
     /// Sorted set execution id -> when a parked task is due again (ms since epoch; `+inf`

@@ -75,6 +75,106 @@ pub enum Verdict {
     },
 }
 
+/// What a recurring schedule does at an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occurrence {
+    /// Nothing is due.
+    Wait,
+    /// Run the occurrence of this time (ms since epoch) now.
+    Fire(u64),
+    /// Pass over occurrences up to this one without running them (missed, policy `skip`).
+    Skip(u64),
+}
+
+/// What a missed occurrence (one not run within `late_after` of its time, because no
+/// coordinator ran) becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missed {
+    /// Not run; the schedule goes on with its next occurrence.
+    #[default]
+    Skip,
+    /// The latest missed occurrence runs once, late (earlier ones are not run).
+    RunOnce,
+}
+
+/// The next step of a schedule whose occurrences up to `done_ms` are handled, at `now_ms`:
+/// the latest occurrence after `done_ms` and not after `now_ms` fires if it is at most
+/// `late_after_ms` old, else it is skipped or run once late, as `missed` says. `None` for an
+/// expression or zone that does not parse.
+pub fn occurrence(
+    cron: &str,
+    zone: &str,
+    done_ms: u64,
+    now_ms: u64,
+    late_after_ms: u64,
+    missed: Missed,
+) -> Option<Occurrence> {
+    let cron = parse_cron(cron).ok()?;
+    let zone = parse_zone(zone).ok()?;
+    let at = |ms: u64| -> Option<DateTime<Tz>> {
+        Some(
+            Utc.timestamp_millis_opt(i64::try_from(ms).ok()?)
+                .single()?
+                .with_timezone(&zone),
+        )
+    };
+    let ms = |t: DateTime<Tz>| u64::try_from(t.timestamp_millis()).unwrap_or(0);
+    let Ok(latest) = cron.find_previous_occurrence(&at(now_ms)?, true) else {
+        return Some(Occurrence::Wait);
+    };
+    let latest = ms(latest);
+    if latest <= done_ms {
+        return Some(Occurrence::Wait);
+    }
+    Some(
+        if now_ms.saturating_sub(latest) <= late_after_ms || missed == Missed::RunOnce {
+            Occurrence::Fire(latest)
+        } else {
+            Occurrence::Skip(latest)
+        },
+    )
+}
+
+/// The first occurrence after `after_ms`, if any.
+pub fn next_occurrence(cron: &str, zone: &str, after_ms: u64) -> Option<u64> {
+    let cron = parse_cron(cron).ok()?;
+    let zone = parse_zone(zone).ok()?;
+    let after = Utc
+        .timestamp_millis_opt(i64::try_from(after_ms).ok()?)
+        .single()?
+        .with_timezone(&zone);
+    let next = cron.find_next_occurrence(&after, false).ok()?;
+    u64::try_from(next.timestamp_millis()).ok()
+}
+
+/// An instant (ms since epoch) as RFC 3339 in UTC, to the second.
+pub fn rfc3339(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .map_or_else(
+            || ms.to_string(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+}
+
+/// Checks a cron expression.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_cron(expr: &str) -> Result<(), String> {
+    parse_cron(expr).map(|_| ())
+}
+
+/// Checks an IANA time zone name.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_zone(name: &str) -> Result<(), String> {
+    parse_zone(name).map(|_| ())
+}
+
 fn parse_cron(expr: &str) -> Result<Cron, String> {
     Cron::from_str(expr).map_err(|e| format!("{expr:?} is not a cron expression: {e}"))
 }
@@ -327,6 +427,48 @@ mod tests {
                 opens_at_ms: Some(at("2026-12-04T10:00:50Z"))
             })
         );
+    }
+
+    #[test]
+    fn recurring_occurrences_fire_on_time_and_missed_ones_follow_the_policy() {
+        let every_10s = "*/10 * * * * *";
+        let t = at("2026-12-04T10:00:00Z");
+        let o = |done, now, missed| occurrence(every_10s, "UTC", done, now, 2_000, missed);
+        // Due at 10:00:00, looked at 0.5 s later: fires.
+        assert_eq!(o(t - 10_000, t + 500, Missed::Skip), Some(Occurrence::Fire(t)));
+        // Already handled: waits for 10:00:10.
+        assert_eq!(o(t, t + 9_000, Missed::Skip), Some(Occurrence::Wait));
+        // No coordinator from 10:00:01 to 10:00:25: 10:00:10 and 10:00:20 were missed.
+        assert_eq!(
+            o(t, t + 25_000, Missed::Skip),
+            Some(Occurrence::Skip(t + 20_000))
+        );
+        assert_eq!(
+            o(t, t + 25_000, Missed::RunOnce),
+            Some(Occurrence::Fire(t + 20_000))
+        );
+        // Back within the grace of 10:00:20: on time, whatever the policy.
+        assert_eq!(
+            o(t, t + 21_500, Missed::Skip),
+            Some(Occurrence::Fire(t + 20_000))
+        );
+        // Nightly at 02:00 Berlin, looked at 01:00:30 UTC in winter.
+        assert_eq!(
+            occurrence(
+                "0 2 * * *",
+                "Europe/Berlin",
+                0,
+                at("2026-12-05T01:00:30Z"),
+                60_000,
+                Missed::Skip
+            ),
+            Some(Occurrence::Fire(at("2026-12-05T01:00:00Z")))
+        );
+        assert_eq!(
+            next_occurrence("0 2 * * *", "Europe/Berlin", at("2026-12-05T01:00:00Z")),
+            Some(at("2026-12-06T01:00:00Z"))
+        );
+        assert_eq!(rfc3339(at("2026-12-06T01:00:00Z")), "2026-12-06T01:00:00Z");
     }
 
     #[test]

@@ -125,3 +125,136 @@ async fn end_at_stops_publishing_and_the_rest_end_canceled_with_the_reason() {
     );
     app.teardown().await;
 }
+
+/// A schedule's child jobs as its view lists them: (occurrence ms, job id), oldest first.
+fn runs_of(view: &Value) -> Vec<(u64, uuid::Uuid)> {
+    let mut runs: Vec<(u64, uuid::Uuid)> = view["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            (
+                r["occurrence_ms"].as_u64().expect("occurrence"),
+                r["job_id"].as_str().expect("job id").parse().expect("uuid"),
+            )
+        })
+        .collect();
+    runs.sort();
+    runs
+}
+
+async fn schedule_view(app: &TestApp, id: &str) -> Value {
+    serde_json::from_str(&app.fleetbatch(&["schedule", "show", id, "--json"]).await)
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill_and_runs_a_missed_one_late()
+ {
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet_with(port, "0", "0", &[]).await;
+    let n = 300;
+    start_sim(&mut app, Some(port), n, "none").await;
+
+    // Data retrieval every 10 s; an occurrence more than 2 s late counts as missed and runs
+    // once, late.
+    let mut spec = firmware_job(json!({"schedule": {
+        "cron": "*/10 * * * * *", "missed": "run_once", "late_after_secs": 2}}));
+    spec["name"] = json!("meters");
+    spec["action"] = json!({"type": "data_retrieval", "metrics": ["temperature"]});
+    // A job create is not the way to make one: refused naming the field.
+    let (status, body) = app.post_job(&spec.to_string(), "application/json").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["field"], "schedule.cron", "{body}");
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("meters.json");
+    std::fs::write(&file, spec.to_string()).expect("write");
+    let created: Value = serde_json::from_str(
+        &app.fleetbatch(&["schedule", "create", "--file", file.to_str().expect("path"), "--json"])
+            .await,
+    )
+    .expect("json");
+    let id = created["schedule_id"].as_str().expect("id").to_owned();
+    assert_eq!(created["state"], "ACTIVE", "{created}");
+    let listed = app.fleetbatch(&["schedule", "list"]).await;
+    assert!(listed.contains(&id), "{listed}");
+
+    // The first occurrence runs; then the coordinator dies and stays down past the next.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let runs = runs_of(&schedule_view(&app, &id).await);
+        if let Some(r) = runs.first() {
+            break *r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no occurrence fired");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    app.wait_for_job(first.1, Duration::from_secs(60)).await;
+    app.cluster
+        .signal_coordinator(nix::sys::signal::Signal::SIGKILL)
+        .expect("kill");
+    app.cluster
+        .wait_coordinator(Duration::from_secs(10))
+        .await
+        .expect("dead");
+    let second_at = first.0 + 10_000;
+    let now = shared::now_ms();
+    tokio::time::sleep(Duration::from_millis(
+        (second_at + 4_000).saturating_sub(now),
+    ))
+    .await;
+    app.cluster.start_coordinator().await.expect("restart");
+
+    // The missed occurrence runs once, late; the next on time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let runs = loop {
+        let runs = runs_of(&schedule_view(&app, &id).await);
+        if runs.len() >= 3 {
+            break runs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "runs: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Paused, it fires nothing more; its runs are final.
+    let paused: Value =
+        serde_json::from_str(&app.fleetbatch(&["schedule", "pause", &id, "--json"]).await)
+            .expect("json");
+    assert_eq!(paused["state"], "PAUSED", "{paused}");
+    let runs = runs_of(&schedule_view(&app, &id).await);
+    let occurrences: Vec<u64> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(
+        &occurrences[..3],
+        &[first.0, first.0 + 10_000, first.0 + 20_000],
+        "each occurrence once, none skipped (run_once)"
+    );
+    let late = app.job(runs[1].1).await["created_at_ms"]
+        .as_u64()
+        .expect("created");
+    assert!(
+        late > runs[1].0 + 2_000,
+        "the missed occurrence ran late: created {} ms after its time",
+        late - runs[1].0
+    );
+    for (at, job) in &runs {
+        let view = app.wait_for_job(*job, Duration::from_secs(60)).await;
+        assert_eq!(view["state"], "COMPLETED", "{view}");
+        assert_eq!(view["succeeded"], n, "{view}");
+        let statuses = app.assert_exact(*job, &fleet_ids(n)).await;
+        assert!(
+            statuses.values().all(|s| s.readings.is_some()),
+            "occurrence {at}: every device reported its readings"
+        );
+    }
+    // No occurrence made two jobs: every job named after the schedule is one of its runs.
+    let page: Value = crate::devices::get_json(&app, &app.url("/v1/jobs?limit=100")).await;
+    let children: Vec<&Value> = page["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["name"].as_str().is_some_and(|n| n.starts_with("meters @")))
+        .collect();
+    assert_eq!(children.len(), runs.len(), "{children:?}");
+    let out = app.fleetbatch(&["schedule", "delete", &id]).await;
+    assert!(out.contains("deleted"), "{out}");
+    app.teardown().await;
+}

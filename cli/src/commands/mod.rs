@@ -7,3 +7,4 @@ pub(crate) mod demo;
 pub(crate) mod devices;
 pub(crate) mod dlq;
 pub(crate) mod jobs;
+pub(crate) mod schedules;

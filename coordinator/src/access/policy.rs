@@ -31,6 +31,24 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/v1/groups", Access::Role(Role::Viewer)),
     (Method::POST, "/v1/jobs", Access::Role(Role::Operator)),
     (Method::GET, "/v1/jobs", Access::Role(Role::Viewer)),
+    (Method::POST, "/v1/schedules", Access::Role(Role::Operator)),
+    (Method::GET, "/v1/schedules", Access::Role(Role::Viewer)),
+    (Method::GET, "/v1/schedules/{id}", Access::Role(Role::Viewer)),
+    (
+        Method::DELETE,
+        "/v1/schedules/{id}",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
+        "/v1/schedules/{id}/pause",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
+        "/v1/schedules/{id}/resume",
+        Access::Role(Role::Operator),
+    ),
     (Method::GET, "/v1/jobs/{id}", Access::Role(Role::Viewer)),
     (
         Method::POST,

@@ -50,16 +50,47 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
+    submit(&app, &caller, &headers, &body, spec_format(&headers), q.dry_run).await
+}
+
+/// The format of a spec body, from its content type (TOML, else JSON).
+pub(super) fn spec_format(headers: &HeaderMap) -> SpecFormat {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    let format = if ct.contains("toml") {
+    if ct.contains("toml") {
         SpecFormat::Toml
     } else {
         SpecFormat::Json
-    };
-    submit(&app, &caller, &headers, &body, format, q.dry_run).await
+    }
+}
+
+/// A spec submitted by `caller`, with the deployment's limits and policies.
+pub(super) fn new_job<'a>(
+    app: &'a AppState,
+    caller: &'a Caller,
+    body: &'a str,
+    format: SpecFormat,
+    key: Option<&'a str>,
+) -> intake::NewJob<'a> {
+    intake::NewJob {
+        text: body,
+        format,
+        limits: SpecLimits {
+            max_document_bytes: app.settings.coordinator.max_document_bytes,
+            max_explicit_devices: app.settings.coordinator.max_explicit_devices,
+        },
+        can_sign_webhooks: app.settings.coordinator.webhook_secret.is_some(),
+        scope: caller.groups.as_deref(),
+        trace: shared::amqp::current_traceparent(),
+        outbound: &app.outbound,
+        signer: app.signer.as_ref(),
+        idempotency: key.map(|key| intake::Idempotency {
+            key,
+            caller: &caller.subject,
+        }),
+    }
 }
 
 /// Creates (or, with `dry_run`, previews) the job `body` describes: the one path every
@@ -104,20 +135,7 @@ async fn submit(
             .with_field(IDEMPOTENCY_KEY)
         })?;
     let mut redis = app.redis.clone();
-    let job = intake::NewJob {
-        text: body,
-        format,
-        limits,
-        can_sign_webhooks: app.settings.coordinator.webhook_secret.is_some(),
-        scope: caller.groups.as_deref(),
-        trace: shared::amqp::current_traceparent(),
-        outbound: &app.outbound,
-        signer: app.signer.as_ref(),
-        idempotency: key.map(|key| intake::Idempotency {
-            key,
-            caller: &caller.subject,
-        }),
-    };
+    let job = new_job(app, caller, body, format, key);
     if dry_run {
         let spec = intake::validate(&mut redis, &app.names, &job)
             .await
@@ -235,7 +253,7 @@ async fn follow_up(
 }
 
 /// The answer to a create refused by intake.
-fn intake_error(e: IntakeError) -> ApiError {
+pub(super) fn intake_error(e: IntakeError) -> ApiError {
     match e {
         IntakeError::KeyReused(first) => ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,

@@ -23,6 +23,10 @@
 //! | GET | /v1/jobs/{id}/devices?status=&cursor=&limit= | per-device status |
 //! | GET | /v1/jobs/{id}/report?limit= | failures with their last error |
 //! | GET | /v1/jobs/{id}/events | Server-Sent Events: `state`, `progress` (every second), `finished` |
+//! | POST | /v1/schedules | create a recurring job (a job spec with `schedule.cron`; JSON or TOML) |
+//! | GET | /v1/schedules | every schedule with its next occurrence and newest child jobs |
+//! | GET, DELETE | /v1/schedules/{id} | one schedule; delete it (its child jobs stay) |
+//! | POST | /v1/schedules/{id}/pause, /resume | stop or restart firing (a resumed schedule goes on from now) |
 //! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
 //! | POST | /v1/dlq/replay | put dead letters back on their source queues |
 //! | GET, POST | /v1/tokens | API tokens: list, create (the secret is shown once) |
@@ -53,6 +57,7 @@ mod events;
 pub mod guard;
 mod health;
 mod jobs;
+mod schedules;
 
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -76,6 +81,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/v1/jobs/{id}/results", get(jobs::results))
         .route("/v1/jobs/{id}/events", get(events::stream))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{id}/pause", post(schedules::steer))
+        .route("/v1/schedules/{id}/resume", post(schedules::steer))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/tokens", get(access::list).post(access::create))
