@@ -171,7 +171,12 @@ async fn load(
         key: key.clone(),
         problem: e.to_string(),
     })?;
-    if spec.schedule.as_ref().and_then(|s| s.cron.as_ref()).is_none() {
+    if spec
+        .schedule
+        .as_ref()
+        .and_then(|s| s.cron.as_ref())
+        .is_none()
+    {
         return Err(StoreError::Corrupt {
             key,
             problem: "spec without schedule.cron".into(),

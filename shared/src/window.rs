@@ -435,7 +435,10 @@ mod tests {
         let t = at("2026-12-04T10:00:00Z");
         let o = |done, now, missed| occurrence(every_10s, "UTC", done, now, 2_000, missed);
         // Due at 10:00:00, looked at 0.5 s later: fires.
-        assert_eq!(o(t - 10_000, t + 500, Missed::Skip), Some(Occurrence::Fire(t)));
+        assert_eq!(
+            o(t - 10_000, t + 500, Missed::Skip),
+            Some(Occurrence::Fire(t))
+        );
         // Already handled: waits for 10:00:10.
         assert_eq!(o(t, t + 9_000, Missed::Skip), Some(Occurrence::Wait));
         // No coordinator from 10:00:01 to 10:00:25: 10:00:10 and 10:00:20 were missed.

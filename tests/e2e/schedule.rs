@@ -144,8 +144,7 @@ fn runs_of(view: &Value) -> Vec<(u64, uuid::Uuid)> {
 }
 
 async fn schedule_view(app: &TestApp, id: &str) -> Value {
-    serde_json::from_str(&app.fleetbatch(&["schedule", "show", id, "--json"]).await)
-        .expect("json")
+    serde_json::from_str(&app.fleetbatch(&["schedule", "show", id, "--json"]).await).expect("json")
 }
 
 #[tokio::test]
@@ -170,8 +169,14 @@ async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill
     let file = dir.path().join("meters.json");
     std::fs::write(&file, spec.to_string()).expect("write");
     let created: Value = serde_json::from_str(
-        &app.fleetbatch(&["schedule", "create", "--file", file.to_str().expect("path"), "--json"])
-            .await,
+        &app.fleetbatch(&[
+            "schedule",
+            "create",
+            "--file",
+            file.to_str().expect("path"),
+            "--json",
+        ])
+        .await,
     )
     .expect("json");
     let id = created["schedule_id"].as_str().expect("id").to_owned();
@@ -186,7 +191,10 @@ async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill
         if let Some(r) = runs.first() {
             break *r;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no occurrence fired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no occurrence fired"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     app.wait_for_job(first.1, Duration::from_secs(60)).await;
@@ -207,14 +215,14 @@ async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill
 
     // The missed occurrence runs once, late; the next on time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let runs = loop {
+    loop {
         let runs = runs_of(&schedule_view(&app, &id).await);
         if runs.len() >= 3 {
-            break runs;
+            break;
         }
         assert!(tokio::time::Instant::now() < deadline, "runs: {runs:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    }
     // Paused, it fires nothing more; its runs are final.
     let paused: Value =
         serde_json::from_str(&app.fleetbatch(&["schedule", "pause", &id, "--json"]).await)
@@ -251,7 +259,11 @@ async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill
         .as_array()
         .expect("jobs")
         .iter()
-        .filter(|j| j["name"].as_str().is_some_and(|n| n.starts_with("meters @")))
+        .filter(|j| {
+            j["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("meters @"))
+        })
         .collect();
     assert_eq!(children.len(), runs.len(), "{children:?}");
     let out = app.fleetbatch(&["schedule", "delete", &id]).await;

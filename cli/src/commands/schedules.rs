@@ -85,7 +85,11 @@ fn summary(v: &Value) {
         when(v, "next_occurrence_ms"),
     );
     for r in v["runs"].as_array().into_iter().flatten() {
-        println!("  {} {}", when(r, "occurrence_ms"), output::text(r, "job_id"));
+        println!(
+            "  {} {}",
+            when(r, "occurrence_ms"),
+            output::text(r, "job_id")
+        );
     }
 }
 
@@ -105,7 +109,8 @@ pub(crate) async fn run(client: &Client, cmd: ScheduleCmd) -> anyhow::Result<()>
         ScheduleCmd::List { json } => {
             let v: Value = client.get("/v1/schedules").await?;
             if !json {
-                let mut t = Table::new(["SCHEDULE", "NAME", "STATE", "CRON", "ZONE", "NEXT", "RUNS"]);
+                let mut t =
+                    Table::new(["SCHEDULE", "NAME", "STATE", "CRON", "ZONE", "NEXT", "RUNS"]);
                 for s in v["schedules"].as_array().into_iter().flatten() {
                     t.row([
                         output::text(s, "schedule_id"),
@@ -131,7 +136,11 @@ pub(crate) async fn run(client: &Client, cmd: ScheduleCmd) -> anyhow::Result<()>
         ),
         ScheduleCmd::Resume { id, json } => (
             client
-                .post(&format!("/v1/schedules/{id}/resume"), "application/json", "")
+                .post(
+                    &format!("/v1/schedules/{id}/resume"),
+                    "application/json",
+                    "",
+                )
                 .await?,
             json,
         ),

@@ -33,7 +33,11 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/v1/jobs", Access::Role(Role::Viewer)),
     (Method::POST, "/v1/schedules", Access::Role(Role::Operator)),
     (Method::GET, "/v1/schedules", Access::Role(Role::Viewer)),
-    (Method::GET, "/v1/schedules/{id}", Access::Role(Role::Viewer)),
+    (
+        Method::GET,
+        "/v1/schedules/{id}",
+        Access::Role(Role::Viewer),
+    ),
     (
         Method::DELETE,
         "/v1/schedules/{id}",

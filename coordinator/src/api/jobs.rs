@@ -50,7 +50,15 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
-    submit(&app, &caller, &headers, &body, spec_format(&headers), q.dry_run).await
+    submit(
+        &app,
+        &caller,
+        &headers,
+        &body,
+        spec_format(&headers),
+        q.dry_run,
+    )
+    .await
 }
 
 /// The format of a spec body, from its content type (TOML, else JSON).

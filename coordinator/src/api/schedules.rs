@@ -79,10 +79,9 @@ pub(super) async fn get(
 async fn for_change(app: &AppState, caller: &Caller, id: uuid::Uuid) -> ApiResult<ScheduleView> {
     let view = get_view(app, id).await?;
     let mut redis = app.redis.clone();
-    if let Err(m) =
-        recurring::check_scope(&mut redis, &app.names, &view, caller.groups.as_deref())
-            .await
-            .map_err(ApiError::internal)?
+    if let Err(m) = recurring::check_scope(&mut redis, &app.names, &view, caller.groups.as_deref())
+        .await
+        .map_err(ApiError::internal)?
     {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
