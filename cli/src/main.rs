@@ -21,7 +21,7 @@ mod sandbox;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use client::Client;
-use commands::{access, bench, chaos, demo, devices, dlq, jobs, schedules};
+use commands::{access, bench, chaos, demo, devices, dlq, jobs, schedules, templates};
 
 /// Run batch jobs on fleets of devices.
 #[derive(Debug, Parser)]
@@ -60,6 +60,9 @@ enum Command {
     /// Jobs.
     #[command(subcommand)]
     Job(jobs::JobCmd),
+    /// Job templates: a spec with parameters (`job create --template NAME --param k=v`).
+    #[command(subcommand)]
+    Template(templates::TemplateCmd),
     /// Recurring jobs: each occurrence of a cron schedule creates a child job.
     #[command(subcommand)]
     Schedule(schedules::ScheduleCmd),
@@ -129,6 +132,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Devices(cmd) => devices::run(&client, cmd).await?,
         Command::Job(cmd) => jobs::run(&client, cmd).await?,
         Command::Schedule(cmd) => schedules::run(&client, cmd).await?,
+        Command::Template(cmd) => templates::run(&client, cmd).await?,
         Command::Dlq(cmd) => dlq::run(&client, cmd).await?,
         Command::Token(cmd) => access::token(&client, cmd).await?,
         Command::Audit(args) => access::audit(&client, args).await?,

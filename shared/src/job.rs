@@ -460,6 +460,32 @@ fn validate_action(action: &Action, prefix: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A JSON or TOML document as a JSON value; a syntax error names its line.
+///
+/// # Errors
+/// The document does not parse.
+pub fn document_value(text: &str, format: SpecFormat) -> Result<serde_json::Value, SpecError> {
+    Ok(match format {
+        SpecFormat::Json => serde_json::from_str(text).map_err(|e| {
+            SpecError::new(format!("line {}", e.line()), format!("not valid JSON: {e}"))
+        })?,
+        SpecFormat::Toml => {
+            let table: toml::Table = toml::from_str(text).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                    .unwrap_or(1);
+                SpecError::new(
+                    format!("line {line}"),
+                    format!("not valid TOML: {}", e.message()),
+                )
+            })?;
+            serde_json::to_value(table)
+                .map_err(|e| SpecError::new(".", format!("not representable: {e}")))?
+        }
+    })
+}
+
 impl JobSpec {
     /// Parses and validates a job file.
     ///
@@ -467,25 +493,7 @@ impl JobSpec {
     /// A [`SpecError`] naming the field: a syntax error, a missing or mistyped field, or a
     /// value that fails validation.
     pub fn parse(text: &str, format: SpecFormat, limits: SpecLimits) -> Result<Self, SpecError> {
-        let value: serde_json::Value = match format {
-            SpecFormat::Json => serde_json::from_str(text).map_err(|e| {
-                SpecError::new(format!("line {}", e.line()), format!("not valid JSON: {e}"))
-            })?,
-            SpecFormat::Toml => {
-                let table: toml::Table = toml::from_str(text).map_err(|e| {
-                    let line = e
-                        .span()
-                        .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                        .unwrap_or(1);
-                    SpecError::new(
-                        format!("line {line}"),
-                        format!("not valid TOML: {}", e.message()),
-                    )
-                })?;
-                serde_json::to_value(table)
-                    .map_err(|e| SpecError::new(".", format!("not representable: {e}")))?
-            }
-        };
+        let value = document_value(text, format)?;
         let spec = Self::from_value(&value)?;
         // Strict at the edge (a typo in a rollout setting must not vanish silently), tolerant
         // in storage: the types accept unknown fields, so a spec stored by a newer version

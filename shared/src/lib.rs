@@ -44,6 +44,7 @@ pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod template;
 pub mod topology;
 pub mod window;
 

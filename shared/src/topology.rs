@@ -192,6 +192,13 @@ impl Names {
         format!("{}:job:{job}:planner", self.ns)
     }
 
+    // ---- Redis: job templates ----
+
+    /// Hash template name -> JSON template document.
+    pub fn templates(&self) -> String {
+        format!("{}:templates", self.ns)
+    }
+
     // ---- Redis: recurring jobs ----
 
     /// Sorted set of every recurring schedule, scored by creation time.

@@ -28,4 +28,5 @@ mod safe_create;
 mod schedule;
 mod secure;
 mod services;
+mod templates;
 mod waiting;

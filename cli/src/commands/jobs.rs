@@ -163,8 +163,16 @@ pub(crate) struct FollowUpArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CreateArgs {
-    /// Job file (.toml or .json). Without it, the job is built from the flags below.
+    /// Job file (.toml or .json). Without it, the job is built from a template or from the
+    /// flags below.
+    #[arg(conflicts_with = "template")]
     file: Option<PathBuf>,
+    /// Make the job from this template (`fleetbatch template list`), with `--param`s.
+    #[arg(long)]
+    template: Option<String>,
+    /// A template parameter, `name=value` (repeatable).
+    #[arg(long = "param", requires = "template", value_parser = parse_param)]
+    params: Vec<(String, String)>,
     /// Job name.
     #[arg(long)]
     name: Option<String>,
@@ -218,6 +226,12 @@ pub(crate) struct CreateArgs {
     /// Print JSON (the created job; with --watch, the finished job).
     #[arg(long)]
     json: bool,
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?}: expected name=value"))
 }
 
 fn spec_from_flags(a: &CreateArgs) -> anyhow::Result<Value> {
@@ -340,6 +354,32 @@ async fn follow_up(client: &Client, kind: &str, a: FollowUpArgs) -> anyhow::Resu
 pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create(args) => {
+            if let Some(template) = &args.template {
+                let params: serde_json::Map<String, Value> = args
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                let path = format!(
+                    "/v1/templates/{template}/jobs{}",
+                    if args.dry_run { "?dry_run=true" } else { "" }
+                );
+                let v = client
+                    .post_with_key(
+                        &path,
+                        json!({ "parameters": params }).to_string(),
+                        args.idempotency_key.as_deref(),
+                    )
+                    .await?;
+                if args.json {
+                    output::print_json(&v);
+                } else if args.dry_run {
+                    print!("{}", dry_run_summary(&v));
+                } else {
+                    println!("{}", v["job_id"].as_str().unwrap_or_default());
+                }
+                return Ok(());
+            }
             let (ct, spec) = match &args.file {
                 Some(file) => {
                     let text = tokio::fs::read_to_string(file)

@@ -8,3 +8,4 @@ pub(crate) mod devices;
 pub(crate) mod dlq;
 pub(crate) mod jobs;
 pub(crate) mod schedules;
+pub(crate) mod templates;

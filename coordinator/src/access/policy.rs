@@ -32,6 +32,23 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::POST, "/v1/jobs", Access::Role(Role::Operator)),
     (Method::GET, "/v1/jobs", Access::Role(Role::Viewer)),
     (Method::POST, "/v1/schedules", Access::Role(Role::Operator)),
+    (Method::POST, "/v1/templates", Access::Role(Role::Operator)),
+    (Method::GET, "/v1/templates", Access::Role(Role::Viewer)),
+    (
+        Method::GET,
+        "/v1/templates/{name}",
+        Access::Role(Role::Viewer),
+    ),
+    (
+        Method::DELETE,
+        "/v1/templates/{name}",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::POST,
+        "/v1/templates/{name}/jobs",
+        Access::Role(Role::Operator),
+    ),
     (Method::GET, "/v1/schedules", Access::Role(Role::Viewer)),
     (
         Method::GET,

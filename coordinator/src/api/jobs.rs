@@ -35,7 +35,7 @@ const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 pub(super) struct CreateQuery {
     /// Validate and report what the job would do; create nothing.
     #[serde(default)]
-    dry_run: bool,
+    pub(super) dry_run: bool,
 }
 
 #[tracing::instrument(
@@ -103,7 +103,7 @@ pub(super) fn new_job<'a>(
 
 /// Creates (or, with `dry_run`, previews) the job `body` describes: the one path every
 /// create takes, reruns included.
-async fn submit(
+pub(super) async fn submit(
     app: &AppState,
     caller: &Caller,
     headers: &HeaderMap,

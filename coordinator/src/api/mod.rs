@@ -27,6 +27,9 @@
 //! | GET | /v1/schedules | every schedule with its next occurrence and newest child jobs |
 //! | GET, DELETE | /v1/schedules/{id} | one schedule; delete it (its child jobs stay) |
 //! | POST | /v1/schedules/{id}/pause, /resume | stop or restart firing (a resumed schedule goes on from now) |
+//! | POST, GET | /v1/templates | store a job template (JSON or TOML); list them |
+//! | GET, DELETE | /v1/templates/{name} | one template; delete it |
+//! | POST | /v1/templates/{name}/jobs | a job from the template: `{"parameters": {...}}` (as POST /v1/jobs: `Idempotency-Key`, `?dry_run=true`) |
 //! | GET | /v1/dlq?limit= | dead-lettered messages with their reasons (not removed) |
 //! | POST | /v1/dlq/replay | put dead letters back on their source queues |
 //! | GET, POST | /v1/tokens | API tokens: list, create (the secret is shown once) |
@@ -58,6 +61,7 @@ pub mod guard;
 mod health;
 mod jobs;
 mod schedules;
+mod templates;
 
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -91,6 +95,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/schedules/{id}/pause", post(schedules::steer))
         .route("/v1/schedules/{id}/resume", post(schedules::steer))
+        .route(
+            "/v1/templates",
+            post(templates::create).get(templates::list),
+        )
+        .route(
+            "/v1/templates/{name}",
+            get(templates::get).delete(templates::delete),
+        )
+        .route("/v1/templates/{name}/jobs", post(templates::create_job))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/tokens", get(access::list).post(access::create))
