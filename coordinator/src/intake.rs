@@ -291,6 +291,15 @@ pub async fn create(
         ("planning_done", "0".to_owned()),
         ("trace", trace.unwrap_or_default()),
         ("signed", signed),
+        // A device that succeeds runs this version from then on (its registry record says
+        // so: `firmware_version < 2.1.0` selects exactly the devices not yet updated).
+        (
+            "sets_firmware",
+            match &spec.action {
+                shared::job::Action::FirmwareUpdate(f) => f.version.clone(),
+                _ => String::new(),
+            },
+        ),
     ];
     let script = redis::Script::new(STORE_JOB);
     let mut call = script.prepare_invoke();

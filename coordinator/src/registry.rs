@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use shared::{
-    device::{AttributeFilter, Device, validate_id},
+    device::{Device, validate_id},
     store::StoreError,
     topology::Names,
 };
@@ -250,7 +250,7 @@ pub async fn scan(
     redis: &mut ConnectionManager,
     names: &Names,
     key: &str,
-    filter: &AttributeFilter,
+    matches: impl Fn(&Device) -> bool,
     cursor: Option<&str>,
     limit: Option<usize>,
 ) -> Result<ScanPage, StoreError> {
@@ -267,7 +267,7 @@ pub async fn scan(
             .into_iter()
             .flatten()
         {
-            if !filter.matches(&d) {
+            if !matches(&d) {
                 continue;
             }
             page.matched += 1;

@@ -55,6 +55,7 @@ enum Source {
 pub struct Targets {
     sources: Vec<Source>,
     filter: Option<AttributeFilter>,
+    query: Option<shared::query::Query>,
     compatibility: Option<Compatibility>,
     batch: usize,
 }
@@ -83,6 +84,12 @@ impl Targets {
         Self {
             sources,
             filter: spec.target.filter.clone(),
+            // Checked at intake: a stored query parses.
+            query: spec
+                .target
+                .query
+                .as_deref()
+                .and_then(|q| shared::query::Query::parse(q).ok()),
             compatibility: spec.compatibility.clone(),
             batch: batch.max(1),
         }
@@ -145,6 +152,11 @@ impl Targets {
             .into_iter()
             .zip(devices)
             .filter_map(|(id, device)| {
+                if let (Some(q), Some(d)) = (&self.query, &device)
+                    && !q.matches(d)
+                {
+                    return None;
+                }
                 decide(
                     id,
                     device.as_ref(),

@@ -175,6 +175,11 @@ pub struct TargetSpec {
     /// Attribute filter; every given attribute must match.
     #[serde(default)]
     pub filter: Option<AttributeFilter>,
+    /// A device query ([`crate::query`]), e.g. `firmware_version < 2.1.0 and tags.site =
+    /// berlin`; read when the job is planned. Alone it selects from the whole registry; with
+    /// devices or groups it narrows them, as `filter` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
     /// The devices of an earlier job that ended in the given states (a rerun), with no
     /// limit on their number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -548,12 +553,19 @@ impl JobSpec {
     /// The first problem found, naming its field.
     pub fn validate(&self, limits: SpecLimits) -> Result<(), SpecError> {
         let t = &self.target;
-        if t.devices.is_empty() && t.groups.is_empty() && t.filter.is_none() && t.from_job.is_none()
+        if t.devices.is_empty()
+            && t.groups.is_empty()
+            && t.filter.is_none()
+            && t.query.is_none()
+            && t.from_job.is_none()
         {
             return Err(SpecError::new(
                 "target",
-                "name at least one of devices, groups, filter or from_job",
+                "name at least one of devices, groups, filter, query or from_job",
             ));
+        }
+        if let Some(q) = &t.query {
+            crate::query::Query::parse(q).map_err(|p| SpecError::new("target.query", p))?;
         }
         if let Some(from) = &t.from_job {
             if from.states.is_empty() {

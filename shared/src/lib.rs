@@ -37,6 +37,7 @@ pub mod device;
 pub mod job;
 pub mod messages;
 pub mod parking;
+pub mod query;
 pub mod rollout;
 pub mod shutdown;
 pub mod signing;

@@ -377,10 +377,11 @@ local function attempts_of(raw)
 end
 "#;
 
-/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of; ARGV device,
-/// counter, status-json, state, now, job-id, `1` when the device must already have a status
-/// (a device's result: only targets have one), the job's wave-key prefix. A device with a
-/// wave counts in its wave's counters too. Returns -1 (no such job), -2 (not a target),
+/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of, device record;
+/// ARGV device, counter, status-json, state, now, job-id, `1` when the device must already
+/// have a status (a device's result: only targets have one), the job's wave-key prefix. A
+/// device with a wave counts in its wave's counters too; a device that SUCCEEDED at a
+/// firmware job (`sets_firmware` on the job) runs that version from then on. Returns -1 (no such job), -2 (not a target),
 /// 0 (already terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
@@ -396,6 +397,12 @@ if wave then
   local counts = ARGV[8] .. wave .. ':counts'
   redis.call('HINCRBY', counts, ARGV[2], 1)
   redis.call('HINCRBY', counts, 'terminal', 1)
+end
+if ARGV[4] == 'SUCCEEDED' then
+  local fw = redis.call('HGET', KEYS[1], 'sets_firmware')
+  if fw and fw ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
+    redis.call('HSET', KEYS[7], 'fw', fw)
+  end
 end
 local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
 return finish_if_done(terminal)
@@ -531,13 +538,14 @@ impl Scripts {
             })?;
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(6)
+                .arg(7)
                 .arg(names.job(o.job_id))
                 .arg(names.job_counts(o.job_id))
                 .arg(names.job_status(o.job_id))
                 .arg(names.job_state_set(o.job_id, o.status.state))
                 .arg(names.active_jobs())
                 .arg(names.job_wave_of(o.job_id))
+                .arg(names.device(o.device_id))
                 .arg(o.device_id)
                 .arg(o.status.state.counter())
                 .arg(json)

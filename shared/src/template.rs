@@ -235,21 +235,19 @@ impl Template {
 
 fn substitute(v: &mut Value, values: &BTreeMap<&str, &str>) {
     match v {
-        Value::String(s) => {
-            if s.contains("{{") {
-                let mut out = String::with_capacity(s.len());
-                let mut rest = s.as_str();
-                while let Some(start) = rest.find("{{") {
-                    out.push_str(&rest[..start]);
-                    let after = &rest[start + 2..];
-                    let Some(end) = after.find("}}") else { break };
-                    let name = after[..end].trim();
-                    out.push_str(values.get(name).copied().unwrap_or_default());
-                    rest = &after[end + 2..];
-                }
-                out.push_str(rest);
-                *s = out;
+        Value::String(s) if s.contains("{{") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let Some(end) = after.find("}}") else { break };
+                let name = after[..end].trim();
+                out.push_str(values.get(name).copied().unwrap_or_default());
+                rest = &after[end + 2..];
             }
+            out.push_str(rest);
+            *s = out;
         }
         Value::Array(items) => items.iter_mut().for_each(|i| substitute(i, values)),
         Value::Object(map) => map.values_mut().for_each(|i| substitute(i, values)),

@@ -22,6 +22,7 @@ mod invalid_input;
 mod job_roundtrip;
 mod memory;
 mod observability;
+mod queries;
 mod rerun;
 mod rollouts;
 mod safe_create;

@@ -72,6 +72,11 @@ pub(crate) struct DeviceFilter {
     /// Only devices with this tag (`key=value`).
     #[arg(long)]
     tag: Option<String>,
+    /// Only devices matching this query, e.g. `firmware_version < 2.1.0 and tags.site in
+    /// (berlin, paris)` (fields id, model, hardware_revision, firmware_version, group,
+    /// tags.KEY; operators = != < <= > >= in prefix).
+    #[arg(long)]
+    query: Option<String>,
 }
 
 impl DeviceFilter {
@@ -82,6 +87,7 @@ impl DeviceFilter {
             ("hardware_revision", &self.hardware_revision),
             ("firmware_version", &self.firmware_version),
             ("tag", &self.tag),
+            ("query", &self.query),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))

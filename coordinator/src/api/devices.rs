@@ -72,12 +72,33 @@ pub(super) struct DeviceQuery {
     firmware_version: Option<String>,
     /// `tag=key=value`, repeatable in spirit: one tag per query (`key=value`).
     tag: Option<String>,
+    /// A device query (`firmware_version < 2.1.0 and tags.site = berlin`).
+    query: Option<String>,
     #[serde(alias = "after")]
     cursor: Option<String>,
     limit: Option<usize>,
 }
 
 impl DeviceQuery {
+    /// The filter and the query together, as one predicate over devices.
+    fn matcher(&self) -> ApiResult<impl Fn(&shared::device::Device) -> bool + use<>> {
+        let filter = self.filter()?;
+        let query = self
+            .query
+            .as_deref()
+            .map(shared::query::Query::parse)
+            .transpose()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e).with_field("query"))?;
+        Ok(move |d: &shared::device::Device| {
+            filter.matches(d) && query.as_ref().is_none_or(|q| q.matches(d))
+        })
+    }
+
+    /// Whether anything narrows the listing.
+    fn narrows(&self) -> ApiResult<bool> {
+        Ok(!self.filter()?.is_empty() || self.query.is_some())
+    }
+
     fn filter(&self) -> ApiResult<AttributeFilter> {
         let mut tags = std::collections::BTreeMap::new();
         if let Some(t) = &self.tag {
@@ -127,13 +148,13 @@ pub(super) async fn list(
     Query(q): Query<DeviceQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let filter = q.filter()?;
+    let matcher = q.matcher()?;
     let mut redis = app.redis.clone();
     let page = registry::scan(
         &mut redis,
         &app.names,
         &q.key(&app)?,
-        &filter,
+        matcher,
         q.cursor()?,
         Some(limit),
     )
@@ -149,14 +170,13 @@ pub(super) async fn count(
     State(app): State<Arc<AppState>>,
     Query(q): Query<DeviceQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let filter = q.filter()?;
     let mut redis = app.redis.clone();
     let key = q.key(&app)?;
-    if filter.is_empty() {
+    if !q.narrows()? {
         let n: u64 = redis.zcard(&key).await.map_err(ApiError::internal)?;
         return Ok(Json(json!({"count": n})));
     }
-    let page = registry::scan(&mut redis, &app.names, &key, &filter, None, None)
+    let page = registry::scan(&mut redis, &app.names, &key, q.matcher()?, None, None)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(json!({"count": page.matched})))

@@ -1,0 +1,104 @@
+//! Device queries on real processes: after a partial firmware rollout the registry knows
+//! which devices run the new version, so `firmware_version < 2.1.0` selects exactly the
+//! devices not yet updated, in a listing, a count and as a job's target.
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::{Value, json};
+use shared::state::ExecutionState;
+
+use crate::helpers::{fleet_ids, spawn_app};
+
+#[tokio::test]
+async fn after_a_partial_rollout_a_version_query_selects_exactly_the_devices_not_yet_updated() {
+    let app = spawn_app(
+        2,
+        &[
+            ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.2"),
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ],
+    )
+    .await;
+    let n = 2_000;
+    app.import_fleet(n).await;
+    let query = "firmware_version < 2.1.0";
+    let count = |out: String| -> u64 {
+        let v: Value = serde_json::from_str(&out).expect("json");
+        v["count"].as_u64().expect("count")
+    };
+    let before = app
+        .fleetbatch(&["devices", "count", "--query", query, "--json"])
+        .await;
+    assert_eq!(count(before), n, "every device starts on 1.x");
+
+    let id = app
+        .create_job(&json!({
+            "name": "fw 2.1.0",
+            "target": {"groups": ["fleet"]},
+            "retry": {"max_attempts": 1},
+            "action": {"type": "firmware_update", "url": "https://fw.example.com/2.1.0.bin",
+                       "version": "2.1.0",
+                       "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+        }))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let not_updated: HashSet<String> = statuses
+        .iter()
+        .filter(|(_, s)| s.state != ExecutionState::Succeeded)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let succeeded = job["succeeded"].as_u64().expect("succeeded");
+    assert!(succeeded > 0 && !not_updated.is_empty(), "{job}");
+
+    // The listing and the count name exactly the devices that did not succeed.
+    let listed: Value = serde_json::from_str(
+        &app.fleetbatch(&[
+            "devices", "list", "--query", query, "--limit", "10000", "--json",
+        ])
+        .await,
+    )
+    .expect("json");
+    let ids: HashSet<String> = listed["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, not_updated);
+    let after = app
+        .fleetbatch(&["devices", "count", "--query", query, "--json"])
+        .await;
+    assert_eq!(count(after), n - succeeded);
+    let updated = app
+        .fleetbatch(&[
+            "devices",
+            "count",
+            "--query",
+            "firmware_version = 2.1.0 and group = fleet",
+            "--json",
+        ])
+        .await;
+    assert_eq!(count(updated), succeeded);
+
+    // The same query as a job's target reaches exactly them.
+    let (status, body) = app
+        .post_job(
+            &json!({"target": {"query": "firmware < 2.1.0"},
+                    "action": {"type": "reboot"}})
+            .to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["field"], "target.query", "{body}");
+    let retry = app
+        .create_job(&json!({"name": "retry 2.1.0", "target": {"query": query},
+            "action": {"type": "reboot"}}))
+        .await;
+    app.wait_for_job(retry, Duration::from_secs(120)).await;
+    app.assert_exact(retry, &not_updated).await;
+    app.teardown().await;
+}
