@@ -67,7 +67,14 @@ async fn after_a_partial_rollout_a_version_query_selects_exactly_the_devices_not
         .iter()
         .map(|d| d["id"].as_str().expect("id").to_owned())
         .collect();
-    assert_eq!(ids, not_updated);
+    let extra: Vec<_> = ids.difference(&not_updated).take(5).collect();
+    let missing: Vec<_> = not_updated.difference(&ids).take(5).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "listed {} devices, {} not updated; listed but updated: {extra:?}, not listed: {missing:?}",
+        ids.len(),
+        not_updated.len()
+    );
     let after = app
         .fleetbatch(&["devices", "count", "--query", query, "--json"])
         .await;
