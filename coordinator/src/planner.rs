@@ -638,6 +638,37 @@ pub(crate) async fn conclude(
 }
 
 /// Plans a job without waves: every target in id order, at the job's rate and ramp.
+/// How often a continuous job looks for devices that came to match its target.
+const CONTINUOUS_RESCAN: Duration = Duration::from_secs(3);
+
+/// The decisions about devices the job has no status for yet.
+async fn new_devices(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    decisions: Vec<Decision>,
+) -> anyhow::Result<Vec<Decision>> {
+    if decisions.is_empty() {
+        return Ok(decisions);
+    }
+    let ids: Vec<&str> = decisions.iter().map(Decision::device).collect();
+    let known: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(p.names.job_status(job_id))
+        .arg(&ids)
+        .query_async(redis)
+        .await?;
+    let fresh: Vec<Decision> = decisions
+        .into_iter()
+        .zip(known)
+        .filter(|(_, k)| k.is_none())
+        .map(|(d, _)| d)
+        .collect();
+    if !fresh.is_empty() {
+        tracing::info!(%job_id, new = fresh.len(), "continuous job: devices that came to match");
+    }
+    Ok(fresh)
+}
+
 async fn plan_flat(
     p: &Planners,
     redis: &mut ConnectionManager,
@@ -701,12 +732,27 @@ async fn plan_flat(
             .await
             .context("reading targets")?;
         let Some(next) = next else {
+            if record.spec.continuous && !state.is_stopping() && end.is_none() {
+                // Every target so far has the job: look again for devices that came to
+                // match meanwhile, from the start.
+                cursor = None;
+                let () = redis.hset(&job_key, "cursor", "").await?;
+                pause(p, CONTINUOUS_RESCAN).await;
+                continue;
+            }
             let finished = p
                 .scripts
                 .finish_planning(redis, &p.names, job_id, planned)
                 .await?;
             tracing::info!(%job_id, planned, finished, "planning done");
             return Ok(());
+        };
+        // A continuous job passes over its targets again and again: only devices without a
+        // status yet are new.
+        let decisions = if record.spec.continuous {
+            new_devices(p, redis, job_id, decisions).await?
+        } else {
+            decisions
         };
 
         let canceling = state.is_stopping() || end.is_some();

@@ -35,6 +35,11 @@ pub struct JobSpec {
     /// When the job starts and ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Continuous: devices that come to match the target later (registered, added to a
+    /// group, attributes changed) get the job too; the job runs until it is canceled or its
+    /// `schedule.end_at`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continuous: bool,
     /// When each device may be contacted (maintenance windows).
     #[serde(default, skip_serializing_if = "crate::window::Maintenance::is_empty")]
     pub maintenance: crate::window::Maintenance,
@@ -651,6 +656,20 @@ impl JobSpec {
                         "must be after schedule.start_at",
                     ));
                 }
+            }
+        }
+        if self.continuous {
+            if !self.rollout.waves.is_empty() {
+                return Err(SpecError::new(
+                    "rollout.waves",
+                    "a continuous job has no waves (its devices arrive over time)",
+                ));
+            }
+            if self.target.from_job.is_some() {
+                return Err(SpecError::new(
+                    "target.from_job",
+                    "a continuous job selects by groups, filter or query",
+                ));
             }
         }
         self.maintenance.validate()?;

@@ -1,6 +1,7 @@
-//! Device queries on real processes: after a partial firmware rollout the registry knows
+//! Dynamic targets on real processes: after a partial firmware rollout the registry knows
 //! which devices run the new version, so `firmware_version < 2.1.0` selects exactly the
-//! devices not yet updated, in a listing, a count and as a job's target.
+//! devices not yet updated, in a listing, a count and as a job's target; a continuous job
+//! reaches devices registered after it started.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -107,5 +108,63 @@ async fn after_a_partial_rollout_a_version_query_selects_exactly_the_devices_not
         .await;
     app.wait_for_job(retry, Duration::from_secs(120)).await;
     app.assert_exact(retry, &not_updated).await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_continuous_job_reaches_devices_registered_after_it_started_and_only_those_that_match() {
+    let app = spawn_app(
+        2,
+        &[
+            ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ],
+    )
+    .await;
+    app.import_fleet(1_000).await;
+    let mut spec = crate::helpers::firmware_job(json!({"continuous": true}));
+    spec["target"] = json!({"groups": ["fleet"]});
+    let id = app.create_job(&spec).await;
+    let running = crate::rollouts::wait_until(&app, id, Duration::from_secs(60), |j| {
+        j["succeeded"].as_u64() == Some(1_000)
+    })
+    .await;
+    assert_eq!(
+        running["state"], "IN_PROGRESS",
+        "a continuous job goes on: {running}"
+    );
+
+    // 1,000 devices registered later in the group, and 10 in another group only.
+    app.import_fleet(2_000).await;
+    let others: Vec<u8> = (0..10)
+        .flat_map(|i| {
+            let mut line =
+                serde_json::to_vec(&json!({"id": format!("other-{i}"), "groups": ["lab"]}))
+                    .expect("json");
+            line.push(b'\n');
+            line
+        })
+        .collect();
+    app.import_ndjson(others).await;
+    let grown = crate::rollouts::wait_until(&app, id, Duration::from_secs(60), |j| {
+        j["succeeded"].as_u64() == Some(2_000)
+    })
+    .await;
+    assert_eq!(grown["state"], "IN_PROGRESS", "{grown}");
+
+    // Ended by a cancel: exactly the 2,000 members, each once.
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success(), "{}", r.status());
+    let done = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "CANCELED", "{done}");
+    assert_eq!(done["succeeded"], 2_000, "{done}");
+    app.assert_exact(id, &fleet_ids(2_000)).await;
     app.teardown().await;
 }
