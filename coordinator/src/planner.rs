@@ -631,13 +631,36 @@ pub(crate) async fn conclude(
             status,
         })
         .collect();
-    p.scripts
+    let summary = p
+        .scripts
         .record_terminal(redis, &p.names, &outcomes, store::Reporter::Planner)
         .await?;
+    for job in summary.finished_jobs {
+        p.notifier.job_finished(redis, &p.names, job).await;
+    }
     Ok(())
 }
 
-/// Plans a job without waves: every target in id order, at the job's rate and ramp.
+/// Marks the job's planning done with `planned` targets; if that finishes the job (every
+/// device already terminal: all SKIPPED, canceled while planning, results that came first),
+/// announces it as the aggregator does for a job its last result finishes.
+pub(crate) async fn planning_done(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    planned: u64,
+) -> anyhow::Result<()> {
+    let finished = p
+        .scripts
+        .finish_planning(redis, &p.names, job_id, planned)
+        .await?;
+    tracing::info!(%job_id, planned, finished, "planning done");
+    if finished {
+        p.notifier.job_finished(redis, &p.names, job_id).await;
+    }
+    Ok(())
+}
+
 /// How often a continuous job looks for devices that came to match its target.
 const CONTINUOUS_RESCAN: Duration = Duration::from_secs(3);
 
@@ -669,6 +692,7 @@ async fn new_devices(
     Ok(fresh)
 }
 
+/// Plans a job without waves: every target in id order, at the job's rate and ramp.
 async fn plan_flat(
     p: &Planners,
     redis: &mut ConnectionManager,
@@ -740,11 +764,7 @@ async fn plan_flat(
                 pause(p, CONTINUOUS_RESCAN).await;
                 continue;
             }
-            let finished = p
-                .scripts
-                .finish_planning(redis, &p.names, job_id, planned)
-                .await?;
-            tracing::info!(%job_id, planned, finished, "planning done");
+            planning_done(p, redis, job_id, planned).await?;
             return Ok(());
         };
         // A continuous job passes over its targets again and again: only devices without a

@@ -131,11 +131,7 @@ pub async fn plan(
             Step::Done => {
                 let planned: u64 = redis.hget(&key, "planned").await.unwrap_or(0);
                 let () = redis.hset(&key, "phase", "done").await?;
-                let finished = p
-                    .scripts
-                    .finish_planning(redis, &p.names, job_id, planned)
-                    .await?;
-                tracing::info!(%job_id, planned, finished, "planning done");
+                planner::planning_done(p, redis, job_id, planned).await?;
                 return Ok(());
             }
         }

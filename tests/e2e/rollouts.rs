@@ -793,3 +793,50 @@ async fn a_spread_wave_starts_its_devices_evenly_over_its_spread() {
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_job_whose_targets_are_all_skipped_sends_its_finished_webhook_once() {
+    let port = harness::cluster::free_port().expect("port");
+    let (hook, received) = webhook_receiver().await;
+    let mut app = http_fleet_with(
+        port,
+        "0",
+        "0",
+        &[
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_SECRET", "s3cret-for-tests"),
+            ("FLEETBATCH_COORDINATOR__WEBHOOK_ALLOW_PRIVATE", "true"),
+        ],
+    )
+    .await;
+    let n = 300;
+    start_sim(&mut app, Some(port), n, "none").await;
+    // No device has hardware revision Z: every target is SKIPPED by the planner itself.
+    let id = app
+        .create_job(&firmware_job(json!({
+            "compatibility": {"hardware_revisions": ["Z"]},
+            "notify": {"webhooks": [{"url": hook}]}
+        })))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["skipped"], n, "{job}");
+    let finished = |bodies: &[Value]| {
+        bodies
+            .iter()
+            .filter(|v| v["event"] == "job.state" && v["state"] == "COMPLETED")
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while finished(&received.lock().expect("lock")) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no job.state COMPLETED webhook: {:?}",
+            received.lock().expect("lock")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bodies = received.lock().expect("lock").clone();
+    assert_eq!(finished(&bodies), 1, "sent once: {bodies:?}");
+    app.teardown().await;
+}
