@@ -57,6 +57,7 @@ pub mod outbound;
 pub mod planner;
 pub mod preview;
 pub mod readings;
+pub mod reconcile;
 pub mod recurring;
 pub mod registry;
 pub mod report;

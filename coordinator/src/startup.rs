@@ -321,6 +321,11 @@ async fn broker_session(
         session.clone(),
     ));
 
+    // Devices whose task was lost end with the reason, so every job finishes.
+    broker
+        .tracker
+        .clone()
+        .spawn(crate::reconcile::run(state.clone(), session.clone()));
     // Recurring jobs fire their occurrences.
     broker.tracker.clone().spawn(crate::recurring::run(
         state.clone(),

@@ -591,3 +591,46 @@ async fn a_planner_that_loses_its_lease_stops_publishing_and_the_job_is_adopted_
     app.assert_exact(id, &fleet_ids(n)).await;
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn tasks_removed_from_the_broker_by_hand_end_timed_out_with_the_reason_and_the_job_completes()
+{
+    let mut app = spawn_app(0, &[("FLEETBATCH_COORDINATOR__RECONCILE_GRACE_SECS", "2")]).await;
+    let n = 200;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"retry": {"deadline_secs": 8}})))
+        .await;
+    // Every task is published, then the queue is purged by hand: no copy of any task is
+    // left anywhere.
+    crate::rollouts::wait_until(&app, id, Duration::from_secs(30), |j| {
+        j["planning_done"] == true
+    })
+    .await;
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-purge")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let purged = ch
+        .queue_purge(
+            app.names.tasks_queue().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await
+        .expect("purge");
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(purged, n as u32, "every task was waiting in the queue");
+    app.cluster.start_worker().expect("worker");
+
+    // Past the deadline and its grace the sweep ends each device, saying why.
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["timed_out"], n, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    for (device, s) in &statuses {
+        assert_eq!(s.state, ExecutionState::TimedOut, "{device}: {s:?}");
+        let why = s.error.as_deref().unwrap_or_default();
+        assert!(why.contains("lost"), "{device}: {why}");
+    }
+    app.teardown().await;
+}

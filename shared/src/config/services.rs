@@ -121,6 +121,13 @@ pub struct CoordinatorSettings {
     pub import_max_bytes: u64,
     /// Device-supplied text (a result's error) is cut to this many bytes before it is stored.
     pub max_device_text_bytes: usize,
+    /// Reconciliation: how long after a job's deadline a device still not finished, with no
+    /// worker holding it and no parked task, is taken as lost and ends TIMED_OUT (its copy
+    /// of the task vanished: a message lost by the broker, a queue deleted, a poison task).
+    pub reconcile_grace_secs: u64,
+    /// Reconciliation without a deadline: a job with no device finishing for this long has
+    /// its unfinished devices that nothing holds ended FAILED as lost (0: never).
+    pub reconcile_silence_secs: u64,
     /// Who may call the API.
     pub auth: AuthSettings,
     /// How job documents are signed.

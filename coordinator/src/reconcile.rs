@@ -1,0 +1,283 @@
+//! Reconciliation: no job stays open because a device's task vanished.
+//!
+//! A task can be lost on its way: a message the broker drops (a TTL dead-letter is
+//! at-most-once), a retry queue deleted while a task waits in it, a task dead-lettered as
+//! poison, Redis losing its last writes. Its device then stays non-terminal and the job open
+//! for ever. Every few seconds each coordinator looks at the unfinished jobs that could have
+//! such a device: past their deadline plus a grace (`coordinator.reconcile_grace_secs`), or
+//! without a device finishing for `coordinator.reconcile_silence_secs`. A device there that
+//! is not terminal, not held by a worker (no claim) and not parked is lost: it ends TIMED_OUT
+//! (deadline) or FAILED (silence) with a reason that says so, recorded by the same script as
+//! every outcome (first outcome wins, so a worker finishing it at the same moment is never
+//! contradicted). It never publishes a task and never touches a device that something holds.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use redis::{AsyncCommands, aio::ConnectionManager};
+use shared::{
+    now_ms,
+    state::{DeviceStatus, ExecutionState, JobState},
+    store::{self, Reporter, Scripts, TerminalStatus},
+    topology::Names,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::app::AppState;
+
+/// How often the sweep runs.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// What becomes of an unfinished device nothing holds: `None` while it may still be on its
+/// way.
+pub fn verdict(
+    status: &DeviceStatus,
+    now_ms: u64,
+    deadline_ms: Option<u64>,
+    grace_ms: u64,
+    silent_since_ms: Option<u64>,
+    silence_ms: u64,
+) -> Option<(ExecutionState, String)> {
+    if status.state.is_terminal() {
+        return None;
+    }
+    let last = match &status.error {
+        Some(e) => format!("{} ({e})", status.state.as_str()),
+        None => status.state.as_str().to_owned(),
+    };
+    if deadline_ms.is_some_and(|d| now_ms >= d.saturating_add(grace_ms)) {
+        return Some((
+            ExecutionState::TimedOut,
+            format!(
+                "lost: no copy of its task was left after the job's deadline (last seen {last})"
+            ),
+        ));
+    }
+    let quiet = |since: u64| now_ms.saturating_sub(since) >= silence_ms;
+    if silence_ms > 0 && silent_since_ms.is_some_and(quiet) && quiet(status.updated_at_ms) {
+        return Some((
+            ExecutionState::Failed,
+            format!(
+                "lost: no copy of its task was left and nothing happened for {} s (last seen {last})",
+                silence_ms / 1000
+            ),
+        ));
+    }
+    None
+}
+
+/// Runs the sweep until `stop` fires.
+pub async fn run(app: Arc<AppState>, stop: CancellationToken) {
+    let scripts = Scripts::new();
+    // Per job: its terminal count when last seen and since when it has not moved.
+    let mut progress: HashMap<Uuid, (u64, u64)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        let mut redis = app.redis.clone();
+        if let Err(e) = sweep(&app, &scripts, &mut redis, &mut progress).await {
+            tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "reconciliation sweep failed; next round");
+        }
+    }
+}
+
+async fn sweep(
+    app: &AppState,
+    scripts: &Scripts,
+    redis: &mut ConnectionManager,
+    progress: &mut HashMap<Uuid, (u64, u64)>,
+) -> anyhow::Result<()> {
+    let c = &app.settings.coordinator;
+    let grace_ms = c.reconcile_grace_secs.saturating_mul(1000);
+    let silence_ms = c.reconcile_silence_secs.saturating_mul(1000);
+    let active: Vec<String> = redis.smembers(app.names.active_jobs()).await?;
+    let now = now_ms();
+    progress.retain(|id, _| active.contains(&id.to_string()));
+    for id in active.iter().filter_map(|i| i.parse::<Uuid>().ok()) {
+        let Some(job) = store::load_job(redis, &app.names, id).await? else {
+            continue;
+        };
+        // Only jobs whose every task was sent, and not held back on purpose.
+        if !job.planning_done || matches!(job.state, JobState::Paused | JobState::Scheduled) {
+            progress.remove(&id);
+            continue;
+        }
+        let terminal = job.terminal();
+        let since = match progress.get(&id) {
+            Some((t, since)) if *t == terminal => *since,
+            _ => {
+                progress.insert(id, (terminal, now));
+                now
+            }
+        };
+        let past_deadline = job
+            .deadline_ms()
+            .is_some_and(|d| now >= d.saturating_add(grace_ms));
+        let silent = silence_ms > 0 && now.saturating_sub(since) >= silence_ms;
+        if past_deadline || silent {
+            settle(
+                app,
+                scripts,
+                redis,
+                &job,
+                now,
+                (grace_ms, since, silence_ms),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends the job's lost devices.
+async fn settle(
+    app: &AppState,
+    scripts: &Scripts,
+    redis: &mut ConnectionManager,
+    job: &store::JobRecord,
+    now: u64,
+    (grace_ms, since, silence_ms): (u64, u64, u64),
+) -> anyhow::Result<()> {
+    let names = &app.names;
+    let key = names.job_status(job.id);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        let mut lost = Vec::new();
+        for (device, raw) in pairs {
+            let Ok(status) = serde_json::from_str::<DeviceStatus>(&raw) else {
+                continue;
+            };
+            if let Some(v) = verdict(
+                &status,
+                now,
+                job.deadline_ms(),
+                grace_ms,
+                Some(since),
+                silence_ms,
+            ) {
+                lost.push((device, status, v));
+            }
+        }
+        let lost = unheld(redis, names, job.id, lost).await?;
+        if !lost.is_empty() {
+            let statuses: Vec<(String, DeviceStatus)> = lost
+                .into_iter()
+                .map(|(device, old, (state, reason))| {
+                    tracing::warn!(job_id = %job.id, device_id = %device, state = state.as_str(), %reason, "device reconciled");
+                    (
+                        device,
+                        DeviceStatus {
+                            state,
+                            error: Some(reason),
+                            updated_at_ms: now,
+                            next_attempt_at_ms: None,
+                            worker: None,
+                            readings: None,
+                            ..old
+                        },
+                    )
+                })
+                .collect();
+            let outcomes: Vec<TerminalStatus<'_>> = statuses
+                .iter()
+                .map(|(device, status)| TerminalStatus {
+                    job_id: job.id,
+                    device_id: device,
+                    status,
+                })
+                .collect();
+            let summary = scripts
+                .record_terminal(redis, names, &outcomes, Reporter::Planner)
+                .await?;
+            for finished in summary.finished_jobs {
+                app.notifier.job_finished(redis, names, finished).await;
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+type Lost = (String, DeviceStatus, (ExecutionState, String));
+
+/// Keeps the devices no worker holds (no claim on their execution) and that are not parked.
+async fn unheld(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    job: Uuid,
+    lost: Vec<Lost>,
+) -> anyhow::Result<Vec<Lost>> {
+    if lost.is_empty() {
+        return Ok(lost);
+    }
+    let mut pipe = redis::pipe();
+    for (device, _, _) in &lost {
+        let execution = shared::state::execution_id(job, device);
+        pipe.get(names.idempotency(execution))
+            .zscore(names.parked_due(), execution.to_string());
+    }
+    let held: Vec<(Option<String>, Option<f64>)> = pipe.query_async(redis).await?;
+    Ok(lost
+        .into_iter()
+        .zip(held)
+        .filter(|(_, (claim, parked))| {
+            !claim.as_deref().is_some_and(|c| c.starts_with("c:")) && parked.is_none()
+        })
+        .map(|(l, _)| l)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: ExecutionState, updated_at_ms: u64) -> DeviceStatus {
+        DeviceStatus {
+            state,
+            attempts: 1,
+            error: None,
+            updated_at_ms,
+            next_attempt_at_ms: None,
+            worker: None,
+            published_at_ms: None,
+            readings: None,
+        }
+    }
+
+    #[test]
+    fn a_device_is_lost_only_past_the_deadline_and_its_grace_or_a_long_silence() {
+        let queued = status(ExecutionState::Queued, 1_000);
+        // Before deadline + grace: may still be on its way.
+        assert_eq!(verdict(&queued, 10_999, Some(10_000), 1_000, None, 0), None);
+        let (state, why) = verdict(&queued, 11_000, Some(10_000), 1_000, None, 0).expect("lost");
+        assert_eq!(state, ExecutionState::TimedOut);
+        assert!(why.contains("lost") && why.contains("QUEUED"), "{why}");
+        // No deadline: only a job silent for the whole silence, on a device silent as long.
+        assert_eq!(
+            verdict(&queued, 50_000, None, 0, Some(20_000), 60_000),
+            None
+        );
+        assert_eq!(verdict(&queued, 90_000, None, 0, Some(20_000), 0), None);
+        let (state, _) = verdict(&queued, 90_000, None, 0, Some(20_000), 60_000).expect("silent");
+        assert_eq!(state, ExecutionState::Failed);
+        let recent = status(ExecutionState::RetryScheduled, 80_000);
+        assert_eq!(
+            verdict(&recent, 90_000, None, 0, Some(20_000), 60_000),
+            None
+        );
+        // A finished device is never touched.
+        let done = status(ExecutionState::Succeeded, 0);
+        assert_eq!(verdict(&done, u64::MAX, Some(0), 0, Some(0), 1), None);
+    }
+}
