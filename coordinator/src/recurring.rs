@@ -359,16 +359,21 @@ async fn tick(
         sched.late_after_ms(),
         sched.missed,
     );
-    let (at, fire) = match step {
+    let at = match step {
         None | Some(Occurrence::Wait) => return Ok(()),
-        Some(Occurrence::Skip(at)) => (at, false),
-        Some(Occurrence::Fire(at)) => (at, sched.end_ms().is_none_or(|end| at <= end)),
+        Some(Occurrence::Skip(at)) => {
+            tracing::warn!(schedule_id = %id, occurrence_ms = at, "occurrence missed while no coordinator ran; skipped (schedule.missed = skip)");
+            at
+        }
+        Some(Occurrence::Fire(at)) if sched.end_ms().is_some_and(|end| at > end) => {
+            tracing::debug!(schedule_id = %id, occurrence_ms = at, "occurrence after schedule.end_at; not run");
+            at
+        }
+        Some(Occurrence::Fire(at)) => {
+            fire_occurrence(app, broker, redis, id, &r, at).await?;
+            at
+        }
     };
-    if fire {
-        fire_occurrence(app, broker, redis, id, &r, at).await?;
-    } else {
-        tracing::warn!(schedule_id = %id, occurrence_ms = at, "occurrence missed while no coordinator ran; skipped (schedule.missed = skip)");
-    }
     let _: i64 = Script::new(ADVANCE)
         .key(app.names.schedule(id))
         .arg(r.done_ms)

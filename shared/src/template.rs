@@ -241,7 +241,12 @@ fn substitute(v: &mut Value, values: &BTreeMap<&str, &str>) {
             while let Some(start) = rest.find("{{") {
                 out.push_str(&rest[..start]);
                 let after = &rest[start + 2..];
-                let Some(end) = after.find("}}") else { break };
+                let Some(end) = after.find("}}") else {
+                    // Unclosed (validation refuses these): kept as written.
+                    out.push_str(&rest[start..]);
+                    rest = "";
+                    break;
+                };
                 let name = after[..end].trim();
                 out.push_str(values.get(name).copied().unwrap_or_default());
                 rest = &after[end + 2..];
