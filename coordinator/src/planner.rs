@@ -613,8 +613,54 @@ pub(crate) async fn send(
             .ignore();
     }
     let () = pipe.query_async(redis).await?;
+    wait_for_room(p, redis, job_id, devices.len()).await?;
     publish_batch(p, job_id, devices, now).await
 }
+
+/// Waits until the tasks queue has room for `n` more tasks under
+/// `coordinator.max_queued_tasks` (a batch larger than the bound goes once the queue is
+/// empty), keeping the planner's lease meanwhile.
+async fn wait_for_room(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    n: usize,
+) -> anyhow::Result<()> {
+    let bound = u64::from(p.settings.coordinator.max_queued_tasks);
+    if bound == 0 {
+        return Ok(());
+    }
+    let mut waited = Duration::ZERO;
+    loop {
+        let depth = u64::from(
+            p.publisher
+                .channel()
+                .queue_declare(
+                    p.names.tasks_queue().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .context("reading the tasks queue's depth")?
+                .message_count(),
+        );
+        if depth == 0 || depth + n as u64 <= bound || p.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        pause(p, ROOM_POLL).await;
+        waited += ROOM_POLL;
+        if waited >= Duration::from_secs(1) {
+            renew_lease(p, redis, job_id).await?;
+            waited = Duration::ZERO;
+        }
+    }
+}
+
+/// How often a planner waiting for room looks at the tasks queue again.
+const ROOM_POLL: Duration = Duration::from_millis(50);
 
 /// Records devices that end without a task (SKIPPED, or CANCELED before being sent).
 pub(crate) async fn conclude(

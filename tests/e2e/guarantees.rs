@@ -227,3 +227,92 @@ async fn a_model_and_tag_filter_targets_exactly_the_matching_devices() {
     assert_eq!(count["count"], expected.len());
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn the_tasks_queue_stays_under_its_bound_and_a_small_job_created_mid_way_finishes_in_seconds()
+{
+    let bound = 2_000u32;
+    let app = spawn_app(
+        2,
+        &[
+            ("FLEETBATCH_COORDINATOR__MAX_QUEUED_TASKS", "2000"),
+            // Devices slower than the planner: without the bound the queue would fill.
+            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "50"),
+            ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "0"),
+            ("FLEETBATCH_WORKER__CONCURRENCY", "64"),
+            ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ],
+    )
+    .await;
+    let n = 30_000u64;
+    app.import_fleet(n).await;
+    // The depth of the tasks queue, sampled every 100 ms while the test runs.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (settings, queue, stop) = (
+            app.settings.amqp.clone(),
+            app.names.tasks_queue(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let conn = shared::amqp::connect(&settings, "e2e-depth")
+                .await
+                .expect("amqp");
+            let ch = conn.create_channel().await.expect("channel");
+            let mut max = 0u32;
+            while !stop.is_cancelled() {
+                let q = ch
+                    .queue_declare(
+                        queue.clone().into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await
+                    .expect("depth");
+                max = max.max(q.message_count());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = conn.close(200, "done".into()).await;
+            max
+        })
+    };
+    let big = app.create_job(&firmware_job(json!({}))).await;
+    crate::rollouts::wait_until(&app, big, Duration::from_secs(120), |j| {
+        j["terminal"].as_u64() > Some(5_000)
+    })
+    .await;
+    // A small job behind at most `bound` tasks: done within seconds, long before the big one.
+    let devices: Vec<String> = (0..10)
+        .map(|i| harness::fleet::device_id(n - 1 - i))
+        .collect();
+    let started = tokio::time::Instant::now();
+    let small = app
+        .create_job(&json!({"target": {"devices": devices},
+            "action": {"type": "reboot"}}))
+        .await;
+    let done = app.wait_for_job(small, Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    assert_eq!(done["succeeded"], 10, "{done}");
+    let big_now = app.job(big).await;
+    assert_eq!(
+        big_now["state"], "IN_PROGRESS",
+        "the small job did not wait for the big one"
+    );
+    let big_done = app.wait_for_job(big, Duration::from_secs(300)).await;
+    stop.cancel();
+    let max = sampler.await.expect("sampler");
+    eprintln!(
+        "small job: {} ms; deepest tasks queue: {max}",
+        took.as_millis()
+    );
+    assert_eq!(big_done["succeeded"], n, "{big_done}");
+    assert!(max <= bound, "the tasks queue held {max} > {bound}");
+    assert!(max > bound / 2, "the planner outpaced the workers: {max}");
+    app.teardown().await;
+}

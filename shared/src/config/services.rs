@@ -95,6 +95,10 @@ pub struct CoordinatorSettings {
     /// Tasks published per batch before waiting for the broker's confirms and writing the
     /// planner's checkpoint. Larger batches go faster; a crash re-publishes at most one batch.
     pub publish_batch: usize,
+    /// Backpressure: planners publish a batch only while the tasks queue holds fewer than
+    /// this many messages, so a job of millions never floods the broker and a job created
+    /// later waits behind at most this many tasks (0: no bound).
+    pub max_queued_tasks: u32,
     /// Prefetch of the results consumer; results are recorded in Redis in batches of up to
     /// this many.
     pub results_prefetch: u16,
