@@ -104,6 +104,20 @@ impl Client {
         Self::decode(resp).await
     }
 
+    /// A JSON PATCH.
+    pub(crate) async fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<T> {
+        let req = self
+            .http
+            .patch(self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.send(req).await
+    }
+
     pub(crate) async fn post<T: DeserializeOwned>(
         &self,
         path: &str,

@@ -141,6 +141,99 @@ pub fn parse_ndjson_line(line: &str) -> Result<Device, String> {
     Ok(d)
 }
 
+/// Changes to one device's record: each field given replaces the stored one (`tags`
+/// replaces every tag; `null` values in `tags` are not accepted).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePatch {
+    /// Model.
+    pub model: Option<String>,
+    /// Hardware revision.
+    pub hardware_revision: Option<String>,
+    /// Firmware version.
+    pub firmware_version: Option<String>,
+    /// Groups (the device leaves groups not listed).
+    pub groups: Option<Vec<String>>,
+    /// Tags.
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// One device, `None` if it is not in the registry.
+///
+/// # Errors
+/// Redis errors.
+pub async fn get(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+) -> Result<Option<Device>, StoreError> {
+    Ok(shared::store::read_devices(redis, names, &[id.to_owned()])
+        .await?
+        .pop()
+        .flatten())
+}
+
+/// Applies `patch` to device `id`; `Ok(None)` if there is no such device.
+///
+/// # Errors
+/// An invalid group or tag (`Err(Ok(message))`), or Redis errors.
+pub async fn update(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+    patch: DevicePatch,
+) -> Result<Option<Device>, Result<String, StoreError>> {
+    let Some(mut d) = get(redis, names, id).await.map_err(Err)? else {
+        return Ok(None);
+    };
+    if let Some(v) = patch.model {
+        d.model = v;
+    }
+    if let Some(v) = patch.hardware_revision {
+        d.hardware_revision = v;
+    }
+    if let Some(v) = patch.firmware_version {
+        d.firmware_version = v;
+    }
+    if let Some(v) = patch.groups {
+        d.groups = v;
+    }
+    if let Some(v) = patch.tags {
+        d.tags = v;
+    }
+    validate(&d).map_err(Ok)?;
+    write_batch(redis, names, std::slice::from_ref(&d))
+        .await
+        .map_err(Err)?;
+    Ok(Some(d))
+}
+
+/// Removes device `id` from the registry and its groups. Returns whether it was there.
+/// Jobs that already target it keep their record of it.
+///
+/// # Errors
+/// Redis errors.
+pub async fn delete(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let Some(d) = get(redis, names, id).await? else {
+        return Ok(false);
+    };
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .del(names.device(id))
+        .ignore()
+        .zrem(names.devices(), id)
+        .ignore();
+    for g in &d.groups {
+        pipe.zrem(names.group(g), id).ignore();
+    }
+    let () = pipe.query_async(redis).await?;
+    Ok(true)
+}
+
 fn validate(d: &Device) -> Result<(), String> {
     validate_id(&d.id).map_err(|e| format!("id: {e}"))?;
     for g in &d.groups {

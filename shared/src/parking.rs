@@ -59,6 +59,7 @@ for _, id in ipairs(ids) do
   local body = redis.call('HGET', KEYS[2], id)
   if body then
     redis.call('ZADD', KEYS[1], ARGV[3], id)
+    out[#out + 1] = id
     out[#out + 1] = body
   else
     redis.call('ZREM', KEYS[1], id)
@@ -126,7 +127,7 @@ pub async fn park(
 
 /// Takes up to `limit` tasks due at `now_ms`, leasing them for [`TAKE_LEASE_MS`]. A stored
 /// value that no longer decodes is dropped from the lot and logged (it cannot be
-/// published; the job's reconciliation finds the device unfinished).
+/// published; the reconciliation sweep ends its device as lost).
 ///
 /// # Errors
 /// Redis errors.
@@ -136,7 +137,7 @@ pub async fn take_due(
     now_ms: u64,
     limit: usize,
 ) -> Result<Vec<Taken>, StoreError> {
-    let stored: Vec<Vec<u8>> = Script::new(TAKE)
+    let stored: Vec<(String, Vec<u8>)> = Script::new(TAKE)
         .key(names.parked_due())
         .key(names.parked_tasks())
         .arg(now_ms)
@@ -145,7 +146,7 @@ pub async fn take_due(
         .invoke_async(redis)
         .await?;
     let mut taken = Vec::with_capacity(stored.len());
-    for value in stored {
+    for (id, value) in stored {
         match value
             .get(16..)
             .ok_or_else(|| "shorter than its token".to_owned())
@@ -156,7 +157,14 @@ pub async fn take_due(
                 stored: value,
             }),
             Err(problem) => {
-                tracing::error!(%problem, "a parked task does not decode; dropped from the lot");
+                tracing::error!(execution_id = %id, %problem, "a parked task does not decode; dropped from the lot");
+                let () = redis::pipe()
+                    .zrem(names.parked_due(), &id)
+                    .ignore()
+                    .hdel(names.parked_tasks(), &id)
+                    .ignore()
+                    .query_async(redis)
+                    .await?;
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Dynamic targets on real processes: after a partial firmware rollout the registry knows
 //! which devices run the new version, so `firmware_version < 2.1.0` selects exactly the
 //! devices not yet updated, in a listing, a count and as a job's target; a continuous job
-//! reaches devices registered after it started.
+//! reaches devices registered or added to its group after it started; a deleted device
+//! leaves the registry.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -153,8 +154,21 @@ async fn a_continuous_job_reaches_devices_registered_after_it_started_and_only_t
     })
     .await;
     assert_eq!(grown["state"], "IN_PROGRESS", "{grown}");
+    // A device added to the group later gets it too.
+    let updated: Value = serde_json::from_str(
+        &app.fleetbatch(&[
+            "devices", "update", "other-0", "--group", "lab", "--group", "fleet",
+        ])
+        .await,
+    )
+    .expect("json");
+    assert_eq!(updated["groups"], json!(["lab", "fleet"]), "{updated}");
+    crate::rollouts::wait_until(&app, id, Duration::from_secs(60), |j| {
+        j["succeeded"].as_u64() == Some(2_001)
+    })
+    .await;
 
-    // Ended by a cancel: exactly the 2,000 members, each once.
+    // Ended by a cancel: exactly the 2,001 members, each once.
     let r = app
         .http
         .post(app.url(&format!("/v1/jobs/{id}/cancel")))
@@ -164,7 +178,27 @@ async fn a_continuous_job_reaches_devices_registered_after_it_started_and_only_t
     assert!(r.status().is_success(), "{}", r.status());
     let done = app.wait_for_job(id, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "CANCELED", "{done}");
-    assert_eq!(done["succeeded"], 2_000, "{done}");
-    app.assert_exact(id, &fleet_ids(2_000)).await;
+    assert_eq!(done["succeeded"], 2_001, "{done}");
+    let mut members = fleet_ids(2_000);
+    members.insert("other-0".into());
+    app.assert_exact(id, &members).await;
+
+    // A device deleted from the registry leaves its groups; the job keeps its record.
+    let out = app.fleetbatch(&["devices", "delete", "dev-0000000"]).await;
+    assert!(out.contains("deleted"), "{out}");
+    let count: Value = serde_json::from_str(
+        &app.fleetbatch(&["devices", "count", "--group", "fleet", "--json"])
+            .await,
+    )
+    .expect("json");
+    assert_eq!(count["count"], 2_000, "1,999 generated members and other-0");
+    let r = app
+        .http
+        .get(app.url("/v1/devices/dev-0000000"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+    assert_eq!(app.statuses(id).await.len(), 2_001);
     app.teardown().await;
 }

@@ -579,22 +579,22 @@ async fn wait_if_needed(
                 .await?
                 .pop()
                 .flatten();
-        let verdict = job.spec.maintenance.verdict(device.as_ref(), now);
-        if let Verdict::Open { closes_at_ms } = verdict {
-            closes_at = Some(closes_at_ms);
-        }
-        if let Verdict::Closed { opens_at_ms } = verdict {
-            let due = opens_at_ms
-                .unwrap_or(u64::MAX)
-                .min(job.deadline_ms.unwrap_or(u64::MAX));
-            parking::park(redis, &ctx.names, task, Wait::Until(due)).await?;
-            let why = match opens_at_ms {
-                Some(_) => "outside its maintenance window",
-                None => "its maintenance window never opens again",
-            };
-            note_waiting(ctx, task, ExecutionState::WaitingForWindow, Some(due), why).await;
-            mark(ctx, "waiting_for_window");
-            return Ok(Err(Outcome::Ack));
+        match job.spec.maintenance.verdict(device.as_ref(), now) {
+            Verdict::Unrestricted => {}
+            Verdict::Open { closes_at_ms } => closes_at = Some(closes_at_ms),
+            Verdict::Closed { opens_at_ms } => {
+                let due = opens_at_ms
+                    .unwrap_or(u64::MAX)
+                    .min(job.deadline_ms.unwrap_or(u64::MAX));
+                parking::park(redis, &ctx.names, task, Wait::Until(due)).await?;
+                let why = match opens_at_ms {
+                    Some(_) => "outside its maintenance window",
+                    None => "its maintenance window never opens again",
+                };
+                note_waiting(ctx, task, ExecutionState::WaitingForWindow, Some(due), why).await;
+                mark(ctx, "waiting_for_window");
+                return Ok(Err(Outcome::Ack));
+            }
         }
     }
     if ctx.transport.announces_presence()

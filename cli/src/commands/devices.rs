@@ -53,6 +53,37 @@ pub(crate) enum DevicesCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One device's record.
+    Show {
+        /// Device id.
+        id: String,
+    },
+    /// Change a device: each option given replaces the stored value (`--group` and `--tag`
+    /// replace all groups or all tags; repeat them for several).
+    Update {
+        /// Device id.
+        id: String,
+        /// Model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Hardware revision.
+        #[arg(long)]
+        hardware_revision: Option<String>,
+        /// Firmware version.
+        #[arg(long)]
+        firmware_version: Option<String>,
+        /// Group (repeatable): the device's groups become exactly these.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Tag `key=value` (repeatable): the device's tags become exactly these.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Remove a device from the registry and its groups (jobs keep their records of it).
+    Delete {
+        /// Device id.
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +129,53 @@ impl DeviceFilter {
 /// Runs a `devices` command.
 pub(crate) async fn run(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> {
     match cmd {
+        DevicesCmd::Show { id } => {
+            let v: Value = client.get(&format!("/v1/devices/{id}")).await?;
+            output::print_json(&v);
+        }
+        DevicesCmd::Update {
+            id,
+            model,
+            hardware_revision,
+            firmware_version,
+            groups,
+            tags,
+        } => {
+            let mut patch = serde_json::Map::new();
+            for (k, v) in [
+                ("model", model),
+                ("hardware_revision", hardware_revision),
+                ("firmware_version", firmware_version),
+            ] {
+                if let Some(v) = v {
+                    patch.insert(k.into(), Value::String(v));
+                }
+            }
+            if !groups.is_empty() {
+                patch.insert("groups".into(), serde_json::json!(groups));
+            }
+            if !tags.is_empty() {
+                let mut map = serde_json::Map::new();
+                for t in &tags {
+                    let (k, v) = t
+                        .split_once('=')
+                        .ok_or_else(|| anyhow::anyhow!("--tag {t:?}: expected key=value"))?;
+                    map.insert(k.to_owned(), Value::String(v.to_owned()));
+                }
+                patch.insert("tags".into(), Value::Object(map));
+            }
+            let v: Value = client
+                .patch(
+                    &format!("/v1/devices/{id}"),
+                    Value::Object(patch).to_string(),
+                )
+                .await?;
+            output::print_json(&v);
+        }
+        DevicesCmd::Delete { id } => {
+            let _: Value = client.delete(&format!("/v1/devices/{id}")).await?;
+            println!("{id} deleted");
+        }
         DevicesCmd::Import {
             file,
             format,

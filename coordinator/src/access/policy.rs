@@ -28,6 +28,13 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     ),
     (Method::GET, "/v1/devices", Access::Role(Role::Viewer)),
     (Method::GET, "/v1/devices/count", Access::Role(Role::Viewer)),
+    (Method::GET, "/v1/devices/{id}", Access::Role(Role::Viewer)),
+    (Method::PATCH, "/v1/devices/{id}", Access::Role(Role::Admin)),
+    (
+        Method::DELETE,
+        "/v1/devices/{id}",
+        Access::Role(Role::Admin),
+    ),
     (Method::GET, "/v1/groups", Access::Role(Role::Viewer)),
     (Method::POST, "/v1/jobs", Access::Role(Role::Operator)),
     (Method::GET, "/v1/jobs", Access::Role(Role::Viewer)),

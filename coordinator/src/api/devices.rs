@@ -208,3 +208,55 @@ pub(super) async fn groups(State(app): State<Arc<AppState>>) -> ApiResult<Json<s
         .collect();
     Ok(Json(json!({"groups": list})))
 }
+
+/// `GET /v1/devices/{id}`.
+pub(super) async fn get_one(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<shared::device::Device>> {
+    let mut redis = app.redis.clone();
+    registry::get(&mut redis, &app.names, &id)
+        .await
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no device {id:?}")))
+}
+
+/// `PATCH /v1/devices/{id}`: the fields given replace the stored ones.
+pub(super) async fn update(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<shared::device::Device>> {
+    let patch: registry::DevicePatch = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let mut redis = app.redis.clone();
+    match registry::update(&mut redis, &app.names, &id, patch).await {
+        Ok(Some(d)) => Ok(Json(d)),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no device {id:?}"),
+        )),
+        Err(Ok(problem)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, problem)),
+        Err(Err(e)) => Err(ApiError::internal(e)),
+    }
+}
+
+/// `DELETE /v1/devices/{id}`: out of the registry and its groups (jobs keep their records).
+pub(super) async fn delete(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut redis = app.redis.clone();
+    if registry::delete(&mut redis, &app.names, &id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Ok(Json(json!({"device_id": id, "deleted": true})))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no device {id:?}"),
+        ))
+    }
+}

@@ -12,7 +12,8 @@
 //! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/devices/import?format=csv\|ndjson | import devices (streamed body) |
 //! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&tag=&cursor=&limit= | list (pages carry `next_cursor`) |
-//! | GET | /v1/devices/count?group= | count |
+//! | GET | /v1/devices/count?group=&query= | count |
+//! | GET, PATCH, DELETE | /v1/devices/{id} | one device; change its attributes, groups or tags (fields given replace the stored ones); remove it from the registry |
 //! | GET | /v1/groups | groups with member counts |
 //! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`; `Idempotency-Key` makes it safe to retry; `?dry_run=true` reports what it would do and creates nothing) |
 //! | GET | /v1/jobs?limit=&cursor= | newest jobs (pages carry `next_cursor`) |
@@ -72,6 +73,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/devices/import", post(devices::import))
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/count", get(devices::count))
+        .route(
+            "/v1/devices/{id}",
+            get(devices::get_one)
+                .patch(devices::update)
+                .delete(devices::delete),
+        )
         .route("/v1/groups", get(devices::groups))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))
