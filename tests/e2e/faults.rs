@@ -634,3 +634,99 @@ async fn tasks_removed_from_the_broker_by_hand_end_timed_out_with_the_reason_and
     }
     app.teardown().await;
 }
+
+/// Closes, from the broker's side, every AMQP connection of the worker process `pid`.
+async fn close_worker_connections(pid: u32) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "-q",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let marker = format!("-{pid}-");
+    let mut closed = 0;
+    for line in text
+        .lines()
+        .filter(|l| l.contains("fleetbatch-worker") && l.contains(&marker))
+    {
+        let Some(conn) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", conn, "e2e: connection cut"])
+            .status()
+            .await
+            .expect("rabbitmqctl runs");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test]
+async fn a_worker_whose_broker_connection_is_cut_mid_attempt_never_delivers_an_execution_twice() {
+    // 40-second attempts: longer than the 30 s a worker waits for in-flight work before it
+    // builds a new broker session, so the old handlers still run when the redelivered tasks
+    // reach the new one.
+    let mut app = spawn_app(
+        0,
+        &[
+            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "40000"),
+            ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "0"),
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+            ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "90000"),
+        ],
+    )
+    .await;
+    let n = 10;
+    app.import_fleet(n).await;
+    app.cluster.start_worker().expect("worker");
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app
+        .statuses(id)
+        .await
+        .values()
+        .filter(|s| s.state == ExecutionState::InProgress)
+        .count()
+        < n as usize
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all in delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = app.cluster.worker_pid(0).expect("worker pid");
+    let closed = close_worker_connections(pid).await;
+    assert!(closed >= 1, "no connection of worker {pid} found");
+
+    let job = app.wait_for_job(id, Duration::from_secs(180)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["succeeded"], n, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let attempts: u64 = statuses.values().map(|s| u64::from(s.attempts)).sum();
+    let totals = app.sim_totals(id).await;
+    assert_eq!(
+        totals.get("deliveries").copied().unwrap_or(0),
+        attempts,
+        "deliveries beyond the attempts recorded: {totals:?}"
+    );
+    assert_eq!(
+        totals.get("duplicate_applications").copied().unwrap_or(0),
+        0,
+        "{totals:?}"
+    );
+    app.teardown().await;
+}

@@ -68,10 +68,15 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Executions this process is handling now. A second copy of one (a planner that
-    /// re-published its last batch) must wait, not share the claim this process holds.
-    pub active: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Executions this process is handling now, across its broker sessions. A second copy
+    /// of one (a planner that re-published its last batch, or the redelivery of a task whose
+    /// handler in the previous session still runs) must wait, not share the claim this
+    /// process holds.
+    pub active: Active,
 }
+
+/// The executions a worker process is handling; one set for the process's whole life.
+pub type Active = Arc<std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>>;
 
 /// Removes an execution from [`Context::active`] when its handler ends.
 struct ActiveGuard<'a>(&'a Context, uuid::Uuid);

@@ -62,11 +62,16 @@ pub async fn run(
     // and Redis outages, and close only after in-flight deliveries are done.
     let transport = Arc::new(tokio::sync::OnceCell::new());
     let transport_stop = CancellationToken::new();
+    // Handlers of a lost broker session may still be delivering when the next session
+    // starts: both see the same executions in hand, so no execution is delivered twice at
+    // once by this process.
+    let active = crate::handle::Active::default();
     let result = shared::supervise::with_reconnect("worker", stop, |stop| {
         let (settings, id, metrics) = (settings.clone(), worker_id.clone(), metrics.clone());
         let (transport, transport_stop) = (transport.clone(), transport_stop.clone());
+        let active = active.clone();
         async move {
-            let worker = Worker::build(settings, id, metrics, &transport, transport_stop)
+            let worker = Worker::build(settings, id, metrics, &transport, transport_stop, active)
                 .await
                 .context("starting the worker")?;
             worker.run_until_stopped(stop.cancelled_owned()).await
@@ -98,6 +103,7 @@ impl Worker {
         metrics: Arc<crate::metrics::Metrics>,
         transport: &tokio::sync::OnceCell<Transport>,
         transport_stop: CancellationToken,
+        active: crate::handle::Active,
     ) -> anyhow::Result<Self> {
         let names = topology::Names::new(&settings.namespace);
         let connection = amqp::connect(&settings.amqp, &format!("fleetbatch-worker {worker_id}"))
@@ -145,7 +151,7 @@ impl Worker {
             scripts: store::Scripts::new(),
             shutdown: CancellationToken::new(),
             metrics,
-            active: Default::default(),
+            active,
         });
         Ok(Self {
             ctx,
