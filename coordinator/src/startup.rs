@@ -334,12 +334,27 @@ async fn broker_session(
     ));
 
     let results_channel = connection.create_channel().await?;
-    let result = aggregate::run(
-        aggregator,
-        results_channel.clone(),
-        format!("{instance}-results"),
-    )
-    .await;
+    // A channel the broker closes alone (a deleted exchange) is recovered with the whole
+    // session, like a lost connection; until then the coordinator is not ready.
+    let watched = [
+        broker.publisher.channel().clone(),
+        broker.planners.publisher.channel().clone(),
+    ];
+    let result = tokio::select! {
+        r = aggregate::run(
+            aggregator,
+            results_channel.clone(),
+            format!("{instance}-results"),
+        ) => r,
+        () = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if watched.iter().any(|c| !c.status().connected()) {
+                    return;
+                }
+            }
+        } => Err(anyhow::anyhow!("the broker closed a publishing channel")),
+    };
 
     // Tear the session down: no new planners, running ones stop after their batch.
     state.set_broker(None);

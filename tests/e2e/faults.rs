@@ -730,3 +730,58 @@ async fn a_worker_whose_broker_connection_is_cut_mid_attempt_never_delivers_an_e
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_results_channel_the_broker_closes_is_recovered_and_readiness_says_so_meanwhile() {
+    let mut app = spawn_app(
+        0,
+        &[
+            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "5"),
+            ("FLEETBATCH_SIMULATOR__LATENCY_JITTER_MS", "0"),
+        ],
+    )
+    .await;
+    let observed = app.start_observed_worker();
+    let n = 3_000;
+    app.import_fleet(n).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    crate::rollouts::wait_until(&app, id, Duration::from_secs(60), |j| {
+        j["terminal"].as_u64() > Some(300)
+    })
+    .await;
+    // The results exchange disappears: the broker closes the channel of the next result
+    // batch published to it (404), while the connection and the tasks consumer live on.
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-delete")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_delete(
+        app.names.results_exchange().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
+    )
+    .await
+    .expect("exchange deleted");
+    let _ = conn.close(200, "done".into()).await;
+    let ready = format!("http://127.0.0.1:{observed}/readyz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = app.get_text(&ready).await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker kept saying ready with its results channel closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A coordinator start declares the topology again; the worker comes back and the job
+    // finishes exact.
+    app.crash_coordinator().await;
+    let job = app.wait_for_job(id, Duration::from_secs(180)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    let (status, _) = app.get_text(&ready).await;
+    assert_eq!(status, 200, "ready again");
+    app.teardown().await;
+}

@@ -30,6 +30,22 @@ pub struct ReportError(String);
 #[derive(Debug, Clone)]
 pub struct Reporter {
     tx: mpsc::Sender<(TaskResult, Waiter)>,
+    /// The channel results go out on (its state tells whether the reporter can work).
+    channel: lapin::Channel,
+}
+
+/// A batch stops growing past about this many bytes, well under the broker's message size
+/// limit, however long the devices' error texts are.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// About how many bytes a result takes in a batch.
+fn approx_size(r: &TaskResult) -> usize {
+    let readings = r.readings.as_ref().map_or(0, |m| {
+        m.iter()
+            .map(|(k, v)| k.len() + v.to_string().len() + 8)
+            .sum()
+    });
+    256 + r.device_id.len() + r.worker.len() + r.error.as_ref().map_or(0, String::len) + readings
 }
 
 impl Reporter {
@@ -37,8 +53,15 @@ impl Reporter {
     /// dropped.
     pub fn start(publisher: Publisher, names: Names, max_batch: usize, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let channel = publisher.channel().clone();
         tokio::spawn(batch_loop(publisher, names, rx, max_batch.max(1), linger));
-        Self { tx }
+        Self { tx, channel }
+    }
+
+    /// Whether the results channel is open (a broker that closed it, e.g. over a deleted
+    /// exchange, leaves the reporter unable to publish until the session is rebuilt).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// Publishes `result` (in a batch) and waits for the broker's confirm of that batch.
@@ -67,11 +90,15 @@ async fn batch_loop(
     linger: Duration,
 ) {
     while let Some(first) = rx.recv().await {
+        let mut bytes = approx_size(&first.0);
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < max_batch {
+        while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(item)) => batch.push(item),
+                Ok(Some(item)) => {
+                    bytes += approx_size(&item.0);
+                    batch.push(item);
+                }
                 Ok(None) | Err(_) => break,
             }
         }

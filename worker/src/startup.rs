@@ -186,12 +186,22 @@ impl Worker {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let control = tokio::spawn(listen_for_control(ctx.clone(), control_channel));
         let consuming = consume::run(ctx.clone(), tasks_channel.clone(), tracker.clone());
+        let channels_lost = channels_closed(&ctx);
         tokio::pin!(consuming);
         tokio::pin!(shutdown);
+        tokio::pin!(channels_lost);
 
         let result = tokio::select! {
             // The consumer ended on its own: the broker connection failed.
             r = &mut consuming => r.map_err(anyhow::Error::from),
+            // The broker closed the results or forwarding channel alone: every task would be
+            // handed back for ever. Rebuild the session (not ready meanwhile).
+            why = &mut channels_lost => {
+                tracing::warn!(%why, "rebuilding the broker session");
+                ctx.shutdown.cancel();
+                let _ = tasks_channel.close(200, "channel lost".into()).await;
+                Err(anyhow::anyhow!("{why}"))
+            }
             // SIGTERM or SIGINT: stop taking tasks, then drain. A requested stop is a clean
             // stop even if the broker connection breaks while the consumer is cancelled: the
             // broker returns whatever was not acked, and exit 0 is what an orchestrator
@@ -230,6 +240,20 @@ impl Worker {
         }
         tracing::info!("worker stopped");
         result
+    }
+}
+
+/// Resolves when the broker closed a channel the handlers need (results or forwarding)
+/// while the connection lives on, naming it.
+async fn channels_closed(ctx: &Context) -> &'static str {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if !ctx.reporter.is_open() {
+            return "the broker closed the results channel";
+        }
+        if !ctx.publisher.channel().status().connected() {
+            return "the broker closed the forwarding channel";
+        }
     }
 }
 
