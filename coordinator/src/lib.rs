@@ -61,6 +61,7 @@ pub mod reconcile;
 pub mod recurring;
 pub mod registry;
 pub mod report;
+pub mod retention;
 pub mod split;
 pub mod startup;
 pub mod steer;

@@ -326,6 +326,11 @@ async fn broker_session(
         .tracker
         .clone()
         .spawn(crate::reconcile::run(state.clone(), session.clone()));
+    // Finished jobs' data goes after its retention.
+    broker
+        .tracker
+        .clone()
+        .spawn(crate::retention::run(state.clone(), session.clone()));
     // Recurring jobs fire their occurrences.
     broker.tracker.clone().spawn(crate::recurring::run(
         state.clone(),

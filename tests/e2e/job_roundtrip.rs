@@ -180,3 +180,80 @@ async fn incompatible_devices_are_skipped_and_rejections_are_recorded() {
     );
     app.teardown().await;
 }
+
+/// Keys of the test's namespace that name `job` or one of its executions.
+async fn keys_of_job(app: &crate::helpers::TestApp, job: uuid::Uuid, n: u64) -> Vec<String> {
+    let mut redis = app.redis.clone();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*{job}*", app.names.namespace()))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    for i in 0..n {
+        let key = app.names.idempotency(shared::state::execution_id(
+            job,
+            &harness::fleet::device_id(i),
+        ));
+        let exists: bool = redis::AsyncCommands::exists(&mut redis, &key)
+            .await
+            .expect("exists");
+        if exists {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+#[tokio::test]
+async fn a_finished_jobs_data_goes_after_its_retention_and_delete_refuses_a_running_job() {
+    let app = spawn_app(1, &[("FLEETBATCH_COORDINATOR__RETENTION_SECS", "3")]).await;
+    let n = 100;
+    app.import_fleet(n).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert!(
+        !keys_of_job(&app, id, n).await.is_empty(),
+        "the job has data"
+    );
+    // A job that has not finished is not deleted.
+    let later = app
+        .create_job(&firmware_job(json!({
+            "schedule": {"start_at": "2099-01-01T00:00:00Z"}})))
+        .await;
+    let r = app
+        .http
+        .delete(app.url(&format!("/v1/jobs/{later}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 409);
+    // Retention: within a few seconds of its end, no key of the finished job is left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = keys_of_job(&app, id, n).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keys left, e.g. {:?}",
+            left.len(),
+            &left[..left.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+    // Canceled, the scheduled one is deleted at once with the CLI.
+    app.fleetbatch(&["job", "cancel", &later.to_string()]).await;
+    app.wait_for_job(later, Duration::from_secs(30)).await;
+    let out = app.fleetbatch(&["job", "delete", &later.to_string()]).await;
+    assert!(out.contains("deleted"), "{out}");
+    assert!(keys_of_job(&app, later, n).await.is_empty());
+    app.teardown().await;
+}

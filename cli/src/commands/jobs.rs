@@ -77,6 +77,12 @@ pub(crate) enum JobCmd {
     /// A new job with a finished job's action for exactly its devices that ended in the
     /// given states (default FAILED and TIMED_OUT), however many.
     Rerun(FollowUpArgs),
+    /// Delete a finished job's data now (record, statuses, results; export them first with
+    /// `job results`). A job that is not finished is refused.
+    Delete {
+        /// Job id.
+        id: String,
+    },
     /// A new job with a finished job's rollback action (its spec's `rollback`) for its
     /// devices that ended in the given states (default SUCCEEDED and FAILED).
     Rollback(FollowUpArgs),
@@ -458,6 +464,10 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
         JobCmd::Resume(args) => steer(client, "resume", args).await?,
         JobCmd::Approve(args) => steer(client, "approve", args).await?,
         JobCmd::Rerun(args) => follow_up(client, "rerun", args).await?,
+        JobCmd::Delete { id } => {
+            let _: Value = client.delete(&format!("/v1/jobs/{id}")).await?;
+            println!("{id} deleted");
+        }
         JobCmd::Rollback(args) => follow_up(client, "rollback", args).await?,
         JobCmd::Cancel { id, json } => {
             let v: Value = client

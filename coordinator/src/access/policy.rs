@@ -78,6 +78,7 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
         Access::Role(Role::Operator),
     ),
     (Method::GET, "/v1/jobs/{id}", Access::Role(Role::Viewer)),
+    (Method::DELETE, "/v1/jobs/{id}", Access::Role(Role::Admin)),
     (
         Method::POST,
         "/v1/jobs/{id}/cancel",

@@ -329,6 +329,30 @@ pub(super) async fn get(
     }
 }
 
+/// `DELETE /v1/jobs/{id}`: a finished job's data, now (409 for a job still running).
+pub(super) async fn delete(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id)?;
+    let job = job_for_change(&app, &caller, id).await?;
+    if !job.state.is_finished() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "job {id} is {}: only a finished job is deleted (cancel it first)",
+                job.state.as_str()
+            ),
+        ));
+    }
+    let mut redis = app.redis.clone();
+    let keys = crate::retention::delete_job_data(&mut redis, &app.names, id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"job_id": id, "deleted": true, "keys": keys})))
+}
+
 /// Loads job `id` for a change by `caller`: a scoped operator may change only jobs that
 /// stay inside its groups.
 async fn job_for_change(

@@ -18,6 +18,7 @@
 //! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`; `Idempotency-Key` makes it safe to retry; `?dry_run=true` reports what it would do and creates nothing) |
 //! | GET | /v1/jobs?limit=&cursor= | newest jobs (pages carry `next_cursor`) |
 //! | GET | /v1/jobs/{id} | state and counters |
+//! | DELETE | /v1/jobs/{id} | delete a finished job's data now (409 while it runs) |
 //! | POST | /v1/jobs/{id}/cancel | cancel |
 //! | POST | /v1/jobs/{id}/rerun | a new job for the devices that ended in `states` (default FAILED, TIMED_OUT) |
 //! | POST | /v1/jobs/{id}/rollback | the job's `rollback` action for the devices that ended in `states` (default SUCCEEDED, FAILED) |
@@ -81,7 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/groups", get(devices::groups))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/pause", post(jobs::steer))
         .route("/v1/jobs/{id}/resume", post(jobs::steer))

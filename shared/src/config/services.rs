@@ -132,6 +132,10 @@ pub struct CoordinatorSettings {
     /// Reconciliation without a deadline: a job with no device finishing for this long has
     /// its unfinished devices that nothing holds ended FAILED as lost (0: never).
     pub reconcile_silence_secs: u64,
+    /// A finished job's data (record, statuses, results, idempotency records, device-side
+    /// memory) is deleted this long after it finished (0: kept for ever). Export results
+    /// first (`fleetbatch job results`) to keep them.
+    pub retention_secs: u64,
     /// Who may call the API.
     pub auth: AuthSettings,
     /// How job documents are signed.

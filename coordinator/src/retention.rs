@@ -1,0 +1,142 @@
+//! Retention: a finished job's data does not stay in Redis for ever.
+//!
+//! Owns the deletion of one job's data: its record, counters, statuses, state sets, waves,
+//! targets snapshot, slots, parked tasks, the idempotency record of each of its executions,
+//! and the device-side keys named after it (simulator memory, AWS IoT Jobs executions).
+//! `DELETE /v1/jobs/{id}` deletes a finished job at once; a sweep on every coordinator deletes
+//! jobs finished more than `coordinator.retention_secs` ago. It never deletes a job that is
+//! not finished (its planner and workers still write to it).
+
+use std::{sync::Arc, time::Duration};
+
+use redis::{AsyncCommands, aio::ConnectionManager};
+use shared::{
+    now_ms,
+    state::{JobState, execution_id},
+    store::StoreError,
+    topology::Names,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::app::AppState;
+
+/// How often the sweep looks for jobs past their retention.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// Deletes every key of finished job `id`; returns how many keys went. The caller checks
+/// that the job is finished.
+///
+/// # Errors
+/// Redis errors.
+pub async fn delete_job_data(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: Uuid,
+) -> Result<u64, StoreError> {
+    let mut deleted = 0u64;
+    // The idempotency record of each execution (named after the execution, not the job).
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(names.job_status(id))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !pairs.is_empty() {
+            let keys: Vec<String> = pairs
+                .iter()
+                .map(|(d, _)| names.idempotency(execution_id(id, d)))
+                .collect();
+            let n: u64 = redis.unlink(&keys).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    // Every other key carries the job id in its name.
+    let pattern = format!("{}:*{id}*", names.namespace());
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis.unlink(&keys).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut pipe = redis::pipe();
+    pipe.zrem(names.jobs(), id.to_string())
+        .ignore()
+        .srem(names.active_jobs(), id.to_string())
+        .ignore()
+        .srem(names.pending_rollbacks(), id.to_string())
+        .ignore();
+    let () = pipe.query_async(redis).await?;
+    tracing::info!(job_id = %id, keys = deleted, "job data deleted");
+    Ok(deleted)
+}
+
+/// Deletes jobs finished more than `coordinator.retention_secs` ago, until `stop` fires
+/// (0: keeps every job).
+pub async fn run(app: Arc<AppState>, stop: CancellationToken) {
+    let retention_ms = app.settings.coordinator.retention_secs.saturating_mul(1000);
+    if retention_ms == 0 {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        let mut redis = app.redis.clone();
+        if let Err(e) = sweep(&app.names, &mut redis, retention_ms).await {
+            tracing::warn!(error.message = %e, "retention sweep failed; next round");
+        }
+    }
+}
+
+async fn sweep(
+    names: &Names,
+    redis: &mut ConnectionManager,
+    retention_ms: u64,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let ids: Vec<String> = redis.zrange(names.jobs(), 0, -1).await?;
+    let ids: Vec<Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    for chunk in ids.chunks(500) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("HMGET")
+                .arg(names.job(*id))
+                .arg("state")
+                .arg("finished_at_ms");
+        }
+        let rows: Vec<(Option<String>, Option<u64>)> = pipe.query_async(redis).await?;
+        for (id, (state, finished)) in chunk.iter().zip(rows) {
+            let done = state
+                .as_deref()
+                .and_then(JobState::parse)
+                .is_some_and(JobState::is_finished);
+            let expired = finished.is_some_and(|f| now >= f.saturating_add(retention_ms));
+            if done && expired {
+                delete_job_data(redis, names, *id).await?;
+            }
+        }
+    }
+    Ok(())
+}
