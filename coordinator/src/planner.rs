@@ -364,6 +364,59 @@ async fn renew(
     Ok(renewed == 1)
 }
 
+/// Writes checkpoint fields only while the writer holds the job's lease: a fence, so a
+/// planner stalled past its lease (a long GC-like pause, SIGSTOP) can never move back the
+/// cursor of the coordinator that took the job over. KEYS lease, job; ARGV owner, then
+/// field/value pairs. Returns 1 if written.
+const CHECKPOINT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+/// Writes `fields` into `job_key` if `owner` holds `lease`; false (nothing written) if not.
+async fn fenced_write(
+    redis: &mut ConnectionManager,
+    lease: &str,
+    owner: &str,
+    job_key: &str,
+    fields: &[(&str, String)],
+) -> Result<bool, redis::RedisError> {
+    let script = redis::Script::new(CHECKPOINT);
+    let mut call = script.key(lease);
+    call.key(job_key).arg(owner);
+    for (f, v) in fields {
+        call.arg(*f).arg(v);
+    }
+    let written: i64 = call.invoke_async(redis).await?;
+    Ok(written == 1)
+}
+
+/// The planner's checkpoint of job `job_id`, fenced by its lease.
+///
+/// # Errors
+/// [`LeaseLost`] when another coordinator holds the job now; Redis errors.
+pub(crate) async fn checkpoint(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    job_id: Uuid,
+    fields: &[(&str, String)],
+) -> anyhow::Result<()> {
+    if fenced_write(
+        redis,
+        &p.names.planner_lock(job_id),
+        &p.instance,
+        &p.names.job(job_id),
+        fields,
+    )
+    .await?
+    {
+        Ok(())
+    } else {
+        Err(LeaseLost(job_id).into())
+    }
+}
+
 /// Gives up `owner`'s lease `key`, if it still holds it.
 async fn release(
     redis: &mut ConnectionManager,
@@ -844,10 +897,10 @@ async fn plan_flat(
         // Checkpoint: cursor and counts move together, after the batch is safely out.
         planned += decisions.len() as u64;
         published += sent.len() as u64;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.hset_multiple(
-            &job_key,
+        checkpoint(
+            p,
+            redis,
+            job_id,
             &[
                 ("cursor", next.clone()),
                 ("planned", planned.to_string()),
@@ -855,8 +908,7 @@ async fn plan_flat(
                 ("updated_at_ms", now_ms().to_string()),
             ],
         )
-        .ignore();
-        let () = pipe.query_async(redis).await?;
+        .await?;
         cursor = Some(next);
         pace.after(p, sent.len(), rate).await;
     }
@@ -980,5 +1032,37 @@ mod tests {
         assert!(release(&mut redis, &key, "a").await.expect("release"));
         let holder: Option<String> = redis.get(&key).await.expect("get");
         assert_eq!(holder, None);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_written_only_by_the_lease_holder() {
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+            .await
+            .expect("redis");
+        let ns = format!("u{}", Uuid::new_v4().simple());
+        let (lease, job) = (format!("{ns}:lease"), format!("{ns}:job"));
+        let () = redis.set(&lease, "a").await.expect("set");
+        let fields = [("cursor", "dev-9".to_owned()), ("planned", "10".to_owned())];
+        assert!(
+            fenced_write(&mut redis, &lease, "a", &job, &fields)
+                .await
+                .expect("write")
+        );
+        // Stalled past its lease, "b" comes back: its older cursor is not written.
+        let stale = [("cursor", "dev-3".to_owned()), ("planned", "4".to_owned())];
+        assert!(
+            !fenced_write(&mut redis, &lease, "b", &job, &stale)
+                .await
+                .expect("write")
+        );
+        let () = redis.del(&lease).await.expect("lapse");
+        assert!(
+            !fenced_write(&mut redis, &lease, "a", &job, &stale)
+                .await
+                .expect("write")
+        );
+        let cursor: Option<String> = redis.hget(&job, "cursor").await.expect("get");
+        assert_eq!(cursor.as_deref(), Some("dev-9"));
+        let _: () = redis.del(&[&lease, &job]).await.expect("clean");
     }
 }

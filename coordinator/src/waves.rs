@@ -349,16 +349,17 @@ async fn publish(
         planner::send(p, redis, job_id, &devices).await?;
         offset += devices.len();
         published += devices.len() as u64;
-        let () = redis
-            .hset_multiple(
-                &key,
-                &[
-                    ("offset", offset.to_string()),
-                    ("published", published.to_string()),
-                    ("updated_at_ms", now_ms().to_string()),
-                ],
-            )
-            .await?;
+        planner::checkpoint(
+            p,
+            redis,
+            job_id,
+            &[
+                ("offset", offset.to_string()),
+                ("published", published.to_string()),
+                ("updated_at_ms", now_ms().to_string()),
+            ],
+        )
+        .await?;
         pace.after(p, devices.len(), rate).await;
     }
 }

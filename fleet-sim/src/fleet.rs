@@ -77,6 +77,8 @@ pub(crate) struct Fleet {
     totals: Mutex<Totals>,
     /// Devices `dev-0000000` .. below this index are offline until they are brought online.
     offline_below: std::sync::atomic::AtomicU64,
+    /// When each device that was offline announced itself online (ms since the epoch).
+    online_at: Mutex<BTreeMap<String, u64>>,
 }
 
 /// What the device will do with a delivery.
@@ -98,6 +100,7 @@ impl Fleet {
             devices: Mutex::new(HashMap::new()),
             totals: Mutex::new(Totals::default()),
             offline_below: std::sync::atomic::AtomicU64::new(0),
+            online_at: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -141,6 +144,22 @@ impl Fleet {
         self.offline_below
             .store(0, std::sync::atomic::Ordering::SeqCst);
         self.totals().came_online_at_ms = Some(shared::now_ms());
+    }
+
+    /// Notes that `device` announced itself online now.
+    pub(crate) fn announced_online(&self, device: &str) {
+        self.online_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_owned(), shared::now_ms());
+    }
+
+    /// When each device that was offline announced itself online.
+    pub(crate) fn online_times(&self) -> BTreeMap<String, u64> {
+        self.online_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether `device` is offline now.

@@ -29,6 +29,7 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .route("/readings/{job}", get(readings))
         .route("/deliveries/{job}", get(deliveries))
         .route("/contacts/{job}", get(contacts))
+        .route("/presence", get(presence))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(fleet)
 }
@@ -91,4 +92,8 @@ async fn contacts(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> R
 
 async fn deliveries(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
     Json(fleet.deliveries(&job)).into_response()
+}
+
+async fn presence(State(fleet): State<Arc<Fleet>>) -> Response {
+    Json(fleet.online_times()).into_response()
 }

@@ -37,7 +37,11 @@ pub(crate) async fn play(
         }
     }
     fleet.bring_online();
-    announce(&link, &prefix, n, Some(true)).await;
+    for i in 0..n {
+        let device = harness_id(i);
+        announce_one(&link, &prefix, &device, Some(true)).await;
+        fleet.announced_online(&device);
+    }
     tracing::info!(devices = n, "devices online");
     shutdown.cancelled().await;
     announce(&link, &prefix, n, None).await;
@@ -45,15 +49,20 @@ pub(crate) async fn play(
 
 /// Publishes every device's presence (`None`: clears it).
 async fn announce(link: &Link, prefix: &str, n: u64, online: Option<bool>) {
+    for i in 0..n {
+        announce_one(link, prefix, &harness_id(i), online).await;
+    }
+}
+
+/// Publishes one device's presence (`None`: clears it).
+async fn announce_one(link: &Link, prefix: &str, device: &str, online: Option<bool>) {
     let payload = match online {
         Some(online) => serde_json::to_vec(&protocol::Presence { online }).unwrap_or_default(),
         None => Vec::new(),
     };
-    for i in 0..n {
-        let topic = protocol::presence_topic(prefix, &harness_id(i));
-        if let Err(e) = link.publish_retained(&topic, payload.clone()).await {
-            tracing::warn!(error.message = %e, %topic, "presence not announced");
-        }
+    let topic = protocol::presence_topic(prefix, device);
+    if let Err(e) = link.publish_retained(&topic, payload).await {
+        tracing::warn!(error.message = %e, %topic, "presence not announced");
     }
 }
 

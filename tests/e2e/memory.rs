@@ -29,7 +29,8 @@ fn rss_mb(pid: u32) -> f64 {
 async fn planning_a_100000_device_job_keeps_the_coordinators_memory_bounded() {
     // Arrange: no workers, so the coordinator does nothing but plan. It is restarted after
     // the import, so the memory the import used is not there for planning to reuse.
-    let mut app = spawn_app(0, &[]).await;
+    // No worker takes tasks here: the queue bound would hold planning at 20,000.
+    let mut app = spawn_app(0, &[("FLEETBATCH_COORDINATOR__MAX_QUEUED_TASKS", "0")]).await;
     app.import_fleet(DEVICES).await;
     app.cluster
         .signal_coordinator(nix::sys::signal::Signal::SIGTERM)

@@ -170,8 +170,23 @@ async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_
         .await
         .expect("fleet-sim");
     app.import_fleet(n).await;
-    // Presence reaches the workers before the job starts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The devices' offline announcements have reached the workers before the job starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut redis = app.redis.clone();
+        let states: Vec<String> = redis::AsyncCommands::hvals(&mut redis, app.names.presence())
+            .await
+            .expect("presence");
+        if states.iter().filter(|s| *s == "offline").count() as u64 == offline {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {offline} offline announcements recorded",
+            states.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Two attempts of 1.5 s: without waiting, an offline device would be FAILED in seconds.
     let id = app
         .create_job(&firmware_job(json!({"retry": {"max_attempts": 2}})))
@@ -216,14 +231,19 @@ async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_
         "sent to offline devices: {stats}"
     );
     assert_eq!(stats["duplicate_applications"], 0, "{stats}");
-    let online_at = stats["came_online_at_ms"].as_u64().expect("came online");
+    assert!(stats["came_online_at_ms"].as_u64().is_some(), "{stats}");
+    // When each device announced itself online (fleet-sim announces 2,000 one by one).
+    let online: Value = get_json(&app, &format!("{sim}/presence")).await;
     let deliveries: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
     let mut slow = Vec::new();
     let mut extra = 0;
     let late: HashMap<&String, u64> = statuses
         .iter()
         .filter(|(d, _)| d[4..].parse::<u64>().expect("index") < offline)
-        .map(|(d, s)| (d, s.updated_at_ms.saturating_sub(online_at)))
+        .map(|(d, s)| {
+            let at = online[d.as_str()].as_u64().expect("announced online");
+            (d, s.updated_at_ms.saturating_sub(at))
+        })
         .collect();
     for (device, s) in &statuses {
         let got = deliveries[device.as_str()].as_u64().unwrap_or(0);
