@@ -140,7 +140,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         for i in 0..args.repeat {
             let r = product_run(&args, latency).await?;
             eprintln!(
-                "fleetbatch latency {latency} ms run {}: {:.0} devices/s, latency p50 {} ms p99 {} ms, coordinator {:.0} MB / {:.1} CPU s, workers {} MB / {} CPU s, broker {:.1} CPU s",
+                "fleetbatch latency {latency} ms run {}: {:.0} devices/s, latency p50 {} ms p99 {} ms, coordinator {:.0} MB / {:.1} CPU s, workers {} MB / {} CPU s, broker {:.1} CPU s, Redis {} B/device ({} after delete)",
                 i + 1,
                 r["devices_per_s"].as_f64().unwrap_or(0.0),
                 r["latency_ms"]["p50"],
@@ -150,6 +150,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 r["worker_peak_rss_mb_each"],
                 r["worker_cpu_s_each"],
                 r["broker_cpu_s"].as_f64().unwrap_or(0.0),
+                r["redis_bytes_per_device"],
+                r["redis_bytes_per_device_after_delete"],
             );
             runs.push(r);
         }
@@ -178,6 +180,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "broker_cpu_s": (med("broker_cpu_s") * 10.0).round() / 10.0,
             "all_exact": runs.iter().all(|r| r["exact"] == true),
             "extra_deliveries": runs.iter().map(|r| r["extra_deliveries"].as_u64().unwrap_or(0)).sum::<u64>(),
+            "redis_bytes_per_device": med("redis_bytes_per_device"),
+            "redis_bytes_per_device_after_delete": med("redis_bytes_per_device_after_delete"),
         });
         let mut line = line;
         if args.cancel_at > 0.0 {
@@ -207,8 +211,19 @@ async fn product_run(args: &BenchArgs, latency_ms: u64) -> anyhow::Result<Value>
     outcome
 }
 
+/// Redis's `used_memory`, in bytes.
+async fn redis_used_bytes(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")
+}
+
 async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
     sandbox.import_fleet(args.devices).await?;
+    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let redis_before = redis_used_bytes(&mut redis).await?;
     let coordinator = sandbox
         .cluster
         .coordinator_pid()
@@ -257,8 +272,9 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
     let coordinator_rss = peak_rss_mb(coordinator);
     let worker_rss: Vec<f64> = workers.iter().map(|p| peak_rss_mb(*p)).collect();
 
+    // What the finished job keeps in Redis (statuses, results, idempotency records...).
+    let redis_with_job = redis_used_bytes(&mut redis).await?;
     // Per-device latency: first publication to outcome recorded.
-    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
     let job_uuid = uuid::Uuid::parse_str(&job_id)?;
     let mut latencies = Vec::with_capacity(args.devices as usize);
     let mut cursor: u64 = 0;
@@ -292,7 +308,11 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         (Some(c), Some(l)) => l as i64 - c as i64,
         _ => 0,
     };
-    let _: () = redis.del(sandbox.names.job_status(job_uuid)).await?;
+    // What is left once the job's data is deleted (as retention does).
+    let _: Value = sandbox.client.delete(&format!("/v1/jobs/{job_id}")).await?;
+    let redis_after_delete = redis_used_bytes(&mut redis).await?;
+    let per_device =
+        |after: u64| after.saturating_sub(redis_before) as f64 / args.devices.max(1) as f64;
     let worker_max_rss = worker_rss.iter().copied().fold(0.0, f64::max);
     let worker_cpu_each: Vec<f64> = cpu[1..].iter().map(|c| (c * 10.0).round() / 10.0).collect();
     Ok(json!({
@@ -309,5 +329,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         "extra_deliveries": audit.extra_deliveries,
         "exact": audit.lost == 0 && audit.counters_exact && audit.duplicate_applications == 0,
         "cancel_stop_ms": cancel_stop_ms,
+        "redis_bytes_per_device": per_device(redis_with_job).round(),
+        "redis_bytes_per_device_after_delete": per_device(redis_after_delete).round(),
     }))
 }
