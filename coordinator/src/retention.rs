@@ -58,6 +58,16 @@ pub async fn delete_job_data(
         }
         cursor = next;
     }
+    // Parked copies of its tasks (a stale copy may wait for a device that never returns).
+    let parked: Vec<String> = redis.smembers(names.parked_job(id)).await?;
+    for chunk in parked.chunks(1000) {
+        let mut pipe = redis::pipe();
+        pipe.zrem(names.parked_due(), chunk)
+            .ignore()
+            .hdel(names.parked_tasks(), chunk)
+            .ignore();
+        let () = pipe.query_async(redis).await?;
+    }
     // Every other key carries the job id in its name.
     let pattern = format!("{}:*{id}*", names.namespace());
     let mut cursor: u64 = 0;
