@@ -69,26 +69,8 @@ pub async fn delete_job_data(
         let () = pipe.query_async(redis).await?;
     }
     // Every other key carries the job id in its name.
-    let pattern = format!("{}:*{id}*", names.namespace());
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis.unlink(&keys).await?;
-            deleted += n;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    deleted +=
+        shared::store::delete_matching(redis, &format!("{}:*{id}*", names.namespace())).await?;
     let mut pipe = redis::pipe();
     pipe.zrem(names.jobs(), id.to_string())
         .ignore()
