@@ -110,9 +110,24 @@ impl Client {
         path: &str,
         body: String,
     ) -> anyhow::Result<T> {
-        let req = self
-            .http
-            .patch(self.url(path))
+        self.send_json(self.http.patch(self.url(path)), body).await
+    }
+
+    /// A JSON PUT.
+    pub(crate) async fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<T> {
+        self.send_json(self.http.put(self.url(path)), body).await
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        body: String,
+    ) -> anyhow::Result<T> {
+        let req = req
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
         self.send(req).await

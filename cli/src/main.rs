@@ -21,7 +21,7 @@ mod sandbox;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use client::Client;
-use commands::{access, bench, chaos, demo, devices, dlq, jobs, schedules, templates};
+use commands::{access, bench, chaos, demo, devices, dlq, jobs, queries, schedules, templates};
 
 /// Run batch jobs on fleets of devices.
 #[derive(Debug, Parser)]
@@ -60,6 +60,9 @@ enum Command {
     /// Jobs.
     #[command(subcommand)]
     Job(jobs::JobCmd),
+    /// Saved device queries (dynamic groups), named by jobs as `target.saved_query`.
+    #[command(subcommand)]
+    Query(queries::QueryCmd),
     /// Job templates: a spec with parameters (`job create --template NAME --param k=v`).
     #[command(subcommand)]
     Template(templates::TemplateCmd),
@@ -133,6 +136,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Job(cmd) => jobs::run(&client, cmd).await?,
         Command::Schedule(cmd) => schedules::run(&client, cmd).await?,
         Command::Template(cmd) => templates::run(&client, cmd).await?,
+        Command::Query(cmd) => queries::run(&client, cmd).await?,
         Command::Dlq(cmd) => dlq::run(&client, cmd).await?,
         Command::Token(cmd) => access::token(&client, cmd).await?,
         Command::Audit(args) => access::audit(&client, args).await?,

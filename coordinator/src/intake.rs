@@ -207,7 +207,19 @@ pub async fn validate(
     names: &Names,
     job: &NewJob<'_>,
 ) -> Result<JobSpec, IntakeError> {
-    let spec = JobSpec::parse(job.text, job.format, job.limits)?;
+    let mut spec = JobSpec::parse(job.text, job.format, job.limits)?;
+    if let Some(name) = &spec.target.saved_query {
+        let saved: Option<String> =
+            redis::AsyncCommands::hget(redis, names.saved_queries(), name).await?;
+        let saved = saved.ok_or_else(|| SpecError {
+            field: "target.saved_query".into(),
+            problem: format!("no saved query {name:?} (fleetbatch query list)"),
+        })?;
+        spec.target.query = Some(match spec.target.query.take() {
+            Some(own) => format!("{own} and {saved}"),
+            None => saved,
+        });
+    }
     if let Err(m) = crate::access::scope::check(redis, names, &spec.target, job.scope).await? {
         return Err(IntakeError::OutOfScope(m));
     }

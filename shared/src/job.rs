@@ -185,6 +185,10 @@ pub struct TargetSpec {
     /// devices or groups it narrows them, as `filter` does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// A saved query (`fleetbatch query save NAME QUERY`), read when the job is created: its
+    /// text joins `query` (both must hold) in the stored spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_query: Option<String>,
     /// The devices of an earlier job that ended in the given states (a rerun), with no
     /// limit on their number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -562,15 +566,19 @@ impl JobSpec {
             && t.groups.is_empty()
             && t.filter.is_none()
             && t.query.is_none()
+            && t.saved_query.is_none()
             && t.from_job.is_none()
         {
             return Err(SpecError::new(
                 "target",
-                "name at least one of devices, groups, filter, query or from_job",
+                "name at least one of devices, groups, filter, query, saved_query or from_job",
             ));
         }
         if let Some(q) = &t.query {
             crate::query::Query::parse(q).map_err(|p| SpecError::new("target.query", p))?;
+        }
+        if let Some(name) = &t.saved_query {
+            validate_id(name).map_err(|p| SpecError::new("target.saved_query", p))?;
         }
         if let Some(from) = &t.from_job {
             if from.states.is_empty() {

@@ -192,6 +192,13 @@ impl Names {
         format!("{}:job:{job}:planner", self.ns)
     }
 
+    // ---- Redis: saved device queries ----
+
+    /// Hash query name -> query text.
+    pub fn saved_queries(&self) -> String {
+        format!("{}:queries", self.ns)
+    }
+
     // ---- Redis: job templates ----
 
     /// Hash template name -> JSON template document.

@@ -202,3 +202,56 @@ async fn a_continuous_job_reaches_devices_registered_after_it_started_and_only_t
     assert_eq!(app.statuses(id).await.len(), 2_001);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_saved_query_targets_what_it_selects_and_an_unknown_one_is_refused_by_name() {
+    let app = spawn_app(1, &[]).await;
+    let n = 1_000;
+    app.import_fleet(n).await;
+    let query = "firmware_version < 1.2.0 and hardware_revision in (A, B)";
+    let out = app.fleetbatch(&["query", "save", "old-ab", query]).await;
+    assert!(out.contains("old-ab"), "{out}");
+    let listed = app.fleetbatch(&["query", "list"]).await;
+    assert!(listed.contains("old-ab"), "{listed}");
+    let selected: Value = serde_json::from_str(
+        &app.fleetbatch(&[
+            "devices", "list", "--query", query, "--limit", "10000", "--json",
+        ])
+        .await,
+    )
+    .expect("json");
+    let expected: HashSet<String> = selected["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert!(!expected.is_empty() && expected.len() < n as usize);
+
+    let id = app
+        .create_job(&json!({"target": {"saved_query": "old-ab"}, "action": {"type": "reboot"}}))
+        .await;
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["spec"]["target"]["query"], query, "{job}");
+    app.assert_exact(id, &expected).await;
+
+    let (status, body) = app
+        .post_job(
+            &json!({"target": {"saved_query": "nope"}, "action": {"type": "reboot"}}).to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["field"], "target.saved_query", "{body}");
+    let r = app
+        .http
+        .put(app.url("/v1/queries/bad"))
+        .json(&json!({"query": "firmware ~ 2"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 422);
+    let out = app.fleetbatch(&["query", "delete", "old-ab"]).await;
+    assert!(out.contains("deleted"), "{out}");
+    app.teardown().await;
+}

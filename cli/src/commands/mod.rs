@@ -7,5 +7,6 @@ pub(crate) mod demo;
 pub(crate) mod devices;
 pub(crate) mod dlq;
 pub(crate) mod jobs;
+pub(crate) mod queries;
 pub(crate) mod schedules;
 pub(crate) mod templates;

@@ -36,6 +36,17 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
         Access::Role(Role::Admin),
     ),
     (Method::GET, "/v1/groups", Access::Role(Role::Viewer)),
+    (Method::GET, "/v1/queries", Access::Role(Role::Viewer)),
+    (
+        Method::PUT,
+        "/v1/queries/{name}",
+        Access::Role(Role::Operator),
+    ),
+    (
+        Method::DELETE,
+        "/v1/queries/{name}",
+        Access::Role(Role::Operator),
+    ),
     (Method::POST, "/v1/jobs", Access::Role(Role::Operator)),
     (Method::GET, "/v1/jobs", Access::Role(Role::Viewer)),
     (Method::POST, "/v1/schedules", Access::Role(Role::Operator)),

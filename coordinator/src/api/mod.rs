@@ -15,6 +15,8 @@
 //! | GET | /v1/devices/count?group=&query= | count |
 //! | GET, PATCH, DELETE | /v1/devices/{id} | one device; change its attributes, groups or tags (fields given replace the stored ones); remove it from the registry |
 //! | GET | /v1/groups | groups with member counts |
+//! | GET | /v1/queries | saved device queries |
+//! | PUT, DELETE | /v1/queries/{name} | save (`{"query": "..."}`, checked) or delete a query; jobs name it as `target.saved_query` |
 //! | POST | /v1/jobs | create (JSON, or TOML with `content-type: application/toml`; `Idempotency-Key` makes it safe to retry; `?dry_run=true` reports what it would do and creates nothing) |
 //! | GET | /v1/jobs?limit=&cursor= | newest jobs (pages carry `next_cursor`) |
 //! | GET | /v1/jobs/{id} | state and counters |
@@ -62,6 +64,7 @@ mod events;
 pub mod guard;
 mod health;
 mod jobs;
+mod queries;
 mod schedules;
 mod templates;
 
@@ -81,6 +84,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(devices::delete),
         )
         .route("/v1/groups", get(devices::groups))
+        .route("/v1/queries", get(queries::list))
+        .route(
+            "/v1/queries/{name}",
+            axum::routing::put(queries::put).delete(queries::delete),
+        )
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
