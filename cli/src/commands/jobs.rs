@@ -387,17 +387,7 @@ pub(crate) async fn run(client: &Client, cmd: JobCmd) -> anyhow::Result<()> {
                 return Ok(());
             }
             let (ct, spec) = match &args.file {
-                Some(file) => {
-                    let text = tokio::fs::read_to_string(file)
-                        .await
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    let ct = if file.extension().is_some_and(|e| e == "toml") {
-                        "application/toml"
-                    } else {
-                        "application/json"
-                    };
-                    (ct, text)
-                }
+                Some(file) => super::read_document(file).await?,
                 None => ("application/json", spec_from_flags(&args)?.to_string()),
             };
             if args.dry_run {

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Subcommand;
 use serde_json::Value;
 
@@ -96,14 +95,7 @@ fn summary(v: &Value) {
 pub(crate) async fn run(client: &Client, cmd: ScheduleCmd) -> anyhow::Result<()> {
     let (v, json): (Value, bool) = match cmd {
         ScheduleCmd::Create { file, json } => {
-            let text = tokio::fs::read_to_string(&file)
-                .await
-                .with_context(|| format!("reading {}", file.display()))?;
-            let ct = if file.extension().is_some_and(|e| e == "toml") {
-                "application/toml"
-            } else {
-                "application/json"
-            };
+            let (ct, text) = super::read_document(&file).await?;
             (client.post("/v1/schedules", ct, text).await?, json)
         }
         ScheduleCmd::List { json } => {

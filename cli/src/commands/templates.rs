@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Subcommand;
 use serde_json::Value;
 
@@ -62,14 +61,7 @@ fn parameters(t: &Value) -> String {
 pub(crate) async fn run(client: &Client, cmd: TemplateCmd) -> anyhow::Result<()> {
     match cmd {
         TemplateCmd::Create { file, json } => {
-            let text = tokio::fs::read_to_string(&file)
-                .await
-                .with_context(|| format!("reading {}", file.display()))?;
-            let ct = if file.extension().is_some_and(|e| e == "toml") {
-                "application/toml"
-            } else {
-                "application/json"
-            };
+            let (ct, text) = super::read_document(&file).await?;
             let v: Value = client.post("/v1/templates", ct, text).await?;
             if json {
                 output::print_json(&v);

@@ -68,6 +68,22 @@ mod queries;
 mod schedules;
 mod templates;
 
+/// Deletes `name` from the hash `key` of named documents (templates, saved queries); 404
+/// naming `what` if there was none.
+async fn delete_named(app: &AppState, key: &str, name: &str, what: &str) -> ApiResult<()> {
+    let mut redis = app.redis.clone();
+    let n: u64 = redis::AsyncCommands::hdel(&mut redis, key, name)
+        .await
+        .map_err(ApiError::internal)?;
+    if n == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {what} {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()

@@ -64,16 +64,6 @@ pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let mut redis = app.redis.clone();
-    let n: u64 = redis
-        .hdel(app.names.saved_queries(), &name)
-        .await
-        .map_err(ApiError::internal)?;
-    if n == 0 {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no saved query {name:?}"),
-        ));
-    }
+    super::delete_named(&app, &app.names.saved_queries(), &name, "saved query").await?;
     Ok(Json(json!({"name": name, "deleted": true})))
 }

@@ -97,17 +97,7 @@ pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let mut redis = app.redis.clone();
-    let n: u64 = redis
-        .hdel(app.names.templates(), &name)
-        .await
-        .map_err(ApiError::internal)?;
-    if n == 0 {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no template {name:?}"),
-        ));
-    }
+    super::delete_named(&app, &app.names.templates(), &name, "template").await?;
     Ok(Json(json!({"template": name, "deleted": true})))
 }
 
