@@ -129,7 +129,35 @@ fn transport(settings: &MqttSettings, tls: bool) -> Result<Transport, MqttError>
     })
 }
 
-/// Connects as `client_id` and keeps `subscriptions` (QoS 1) across reconnections. Incoming
+/// Topic filters to subscribe to.
+#[derive(Debug, Clone, Default)]
+pub struct Subscriptions {
+    /// At QoS 1: requests and replies (the broker holds them for a slow reader, up to its
+    /// queue limit).
+    pub at_least_once: Vec<String>,
+    /// At QoS 0: streams that are re-sent as retained messages on every (re)subscription
+    /// (presence). A burst of them to a slow reader is not held against the broker's per-
+    /// client queue limit (Mosquitto's `max_queued_messages`), which drops QoS 1 messages
+    /// beyond it.
+    pub at_most_once: Vec<String>,
+}
+
+impl From<Vec<String>> for Subscriptions {
+    fn from(at_least_once: Vec<String>) -> Self {
+        Self {
+            at_least_once,
+            at_most_once: Vec::new(),
+        }
+    }
+}
+
+impl Subscriptions {
+    fn is_empty(&self) -> bool {
+        self.at_least_once.is_empty() && self.at_most_once.is_empty()
+    }
+}
+
+/// Connects as `client_id` and keeps `subscriptions` across reconnections. Incoming
 /// messages arrive on the returned channel, which applies back-pressure to the broker
 /// connection when its reader falls behind. The event loop ends when `shutdown` fires or
 /// the receiver is dropped.
@@ -140,9 +168,10 @@ fn transport(settings: &MqttSettings, tls: bool) -> Result<Transport, MqttError>
 pub fn connect(
     settings: &MqttSettings,
     client_id: &str,
-    subscriptions: Vec<String>,
+    subscriptions: impl Into<Subscriptions>,
     shutdown: CancellationToken,
 ) -> Result<(Link, mpsc::Receiver<Message>), MqttError> {
+    let subscriptions = subscriptions.into();
     let (host, port, tls) = parse_url(&settings.url)?;
     let transport = transport(settings, tls)?;
     let keep_alive = Duration::from_secs(settings.keep_alive_secs.max(1));
@@ -271,8 +300,8 @@ enum Happened {
 trait Session: Send + 'static {
     /// The next event.
     fn next(&mut self) -> impl std::future::Future<Output = Happened> + Send;
-    /// Subscribes to `filters` at QoS 1, without waiting.
-    fn subscribe(&self, filters: &[String]) -> Result<(), String>;
+    /// Subscribes to `filters` at their QoS, without waiting.
+    fn subscribe(&self, filters: &Subscriptions) -> Result<(), String>;
     /// Disconnects, without waiting.
     fn disconnect(&self);
 }
@@ -298,12 +327,19 @@ impl Session for V4Session {
         }
     }
 
-    fn subscribe(&self, filters: &[String]) -> Result<(), String> {
+    fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
         self.client
             .try_subscribe_many(
                 filters
+                    .at_least_once
                     .iter()
-                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce)),
+                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce))
+                    .chain(
+                        filters
+                            .at_most_once
+                            .iter()
+                            .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtMostOnce)),
+                    ),
             )
             .map_err(|e| e.to_string())
     }
@@ -340,13 +376,20 @@ impl Session for V5Session {
         }
     }
 
-    fn subscribe(&self, filters: &[String]) -> Result<(), String> {
+    fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
         use rumqttc::v5::mqttbytes::{QoS, v5::Filter};
         self.client
             .try_subscribe_many(
                 filters
+                    .at_least_once
                     .iter()
-                    .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce)),
+                    .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce))
+                    .chain(
+                        filters
+                            .at_most_once
+                            .iter()
+                            .map(|s| Filter::new(s.clone(), QoS::AtMostOnce)),
+                    ),
             )
             .map_err(|e| e.to_string())
     }
@@ -360,7 +403,7 @@ impl Session for V5Session {
 /// messages to `inbox`, and backs off after failures until `shutdown`.
 async fn run<S: Session>(
     mut session: S,
-    subscriptions: Vec<String>,
+    subscriptions: Subscriptions,
     inbox: Inbox,
     shutdown: CancellationToken,
 ) {

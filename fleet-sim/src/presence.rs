@@ -41,6 +41,7 @@ pub(crate) async fn play(
         let device = harness_id(i);
         announce_one(&link, &prefix, &device, Some(true)).await;
         fleet.announced_online(&device);
+        pace(i).await;
     }
     tracing::info!(devices = n, "devices online");
     shutdown.cancelled().await;
@@ -51,6 +52,16 @@ pub(crate) async fn play(
 async fn announce(link: &Link, prefix: &str, n: u64, online: Option<bool>) {
     for i in 0..n {
         announce_one(link, prefix, &harness_id(i), online).await;
+        pace(i).await;
+    }
+}
+
+/// Spreads announcements (100 every 10 ms, 10,000 a second), as devices of a fleet do: a
+/// broker queues at most so many messages for a slow subscriber (Mosquitto's
+/// `max_queued_messages`, 1000 by default) and drops the rest.
+async fn pace(i: u64) {
+    if i % 100 == 99 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -120,10 +120,7 @@ impl MqttTransport {
     ) -> Result<Self, MqttError> {
         let m = &settings.worker.mqtt;
         let reply_topic = protocol::reply_topic(&m.topic_prefix, worker_id);
-        let mut subscriptions = vec![
-            reply_topic.clone(),
-            protocol::presence_filter(&m.topic_prefix),
-        ];
+        let mut subscriptions = vec![reply_topic.clone()];
         if m.protocol == DeviceProtocol::AwsIotJobs {
             let group = m.shared_subscriptions.then(|| names.mqtt_share_group());
             subscriptions.extend(devices::aws::filters(
@@ -131,10 +128,16 @@ impl MqttTransport {
                 group.as_deref(),
             ));
         }
+        // Presence at QoS 0: a burst of announcements (a site losing power) is not dropped
+        // by the broker's per-client queue limit, and every reconnection re-sends the
+        // retained state.
         let (link, messages) = mqtt::connect(
             m,
             &format!("fleetbatch-{worker_id}"),
-            subscriptions,
+            mqtt::Subscriptions {
+                at_least_once: subscriptions,
+                at_most_once: vec![protocol::presence_filter(&m.topic_prefix)],
+            },
             shutdown.clone(),
         )?;
         let (presence, announcements) = mpsc::unbounded_channel();
