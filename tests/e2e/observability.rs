@@ -369,6 +369,35 @@ async fn a_jobs_trace_spans_the_coordinator_and_both_workers() {
     )
     .await;
     app.import_fleet(300).await;
+    // Both workers consume before the job's 300 tasks go out (one consumer with room for
+    // all of them would otherwise take them all).
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-consumers")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = ch
+            .queue_declare(
+                app.names.tasks_queue().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("tasks queue");
+        if q.consumer_count() >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workers not consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
 
     // Act: a job; then stop the processes so their exporters flush.
     let id = app.create_job(&firmware_job(json!({}))).await;
