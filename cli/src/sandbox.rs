@@ -139,6 +139,7 @@ async fn cleanup(settings: &Settings, namespace: &str) -> anyhow::Result<()> {
         names.tasks_queue(),
         names.results_queue(),
         names.dead_queue(),
+        names.dead_watch_queue(),
     ];
     queues.extend((0..settings.worker.retry_delays_ms.len()).map(|n| names.retry_queue(n)));
     for q in queues {

@@ -54,10 +54,8 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
     DeadLetter {
         message_id: p.message_id().as_ref().map(|s| s.to_string()),
         message_type: p.kind().as_ref().map(|s| s.to_string()),
-        source_queue: amqp::header_str(headers, HEADER_DEAD_SOURCE)
-            .or_else(|| x_death_queue(headers)),
-        reason: amqp::header_str(headers, HEADER_DEAD_REASON)
-            .or_else(|| x_death_queue(headers).map(|q| format!("rejected by a consumer of {q}"))),
+        source_queue: source_queue(headers),
+        reason: reason(headers),
         size: data.len(),
         head_hex: decoded.is_none().then(|| {
             data.iter()
@@ -67,6 +65,18 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
         }),
         decoded,
     }
+}
+
+/// The queue a dead-lettered message came from: the header a fleetbatch process set, else
+/// RabbitMQ's own `x-death`.
+pub(crate) fn source_queue(headers: Option<&FieldTable>) -> Option<String> {
+    amqp::header_str(headers, HEADER_DEAD_SOURCE).or_else(|| x_death_queue(headers))
+}
+
+/// Why a message was dead-lettered.
+pub(crate) fn reason(headers: Option<&FieldTable>) -> Option<String> {
+    amqp::header_str(headers, HEADER_DEAD_REASON)
+        .or_else(|| x_death_queue(headers).map(|q| format!("rejected by a consumer of {q}")))
 }
 
 /// The queue named in RabbitMQ's own `x-death` header (messages dead-lettered by a reject).

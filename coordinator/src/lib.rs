@@ -36,6 +36,12 @@
 //! - [`notify`]: signed, retried webhooks for job state changes and device failures.
 //! - [`outbound`]: where webhooks may go (an allowlist, else public addresses only).
 //! - [`deadletters`]: listing and replaying the dead-letter queue.
+//! - [`deadwatch`]: a dead-lettered task's device ends FAILED at once, with the reason.
+//! - [`wake`]: parked tasks (windows, offline devices, paused jobs) published when due.
+//! - [`reconcile`]: devices whose task was lost end with the reason, so every job finishes.
+//! - [`retention`]: finished jobs' data deleted after the retention.
+//! - [`memory`]: the Redis memory alarm, which pauses planning before Redis is full.
+//! - [`recurring`]: recurring schedules fire one child job per occurrence.
 //!
 //! # Flow of one job
 //! ```text
@@ -48,9 +54,11 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod deadletters;
+pub mod deadwatch;
 pub mod import;
 pub mod intake;
 pub mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod outbound;

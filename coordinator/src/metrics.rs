@@ -44,6 +44,13 @@ pub struct Metrics {
     pub tasks_woken: IntCounter,
     /// Tasks waiting in the parking lot (closed windows, offline devices).
     pub tasks_parked: prometheus::IntGauge,
+    /// 1 while Redis is at or above `coordinator.redis_memory_high_percent` of its
+    /// `maxmemory`: planners then publish nothing.
+    pub redis_memory_alarm: prometheus::IntGauge,
+    /// Redis `used_memory`, as last read.
+    pub redis_memory_used: prometheus::IntGauge,
+    /// Redis `maxmemory` (0: none), as last read.
+    pub redis_memory_max: prometheus::IntGauge,
     wave_devices: IntGaugeVec,
     queue_messages: IntGaugeVec,
     queue_consumers: IntGaugeVec,
@@ -134,6 +141,21 @@ impl Metrics {
             "Tasks waiting without a worker: outside their window or for an offline device",
         )
         .expect("static metric definition");
+        let redis_memory_alarm = prometheus::IntGauge::new(
+            "fleetbatch_redis_memory_alarm",
+            "1 while Redis memory is at or above the alarm level: planning is paused",
+        )
+        .expect("static metric definition");
+        let redis_memory_used = prometheus::IntGauge::new(
+            "fleetbatch_redis_memory_used_bytes",
+            "Redis used_memory, as last read by the memory watch",
+        )
+        .expect("static metric definition");
+        let redis_memory_max = prometheus::IntGauge::new(
+            "fleetbatch_redis_memory_max_bytes",
+            "Redis maxmemory (0: none), as last read by the memory watch",
+        )
+        .expect("static metric definition");
         let wave_devices = IntGaugeVec::new(
             Opts::new(
                 "fleetbatch_wave_devices",
@@ -177,6 +199,9 @@ impl Metrics {
             Box::new(gates.clone()),
             Box::new(tasks_woken.clone()),
             Box::new(tasks_parked.clone()),
+            Box::new(redis_memory_alarm.clone()),
+            Box::new(redis_memory_used.clone()),
+            Box::new(redis_memory_max.clone()),
             Box::new(wave_devices.clone()),
             Box::new(queue_messages.clone()),
             Box::new(queue_consumers.clone()),
@@ -198,6 +223,9 @@ impl Metrics {
             gates,
             tasks_woken,
             tasks_parked,
+            redis_memory_alarm,
+            redis_memory_used,
+            redis_memory_max,
             wave_devices,
             queue_messages,
             queue_consumers,

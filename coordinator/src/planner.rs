@@ -649,6 +649,7 @@ pub(crate) async fn send(
     if devices.is_empty() {
         return Ok(());
     }
+    wait_for_room(p, redis, job_id, devices.len()).await?;
     let now = now_ms();
     let queued = serde_json::to_string(&DeviceStatus {
         state: ExecutionState::Queued,
@@ -666,24 +667,31 @@ pub(crate) async fn send(
             .ignore();
     }
     let () = pipe.query_async(redis).await?;
-    wait_for_room(p, redis, job_id, devices.len()).await?;
     publish_batch(p, job_id, devices, now).await
 }
 
-/// Waits until the tasks queue has room for `n` more tasks under
-/// `coordinator.max_queued_tasks` (a batch larger than the bound goes once the queue is
-/// empty), keeping the planner's lease meanwhile.
+/// Waits until Redis is under its memory alarm ([`crate::memory`]) and the tasks queue has
+/// room for `n` more tasks under `coordinator.max_queued_tasks` (a batch larger than the
+/// bound goes once the queue is empty), keeping the planner's lease meanwhile.
 async fn wait_for_room(
     p: &Planners,
     redis: &mut ConnectionManager,
     job_id: Uuid,
     n: usize,
 ) -> anyhow::Result<()> {
+    let mut waited = Duration::ZERO;
+    while p.metrics.redis_memory_alarm.get() == 1 && !p.shutdown.is_cancelled() {
+        pause(p, ROOM_POLL).await;
+        waited += ROOM_POLL;
+        if waited >= Duration::from_secs(1) {
+            renew_lease(p, redis, job_id).await?;
+            waited = Duration::ZERO;
+        }
+    }
     let bound = u64::from(p.settings.coordinator.max_queued_tasks);
     if bound == 0 {
         return Ok(());
     }
-    let mut waited = Duration::ZERO;
     loop {
         let depth = u64::from(
             p.publisher

@@ -168,40 +168,14 @@ async fn settle(
             }
         }
         let lost = unheld(redis, names, job.id, lost).await?;
-        if !lost.is_empty() {
-            let statuses: Vec<(String, DeviceStatus)> = lost
-                .into_iter()
-                .map(|(device, old, (state, reason))| {
-                    tracing::warn!(job_id = %job.id, device_id = %device, state = state.as_str(), %reason, "device reconciled");
-                    (
-                        device,
-                        DeviceStatus {
-                            state,
-                            error: Some(reason),
-                            updated_at_ms: now,
-                            next_attempt_at_ms: None,
-                            worker: None,
-                            readings: None,
-                            ..old
-                        },
-                    )
-                })
-                .collect();
-            let outcomes: Vec<TerminalStatus<'_>> = statuses
-                .iter()
-                .map(|(device, status)| TerminalStatus {
-                    job_id: job.id,
-                    device_id: device,
-                    status,
-                })
-                .collect();
-            let summary = scripts
-                .record_terminal(redis, names, &outcomes, Reporter::Planner)
-                .await?;
-            for finished in summary.finished_jobs {
-                app.notifier.job_finished(redis, names, finished).await;
-            }
+        for (device, _, (state, reason)) in &lost {
+            tracing::warn!(job_id = %job.id, device_id = %device, state = state.as_str(), %reason, "device reconciled");
         }
+        let ended = lost
+            .into_iter()
+            .map(|(device, old, (state, reason))| (device, ended(old, state, reason, now)))
+            .collect();
+        end(app, scripts, redis, job.id, ended).await?;
         if next == 0 {
             return Ok(());
         }
@@ -209,10 +183,57 @@ async fn settle(
     }
 }
 
-type Lost = (String, DeviceStatus, (ExecutionState, String));
+/// `old` ended in `state` with `reason` at `now`.
+pub(crate) fn ended(
+    old: DeviceStatus,
+    state: ExecutionState,
+    reason: String,
+    now: u64,
+) -> DeviceStatus {
+    DeviceStatus {
+        state,
+        error: Some(reason),
+        updated_at_ms: now,
+        next_attempt_at_ms: None,
+        worker: None,
+        readings: None,
+        ..old
+    }
+}
+
+/// Records these terminal statuses of `job`'s devices through the outcome script (a device
+/// that already finished keeps its outcome) and announces the job if that finished it.
+pub(crate) async fn end(
+    app: &AppState,
+    scripts: &Scripts,
+    redis: &mut ConnectionManager,
+    job: Uuid,
+    statuses: Vec<(String, DeviceStatus)>,
+) -> anyhow::Result<()> {
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    let outcomes: Vec<TerminalStatus<'_>> = statuses
+        .iter()
+        .map(|(device, status)| TerminalStatus {
+            job_id: job,
+            device_id: device,
+            status,
+        })
+        .collect();
+    let summary = scripts
+        .record_terminal(redis, &app.names, &outcomes, Reporter::Planner)
+        .await?;
+    for finished in summary.finished_jobs {
+        app.notifier.job_finished(redis, &app.names, finished).await;
+    }
+    Ok(())
+}
+
+pub(crate) type Lost = (String, DeviceStatus, (ExecutionState, String));
 
 /// Keeps the devices no worker holds (no claim on their execution) and that are not parked.
-async fn unheld(
+pub(crate) async fn unheld(
     redis: &mut ConnectionManager,
     names: &Names,
     job: Uuid,

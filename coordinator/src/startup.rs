@@ -326,6 +326,13 @@ async fn broker_session(
         .tracker
         .clone()
         .spawn(crate::reconcile::run(state.clone(), session.clone()));
+    // Planning pauses while Redis is nearly full.
+    broker.tracker.clone().spawn(crate::memory::run(
+        state.redis.clone(),
+        state.metrics.clone(),
+        settings.coordinator.redis_memory_high_percent,
+        session.clone(),
+    ));
     // Finished jobs' data goes after its retention.
     broker
         .tracker
@@ -345,12 +352,19 @@ async fn broker_session(
         broker.publisher.channel().clone(),
         broker.planners.publisher.channel().clone(),
     ];
+    let dead_channel = connection.create_channel().await?;
     let result = tokio::select! {
         r = aggregate::run(
             aggregator,
             results_channel.clone(),
             format!("{instance}-results"),
         ) => r,
+        r = crate::deadwatch::run(
+            state.clone(),
+            dead_channel.clone(),
+            format!("{instance}-dead-watch"),
+            session.clone(),
+        ) => r.context("watching dead letters"),
         () = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -371,6 +385,7 @@ async fn broker_session(
     // call on the way out.
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = results_channel.close(200, "session ending".into()).await;
+        let _ = dead_channel.close(200, "session ending".into()).await;
         let _ = connection.close(200, "session ending".into()).await;
     })
     .await;

@@ -88,6 +88,10 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.ns)
     }
+    /// The coordinators' copy of every dead letter (a dead task's device ends at once).
+    pub fn dead_watch_queue(&self) -> String {
+        format!("{}.dead.watch", self.ns)
+    }
     /// Control broadcast exchange.
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.ns)
@@ -339,18 +343,20 @@ pub async fn declare(channel: &Channel, settings: &Settings) -> Result<(), AmqpE
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(names.dead_queue().into(), queue, queue_args(settings, &[]))
-        .await?;
-    channel
-        .queue_bind(
-            names.dead_queue().into(),
-            names.dead_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for q in [names.dead_queue(), names.dead_watch_queue()] {
+        channel
+            .queue_declare(q.clone().into(), queue, queue_args(settings, &[]))
+            .await?;
+        channel
+            .queue_bind(
+                q.into(),
+                names.dead_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
 
     let dlx = [("x-dead-letter-exchange", long(&names.dead_exchange()))];
     for (exchange, q, key) in [

@@ -364,6 +364,85 @@ async fn a_redis_crash_while_planning_is_survived() {
 }
 
 #[tokio::test]
+async fn a_nearly_full_redis_pauses_planning_with_an_alarm_and_the_job_goes_on_once_memory_is_freed()
+ {
+    let redis_server = PrivateRedis::start().await;
+    let url = redis_server.url();
+    let app = spawn_app(1, &[("FLEETBATCH_REDIS__URL", &url)]).await;
+    let n = 1_000;
+    app.import_fleet(n).await;
+
+    // Redis at about 93 % of its maxmemory (noeviction, as deploy/ sets it): 56 strings of
+    // just under 1 MiB (each fills its allocation class) under a limit 60 MiB above what
+    // is used now.
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("private redis");
+    let info: redis::InfoDict = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut redis)
+        .await
+        .expect("info");
+    let used: u64 = info.get("used_memory").expect("used_memory");
+    let mib = 1024 * 1024;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg(used + 60 * mib)
+        .query_async(&mut redis)
+        .await
+        .expect("config set");
+    let junk = vec![b'x'; (mib - 64) as usize];
+    for k in 0..56 {
+        let () = redis::AsyncCommands::set(&mut redis, format!("junk:{k}"), &junk)
+            .await
+            .expect("fill");
+    }
+    let alarm = || async {
+        let (_, text) = app.get_text(&app.url("/metrics")).await;
+        crate::helpers::gauge(&text, "fleetbatch_redis_memory_alarm", &[])
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while alarm().await != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no memory alarm at 93 % of maxmemory"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A job created now is accepted and held: nothing published, no device contacted.
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, text) = app.get_text(&app.url("/metrics")).await;
+    assert_eq!(
+        crate::helpers::metric(&text, "fleetbatch_tasks_published_total", &[]),
+        0.0,
+        "tasks published while Redis was nearly full"
+    );
+    let job = app.job(id).await;
+    assert_eq!(job["state"], "IN_PROGRESS", "{job}");
+    assert_eq!(job["terminal"], 0, "{job}");
+
+    // Memory freed: the alarm clears and the job finishes exact.
+    for k in 0..56 {
+        let () = redis::AsyncCommands::del(&mut redis, format!("junk:{k}"))
+            .await
+            .expect("free");
+    }
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    assert_eq!(alarm().await, 0.0);
+    app.teardown().await;
+    drop(redis_server);
+}
+
+#[tokio::test]
 async fn offline_devices_are_parked_and_retried_until_they_answer_run_out_of_attempts_or_time() {
     // Arrange: 5% of devices stay silent for their first 3 deliveries of each job.
     let app = spawn_mixed(
@@ -632,6 +711,60 @@ async fn tasks_removed_from_the_broker_by_hand_end_timed_out_with_the_reason_and
         let why = s.error.as_deref().unwrap_or_default();
         assert!(why.contains("lost"), "{device}: {why}");
     }
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_task_dead_lettered_as_poison_ends_its_device_failed_with_the_reason_at_once() {
+    let mut app = spawn_app(0, &[]).await;
+    let n = 200;
+    app.import_fleet(n).await;
+    // No deadline: without a watch on the dead letters the job would wait for the silence
+    // sweep (an hour).
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    crate::rollouts::wait_until(&app, id, Duration::from_secs(30), |j| {
+        j["planning_done"] == true
+    })
+    .await;
+    // One task taken off the queue and put back as poison: a copy a worker must refuse.
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-poison")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let taken = ch
+        .basic_get(
+            app.names.tasks_queue().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic_get")
+        .expect("a task waits");
+    let _ = conn.close(200, "done".into()).await;
+    let mut task = shared::messages::decode_task(&taken.delivery.data).expect("a task");
+    task.attempts = shared::job::MAX_ATTEMPTS + 1;
+    app.publish_raw(
+        app.names.tasks_exchange(),
+        shared::topology::TASK_ROUTING_KEY,
+        &shared::messages::encode(&task).expect("encode"),
+    )
+    .await;
+    app.cluster.start_worker().expect("worker");
+
+    // The poisoned device ends FAILED with the dead-letter reason, every other device
+    // SUCCEEDED, the job COMPLETED; the operators' queue still has the message to look at.
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["failed"], 1, "{job}");
+    assert_eq!(job["succeeded"], n - 1, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let poisoned = &statuses[&task.device_id];
+    assert_eq!(poisoned.state, ExecutionState::Failed, "{poisoned:?}");
+    let why = poisoned.error.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("dead-lettered from") && why.contains("attempts"),
+        "{why}"
+    );
+    assert_eq!(app.drain_dead_letters().await.len(), 1);
     app.teardown().await;
 }
 

@@ -79,14 +79,29 @@ pub async fn run(
                         ))
                         .catch_unwind()
                         .await;
-                        let outcome = handled.unwrap_or_else(|panic| {
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| (*s).to_owned())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            Outcome::DeadLetter(format!("the task's handler panicked: {what}"))
-                        });
+                        let outcome = match handled {
+                            Ok(outcome) => outcome,
+                            Err(panic) => {
+                                let what = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| (*s).to_owned())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "unknown panic".into());
+                                // The handler holds nothing any more: its claim goes, so the
+                                // coordinators can end the device with the reason at once.
+                                if let Ok(task) = shared::messages::decode_task(&delivery.data) {
+                                    let mut redis = ctx.redis.clone();
+                                    let _ = crate::idempotency::release(
+                                        &mut redis,
+                                        &ctx.names,
+                                        task.execution_id,
+                                        &ctx.worker_id,
+                                    )
+                                    .await;
+                                }
+                                Outcome::DeadLetter(format!("the task's handler panicked: {what}"))
+                            }
+                        };
                         settle(&ctx, delivery, outcome).await;
                         ctx.metrics
                             .last_settled_ms

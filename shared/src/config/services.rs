@@ -99,6 +99,10 @@ pub struct CoordinatorSettings {
     /// this many messages, so a job of millions never floods the broker and a job created
     /// later waits behind at most this many tasks (0: no bound).
     pub max_queued_tasks: u32,
+    /// Redis memory alarm: while Redis uses this percent of its `maxmemory` or more,
+    /// planners publish nothing (results are still recorded) and the alarm gauge
+    /// `fleetbatch_redis_memory_alarm` is 1. 0: off; no effect while Redis has no `maxmemory`.
+    pub redis_memory_high_percent: u8,
     /// Prefetch of the results consumer; results are recorded in Redis in batches of up to
     /// this many.
     pub results_prefetch: u16,
