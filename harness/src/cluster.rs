@@ -65,6 +65,8 @@ pub struct Cluster {
     ca_pem: Option<Vec<u8>>,
     coordinator: Option<Child>,
     coordinator_starts: usize,
+    /// Further coordinators of the same deployment (active-active), each on its own port.
+    more_coordinators: Vec<Child>,
     workers: Vec<Option<Child>>,
     fleet_sims: Vec<Child>,
     /// Processes SIGKILLed on purpose: their deaths are not failures.
@@ -114,6 +116,7 @@ impl Cluster {
             ),
             coordinator: None,
             coordinator_starts: 0,
+            more_coordinators: Vec::new(),
             workers: Vec::new(),
             fleet_sims: Vec::new(),
             killed: HashSet::new(),
@@ -199,6 +202,45 @@ impl Cluster {
                     "the coordinator did not answer within 30 s; see {}",
                     self.coordinator_log().display()
                 );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts one more coordinator of the same deployment (same namespace, Redis and broker),
+    /// with its API on a port of its own; waits until it answers. Returns its process id and
+    /// API address. [`Self::stop_all`] stops it (continuing it first if it was stopped).
+    ///
+    /// # Errors
+    /// It did not start, or did not answer within 30 s.
+    pub async fn start_another_coordinator(&mut self) -> anyhow::Result<(u32, String)> {
+        let port = free_port()?;
+        let scheme = self.api.split("://").next().unwrap_or("http");
+        let api = format!("{scheme}://127.0.0.1:{port}");
+        let n = self.more_coordinators.len() + 1;
+        let env = [
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__BOOTSTRAP_TOKEN".to_owned(),
+                self.admin_token.clone(),
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__LISTEN".to_owned(),
+                format!("127.0.0.1:{port}"),
+            ),
+        ];
+        let child = self.spawn("coordinator", &format!("coordinator-{n}.log"), &env)?;
+        let pid = child.id().context("the coordinator has no process id")?;
+        self.more_coordinators.push(child);
+        let client = self.client_builder()?.build()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{api}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return Ok((pid, api));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("coordinator {n} did not answer within 30 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -381,6 +423,14 @@ impl Cluster {
             problems.extend(outcome.map(|p| format!("coordinator: {p}")));
             self.coordinator = None;
         }
+        for (i, child) in self.more_coordinators.iter_mut().enumerate() {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+            }
+            let outcome = stop(child, timeout, &self.killed).await;
+            problems.extend(outcome.map(|p| format!("coordinator {}: {p}", i + 1)));
+        }
+        self.more_coordinators.clear();
         for (i, sim) in self.fleet_sims.iter_mut().enumerate() {
             if let Ok(Some(status)) = sim.try_wait() {
                 problems.push(format!("fleet-sim {i}: exited on its own ({status})"));

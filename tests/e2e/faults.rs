@@ -672,6 +672,97 @@ async fn a_planner_that_loses_its_lease_stops_publishing_and_the_job_is_adopted_
 }
 
 #[tokio::test]
+async fn a_planning_coordinator_stalled_past_its_lease_is_replaced_and_publishes_at_most_one_batch_again()
+ {
+    // Arrange: two coordinators of one deployment; a job slow to publish (250 devices/s on
+    // 6,000 devices: 24 s of planning) so the stall falls mid-plan.
+    let mut app = spawn_app(2, &[]).await;
+    let (second_pid, second_api) = app
+        .cluster
+        .start_another_coordinator()
+        .await
+        .expect("second coordinator");
+    let n = 6_000;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 250}})))
+        .await;
+    app.wait_for_terminal(id, 300, Duration::from_secs(60))
+        .await;
+    let mut redis = app.redis.clone();
+    let holder: String = redis::AsyncCommands::get(&mut redis, app.names.planner_lock(id))
+        .await
+        .expect("a coordinator holds the planner lease");
+    let first_pid = app.cluster.coordinator_pid().expect("first coordinator");
+    let stalled = if holder.contains(&format!("-{first_pid}-")) {
+        first_pid
+    } else {
+        assert!(holder.contains(&format!("-{second_pid}-")), "{holder}");
+        second_pid
+    };
+    // The checkpointed count, sampled every 100 ms for the whole test: it never moves back.
+    let sampler = {
+        let (mut r, key) = (redis.clone(), app.names.job(id));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let published: Option<u64> = redis::AsyncCommands::hget(&mut r, &key, "published")
+                    .await
+                    .expect("published");
+                let state: Option<String> = redis::AsyncCommands::hget(&mut r, &key, "state")
+                    .await
+                    .expect("state");
+                seen.push(published.unwrap_or(0));
+                if state.as_deref() == Some("COMPLETED") {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    // Act: the planning coordinator is stopped for longer than its 15 s lease, then
+    // continued while the other one plans.
+    let pid = nix::unistd::Pid::from_raw(stalled as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_secs(19)).await;
+    let taken: String = redis::AsyncCommands::get(&mut redis, app.names.planner_lock(id))
+        .await
+        .expect("the job's planning was taken over");
+    assert!(
+        !taken.contains(&format!("-{stalled}-")),
+        "still held by the stalled coordinator: {taken}"
+    );
+    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    // The continued process first closes the idle HTTP connections it timed out meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Assert: the job is exact; the checkpoint never moved back; both coordinators together
+    // published at most one batch (500) beyond the job's devices.
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    app.assert_exact(id, &fleet_ids(n)).await;
+    let seen = tokio::time::timeout(Duration::from_secs(10), sampler)
+        .await
+        .expect("sampler ends")
+        .expect("sampler");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the checkpoint moved back: {seen:?}"
+    );
+    let mut total = 0.0;
+    for api in [app.cluster.api.clone(), second_api] {
+        let (_, text) = app.get_text(&format!("{api}/metrics")).await;
+        total += crate::helpers::metric(&text, "fleetbatch_tasks_published_total", &[]);
+    }
+    assert!(
+        total <= (n + 500) as f64,
+        "{total} tasks published for {n} devices"
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
 async fn tasks_removed_from_the_broker_by_hand_end_timed_out_with_the_reason_and_the_job_completes()
 {
     let mut app = spawn_app(0, &[("FLEETBATCH_COORDINATOR__RECONCILE_GRACE_SECS", "2")]).await;
