@@ -180,6 +180,9 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
         anyhow::bail!("job {job_id} vanished before planning");
     };
     if record.state == JobState::Scheduled {
+        if let Some(score) = lane(&record) {
+            reserve_lanes(p, redis, &record, score).await?;
+        }
         if !wait_for_start(p, redis, &record).await? {
             return Ok(());
         }
@@ -214,6 +217,49 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
     }
     Ok(())
 }
+
+/// Puts a SCHEDULED job in the lane of every device it is to be sent to, so that jobs
+/// starting at the same time reach each device in priority order, whichever planner
+/// publishes first. Repeating it (a restarted planner) changes nothing.
+async fn reserve_lanes(
+    p: &Planners,
+    redis: &mut ConnectionManager,
+    record: &store::JobRecord,
+    score: f64,
+) -> anyhow::Result<()> {
+    let mut targets = Targets::new(&p.names, record.id, &record.spec, 1);
+    targets.set_batch(LANE_BATCH);
+    let mut cursor: Option<String> = None;
+    loop {
+        if p.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        renew_lease(p, redis, record.id).await?;
+        let (decisions, next) = targets
+            .next_batch(redis, &p.names, cursor.as_deref())
+            .await
+            .context("reading targets")?;
+        let devices: Vec<&str> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Send(device) => Some(device.as_str()),
+                Decision::Skip { .. } => None,
+            })
+            .collect();
+        if !devices.is_empty() {
+            let mut pipe = redis::pipe();
+            join_lanes(&mut pipe, &p.names, record.id, score, &devices);
+            let () = pipe.query_async(redis).await?;
+        }
+        match next {
+            Some(n) => cursor = Some(n),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Devices put in their lanes per round trip before a scheduled job starts.
+const LANE_BATCH: usize = 2_000;
 
 /// Holds a SCHEDULED job until its start time, then starts it. Returns false on shutdown;
 /// true once the job started (or was canceled meanwhile: planning then cancels its devices).
@@ -638,12 +684,21 @@ impl Pace {
     }
 }
 
+/// A job's place in its devices' lanes (one job at a time per device), or `None` for a
+/// job that may run alongside others.
+pub(crate) fn lane(record: &store::JobRecord) -> Option<f64> {
+    (!record.spec.concurrent)
+        .then(|| shared::job::lane_score(record.spec.priority, record.created_at_ms))
+}
+
 /// Marks `devices` QUEUED (a device without a status is not a target: workers and the
-/// aggregator refuse tasks and results for it), then publishes their tasks.
+/// aggregator refuse tasks and results for it) and puts the job in each device's lane
+/// (`lane`: see [`lane`]), then publishes their tasks.
 pub(crate) async fn send(
     p: &Planners,
     redis: &mut ConnectionManager,
     job_id: Uuid,
+    lane: Option<f64>,
     devices: &[&str],
 ) -> anyhow::Result<()> {
     if devices.is_empty() {
@@ -665,6 +720,9 @@ pub(crate) async fn send(
     for device in devices {
         pipe.hset_nx(p.names.job_status(job_id), *device, &queued)
             .ignore();
+    }
+    if let Some(score) = lane {
+        join_lanes(&mut pipe, &p.names, job_id, score, devices);
     }
     let () = pipe.query_async(redis).await?;
     publish_batch(p, job_id, devices, now).await
@@ -722,6 +780,25 @@ async fn wait_for_room(
 
 /// How often a planner waiting for room looks at the tasks queue again.
 const ROOM_POLL: Duration = Duration::from_millis(50);
+
+/// Adds the job to each device's lane (kept where it already is).
+fn join_lanes(
+    pipe: &mut redis::Pipeline,
+    names: &Names,
+    job_id: Uuid,
+    score: f64,
+    devices: &[&str],
+) {
+    let id = job_id.to_string();
+    for device in devices {
+        pipe.cmd("ZADD")
+            .arg(names.device_lane(device))
+            .arg("NX")
+            .arg(score)
+            .arg(&id)
+            .ignore();
+    }
+}
 
 /// Records devices that end without a task (SKIPPED, or CANCELED before being sent).
 pub(crate) async fn conclude(
@@ -899,7 +976,7 @@ async fn plan_flat(
                 )),
             }
         }
-        send(p, redis, job_id, &sent).await?;
+        send(p, redis, job_id, lane(record), &sent).await?;
         conclude(p, redis, job_id, &final_statuses).await?;
 
         // Checkpoint: cursor and counts move together, after the batch is safely out.

@@ -346,7 +346,7 @@ async fn publish(
             });
         }
         let devices: Vec<&str> = batch.iter().map(String::as_str).collect();
-        planner::send(p, redis, job_id, &devices).await?;
+        planner::send(p, redis, job_id, planner::lane(record), &devices).await?;
         offset += devices.len();
         published += devices.len() as u64;
         planner::checkpoint(

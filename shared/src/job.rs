@@ -43,6 +43,14 @@ pub struct JobSpec {
     /// When each device may be contacted (maintenance windows).
     #[serde(default, skip_serializing_if = "crate::window::Maintenance::is_empty")]
     pub maintenance: crate::window::Maintenance,
+    /// Order among jobs waiting for the same device: higher first (0 to
+    /// [`MAX_PRIORITY`]), then the earlier job. A device runs one job at a time.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub priority: u16,
+    /// May run on a device alongside other jobs (no waiting for the device's turn, and no
+    /// job waits for this one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concurrent: bool,
     /// Success means healthy: after the device reports SUCCEEDED it must report healthy
     /// within the window, or the execution ends UNHEALTHY (or ROLLED_BACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,6 +58,17 @@ pub struct JobSpec {
     /// What undoes the action (e.g. the previous firmware), for `fleetbatch job rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Action>,
+}
+
+/// The largest `priority` a job may have.
+pub const MAX_PRIORITY: u16 = 1000;
+
+/// A job's place in a device's queue of jobs (lower goes first): higher priority first, then
+/// the earlier job. Exact in an `f64` (a Redis sorted-set score) for every priority and any
+/// creation time before the year 2100.
+pub fn lane_score(priority: u16, created_at_ms: u64) -> f64 {
+    let rank = u64::from(MAX_PRIORITY.saturating_sub(priority.min(MAX_PRIORITY)));
+    (rank * (1u64 << 42) + created_at_ms.min((1u64 << 42) - 1)) as f64
 }
 
 /// When a job starts and ends (RFC 3339 times, e.g. `2026-12-05T02:00:00+01:00`).
@@ -561,6 +580,12 @@ impl JobSpec {
     /// # Errors
     /// The first problem found, naming its field.
     pub fn validate(&self, limits: SpecLimits) -> Result<(), SpecError> {
+        if self.priority > MAX_PRIORITY {
+            return Err(SpecError::new(
+                "priority",
+                format!("{}: at most {MAX_PRIORITY}", self.priority),
+            ));
+        }
         let t = &self.target;
         if t.devices.is_empty()
             && t.groups.is_empty()

@@ -1,5 +1,6 @@
 //! The parking lot: tasks that wait in Redis, not in a worker or on a broker queue, until
-//! their device's maintenance window opens or the device comes online.
+//! their device's maintenance window opens, the device comes online, or the job ahead of
+//! them on the device ends (one job at a time per device).
 //!
 //! Owns the parked-task keys ([`Names::parked_due`] and friends), device presence
 //! ([`Names::presence`]) and the scripts that move tasks in and out atomically:
@@ -13,6 +14,8 @@
 //!   releases them, unless a newer park of the same execution replaced them meanwhile (each
 //!   park carries its own token).
 //! - [`announce`]: a device's presence; `online` makes every task waiting for it due now.
+//!   The recording script does the same when a job leaves a device's lane
+//!   ([`crate::store::Scripts::record_terminal`]).
 //! - [`wake_job`]: every parked task of a job due now (cancel, abort, resume).
 //!
 //! It never decides whether a device is delivered to: [`crate::window`] and the worker do.
@@ -29,6 +32,9 @@ pub enum Wait {
     Until(u64),
     /// Until its device announces itself online, or `due_ms` (the job's deadline) passes.
     Device(Option<u64>),
+    /// Until the job ahead of it on its device ends (which wakes the device's parked
+    /// tasks), or `due_ms`.
+    Turn(u64),
 }
 
 /// A task taken from the lot, to publish and then [`release`].
@@ -48,7 +54,7 @@ if ARGV[5] == '1' and redis.call('HGET', KEYS[5], ARGV[4]) ~= 'offline' then ret
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
-if ARGV[5] == '1' then redis.call('SADD', KEYS[4], ARGV[1]) end
+if ARGV[5] ~= '0' then redis.call('SADD', KEYS[4], ARGV[1]) end
 return 1
 "#;
 
@@ -104,10 +110,11 @@ pub async fn park(
     })?;
     let mut stored = Uuid::new_v4().as_bytes().to_vec();
     stored.extend_from_slice(&body);
-    let (due, for_device) = match wait {
-        Wait::Until(ms) => (ms.to_string(), false),
-        Wait::Device(Some(ms)) => (ms.to_string(), true),
-        Wait::Device(None) => ("+inf".to_owned(), true),
+    let (due, kind) = match wait {
+        Wait::Until(ms) => (ms.to_string(), "0"),
+        Wait::Device(Some(ms)) => (ms.to_string(), "1"),
+        Wait::Device(None) => ("+inf".to_owned(), "1"),
+        Wait::Turn(ms) => (ms.to_string(), "2"),
     };
     let parked: i64 = Script::new(PARK)
         .key(names.parked_due())
@@ -119,7 +126,7 @@ pub async fn park(
         .arg(due)
         .arg(stored)
         .arg(&task.device_id)
-        .arg(if for_device { "1" } else { "0" })
+        .arg(kind)
         .invoke_async(redis)
         .await?;
     Ok(parked == 1)

@@ -377,11 +377,14 @@ local function attempts_of(raw)
 end
 "#;
 
-/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of, device record;
+/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of, device record,
+/// device lane, the device's parked tasks, parked due;
 /// ARGV device, counter, status-json, state, now, job-id, `1` when the device must already
 /// have a status (a device's result: only targets have one), the job's wave-key prefix. A
 /// device with a wave counts in its wave's counters too; a device that SUCCEEDED at a
-/// firmware job (`sets_firmware` on the job) runs that version from then on. Returns -1 (no such job), -2 (not a target),
+/// firmware job (`sets_firmware` on the job) runs that version from then on. The job leaves
+/// the device's lane; if another job waits there, the device's parked tasks are due now.
+/// Returns -1 (no such job), -2 (not a target),
 /// 0 (already terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
@@ -402,6 +405,11 @@ if ARGV[4] == 'SUCCEEDED' then
   local fw = redis.call('HGET', KEYS[1], 'sets_firmware')
   if fw and fw ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('HSET', KEYS[7], 'fw', fw)
+  end
+end
+if redis.call('ZREM', KEYS[8], ARGV[6]) == 1 and redis.call('EXISTS', KEYS[8]) == 1 then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[9])) do
+    redis.call('ZADD', KEYS[10], 'XX', ARGV[5], id)
   end
 end
 local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
@@ -538,7 +546,7 @@ impl Scripts {
             })?;
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(7)
+                .arg(10)
                 .arg(names.job(o.job_id))
                 .arg(names.job_counts(o.job_id))
                 .arg(names.job_status(o.job_id))
@@ -546,6 +554,9 @@ impl Scripts {
                 .arg(names.active_jobs())
                 .arg(names.job_wave_of(o.job_id))
                 .arg(names.device(o.device_id))
+                .arg(names.device_lane(o.device_id))
+                .arg(names.parked_device(o.device_id))
+                .arg(names.parked_due())
                 .arg(o.device_id)
                 .arg(o.status.state.counter())
                 .arg(json)

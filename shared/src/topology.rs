@@ -244,6 +244,11 @@ impl Names {
     pub fn parked_device(&self, device: &str) -> String {
         format!("{}:parked:device:{device}", self.ns)
     }
+    /// Sorted set of the unfinished jobs (ids) that wait for one device, in the order the
+    /// device gets them ([`crate::job::lane_score`]): only the first is delivered.
+    pub fn device_lane(&self, device: &str) -> String {
+        format!("{}:lane:{device}", self.ns)
+    }
     /// Hash device id -> `online` | `offline`, as the devices last announced it.
     pub fn presence(&self) -> String {
         format!("{}:presence", self.ns)

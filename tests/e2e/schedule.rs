@@ -270,3 +270,77 @@ async fn a_recurring_job_fires_each_occurrence_once_across_a_coordinator_sigkill
     assert!(out.contains("deleted"), "{out}");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn two_jobs_for_the_same_devices_reach_each_device_one_at_a_time_higher_priority_first() {
+    // Deliveries of 20 ms, so each job holds a device for a measurable span.
+    let port = harness::cluster::free_port().expect("port");
+    let mut app = http_fleet_with(
+        port,
+        "0",
+        "0",
+        &[("FLEETBATCH_SIMULATOR__LATENCY_MS", "20")],
+    )
+    .await;
+    let n = 1_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+
+    // Created together (the lower priority first), starting at the same moment.
+    let (start_at, start_ms) = in_ms(4_000);
+    let spec = |priority: u16, version: &str| {
+        let mut spec = firmware_job(json!({"priority": priority,
+            "schedule": {"start_at": start_at}}));
+        spec["action"]["version"] = json!(version);
+        spec
+    };
+    let low = app.create_job(&spec(1, "2.0.1")).await;
+    let high = app.create_job(&spec(10, "2.0.2")).await;
+    for id in [low, high] {
+        let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+        assert_eq!(job["state"], "COMPLETED", "{job}");
+        assert_eq!(job["succeeded"], n, "{job}");
+        // A device's next job goes as soon as the one before it ends there, not after the
+        // minute a waiting task looks again on its own.
+        let took = job["finished_at_ms"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(start_ms);
+        assert!(took < 30_000, "job {id} took {took} ms after its start");
+        app.assert_exact(id, &fleet_ids(n)).await;
+    }
+
+    // On every device, from its own clock: the higher priority job's delivery was answered
+    // before the lower priority job's first delivery reached it.
+    let spans = |v: Value| -> std::collections::HashMap<String, (u64, u64)> {
+        v.as_object()
+            .expect("an object")
+            .iter()
+            .map(|(d, c)| {
+                let first = c["first_ms"].as_u64().expect("first");
+                let replied = c["replied_ms"].as_u64().expect("replied");
+                (d.clone(), (first, replied))
+            })
+            .collect()
+    };
+    let hi = spans(get_json(&app, &format!("{sim}/contacts/{high}")).await);
+    let lo = spans(get_json(&app, &format!("{sim}/contacts/{low}")).await);
+    assert_eq!((hi.len() as u64, lo.len() as u64), (n, n));
+    let mut overlaps: Vec<String> = hi
+        .iter()
+        .filter(|(d, (_, hi_replied))| lo[*d].0 < *hi_replied)
+        .map(|(d, (hi_first, hi_replied))| {
+            format!(
+                "{d}: priority 10 at {hi_first}..{hi_replied}, priority 1 at {}",
+                lo[d].0
+            )
+        })
+        .collect();
+    overlaps.sort();
+    assert!(
+        overlaps.is_empty(),
+        "{} devices reached out of turn: {:?}",
+        overlaps.len(),
+        &overlaps[..overlaps.len().min(5)]
+    );
+    app.teardown().await;
+}

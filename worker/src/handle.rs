@@ -42,6 +42,9 @@ use shared::{
 
 /// How long a paused job's task waits before it is looked at again (resume wakes it at once).
 const PAUSED_RECHECK_MS: u64 = 60_000;
+/// How long a task waiting for its device's turn waits at most before it looks again (the
+/// end of the job ahead wakes it at once).
+const TURN_RECHECK_MS: u64 = 60_000;
 
 /// Everything a handler needs, shared by all handlers of a worker.
 #[derive(Debug)]
@@ -250,6 +253,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
         &ctx.worker_id,
         lease,
         &claimed,
+        job.state.is_live() && !job.spec.concurrent,
     )
     .await?
     {
@@ -266,6 +270,27 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             );
             tracing::error!(%reason, security_event = "task_refused", "refusing a task");
             return Ok(Outcome::DeadLetter(reason));
+        }
+        NextAction::WaitForTurn { behind } => {
+            // Nothing held: the task waits in the parking lot, woken when the job ahead ends
+            // on the device (or looked at again within a minute).
+            let due = now_ms()
+                .saturating_add(TURN_RECHECK_MS)
+                .min(job.deadline_ms.unwrap_or(u64::MAX));
+            parking::park(&mut redis, &ctx.names, task, Wait::Turn(due)).await?;
+            // The job ahead may have ended between the claim and the park, its end then
+            // finding nothing to wake: looked at once more, now that the task is parked.
+            idempotency::recheck_turn(&mut redis, &ctx.names, task).await?;
+            note_waiting(
+                ctx,
+                task,
+                ExecutionState::WaitingForDevice,
+                None,
+                &format!("waits for job {behind}, which has the device first"),
+            )
+            .await;
+            mark(ctx, "waiting_for_turn");
+            return Ok(Outcome::Ack);
         }
         NextAction::HeldByOther { holder } => {
             tracing::debug!(%holder, "execution claimed by another worker; retrying later");

@@ -59,6 +59,12 @@ pub enum NextAction {
         /// The holder.
         holder: String,
     },
+    /// Another job has the device (ahead in its lane, or already started on it): nothing
+    /// was claimed or written; the task waits its turn.
+    WaitForTurn {
+        /// The job that has the device.
+        behind: String,
+    },
 }
 
 const CLAIM: &str = "c:";
@@ -70,10 +76,20 @@ const DONE: &[u8] = b"d:";
 /// (a planner's re-published batch) starts from the recorded number, not from its own.
 /// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON, its
 /// attempts.
-/// Returns {1, recorded attempts as a string}, {0, the record's value}, or {-1, ''} for a
-/// device the job does not target (no status: the planner writes QUEUED before publishing).
+/// One job at a time per device: with ARGV job id (then the prefix of a job's key and the
+/// suffix of its status hash's; KEYS device lane), an execution waits while a job ahead of
+/// it in the device's lane is unfinished (sent to the device or not yet), or any other job
+/// of the lane has started on the device. Jobs that finished on the device, ended or
+/// vanished leave the lane here.
+/// Returns {1, recorded attempts as a string}, {0, the record's value}, {-1, ''} for a
+/// device the job does not target (no status: the planner writes QUEUED before publishing),
+/// or {-2, job} while `job` has the device.
 const CLAIM_LUA: &str = r#"
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {-1, ''} end
+if ARGV[6] ~= '' and not is_terminal(redis.call('HGET', KEYS[2], ARGV[3])) then
+  local b = blocker(KEYS[3], ARGV[6], ARGV[3], ARGV[7], ARGV[8])
+  if b then return {-2, b} end
+end
 local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not mine then
   local held = redis.call('GET', KEYS[1])
@@ -91,6 +107,51 @@ redis.call('HSET', KEYS[2], ARGV[3], status)
 return {1, tostring(recorded)}
 "#;
 
+/// `blocker(lane, job, device, prefix, suffix)`: the job that has `device` before `job` (one
+/// ahead of it in the device's lane and unfinished there, sent to the device or not yet, or
+/// any other job of the lane already started on it), or nil. Jobs that finished on the
+/// device, ended or vanished leave the lane here. A job's key is `prefix .. id`, its status
+/// hash `prefix .. id .. suffix`.
+const LANE_LUA: &str = r#"
+local function blocker(lane, job, device, prefix, suffix)
+  local ahead = true
+  for _, j in ipairs(redis.call('ZRANGE', lane, 0, 15)) do
+    if j == job then
+      ahead = false
+    else
+      local st = redis.call('HGET', prefix .. j .. suffix, device)
+      local gone = false
+      if st then
+        gone = is_terminal(st)
+      else
+        local js = redis.call('HGET', prefix .. j, 'state')
+        gone = not js or js == 'COMPLETED' or js == 'CANCELED' or js == 'ABORTED'
+      end
+      if gone then
+        redis.call('ZREM', lane, j)
+      else
+        local s = state_of(st or '')
+        if ahead or s == 'IN_PROGRESS' or s == 'RETRY_SCHEDULED' or s == 'VERIFYING' then
+          return j
+        end
+      end
+    end
+  end
+  return nil
+end
+"#;
+
+/// After a task waiting for its turn was parked: if the device is free by now (the job ahead
+/// ended between the claim and the park, and its end found nothing to wake), the parked
+/// task is due at once. KEYS lane, parked due; ARGV job, device, prefix, suffix, execution,
+/// now. Returns the blocking job, or '' when it was made due.
+const RECHECK_LUA: &str = r#"
+local b = blocker(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if b then return b end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[6], ARGV[5])
+return ''
+"#;
+
 /// Between two attempts: if the claim is still ours, renews it and records the device's
 /// progress (attempts so far, last error, next attempt time) unless it already finished.
 /// KEYS idempotency, status; ARGV claim, lease ms, device, status JSON. Returns 1 or 0.
@@ -105,7 +166,9 @@ return 1
 
 /// The scripts, with the status helpers prepended; built (and hashed) once per process.
 static CLAIM_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{}{CLAIM_LUA}", store::STATUS_LUA)));
+    LazyLock::new(|| Script::new(&format!("{}{LANE_LUA}{CLAIM_LUA}", store::STATUS_LUA)));
+static RECHECK_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{LANE_LUA}{RECHECK_LUA}", store::STATUS_LUA)));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
@@ -126,19 +189,34 @@ pub async fn try_claim(
     worker: &str,
     lease: Duration,
     in_progress: &DeviceStatus,
+    exclusive: bool,
 ) -> Result<NextAction, IdempotencyError> {
+    let (prefix, suffix) = job_key_parts(names);
     let (claimed, value): (i64, Vec<u8>) = CLAIM_SCRIPT
         .key(names.idempotency(task.execution_id))
         .key(names.job_status(task.job_id))
+        .key(names.device_lane(&task.device_id))
         .arg(format!("{CLAIM}{worker}"))
         .arg(lease.as_millis() as u64)
         .arg(&task.device_id)
         .arg(serde_json::to_string(in_progress)?)
         .arg(in_progress.attempts)
+        .arg(if exclusive {
+            task.job_id.to_string()
+        } else {
+            String::new()
+        })
+        .arg(prefix)
+        .arg(suffix)
         .invoke_async(redis)
         .await?;
     if claimed == -1 {
         return Ok(NextAction::NotTargeted);
+    }
+    if claimed == -2 {
+        return Ok(NextAction::WaitForTurn {
+            behind: String::from_utf8_lossy(&value).into_owned(),
+        });
     }
     if claimed == 1 {
         // A Lua number: "3", or "3.0"-like from a float in a hand-edited status.
@@ -156,6 +234,39 @@ pub async fn try_claim(
         .trim_start_matches(CLAIM)
         .to_owned();
     Ok(NextAction::HeldByOther { holder })
+}
+
+/// A job's key is `prefix + id`, its status hash's `prefix + id + suffix`.
+fn job_key_parts(names: &Names) -> (String, String) {
+    let nil = Uuid::nil();
+    let prefix = names.job(nil).replace(&nil.to_string(), "");
+    let suffix = names.job_status(nil).replace(&names.job(nil), "");
+    (prefix, suffix)
+}
+
+/// Called once a task that waits for its device's turn is parked: makes it due at once if
+/// the device became free meanwhile. Returns whether it is still waiting.
+///
+/// # Errors
+/// Redis errors.
+pub async fn recheck_turn(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    task: &DeviceTask,
+) -> Result<bool, IdempotencyError> {
+    let (prefix, suffix) = job_key_parts(names);
+    let blocker: String = RECHECK_SCRIPT
+        .key(names.device_lane(&task.device_id))
+        .key(names.parked_due())
+        .arg(task.job_id.to_string())
+        .arg(&task.device_id)
+        .arg(prefix)
+        .arg(suffix)
+        .arg(task.execution_id.to_string())
+        .arg(shared::now_ms())
+        .invoke_async(redis)
+        .await?;
+    Ok(!blocker.is_empty())
 }
 
 /// Between attempts: renews our claim's lease (to `lease`) and records `progress` as the
@@ -331,6 +442,7 @@ mod tests {
             worker,
             LEASE,
             &status(ExecutionState::InProgress, 0),
+            true,
         )
         .await
         .expect("claim")
@@ -340,6 +452,75 @@ mod tests {
         store::delete_matching(&mut conn, &format!("{}:*", names.namespace()))
             .await
             .expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn a_device_runs_one_job_at_a_time_in_lane_order_and_never_beside_a_started_one() {
+        let (mut conn, names, first) = setup().await;
+        // A second job for the same device, behind the first in the device's lane.
+        let job = Uuid::now_v7();
+        let second = DeviceTask {
+            job_id: job,
+            execution_id: execution_id(job, "d1"),
+            ..first.clone()
+        };
+        let queued = serde_json::to_string(&status(ExecutionState::Queued, 0)).expect("json");
+        let lane = names.device_lane("d1");
+        let _: () = redis::pipe()
+            .hset(names.job_status(job), "d1", &queued)
+            .zadd(&lane, first.job_id.to_string(), 1)
+            .zadd(&lane, job.to_string(), 2)
+            .query_async(&mut conn)
+            .await
+            .expect("lane");
+        let behind_first = NextAction::WaitForTurn {
+            behind: first.job_id.to_string(),
+        };
+
+        // The second waits while the first has not even started, and while it runs.
+        assert_eq!(claim(&mut conn, &names, &second, "b").await, behind_first);
+        assert!(matches!(
+            claim(&mut conn, &names, &first, "a").await,
+            NextAction::StartProcessing { .. }
+        ));
+        assert_eq!(claim(&mut conn, &names, &second, "b").await, behind_first);
+        // A job that may run alongside others does not wait.
+        assert!(matches!(
+            try_claim(
+                &mut conn,
+                &names,
+                &second,
+                "b",
+                LEASE,
+                &status(ExecutionState::InProgress, 0),
+                false,
+            )
+            .await
+            .expect("claim"),
+            NextAction::StartProcessing { .. }
+        ));
+        let _: () = conn
+            .del(names.idempotency(second.execution_id))
+            .await
+            .expect("del");
+        let _: () = conn
+            .hset(names.job_status(job), "d1", &queued)
+            .await
+            .expect("hset");
+
+        // The first one ends: the second goes, and the finished job leaves the lane.
+        let done = serde_json::to_string(&status(ExecutionState::Succeeded, 1)).expect("json");
+        let _: () = conn
+            .hset(names.job_status(first.job_id), "d1", done)
+            .await
+            .expect("hset");
+        assert!(matches!(
+            claim(&mut conn, &names, &second, "b").await,
+            NextAction::StartProcessing { .. }
+        ));
+        let left: Vec<String> = conn.zrange(&lane, 0, -1).await.expect("lane");
+        assert_eq!(left, vec![job.to_string()]);
+        cleanup(conn, &names).await;
     }
 
     #[tokio::test]
@@ -385,6 +566,7 @@ mod tests {
             "a",
             Duration::from_millis(500),
             &status(ExecutionState::InProgress, 0),
+            true,
         )
         .await
         .expect("claim");
