@@ -294,13 +294,15 @@ async fn the_tasks_queue_stays_under_its_bound_and_a_small_job_created_mid_way_f
     })
     .await;
     // A small job behind at most `bound` tasks: done within seconds, long before the big one.
+    // (It may run beside the big job on its devices: otherwise each of them would take it
+    // only after the big job, created first, finished there.)
     let devices: Vec<String> = (0..10)
         .map(|i| harness::fleet::device_id(n - 1 - i))
         .collect();
     let started = tokio::time::Instant::now();
     let small = app
         .create_job(&json!({"target": {"devices": devices},
-            "action": {"type": "reboot"}}))
+            "action": {"type": "reboot"}, "concurrent": true}))
         .await;
     let done = app.wait_for_job(small, Duration::from_secs(10)).await;
     let took = started.elapsed();

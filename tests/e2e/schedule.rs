@@ -295,6 +295,40 @@ async fn two_jobs_for_the_same_devices_reach_each_device_one_at_a_time_higher_pr
     };
     let low = app.create_job(&spec(1, "2.0.1")).await;
     let high = app.create_job(&spec(10, "2.0.2")).await;
+
+    // Before the start, each device lists both jobs in the order it will get them.
+    let device = harness::fleet::device_id(n - 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let listed = loop {
+        let out = app
+            .fleetbatch(&["devices", "jobs", &device, "--json"])
+            .await;
+        let v: Value = serde_json::from_str(&out).expect("json");
+        let ids: Vec<String> = v["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| {
+                format!(
+                    "{} {}",
+                    j["job_id"].as_str().unwrap_or_default(),
+                    j["state"]
+                )
+            })
+            .collect();
+        if ids.len() == 2 || tokio::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        listed,
+        vec![
+            format!("{high} \"NOT_SENT\""),
+            format!("{low} \"NOT_SENT\"")
+        ],
+        "{device}'s jobs before the start"
+    );
     for id in [low, high] {
         let job = app.wait_for_job(id, Duration::from_secs(120)).await;
         assert_eq!(job["state"], "COMPLETED", "{job}");

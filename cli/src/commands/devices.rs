@@ -84,6 +84,15 @@ pub(crate) enum DevicesCmd {
         /// Device id.
         id: String,
     },
+    /// The unfinished jobs waiting for a device or running on it, in the order the device
+    /// gets them (one at a time: priority, then creation).
+    Jobs {
+        /// Device id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -175,6 +184,28 @@ pub(crate) async fn run(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> 
         DevicesCmd::Delete { id } => {
             let _: Value = client.delete(&format!("/v1/devices/{id}")).await?;
             println!("{id} deleted");
+        }
+        DevicesCmd::Jobs { id, json } => {
+            let v: Value = client.get(&format!("/v1/devices/{id}/jobs")).await?;
+            if json {
+                output::print_json(&v);
+                return Ok(());
+            }
+            let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+            if jobs.is_empty() {
+                println!("{id}: no unfinished job");
+            }
+            for (i, j) in jobs.iter().enumerate() {
+                println!(
+                    "{}. {}  {:<20}  priority {:<4}  job {:<11}  device {}",
+                    i + 1,
+                    j["job_id"].as_str().unwrap_or_default(),
+                    j["name"].as_str().unwrap_or("-"),
+                    j["priority"],
+                    j["job_state"].as_str().unwrap_or_default(),
+                    j["state"].as_str().unwrap_or_default(),
+                );
+            }
         }
         DevicesCmd::Import {
             file,

@@ -29,6 +29,11 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/v1/devices", Access::Role(Role::Viewer)),
     (Method::GET, "/v1/devices/count", Access::Role(Role::Viewer)),
     (Method::GET, "/v1/devices/{id}", Access::Role(Role::Viewer)),
+    (
+        Method::GET,
+        "/v1/devices/{id}/jobs",
+        Access::Role(Role::Viewer),
+    ),
     (Method::PATCH, "/v1/devices/{id}", Access::Role(Role::Admin)),
     (
         Method::DELETE,

@@ -222,6 +222,55 @@ pub(super) async fn get_one(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no device {id:?}")))
 }
 
+/// `GET /v1/devices/{id}/jobs`: the unfinished jobs that wait for the device or run on it, in
+/// the order the device gets them (priority, then creation), each with the device's state
+/// in it (`NOT_SENT` before the job's planner reached the device). Jobs that run alongside
+/// others (`concurrent`) are not in a device's line.
+pub(super) async fn jobs(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut redis = app.redis.clone();
+    let ids: Vec<String> = redis
+        .zrange(app.names.device_lane(&id), 0, LANE_LIST_MAX - 1)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut jobs = Vec::new();
+    for job_id in ids.iter().filter_map(|j| j.parse::<uuid::Uuid>().ok()) {
+        let Some(job) = shared::store::load_job(&mut redis, &app.names, job_id)
+            .await
+            .map_err(ApiError::internal)?
+        else {
+            continue;
+        };
+        if job.state.is_finished() {
+            continue;
+        }
+        let raw: Option<String> = redis
+            .hget(app.names.job_status(job_id), &id)
+            .await
+            .map_err(ApiError::internal)?;
+        let status = raw.and_then(|r| serde_json::from_str::<shared::state::DeviceStatus>(&r).ok());
+        if status.as_ref().is_some_and(|s| s.state.is_terminal()) {
+            continue;
+        }
+        jobs.push(json!({
+            "job_id": job_id,
+            "name": job.spec.name,
+            "job_state": job.state,
+            "priority": job.spec.priority,
+            "created_at_ms": job.created_at_ms,
+            "state": status.as_ref().map_or("NOT_SENT", |s| s.state.as_str()),
+            "attempts": status.as_ref().map_or(0, |s| s.attempts),
+            "error": status.and_then(|s| s.error),
+        }));
+    }
+    Ok(Json(json!({"device_id": id, "jobs": jobs})))
+}
+
+/// The most jobs listed for one device.
+const LANE_LIST_MAX: isize = 100;
+
 /// `PATCH /v1/devices/{id}`: the fields given replace the stored ones.
 pub(super) async fn update(
     State(app): State<Arc<AppState>>,

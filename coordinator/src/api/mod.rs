@@ -99,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .patch(devices::update)
                 .delete(devices::delete),
         )
+        .route("/v1/devices/{id}/jobs", get(devices::jobs))
         .route("/v1/groups", get(devices::groups))
         .route("/v1/queries", get(queries::list))
         .route(
