@@ -11,6 +11,7 @@ mod bench;
 mod cancel;
 mod cli;
 mod dead_letter;
+mod deploy;
 mod devices;
 mod dry_run;
 mod faults;
