@@ -75,12 +75,22 @@ pub(crate) fn source_queue(headers: Option<&FieldTable>) -> Option<String> {
 
 /// Why a message was dead-lettered.
 pub(crate) fn reason(headers: Option<&FieldTable>) -> Option<String> {
-    amqp::header_str(headers, HEADER_DEAD_REASON)
-        .or_else(|| x_death_queue(headers).map(|q| format!("rejected by a consumer of {q}")))
+    amqp::header_str(headers, HEADER_DEAD_REASON).or_else(|| {
+        let q = x_death(headers, "queue")?;
+        Some(match x_death(headers, "reason").as_deref() {
+            Some("delivery_limit") => format!(
+                "poison: delivered to consumers of {q} up to the queue's delivery limit, never acked"
+            ),
+            Some("expired") => format!("expired in {q}"),
+            Some("maxlen") => format!("{q} was full"),
+            _ => format!("rejected by a consumer of {q}"),
+        })
+    })
 }
 
-/// The queue named in RabbitMQ's own `x-death` header (messages dead-lettered by a reject).
-fn x_death_queue(headers: Option<&FieldTable>) -> Option<String> {
+/// A field of the latest entry of RabbitMQ's own `x-death` header (messages the broker
+/// dead-lettered: a reject, a delivery limit, an expiry).
+fn x_death(headers: Option<&FieldTable>, field: &str) -> Option<String> {
     use lapin::types::AMQPValue;
     let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
         return None;
@@ -88,7 +98,12 @@ fn x_death_queue(headers: Option<&FieldTable>) -> Option<String> {
     let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
         return None;
     };
-    amqp::header_str(Some(first), "queue")
+    amqp::header_str(Some(first), field)
+}
+
+/// The queue named in RabbitMQ's own `x-death` header.
+fn x_death_queue(headers: Option<&FieldTable>) -> Option<String> {
+    x_death(headers, "queue")
 }
 
 /// Lists up to `limit` dead-lettered messages without removing them.

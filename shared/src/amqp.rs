@@ -71,8 +71,20 @@ impl AmqpError {
 /// # Errors
 /// The broker is unreachable or refuses the credentials.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(&settings.url, props).await?)
+    let mut last = None;
+    for url in std::iter::once(&settings.url).chain(&settings.fallback_urls) {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect(url, props).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                if !settings.fallback_urls.is_empty() {
+                    tracing::warn!(broker = %crate::config::redact_url(url), error.message = %e, "broker node unreachable; trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.map_or(AmqpError::ConnectionLost, AmqpError::from))
 }
 
 /// A channel in confirm mode: every publish is confirmed by the broker before it counts.

@@ -276,6 +276,21 @@ fn long(s: &str) -> AMQPValue {
 
 fn queue_args(settings: &Settings, extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut args = FieldTable::default();
+    if settings.amqp.queue_type == crate::config::QueueType::Quorum {
+        args.insert(ShortString::from("x-queue-type"), long("quorum"));
+        // Every queue of this deployment dead-letters at least once (the at-most-once
+        // default could drop a task between a retry queue and the tasks queue); that needs
+        // publishers refused, not messages dropped, when a queue is full.
+        args.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            long("at-least-once"),
+        );
+        args.insert(ShortString::from("x-overflow"), long("reject-publish"));
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(i64::from(settings.amqp.delivery_limit)),
+        );
+    }
     if let Some(ms) = settings.amqp.queue_expires_ms {
         args.insert(
             ShortString::from("x-expires"),

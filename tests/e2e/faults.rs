@@ -1009,3 +1009,83 @@ async fn a_results_channel_the_broker_closes_is_recovered_and_readiness_says_so_
     assert_eq!(status, 200, "ready again");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn on_quorum_queues_jobs_are_exact_and_a_task_that_keeps_failing_its_consumers_is_dead_lettered_as_poison()
+ {
+    // Quorum queues (retry queues included) with a delivery limit of 2; the first broker
+    // address every process is given is down, the second is the broker.
+    let real = shared::config::test_amqp_url();
+    let mut app = spawn_app(
+        0,
+        &[
+            ("FLEETBATCH_AMQP__QUEUE_TYPE", "quorum"),
+            ("FLEETBATCH_AMQP__DELIVERY_LIMIT", "2"),
+            ("FLEETBATCH_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+            ("FLEETBATCH_AMQP__FALLBACK_URLS", &real),
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.1"),
+            ("FLEETBATCH_WORKER__BACKOFF__BUDGET_MS", "0"),
+            ("FLEETBATCH_WORKER__RETRY_DELAYS_MS", "100,200,300"),
+            ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+            ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ],
+    )
+    .await;
+    let n = 500;
+    app.import_fleet(n).await;
+    let poisoned = harness::fleet::device_id(7);
+
+    // A one-device job whose task is handed back by its consumer until the broker gives up.
+    let first = app
+        .create_job(&firmware_job(json!({"target": {"devices": [poisoned]}})))
+        .await;
+    crate::rollouts::wait_until(&app, first, Duration::from_secs(30), |j| {
+        j["planning_done"] == true
+    })
+    .await;
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-crashing-consumer")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut deliveries = 0;
+    while let Some(m) = ch
+        .basic_get(
+            app.names.tasks_queue().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic_get")
+    {
+        deliveries += 1;
+        assert!(deliveries <= 5, "the broker never dead-lettered the task");
+        m.delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(deliveries, 3, "delivered up to the limit of 2, then once more");
+
+    // A job for the whole fleet, with retries through the quorum retry queues.
+    let second = app.create_job(&firmware_job(json!({}))).await;
+    app.cluster.start_worker().expect("worker");
+    app.cluster.start_worker().expect("worker");
+
+    let job = app.wait_for_job(first, Duration::from_secs(60)).await;
+    assert_eq!(job["failed"], 1, "{job}");
+    let statuses = app.assert_exact(first, &[poisoned.clone()].into()).await;
+    let why = statuses[&poisoned].error.as_deref().unwrap_or_default();
+    assert!(why.contains("poison"), "{why}");
+    let job = app.wait_for_job(second, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["succeeded"], n, "{job}");
+    app.assert_exact(second, &fleet_ids(n)).await;
+    assert_eq!(app.drain_dead_letters().await.len(), 1);
+    app.teardown().await;
+}

@@ -28,9 +28,10 @@ pub use devices::{
 };
 pub use services::{
     AmqpSettings, ApiTlsSettings, BackoffSettings, CoordinatorSettings, LogFormat, OidcSettings,
-    OtlpProtocol, RedisSettings, Secret, TelemetrySettings, WorkerSettings, test_amqp_url,
-    test_redis_url,
+    OtlpProtocol, QueueType, RedisSettings, Secret, TelemetrySettings, WorkerSettings,
+    test_amqp_url, test_redis_url,
 };
+pub(crate) use services::redact_url;
 
 /// The built-in defaults, documented key by key.
 pub const DEFAULTS_YAML: &str = include_str!("../../../deploy/config/fleetbatch.yaml");
@@ -127,6 +128,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("worker.retry_delays_ms")
+                .with_list_parse_key("amqp.fallback_urls")
                 .with_list_parse_key("coordinator.webhooks")
                 .with_list_parse_key("coordinator.webhook_allowed_hosts")
                 .with_list_parse_key("simulator.trusted_keys")

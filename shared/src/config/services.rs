@@ -13,11 +13,30 @@ use super::devices::{HttpSettings, MqttSettings, TransportKind};
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost`; the vhost `/` is written `%2f`.
     pub url: String,
+    /// Further nodes of the same cluster, tried in order when `url` cannot be reached.
+    pub fallback_urls: Vec<String>,
+    /// The type of the durable queues this deployment declares: `classic` (one node), or
+    /// `quorum` (replicated across a cluster; a task redelivered more than `delivery_limit`
+    /// times is dead-lettered). Fixed when a namespace's queues are first declared.
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one task without an ack (its consumer crashed or handed
+    /// it back) before the broker dead-letters it as poison.
+    pub delivery_limit: u32,
     /// When set, every queue this deployment declares is deleted by the broker after being
     /// unused this long. Meant for tests and demos, never for production.
     pub queue_expires_ms: Option<u64>,
     /// Seconds to wait for one publisher confirm before treating the publish as failed.
     pub confirm_timeout_secs: u64,
+}
+
+/// The type of the durable queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A queue on one node.
+    Classic,
+    /// A replicated queue (Raft) with a delivery limit.
+    Quorum,
 }
 
 /// Redis settings.
@@ -342,6 +361,16 @@ impl std::fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &self.safe_url())
+            .field(
+                "fallback_urls",
+                &self
+                    .fallback_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
             .field("queue_expires_ms", &self.queue_expires_ms)
             .field("confirm_timeout_secs", &self.confirm_timeout_secs)
             .finish()
@@ -409,7 +438,7 @@ pub fn test_redis_url() -> String {
 
 /// The URL with its password replaced by `***`; a URL that does not parse is shown as is
 /// (it then holds no recognisable password either).
-fn redact_url(raw: &str) -> String {
+pub(crate) fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => match u.set_password(Some("***")) {
             Ok(()) => u.to_string(),
