@@ -1070,7 +1070,10 @@ async fn on_quorum_queues_jobs_are_exact_and_a_task_that_keeps_failing_its_consu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = conn.close(200, "done".into()).await;
-    assert_eq!(deliveries, 3, "delivered up to the limit of 2, then once more");
+    assert_eq!(
+        deliveries, 3,
+        "delivered up to the limit of 2, then once more"
+    );
 
     // A job for the whole fleet, with retries through the quorum retry queues.
     let second = app.create_job(&firmware_job(json!({}))).await;

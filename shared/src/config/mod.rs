@@ -26,12 +26,12 @@ mod services;
 pub use devices::{
     DeviceProtocol, HttpSettings, MqttSettings, MqttVersion, SimulatorSettings, TransportKind,
 };
+pub(crate) use services::redact_url;
 pub use services::{
     AmqpSettings, ApiTlsSettings, BackoffSettings, CoordinatorSettings, LogFormat, OidcSettings,
     OtlpProtocol, QueueType, RedisSettings, Secret, TelemetrySettings, WorkerSettings,
     test_amqp_url, test_redis_url,
 };
-pub(crate) use services::redact_url;
 
 /// The built-in defaults, documented key by key.
 pub const DEFAULTS_YAML: &str = include_str!("../../../deploy/config/fleetbatch.yaml");
