@@ -87,6 +87,9 @@ impl Drop for RunningGuard {
 }
 
 pub(crate) const LEASE: Duration = Duration::from_secs(15);
+/// How often a coordinator waiting for another's lease on a job tries to take it: a dead
+/// planner's job is taken over within the lease and this.
+const LEASE_POLL: Duration = Duration::from_millis(250);
 
 /// Plans `job_id` to the end (or until shutdown). Waits for another coordinator's lease to
 /// lapse if one holds it.
@@ -132,7 +135,7 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
                 break;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(LEASE_POLL) => {}
                 _ = p.shutdown.cancelled() => return Ok(()),
             }
         }

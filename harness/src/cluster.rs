@@ -246,6 +246,20 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs the further coordinator with process id `pid` (its death is then not a
+    /// failure).
+    ///
+    /// # Errors
+    /// No such coordinator, or the signal failed.
+    pub fn kill_another_coordinator(&mut self, pid: u32) -> anyhow::Result<()> {
+        if !self.more_coordinators.iter().any(|c| c.id() == Some(pid)) {
+            bail!("no further coordinator with process id {pid}");
+        }
+        self.killed.insert(pid);
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
+            .context("signalling a coordinator")
+    }
+
     /// An HTTP client builder for the API: trusts the cluster's CA when it serves HTTPS.
     ///
     /// # Errors

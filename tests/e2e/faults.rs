@@ -1092,3 +1092,94 @@ async fn on_quorum_queues_jobs_are_exact_and_a_task_that_keeps_failing_its_consu
     assert_eq!(app.drain_dead_letters().await.len(), 1);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn three_coordinators_and_four_workers_the_planning_coordinator_sigkilled_another_takes_the_job_over()
+ {
+    let mut app = spawn_app(4, &[]).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(
+            app.cluster
+                .start_another_coordinator()
+                .await
+                .expect("another coordinator"),
+        );
+    }
+    // 30 s of publishing (200 devices/s on 6,000 devices), so the kill falls mid-plan.
+    let n = 6_000;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 200}})))
+        .await;
+    app.wait_for_terminal(id, 400, Duration::from_secs(60))
+        .await;
+    let mut redis = app.redis.clone();
+    let lease = app.names.planner_lock(id);
+    let holder: String = redis::AsyncCommands::get(&mut redis, &lease)
+        .await
+        .expect("a coordinator plans the job");
+    let first_pid = app.cluster.coordinator_pid().expect("first coordinator");
+    let pid_of = |h: &str| {
+        std::iter::once(first_pid)
+            .chain(others.iter().map(|(p, _)| *p))
+            .find(|p| h.contains(&format!("-{p}-")))
+            .expect("the holder is one of the three")
+    };
+    let planning = pid_of(&holder);
+
+    // Act: the planning coordinator dies without a word.
+    let killed_at = tokio::time::Instant::now();
+    if planning == first_pid {
+        app.cluster
+            .signal_coordinator(Signal::SIGKILL)
+            .expect("kill");
+    } else {
+        app.cluster
+            .kill_another_coordinator(planning)
+            .expect("kill");
+    }
+
+    // Assert: another coordinator holds the job within the lease (15 s), its 250 ms poll and
+    // a second of a loaded machine.
+    let taken_by = loop {
+        let now: Option<String> = redis::AsyncCommands::get(&mut redis, &lease)
+            .await
+            .expect("lease");
+        if let Some(h) = now.filter(|h| *h != holder) {
+            break h;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_millis(16_250),
+            "no coordinator took the job over within the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = killed_at.elapsed();
+    assert_ne!(pid_of(&taken_by), planning);
+    eprintln!("taken over {} ms after the kill", took.as_millis());
+    // The API of a live coordinator follows the job to its end, exact.
+    let live = if planning == first_pid {
+        others[0].1.clone()
+    } else {
+        app.cluster.api.clone()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, text) = app.get_text(&format!("{live}/v1/jobs/{id}")).await;
+        let job: serde_json::Value = serde_json::from_str(&text).expect("job");
+        if job["state"] == "COMPLETED" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if planning != first_pid {
+        app.assert_exact(id, &fleet_ids(n)).await;
+    } else {
+        // The harness's client speaks to the first coordinator: start it again to audit.
+        app.cluster.start_coordinator().await.expect("restart");
+        app.assert_exact(id, &fleet_ids(n)).await;
+    }
+    app.teardown().await;
+}
