@@ -10,6 +10,8 @@ Modes:
                     VersionMismatch), then update SUCCEEDED with the right version
   step-timeout      start-next with stepTimeoutInMinutes=1, wait past the timer, then update
                     SUCCEEDED (must be rejected with InvalidStateTransition: it TIMED_OUT)
+  after-cancel      connects after its only job was canceled: start-next must hand it
+                    nothing
 
 Prints one JSON line per event; the last line is {"done": true, ...} and the exit code is 0
 when the agent saw what its mode expects.
@@ -37,7 +39,8 @@ def main():
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--thing", required=True)
     p.add_argument("--mode", required=True,
-                   choices=["succeed", "fail", "version-mismatch", "step-timeout"])
+                   choices=["succeed", "fail", "version-mismatch", "step-timeout",
+                            "after-cancel"])
     p.add_argument("--timeout", type=float, default=240)
     args = p.parse_args()
     thing = args.thing
@@ -86,6 +89,12 @@ def main():
         e = resp.execution
         if e is None:
             say(event="start-next-accepted", execution=None)
+            if args.mode == "after-cancel":
+                finish(True)
+            return
+        if args.mode == "after-cancel":
+            say(event="start-next-accepted", job_id=e.job_id, status=e.status)
+            finish(False, error="handed the job of a canceled job: " + e.job_id)
             return
         with lock:
             if e.job_id in started:

@@ -723,3 +723,55 @@ async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_u
     }
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn an_aws_iot_jobs_device_that_connects_after_a_cancel_is_not_handed_the_job() {
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
+    ]);
+    let app = spawn_app(1, &env).await;
+    let thing = format!("py-{}-late", &app.names.namespace()[1..9]);
+    let record = json!({"id": thing, "groups": ["agents"], "model": "py",
+        "hardware_revision": "A", "firmware_version": "1.0.0"});
+    app.import_ndjson(format!("{record}\n").into_bytes()).await;
+
+    // The job's execution waits QUEUED for a device that is not connected; then the job is
+    // canceled, and the device connects 5 s later.
+    let id = app
+        .create_job(&firmware_job(json!({
+            "target": {"devices": [thing]},
+            "retry": {"attempt_timeout_secs": 120, "max_attempts": 2}
+        })))
+        .await;
+    crate::rollouts::wait_until(&app, id, Duration::from_secs(30), |j| {
+        j["pending"] == 1 && j["planning_done"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success(), "{}", r.status());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (child, rx) = start_agent(&thing, "after-cancel").await;
+    let (ok, events) = finish_agent(child, rx).await;
+    assert!(ok, "the device was handed the canceled job: {events:#?}");
+
+    // The execution ended CANCELED (not FAILED, and not after the 120 s attempt).
+    let job = app.wait_for_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "CANCELED", "{job}");
+    let statuses = app.statuses(id).await;
+    assert_eq!(
+        statuses[&thing].state,
+        ExecutionState::Canceled,
+        "{:?}",
+        statuses[&thing]
+    );
+    app.teardown().await;
+}

@@ -153,6 +153,9 @@ pub fn after_delivery(
         Delivered::Rejected { attempts, error } => {
             conclude(ExecutionState::Rejected, attempts, Some(error))
         }
+        Delivered::Canceled { attempts, error } => {
+            conclude(ExecutionState::Canceled, attempts, Some(error))
+        }
         Delivered::TimedOut { attempts, error } => {
             conclude(ExecutionState::TimedOut, attempts, Some(error))
         }

@@ -30,6 +30,13 @@ pub enum Delivered {
         /// The last error.
         error: String,
     },
+    /// The job was canceled while the device had its execution: it was withdrawn.
+    Canceled {
+        /// Attempts made in total.
+        attempts: u32,
+        /// Why.
+        error: String,
+    },
     /// The device refused.
     Rejected {
         /// Attempts made in total.
@@ -166,6 +173,7 @@ where
             Ok(Err(DeliverError::Permanent(_))) => "permanent",
             Ok(Err(DeliverError::Rejected(_))) => "rejected",
             Ok(Err(DeliverError::TimedOut(_))) => "step_timeout",
+            Ok(Err(DeliverError::Withdrawn(_))) => "withdrawn",
             Ok(Err(DeliverError::Unavailable(_))) => "unavailable",
             Err(_) => "timeout",
         };
@@ -184,6 +192,9 @@ where
                     attempts,
                     error: format!("device step timed out: {e}"),
                 };
+            }
+            Ok(Err(DeliverError::Withdrawn(error))) => {
+                return Delivered::Canceled { attempts, error };
             }
             Ok(Err(DeliverError::Unavailable(error))) => {
                 return Delivered::Unavailable {

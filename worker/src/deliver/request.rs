@@ -81,6 +81,10 @@ pub enum DeliverError {
     /// The device's own step timer ran out (AWS IoT Jobs `stepTimeoutInMinutes`).
     #[error("device step timed out: {0}")]
     TimedOut(String),
+    /// The device-side execution was withdrawn because the job was canceled (AWS IoT Jobs:
+    /// its execution ended CANCELED before the device finished it).
+    #[error("execution withdrawn: {0}")]
+    Withdrawn(String),
     /// The way to devices is down (MQTT broker unreachable): not the device's fault, and not
     /// counted as an attempt; the task is handed back.
     #[error("device transport unavailable: {0}")]

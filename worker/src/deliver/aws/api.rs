@@ -138,6 +138,9 @@ impl AwsJobs {
     }
 
     async fn get_pending(&self, thing: &str) -> Result<Value, Rejection> {
+        self.withdraw_canceled(thing)
+            .await
+            .map_err(|e| reject("InternalError", e))?;
         let (list, _) = self
             .pending(thing)
             .await
@@ -154,6 +157,9 @@ impl AwsJobs {
     async fn start_next(&self, thing: &str, body: &Value) -> Result<Value, Rejection> {
         let details = status_details(body)?;
         let step = step_minutes(body)?;
+        self.withdraw_canceled(thing)
+            .await
+            .map_err(|e| reject("InternalError", e))?;
         let a = self
             .run(
                 &self.0.start_next,
@@ -179,6 +185,9 @@ impl AwsJobs {
             .and_then(Value::as_bool)
             .unwrap_or(true);
         if job == "$next" {
+            self.withdraw_canceled(thing)
+                .await
+                .map_err(|e| reject("InternalError", e))?;
             let (list, now) = self
                 .pending(thing)
                 .await

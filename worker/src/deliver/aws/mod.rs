@@ -168,6 +168,14 @@ impl AwsJobs {
                         }
                         return done;
                     }
+                    // A job canceled while its execution waits for the device: withdrawn
+                    // now (the device is told its next job), not at the next attempt.
+                    if e.status() == "QUEUED" && self.job_stopped(req.job_id).await {
+                        self.conclude(req, ExecutionState::Canceled).await;
+                        return Err(DeliverError::Withdrawn(
+                            "the job was canceled before the device started it".into(),
+                        ));
+                    }
                 }
             }
         }
@@ -214,6 +222,9 @@ impl AwsJobs {
             "TIMED_OUT" => Err(DeliverError::TimedOut(
                 "stepTimeoutInMinutes elapsed".into(),
             )),
+            "CANCELED" => Err(DeliverError::Withdrawn(
+                "the job was canceled before the device finished it".into(),
+            )),
             other => Err(DeliverError::Permanent(format!("execution {other}"))),
         })
     }
@@ -237,6 +248,51 @@ impl AwsJobs {
                 tracing::warn!(error.message = %e, "execution not concluded; it stays pending for the device")
             }
         }
+    }
+
+    /// Whether the job was canceled or aborted (as this worker's cache knows it).
+    async fn job_stopped(&self, job: Uuid) -> bool {
+        let mut redis = self.0.redis.clone();
+        matches!(
+            self.0.jobs.get(&mut redis, &self.0.names, job).await,
+            Ok(Some(view)) if view.state.is_stopping() || view.state.is_finished()
+        )
+    }
+
+    /// Withdraws (CANCELED) the thing's QUEUED executions of jobs that were canceled or
+    /// aborted, before the thing is told what is pending: a device that asks after a cancel
+    /// is never handed the job. (Executions already IN_PROGRESS go on, as in AWS IoT Jobs
+    /// without `force`.) The worker waiting for such an execution concludes it CANCELED.
+    async fn withdraw_canceled(&self, thing: &str) -> Result<(), String> {
+        let (list, _) = self.pending(thing).await?;
+        for e in list.iter().filter(|e| e.status() == "QUEUED") {
+            let Some(job) = e.str("job").and_then(|j| Uuid::parse_str(j).ok()) else {
+                continue;
+            };
+            let mut redis = self.0.redis.clone();
+            let state = match self.0.jobs.get(&mut redis, &self.0.names, job).await {
+                Ok(Some(view)) => Some(view.state),
+                Ok(None) => None,
+                Err(e) => return Err(format!("job state unavailable: {e}")),
+            };
+            if state.is_some_and(|s| !s.is_stopping() && !s.is_finished()) {
+                continue;
+            }
+            let job = job.to_string();
+            let mut inv = self.0.finish.prepare_invoke();
+            for k in self.exec_keys(&job, thing) {
+                inv.key(k);
+            }
+            inv.arg(&job)
+                .arg("CANCELED")
+                .arg(self.0.retention.as_secs());
+            let _: i64 = inv
+                .invoke_async(&mut redis)
+                .await
+                .map_err(|e| format!("execution state unavailable: {e}"))?;
+            tracing::info!(thing, job_id = %job, "queued execution of a canceled job withdrawn");
+        }
+        Ok(())
     }
 
     async fn pending(&self, thing: &str) -> Result<(Vec<Record>, u64), String> {
