@@ -237,8 +237,14 @@ async fn finish_agent(
     (status.success(), events)
 }
 
+/// AWS IoT Jobs topics (`$aws/things/{thing}/jobs/...`) carry no namespace: the workers of one
+/// test would answer the requests of another test's devices. Tests that run AWS IoT Jobs
+/// workers hold this for their whole run.
+static AWS_TOPICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
+    let _topics = AWS_TOPICS.lock().await;
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
         ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
@@ -726,6 +732,7 @@ async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_u
 
 #[tokio::test]
 async fn an_aws_iot_jobs_device_that_connects_after_a_cancel_is_not_handed_the_job() {
+    let _topics = AWS_TOPICS.lock().await;
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
         ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),

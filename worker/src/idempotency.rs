@@ -108,8 +108,9 @@ return {1, tostring(recorded)}
 "#;
 
 /// `blocker(lane, job, device, prefix, suffix)`: the job that has `device` before `job` (one
-/// ahead of it in the device's lane and unfinished there, sent to the device or not yet, or
-/// any other job of the lane already started on it), or nil. Jobs that finished on the
+/// ahead of it in the device's lane and unfinished there, sent to the device or not yet,
+/// unless it has not started at all (SCHEDULED: a job that starts tomorrow keeps its place but
+/// holds nothing today), or any other job of the lane already started on it), or nil. Jobs that finished on the
 /// device, ended or vanished leave the lane here. A job's key is `prefix .. id`, its status
 /// hash `prefix .. id .. suffix`.
 const LANE_LUA: &str = r#"
@@ -120,18 +121,20 @@ local function blocker(lane, job, device, prefix, suffix)
       ahead = false
     else
       local st = redis.call('HGET', prefix .. j .. suffix, device)
-      local gone = false
       if st then
-        gone = is_terminal(st)
+        if is_terminal(st) then
+          redis.call('ZREM', lane, j)
+        else
+          local s = state_of(st)
+          if ahead or s == 'IN_PROGRESS' or s == 'RETRY_SCHEDULED' or s == 'VERIFYING' then
+            return j
+          end
+        end
       else
         local js = redis.call('HGET', prefix .. j, 'state')
-        gone = not js or js == 'COMPLETED' or js == 'CANCELED' or js == 'ABORTED'
-      end
-      if gone then
-        redis.call('ZREM', lane, j)
-      else
-        local s = state_of(st or '')
-        if ahead or s == 'IN_PROGRESS' or s == 'RETRY_SCHEDULED' or s == 'VERIFYING' then
+        if not js or js == 'COMPLETED' or js == 'CANCELED' or js == 'ABORTED' then
+          redis.call('ZREM', lane, j)
+        elseif ahead and js ~= 'SCHEDULED' then
           return j
         end
       end
@@ -520,7 +523,52 @@ mod tests {
         ));
         let left: Vec<String> = conn.zrange(&lane, 0, -1).await.expect("lane");
         assert_eq!(left, vec![job.to_string()]);
+
+        // A job ahead that has not started (SCHEDULED, nothing sent yet) keeps its place
+        // without holding the device; once it starts, it does.
+        let later = Uuid::now_v7();
+        let third = DeviceTask {
+            job_id: later,
+            execution_id: execution_id(later, "d1"),
+            ..first.clone()
+        };
+        let _: () = redis::pipe()
+            .hset(names.job_status(later), "d1", &queued)
+            .zadd(&lane, later.to_string(), 3)
+            .zadd(&lane, Uuid::nil().to_string(), 0)
+            .hset(names.job(Uuid::nil()), "state", "SCHEDULED")
+            .query_async(&mut conn)
+            .await
+            .expect("lane");
+        let _: () = conn
+            .hset(names.job_status(job), "d1", done_again())
+            .await
+            .expect("hset");
+        assert!(matches!(
+            claim(&mut conn, &names, &third, "c").await,
+            NextAction::StartProcessing { .. }
+        ));
+        let _: () = conn
+            .del(names.idempotency(third.execution_id))
+            .await
+            .expect("del");
+        let _: () = redis::pipe()
+            .hset(names.job_status(later), "d1", &queued)
+            .hset(names.job(Uuid::nil()), "state", "IN_PROGRESS")
+            .query_async(&mut conn)
+            .await
+            .expect("start");
+        assert_eq!(
+            claim(&mut conn, &names, &third, "c").await,
+            NextAction::WaitForTurn {
+                behind: Uuid::nil().to_string()
+            }
+        );
         cleanup(conn, &names).await;
+    }
+
+    fn done_again() -> String {
+        serde_json::to_string(&status(ExecutionState::Succeeded, 1)).expect("json")
     }
 
     #[tokio::test]
