@@ -18,13 +18,8 @@ async fn cancelling_mid_job_leaves_every_device_succeeded_or_canceled() {
         .await;
 
     // Act
-    let r = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("cancel");
-    assert_eq!(r.status().as_u16(), 200);
+    let r = app.cancel(id).await;
+    assert_eq!(r, 200);
     // Deliveries stop within a second: what devices receive after that is nothing.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let delivered_after_1s = app.sim_totals(id).await["deliveries"];
@@ -50,12 +45,7 @@ async fn cancelling_mid_job_leaves_every_device_succeeded_or_canceled() {
     let totals = app.sim_totals(id).await;
     assert_eq!(totals["applications"], succeeded);
     // A second cancel is refused: the job is over.
-    let again = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("cancel");
-    assert_eq!(again.status().as_u16(), 409);
+    let again = app.cancel(id).await;
+    assert_eq!(again, 409);
     app.teardown().await;
 }

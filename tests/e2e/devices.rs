@@ -237,6 +237,17 @@ async fn finish_agent(
     (status.success(), events)
 }
 
+/// Workers serving the AWS IoT Jobs device API over MQTT 5, with the shared fleet behaviour.
+fn aws_env() -> Vec<(&'static str, &'static str)> {
+    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
+    env.extend([
+        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
+        ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
+    ]);
+    env
+}
+
 /// AWS IoT Jobs topics (`$aws/things/{thing}/jobs/...`) carry no namespace: the workers of one
 /// test would answer the requests of another test's devices. Tests that run AWS IoT Jobs
 /// workers hold this for their whole run.
@@ -245,13 +256,8 @@ static AWS_TOPICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test]
 async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     let _topics = AWS_TOPICS.lock().await;
-    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
-    env.extend([
-        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
-        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
-        ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
-        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "3000"),
-    ]);
+    let mut env = aws_env();
+    env.push(("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "3000"));
     let mut app = spawn_app(2, &env).await;
     let n = 10_000;
     let sim = start_sim(&mut app, None, n, "aws-iot-jobs").await;
@@ -733,12 +739,7 @@ async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_u
 #[tokio::test]
 async fn an_aws_iot_jobs_device_that_connects_after_a_cancel_is_not_handed_the_job() {
     let _topics = AWS_TOPICS.lock().await;
-    let mut env: Vec<(&str, &str)> = FLEET.to_vec();
-    env.extend([
-        ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
-        ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
-        ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
-    ]);
+    let env = aws_env();
     let app = spawn_app(1, &env).await;
     let thing = format!("py-{}-late", &app.names.namespace()[1..9]);
     let record = json!({"id": thing, "groups": ["agents"], "model": "py",
@@ -758,13 +759,8 @@ async fn an_aws_iot_jobs_device_that_connects_after_a_cancel_is_not_handed_the_j
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let r = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("cancel");
-    assert!(r.status().is_success(), "{}", r.status());
+    let r = app.cancel(id).await;
+    assert!((200..300).contains(&r), "{r}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (child, rx) = start_agent(&thing, "after-cancel").await;
     let (ok, events) = finish_agent(child, rx).await;

@@ -377,6 +377,17 @@ impl TestApp {
         let _ = conn.close(200, "done".into()).await;
     }
 
+    /// Cancels job `id` through the API; returns the HTTP status.
+    pub async fn cancel(&self, id: Uuid) -> u16 {
+        self.http
+            .post(self.url(&format!("/v1/jobs/{id}/cancel")))
+            .send()
+            .await
+            .expect("cancel")
+            .status()
+            .as_u16()
+    }
+
     /// Messages in the namespace's dead-letter queue (taken off the queue).
     pub async fn drain_dead_letters(&self) -> Vec<lapin::message::BasicGetMessage> {
         let conn = shared::amqp::connect(&self.settings.amqp, "e2e-dlq")

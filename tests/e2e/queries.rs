@@ -169,13 +169,8 @@ async fn a_continuous_job_reaches_devices_registered_after_it_started_and_only_t
     .await;
 
     // Ended by a cancel: exactly the 2,001 members, each once.
-    let r = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("cancel");
-    assert!(r.status().is_success(), "{}", r.status());
+    let r = app.cancel(id).await;
+    assert!((200..300).contains(&r), "{r}");
     let done = app.wait_for_job(id, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "CANCELED", "{done}");
     assert_eq!(done["succeeded"], 2_001, "{done}");

@@ -745,13 +745,8 @@ async fn a_canary_whose_installs_succeed_but_devices_turn_unhealthy_fails_its_ga
         "{rolled:?}"
     );
     // Canceling the paused job ends it: the rest never reached.
-    let r = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("cancel");
-    assert_eq!(r.status().as_u16(), 200);
+    let r = app.cancel(id).await;
+    assert_eq!(r, 200);
     let job = app.wait_for_job(id, Duration::from_secs(60)).await;
     assert_eq!(job["state"], "CANCELED", "{job}");
     assert_eq!(job["canceled"], n - 50, "{job}");
