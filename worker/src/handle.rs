@@ -321,6 +321,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     max_attempts: job.spec.retry.max_attempts,
                     backoff: ctx.settings.worker.backoff.clone(),
                     deadline_ms: job.deadline_ms,
+                    pause_at_ms: closes_at,
                 };
                 let held = &held;
                 let between_attempts = |p: deliver::Progress| async move {

@@ -90,6 +90,11 @@ pub struct AttemptPolicy {
     pub backoff: BackoffSettings,
     /// No attempt starts after this time (ms since epoch): the job's deadline.
     pub deadline_ms: Option<u64>,
+    /// No attempt starts at or after this time (ms since epoch) either, but the task is not
+    /// over: the device's maintenance window closes, and the task goes back to wait for the
+    /// next one. Looked at right before each attempt, the first included, so the time
+    /// between the check and the device is the transport's own.
+    pub pause_at_ms: Option<u64>,
 }
 
 /// Where a task stands between two attempts, for [`run`]'s `between_attempts` hook.
@@ -146,6 +151,9 @@ where
                     None => "job deadline passed".to_owned(),
                 },
             };
+        }
+        if policy.pause_at_ms.is_some_and(|p| shared::now_ms() >= p) {
+            return Delivered::Interrupted { attempts };
         }
         attempts += 1;
         req.attempt = attempts;
@@ -301,6 +309,7 @@ pub(super) mod tests {
                 budget_ms,
             },
             deadline_ms: None,
+            pause_at_ms: None,
         }
     }
 
@@ -559,5 +568,28 @@ pub(super) mod tests {
                 error: "job deadline passed".into()
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_attempt_starts_once_the_window_closed_and_the_task_goes_back() {
+        let mut p = policy(5, 60_000);
+        p.pause_at_ms = Some(shared::now_ms().saturating_sub(1));
+        let out = run_script(vec![], &p, 2).await;
+        assert_eq!(out, Delivered::Interrupted { attempts: 2 });
+
+        // Closing during the backoff wait: the retry due after it is not made.
+        p.pause_at_ms = Some(shared::now_ms() + 20);
+        let out = run_hooked(
+            vec![transient()],
+            &p,
+            0,
+            &CancellationToken::new(),
+            |_| async {
+                std::thread::sleep(Duration::from_millis(40));
+                Claim::Held
+            },
+        )
+        .await;
+        assert_eq!(out, Delivered::Interrupted { attempts: 1 });
     }
 }
