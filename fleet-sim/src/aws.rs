@@ -58,6 +58,10 @@ pub(crate) async fn serve(
                 let Some(job) = exec.get("jobId").and_then(Value::as_str) else {
                     continue;
                 };
+                if fleet.is_offline(&thing) {
+                    // Not connected: the notification never reaches it.
+                    continue;
+                }
                 let number = exec
                     .get("executionNumber")
                     .and_then(Value::as_u64)
@@ -71,12 +75,16 @@ pub(crate) async fn serve(
                     continue;
                 };
                 match decision.answer {
-                    // Offline, hung, or a glitch: the notification goes unanswered.
+                    // Offline, hung, or a glitch: the notification goes unanswered, and the
+                    // device asks for its next job when it is back.
                     Answer::Silent
                     | Answer::Reply {
                         outcome: SimOutcome::Transient,
                         ..
-                    } => continue,
+                    } => {
+                        ask_again(&link, &thing);
+                        continue;
+                    }
                     Answer::Reply { .. } => {}
                 }
                 pending
@@ -94,24 +102,43 @@ pub(crate) async fn serve(
                 let Some(job) = exec.get("jobId").and_then(Value::as_str).map(str::to_owned) else {
                     continue;
                 };
-                let Some(decision) = pending
+                let number = exec
+                    .get("executionNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                let taken = pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(thing.clone(), job.clone()))
-                else {
-                    continue;
+                    .remove(&(thing.clone(), job.clone()));
+                // Asked for on connecting, without a notification first: the device takes
+                // the job now.
+                let decision = match taken {
+                    Some(d) => d,
+                    None => {
+                        let action: Option<Action> = exec
+                            .get("jobDocument")
+                            .and_then(|d| serde_json::from_value(d.clone()).ok());
+                        let execution = format!("{job}#{number}");
+                        match fleet.receive(&thing, &job, &execution, 0, action.as_ref()) {
+                            Some(d) => d,
+                            None => continue,
+                        }
+                    }
                 };
-                let Answer::Reply { after, outcome } = decision.answer.clone() else {
-                    continue;
+                let (after, outcome) = match decision.answer.clone() {
+                    Answer::Reply { after, outcome } if outcome != SimOutcome::Transient => {
+                        (after, outcome)
+                    }
+                    // It dropped off with the job: back, it asks again and carries on.
+                    _ => {
+                        ask_again(&link, &thing);
+                        continue;
+                    }
                 };
                 let version = exec
                     .get("versionNumber")
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
-                let number = exec
-                    .get("executionNumber")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1);
                 let (fleet, link) = (fleet.clone(), link.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(after).await;
@@ -137,6 +164,7 @@ pub(crate) async fn serve(
                         SimOutcome::Rejected => {
                             ("REJECTED", json!({"reason": simdevice::REJECT_ERROR}))
                         }
+                        // Asked again above.
                         SimOutcome::Transient => return,
                     };
                     fleet.answered(status);
@@ -156,6 +184,22 @@ pub(crate) async fn serve(
             _ => {}
         }
     }
+}
+
+/// A device that missed a notification or dropped off with its job asks for its next job
+/// once it is back, a moment later.
+fn ask_again(link: &Link, thing: &str) {
+    let (link, thing) = (link.clone(), thing.to_owned());
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        connected(&link, &thing).await;
+    });
+}
+
+/// What an agent does on connecting: ask for its next job.
+pub(crate) async fn connected(link: &Link, thing: &str) {
+    let body = json!({"clientToken": format!("{thing}:connect")});
+    send(link, &aws::topic(thing, "start-next"), body).await;
 }
 
 async fn send(link: &Link, topic: &str, body: Value) {

@@ -10,7 +10,7 @@ use std::{
     sync::Mutex,
 };
 
-use devices::simdevice::{self, Answer};
+use devices::simdevice::{self, Answer, SimOutcome};
 use serde::Serialize;
 use shared::{config::SimulatorSettings, job::Action, state::Readings};
 
@@ -47,6 +47,9 @@ pub(crate) struct Totals {
     pub(crate) redundant_deliveries: u64,
     /// Deliveries left unanswered (offline, hung).
     pub(crate) silent: u64,
+    /// Deliveries answered with a transient error (or, over AWS IoT Jobs, left unanswered
+    /// until the device asks again).
+    pub(crate) transient: u64,
     /// Jobs applied.
     pub(crate) applications: u64,
     /// Jobs applied a second time on the same device: must stay 0.
@@ -227,8 +230,13 @@ impl Fleet {
             if applied {
                 t.redundant_deliveries += 1;
             }
-            if answer == Answer::Silent {
-                t.silent += 1;
+            match &answer {
+                Answer::Silent => t.silent += 1,
+                Answer::Reply {
+                    outcome: SimOutcome::Transient,
+                    ..
+                } => t.transient += 1,
+                Answer::Reply { .. } => {}
             }
         }
         let readings = match action {

@@ -105,6 +105,7 @@ async fn run() -> anyhow::Result<()> {
                 mqtt.topic_prefix.clone(),
                 args.offline,
                 std::time::Duration::from_secs(args.offline_secs),
+                mode == MqttMode::AwsIotJobs,
                 shutdown.clone(),
             ));
         }

@@ -2,6 +2,10 @@
 //! (retained, as a real device's last will would), receive nothing, then announce that they
 //! are online again. At shutdown their retained announcements are cleared, so a broker shared
 //! by several runs keeps none of them.
+//!
+//! AWS IoT Jobs devices announce nothing: they are simply not connected, receive nothing,
+//! and on connecting ask for their next job (`start-next`), as an AWS IoT Device SDK agent
+//! does.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,6 +22,7 @@ pub(crate) async fn play(
     prefix: String,
     n: u64,
     offline_for: Duration,
+    aws: bool,
     shutdown: CancellationToken,
 ) {
     // Give the connection a moment to come up.
@@ -27,25 +32,35 @@ pub(crate) async fn play(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    announce(&link, &prefix, n, Some(false)).await;
+    if !aws {
+        announce(&link, &prefix, n, Some(false)).await;
+    }
     tracing::info!(devices = n, secs = offline_for.as_secs(), "devices offline");
     tokio::select! {
         _ = tokio::time::sleep(offline_for) => {}
         _ = shutdown.cancelled() => {
-            announce(&link, &prefix, n, None).await;
+            if !aws {
+                announce(&link, &prefix, n, None).await;
+            }
             return;
         }
     }
     fleet.bring_online();
     for i in 0..n {
         let device = harness_id(i);
-        announce_one(&link, &prefix, &device, Some(true)).await;
+        if aws {
+            crate::aws::connected(&link, &device).await;
+        } else {
+            announce_one(&link, &prefix, &device, Some(true)).await;
+        }
         fleet.announced_online(&device);
         pace(i).await;
     }
     tracing::info!(devices = n, "devices online");
     shutdown.cancelled().await;
-    announce(&link, &prefix, n, None).await;
+    if !aws {
+        announce(&link, &prefix, n, None).await;
+    }
 }
 
 /// Publishes every device's presence (`None`: clears it).

@@ -17,6 +17,9 @@
 //!   The recording script does the same when a job leaves a device's lane
 //!   ([`crate::store::Scripts::record_terminal`]).
 //! - [`wake_job`]: every parked task of a job due now (cancel, abort, resume).
+//! - [`wake_device`]: every parked task of a device due now: an AWS IoT Jobs device changed
+//!   one of its executions (started it, reported progress or its end), so the task waiting
+//!   for that execution is looked at again.
 //!
 //! It never decides whether a device is delivered to: [`crate::window`] and the worker do.
 
@@ -35,6 +38,10 @@ pub enum Wait {
     /// Until the job ahead of it on its device ends (which wakes the device's parked
     /// tasks), or `due_ms`.
     Turn(u64),
+    /// Until the device changes the task's execution in storage (AWS IoT Jobs: it asked for
+    /// the job, started it or reported its end; [`wake_device`]), or `due_ms` (its step
+    /// timer or the job's deadline).
+    Execution(Option<u64>),
 }
 
 /// A task taken from the lot, to publish and then [`release`].
@@ -115,6 +122,8 @@ pub async fn park(
         Wait::Device(Some(ms)) => (ms.to_string(), "1"),
         Wait::Device(None) => ("+inf".to_owned(), "1"),
         Wait::Turn(ms) => (ms.to_string(), "2"),
+        Wait::Execution(Some(ms)) => (ms.to_string(), "3"),
+        Wait::Execution(None) => ("+inf".to_owned(), "3"),
     };
     let parked: i64 = Script::new(PARK)
         .key(names.parked_due())
@@ -227,6 +236,34 @@ pub async fn announce(
         .key(names.parked_due())
         .arg(device)
         .arg(if online { "online" } else { "offline" })
+        .arg(now_ms)
+        .invoke_async(redis)
+        .await?;
+    Ok(n)
+}
+
+const WAKE_DEVICE: &str = r#"
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  n = n + redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[1], id)
+end
+return n
+"#;
+
+/// Makes every task parked for `device` due at `now_ms`; their next handlers look again and
+/// park again what still has to wait. Returns how many were woken.
+///
+/// # Errors
+/// Redis errors.
+pub async fn wake_device(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    device: &str,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    let n: u64 = Script::new(WAKE_DEVICE)
+        .key(names.parked_device(device))
+        .key(names.parked_due())
         .arg(now_ms)
         .invoke_async(redis)
         .await?;

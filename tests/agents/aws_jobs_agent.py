@@ -12,6 +12,8 @@ Modes:
                     SUCCEEDED (must be rejected with InvalidStateTransition: it TIMED_OUT)
   after-cancel      connects after its only job was canceled: start-next must hand it
                     nothing
+  long-step         start-next with stepTimeoutInMinutes=5, work 25 s (far longer than the
+                    job's attempt timeout), then update SUCCEEDED (must be accepted)
 
 Prints one JSON line per event; the last line is {"done": true, ...} and the exit code is 0
 when the agent saw what its mode expects.
@@ -40,7 +42,7 @@ def main():
     p.add_argument("--thing", required=True)
     p.add_argument("--mode", required=True,
                    choices=["succeed", "fail", "version-mismatch", "step-timeout",
-                            "after-cancel"])
+                            "after-cancel", "long-step"])
     p.add_argument("--timeout", type=float, default=240)
     args = p.parse_args()
     thing = args.thing
@@ -62,7 +64,7 @@ def main():
         done.set()
 
     def start_next():
-        step = 1 if args.mode == "step-timeout" else None
+        step = {"step-timeout": 1, "long-step": 5}.get(args.mode)
         jobs.publish_start_next_pending_job_execution(
             iotjobs.StartNextPendingJobExecutionRequest(
                 thing_name=thing, client_token="start-" + thing,
@@ -113,6 +115,11 @@ def main():
             update(e.job_id, "FAILED", e.version_number, "final", {"reason": "disk full"})
         elif args.mode == "version-mismatch":
             update(e.job_id, "IN_PROGRESS", e.version_number + 5, "stale")
+        elif args.mode == "long-step":
+            def slow():
+                time.sleep(25)
+                update(e.job_id, "SUCCEEDED", e.version_number, "final", {"worked": "25s"})
+            threading.Thread(target=slow, daemon=True).start()
         elif args.mode == "step-timeout":
             def late():
                 time.sleep(68)
@@ -122,6 +129,7 @@ def main():
     def on_update_accepted(resp):
         state = resp.execution_state
         say(event="update-accepted", client_token=resp.client_token,
+            at_ms=int(time.time() * 1000),
             status=state.status if state else None,
             version=state.version_number if state else None)
         if resp.client_token == "final":

@@ -55,7 +55,16 @@ pub(crate) async fn get_json(app: &TestApp, url: &str) -> Value {
 /// profile, the counters, and the devices' own record of deliveries and applications: no
 /// device is contacted more often than the attempts recorded for it, beyond `max_extra`
 /// deliveries in all (0 unless the test breaks something).
-pub(crate) async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64, max_extra: u64) {
+/// `max_extra`: the deliveries allowed beyond the attempts recorded; `None` for AWS IoT Jobs
+/// devices, whose ignored notifications and dropped jobs the simulator counts as deliveries
+/// while fleetbatch counts only the jobs a device took and finished (then at most the
+/// simulator's silent and transient answers).
+pub(crate) async fn firmware_over_fleet_sim(
+    app: &TestApp,
+    sim: &str,
+    n: u64,
+    max_extra: Option<u64>,
+) {
     let id = app.create_job(&firmware_job(json!({}))).await;
     let job = app.wait_for_job(id, Duration::from_secs(300)).await;
     assert_eq!(job["state"], "COMPLETED", "{job}");
@@ -106,6 +115,9 @@ pub(crate) async fn firmware_over_fleet_sim(app: &TestApp, sim: &str, n: u64, ma
             ));
         }
     }
+    let max_extra = max_extra.unwrap_or_else(|| {
+        stats["silent"].as_u64().unwrap_or(0) + stats["transient"].as_u64().unwrap_or(0)
+    });
     eprintln!("extra deliveries: {extra} (bound {max_extra})");
     assert!(
         extra <= max_extra,
@@ -149,7 +161,7 @@ async fn plain_mqtt(version: &str, n: u64) {
     let prefix = format!("fbt{}", &Uuid::new_v4().simple().to_string()[..10]);
     let mut app = spawn_app(2, &mqtt_env(version, &prefix)).await;
     let sim = start_sim(&mut app, None, n, "fleetbatch").await;
-    firmware_over_fleet_sim(&app, &sim, n, 0).await;
+    firmware_over_fleet_sim(&app, &sim, n, Some(0)).await;
     app.teardown().await;
 }
 
@@ -238,7 +250,7 @@ async fn finish_agent(
 }
 
 /// Workers serving the AWS IoT Jobs device API over MQTT 5, with the shared fleet behaviour.
-fn aws_env() -> Vec<(&'static str, &'static str)> {
+pub(crate) fn aws_env() -> Vec<(&'static str, &'static str)> {
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
         ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
@@ -251,7 +263,7 @@ fn aws_env() -> Vec<(&'static str, &'static str)> {
 /// AWS IoT Jobs topics (`$aws/things/{thing}/jobs/...`) carry no namespace: the workers of one
 /// test would answer the requests of another test's devices. Tests that run AWS IoT Jobs
 /// workers hold this for their whole run.
-static AWS_TOPICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static AWS_TOPICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
 async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
@@ -264,10 +276,16 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
 
     // Devices driven by the AWS IoT Device SDK v2 for Python, one per scenario.
     let tag = &app.names.namespace()[1..9];
-    let things: Vec<(String, &str)> = ["succeed", "fail", "version-mismatch", "step-timeout"]
-        .iter()
-        .map(|m| (format!("py-{tag}-{m}"), *m))
-        .collect();
+    let things: Vec<(String, &str)> = [
+        "succeed",
+        "fail",
+        "version-mismatch",
+        "step-timeout",
+        "long-step",
+    ]
+    .iter()
+    .map(|m| (format!("py-{tag}-{m}"), *m))
+    .collect();
     let registry: String = things
         .iter()
         .map(|(t, _)| format!("{}\n", json!({"id": t, "groups": ["agents"], "model": "py", "hardware_revision": "A", "firmware_version": "1.0.0"})))
@@ -287,12 +305,13 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
 
     // One job per agent, then the fleet-sim job while the agents work.
     let mut agent_jobs = Vec::new();
-    for (thing, mode) in &things {
-        let timeout = if *mode == "step-timeout" { 150 } else { 60 };
+    for (thing, _) in &things {
+        // The timers are the devices' own: a 5 s attempt timeout bounds no device that is
+        // working on its job.
         let id = app
             .create_job(&firmware_job(json!({
                 "target": {"devices": [thing]},
-                "retry": {"attempt_timeout_secs": timeout, "max_attempts": 2}
+                "retry": {"attempt_timeout_secs": 5, "max_attempts": 2}
             })))
             .await;
         agent_jobs.push(id);
@@ -301,7 +320,7 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     // test owns them): they change nothing of the job, and no process fails.
     let stop = tokio_util::sync::CancellationToken::new();
     let run = async {
-        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        firmware_over_fleet_sim(&app, &sim, n, None).await;
         stop.cancel();
     };
     let (hostile, ()) = tokio::join!(
@@ -346,6 +365,23 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     );
     let (state, error, _, _) = &outcomes["step-timeout"];
     assert_eq!(*state, ExecutionState::TimedOut, "{error:?}");
+    // Given its own 5 minutes, the device finishes after 25 s, and its end is recorded when
+    // it says so, as one attempt.
+    let (state, error, events, _) = &outcomes["long-step"];
+    assert_eq!(*state, ExecutionState::Succeeded, "{error:?}");
+    let said = events
+        .iter()
+        .find(|e| e["event"] == "update-accepted" && e["client_token"] == "final")
+        .and_then(|e| e["at_ms"].as_u64())
+        .expect("the final update accepted");
+    let thing = &things[4].0;
+    let s = &app.statuses(agent_jobs[4]).await[thing];
+    assert_eq!(s.attempts, 1, "{s:?}");
+    assert!(
+        s.updated_at_ms.saturating_sub(said) < 3_000,
+        "recorded {} ms after the device's update",
+        s.updated_at_ms.saturating_sub(said)
+    );
     app.teardown().await;
 }
 
@@ -364,7 +400,7 @@ async fn http_devices_return_readings_and_the_report_summarises_them() {
     let sim = start_sim(&mut app, Some(port), n, "none").await;
 
     // A plain firmware job over HTTP.
-    firmware_over_fleet_sim(&app, &sim, n, 0).await;
+    firmware_over_fleet_sim(&app, &sim, n, Some(0)).await;
 
     // A data-retrieval job.
     let id = app
@@ -559,7 +595,7 @@ async fn mqtt_over_tls_with_client_certificates_and_a_password_survives_a_broker
     // the reconnect, at most the worker's in-flight limit.
     let bound = u64::from(app.settings.worker.concurrency);
     let (_, (before, killed_at)) =
-        tokio::join!(firmware_over_fleet_sim(&app, &sim, n, bound), restart);
+        tokio::join!(firmware_over_fleet_sim(&app, &sim, n, Some(bound)), restart);
     // The broker died under a running job (devices still pending) that finished after it.
     assert!(before["terminal"].as_u64() < Some(n), "{before}");
     let job = app.job_if_any().await.expect("the job");
@@ -638,7 +674,7 @@ async fn replies_forged_by_another_mqtt_client_are_refused_counted_and_never_rec
         sent
     };
     let run = async {
-        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        firmware_over_fleet_sim(&app, &sim, n, Some(0)).await;
         stop.cancel();
     };
     let (sent, ()) = tokio::join!(forge, run);

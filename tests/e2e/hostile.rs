@@ -376,7 +376,7 @@ async fn mutated_and_oversized_mqtt_replies_change_nothing_and_deliver_nothing_t
         sent
     };
     let run = async {
-        firmware_over_fleet_sim(&app, &sim, n, 0).await;
+        firmware_over_fleet_sim(&app, &sim, n, Some(0)).await;
         stop.cancel();
     };
     let (sent, ()) = tokio::join!(hostile, run);

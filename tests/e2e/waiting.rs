@@ -278,6 +278,126 @@ async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_
     app.teardown().await;
 }
 
+/// AWS IoT Jobs devices that connect late: their executions wait QUEUED in Redis, not in a
+/// worker, and each device that connects and asks for its next job (`start-next`, as an AWS
+/// IoT Device SDK agent does) gets it and is recorded SUCCEEDED within seconds of its own
+/// update; attempts count only real deliveries.
+#[tokio::test]
+async fn aws_iot_jobs_devices_that_connect_late_wait_queued_without_a_worker_and_succeed_on_connecting()
+ {
+    let _topics = crate::devices::AWS_TOPICS.lock().await;
+    let mut env = crate::devices::aws_env();
+    env.extend([
+        ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__REJECT_RATE", "0"),
+        ("FLEETBATCH_SIMULATOR__OFFLINE_RATE", "0"),
+        ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "3000"),
+    ]);
+    let mut app = spawn_app(2, &env).await;
+    let observed = app.start_observed_worker();
+    let n = 2_000u64;
+    let late = 500u64;
+    let late_secs = 40u64;
+    let port = harness::cluster::free_port().expect("port");
+    let sim = app
+        .cluster
+        .start_fleet_sim(
+            port,
+            &[
+                "--devices",
+                &n.to_string(),
+                "--mqtt",
+                "aws-iot-jobs",
+                "--offline",
+                &late.to_string(),
+                "--offline-secs",
+                &late_secs.to_string(),
+            ],
+        )
+        .await
+        .expect("fleet-sim");
+    let started = tokio::time::Instant::now();
+    app.import_fleet(n).await;
+    // Two attempts: a device that is not connected would spend them in seconds if waiting
+    // for it were an attempt.
+    let id = app
+        .create_job(&firmware_job(json!({"retry": {"max_attempts": 2}})))
+        .await;
+
+    // While they are away: the others finish, the late ones wait QUEUED in storage, and the
+    // observed worker holds nothing in flight.
+    let job = crate::rollouts::wait_until(&app, id, Duration::from_secs(late_secs - 5), |j| {
+        j["succeeded"].as_u64() == Some(n - late) && j["waiting"].as_u64() == Some(late)
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(late_secs),
+        "the late devices connected before the check: {job}"
+    );
+    let (_, text) = app
+        .get_text(&format!("http://127.0.0.1:{observed}/metrics"))
+        .await;
+    let in_flight = gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]);
+    assert_eq!(
+        in_flight, 0.0,
+        "worker slots held for devices not connected"
+    );
+    let statuses = app.statuses(id).await;
+    let waiting: Vec<_> = statuses
+        .values()
+        .filter(|s| s.state == ExecutionState::WaitingForDevice)
+        .collect();
+    assert_eq!(waiting.len() as u64, late, "visible as WAITING_FOR_DEVICE");
+    assert!(waiting.iter().all(|s| s.attempts == 0), "no attempt spent");
+
+    let job = app
+        .wait_for_job(id, Duration::from_secs(late_secs + 120))
+        .await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert_eq!(job["succeeded"], n, "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let stats = get_json(&app, &format!("{sim}/stats")).await;
+    assert_eq!(stats["offline_deliveries"], 0, "{stats}");
+    assert_eq!(stats["duplicate_applications"], 0, "{stats}");
+    // When each late device connected (fleet-sim connects the 500 one by one).
+    let online: Value = get_json(&app, &format!("{sim}/presence")).await;
+    let deliveries: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
+    let mut slow = Vec::new();
+    let mut off = Vec::new();
+    let mut slowest = 0;
+    for (device, s) in &statuses {
+        let got = deliveries[device.as_str()].as_u64().unwrap_or(0);
+        if got != u64::from(s.attempts) || got != 1 {
+            off.push(format!(
+                "{device}: {got} deliveries, {} attempts",
+                s.attempts
+            ));
+        }
+        if device[4..].parse::<u64>().expect("index") < late {
+            let at = online[device.as_str()].as_u64().expect("connected");
+            let after = s.updated_at_ms.saturating_sub(at);
+            slowest = slowest.max(after);
+            if after > ONLINE_WITHIN_MS {
+                slow.push(format!("{device}: {after} ms after connecting"));
+            }
+        }
+    }
+    assert!(
+        off.is_empty(),
+        "attempts are not real deliveries: {:?}",
+        &off[..off.len().min(10)]
+    );
+    assert!(
+        slow.is_empty(),
+        "{} devices took longer than {ONLINE_WITHIN_MS} ms: {:?}",
+        slow.len(),
+        &slow[..slow.len().min(10)]
+    );
+    eprintln!("late AWS IoT Jobs devices: slowest success {slowest} ms after connecting");
+    app.teardown().await;
+}
+
 /// Clears the retained presence announcements of devices `0..n` under `prefix`, so the
 /// shared broker keeps none of this test's messages.
 async fn clear_presence(app: &TestApp, prefix: &str, n: u64) {

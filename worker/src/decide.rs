@@ -123,6 +123,16 @@ pub enum After {
         /// Why.
         error: String,
     },
+    /// The device works at its own pace: park the task until it changes its execution, or
+    /// `due_ms` (its step timer, bounded by the job's deadline; `None`: no bound).
+    Wait {
+        /// Attempts made in total.
+        attempts: u32,
+        /// When to look again without news from the device.
+        due_ms: Option<u64>,
+        /// What it waits for.
+        wait: crate::deliver::DeviceWait,
+    },
 }
 
 /// After delivering: what the attempt loop's result means, given how often the task was
@@ -183,6 +193,14 @@ pub fn after_delivery(
         Delivered::Unavailable { error, .. } => After::Unavailable { error },
         Delivered::ClaimLost { attempts } => After::ClaimLost { attempts },
         Delivered::Interrupted { attempts } => After::HandBack { attempts },
+        Delivered::Waiting { attempts, wait } => After::Wait {
+            attempts,
+            due_ms: match (wait.until_ms, deadline_ms) {
+                (Some(u), Some(d)) => Some(u.min(d)),
+                (u, d) => u.or(d),
+            },
+            wait,
+        },
     }
 }
 
@@ -398,6 +416,40 @@ mod tests {
             after_delivery(park, 0, &[100], Some(NOW + 101), NOW),
             After::Park { .. }
         ));
+    }
+
+    #[test]
+    fn a_device_working_at_its_own_pace_waits_until_its_step_timer_or_the_deadline() {
+        let wait = |until_ms| crate::deliver::DeviceWait {
+            until_ms,
+            started: until_ms.is_some(),
+            version: 2,
+            why: "IN_PROGRESS".into(),
+        };
+        let due = |until, deadline| match after_delivery(
+            Delivered::Waiting {
+                attempts: 0,
+                wait: wait(until),
+            },
+            0,
+            &[1],
+            deadline,
+            NOW,
+        ) {
+            After::Wait {
+                attempts: 0,
+                due_ms,
+                ..
+            } => due_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            due(Some(NOW + 300_000), Some(NOW + 60_000)),
+            Some(NOW + 60_000)
+        );
+        assert_eq!(due(Some(NOW + 300_000), None), Some(NOW + 300_000));
+        assert_eq!(due(None, Some(NOW + 60_000)), Some(NOW + 60_000));
+        assert_eq!(due(None, None), None);
     }
 
     #[test]

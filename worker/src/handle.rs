@@ -460,6 +460,13 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
                     After::HandBack { attempts } => {
                         return Ok(requeue(ctx, task, attempts).await);
                     }
+                    After::Wait {
+                        attempts,
+                        due_ms,
+                        wait,
+                    } => {
+                        return wait_for_device(ctx, task, &req, attempts, due_ms, &wait).await;
+                    }
                 }
             }
         };
@@ -644,6 +651,55 @@ async fn wait_if_needed(
         return Ok(Err(Outcome::Ack));
     }
     Ok(Ok(closes_at))
+}
+
+/// Parks a task whose device works at its own pace (AWS IoT Jobs: its execution is QUEUED
+/// until the device asks for it, or IN_PROGRESS until it reports): no worker slot and no
+/// attempt while it waits; the device's next change to the execution, its step timer or the
+/// job's deadline wakes it.
+async fn wait_for_device(
+    ctx: &Context,
+    task: &DeviceTask,
+    req: &DeliveryRequest,
+    attempts: u32,
+    due_ms: Option<u64>,
+    wait: &deliver::DeviceWait,
+) -> anyhow::Result<Outcome> {
+    let waiting = DeviceTask {
+        attempts,
+        ..task.clone()
+    };
+    let mut redis = ctx.redis.clone();
+    parking::park(&mut redis, &ctx.names, &waiting, Wait::Execution(due_ms)).await?;
+    let status = DeviceStatus {
+        state: if wait.started {
+            ExecutionState::InProgress
+        } else {
+            ExecutionState::WaitingForDevice
+        },
+        attempts,
+        error: Some(wait.why.clone()),
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: due_ms,
+        worker: Some(ctx.worker_id.clone()),
+        published_at_ms: Some(task.published_at_ms),
+        readings: None,
+    };
+    hand_back(ctx, task, &status).await;
+    // The device may have changed the execution between the read and the park, its wake
+    // then finding nothing parked: looked at once more, now that the task is parked.
+    if ctx.transport.execution_changed(req, wait.version).await {
+        parking::wake_device(&mut redis, &ctx.names, &task.device_id, now_ms()).await?;
+    }
+    mark(
+        ctx,
+        if wait.started {
+            "waiting_for_device_step"
+        } else {
+            "waiting_for_device"
+        },
+    );
+    Ok(Outcome::Ack)
 }
 
 /// Shows a parked task's device as waiting (best effort: the lot holds the task whatever the

@@ -97,6 +97,10 @@ pub struct MqttSettings {
     /// (each copy of a request is answered by one worker; a device repeating a request is
     /// answered again).
     pub request_dedupe_ms: u64,
+    /// AWS IoT Jobs: how long a delivery waits for the device to finish before its task is
+    /// parked (no worker slot) until the device changes the execution; at most half the
+    /// attempt timeout.
+    pub aws_hold_ms: u64,
 }
 
 /// How workers reach devices over HTTP.

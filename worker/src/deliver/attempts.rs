@@ -9,7 +9,7 @@ use shared::config::BackoffSettings;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    request::{DeliverError, DeliveryRequest, Reply},
+    request::{DeliverError, DeliveryRequest, DeviceWait, Reply},
     transport::Transport,
 };
 
@@ -71,6 +71,14 @@ pub enum Delivered {
         attempts: u32,
         /// Why.
         error: String,
+    },
+    /// The device works at its own pace and its execution waits in storage: park the task
+    /// (this attempt not counted) until the device changes the execution.
+    Waiting {
+        /// Attempts made in total (this one not counted).
+        attempts: u32,
+        /// What it waits for.
+        wait: DeviceWait,
     },
     /// Shutdown began during a backoff wait: hand the task back.
     Interrupted {
@@ -183,6 +191,7 @@ where
             Ok(Err(DeliverError::TimedOut(_))) => "step_timeout",
             Ok(Err(DeliverError::Withdrawn(_))) => "withdrawn",
             Ok(Err(DeliverError::Unavailable(_))) => "unavailable",
+            Ok(Err(DeliverError::Waiting { .. })) => "waiting",
             Err(_) => "timeout",
         };
         metrics.attempts.with_label_values(&[result]).inc();
@@ -203,6 +212,12 @@ where
             }
             Ok(Err(DeliverError::Withdrawn(error))) => {
                 return Delivered::Canceled { attempts, error };
+            }
+            Ok(Err(DeliverError::Waiting { wait })) => {
+                return Delivered::Waiting {
+                    attempts: attempts - 1,
+                    wait,
+                };
             }
             Ok(Err(DeliverError::Unavailable(error))) => {
                 return Delivered::Unavailable {

@@ -16,5 +16,5 @@ pub mod simulator;
 mod transport;
 
 pub use attempts::{AttemptPolicy, Claim, Delivered, Progress, run};
-pub use request::{DeliverError, DeliveryRequest, Reply, reply_outcome};
+pub use request::{DeliverError, DeliveryRequest, DeviceWait, Reply, reply_outcome};
 pub use transport::Transport;

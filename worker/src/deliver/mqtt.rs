@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    aws::AwsJobs,
+    aws::{self, AwsJobs},
     request::{DeliverError, DeliveryRequest, Reply, reply_outcome},
 };
 
@@ -153,10 +153,14 @@ impl MqttTransport {
                 redis,
                 names,
                 reply_topic.clone(),
-                settings.worker.job_cache(),
-                std::time::Duration::from_secs(settings.worker.done_retention_secs),
-                (!m.shared_subscriptions)
-                    .then(|| std::time::Duration::from_millis(m.request_dedupe_ms.max(1))),
+                aws::Timing {
+                    job_cache: settings.worker.job_cache(),
+                    retention: std::time::Duration::from_secs(settings.worker.done_retention_secs),
+                    hold: std::time::Duration::from_millis(m.aws_hold_ms),
+                    attempt_timeout: settings.worker.attempt_timeout(),
+                    dedupe: (!m.shared_subscriptions)
+                        .then(|| std::time::Duration::from_millis(m.request_dedupe_ms.max(1))),
+                },
             )
         });
         let transport = Self(Arc::new(Inner {
@@ -283,6 +287,14 @@ impl MqttTransport {
                 Some(outcome) => return outcome,
                 None => tracing::debug!(device_id = %req.device_id, "device reports progress"),
             }
+        }
+    }
+
+    /// Whether the device changed its AWS IoT Jobs execution since `version`.
+    pub async fn execution_changed(&self, req: &DeliveryRequest, version: u64) -> bool {
+        match &self.0.aws {
+            Some(aws) => aws.changed_since(req, version).await,
+            None => false,
         }
     }
 

@@ -89,6 +89,30 @@ pub enum DeliverError {
     /// counted as an attempt; the task is handed back.
     #[error("device transport unavailable: {0}")]
     Unavailable(String),
+    /// The device has not finished, and its execution waits in storage for it (AWS IoT Jobs:
+    /// QUEUED until the device asks for it, IN_PROGRESS until it reports its end or its step
+    /// timer runs out). Not an attempt: the task is parked without a worker slot and woken
+    /// when the device changes the execution, or at `until_ms`.
+    #[error("waiting for the device: {}", wait.why)]
+    Waiting {
+        /// What the task waits for.
+        wait: DeviceWait,
+    },
+}
+
+/// What a task whose device works at its own pace waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceWait {
+    /// When to look again even if the device says nothing (its step timer ends); `None`:
+    /// only the job's deadline.
+    pub until_ms: Option<u64>,
+    /// The device started the execution (IN_PROGRESS), rather than not asked for it yet.
+    pub started: bool,
+    /// The execution's version when the worker last read it: a change after the park wakes
+    /// the task at once.
+    pub version: u64,
+    /// Why, for the device's status.
+    pub why: String,
 }
 
 /// What a device answered with its success.

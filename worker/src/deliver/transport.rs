@@ -63,4 +63,14 @@ impl Transport {
             m.conclude(req, state).await;
         }
     }
+
+    /// Whether the device changed the execution of `req` since the worker read it at
+    /// `version` (AWS IoT Jobs only; elsewhere nothing waits in storage). A read error
+    /// counts as a change: the task is then looked at again rather than left waiting.
+    pub async fn execution_changed(&self, req: &DeliveryRequest, version: u64) -> bool {
+        match self {
+            Transport::Mqtt(m) => m.execution_changed(req, version).await,
+            _ => false,
+        }
+    }
 }

@@ -174,7 +174,12 @@ impl AwsJobs {
             .await
             .map_err(|e| reject("InternalError", e))?;
         Ok(match a.exec {
-            Some(e) => json!({"execution": self.execution(thing, &e, a.now, true).await}),
+            Some(e) => {
+                // The task waiting for this execution looks again (it started, and may
+                // carry a step timer now).
+                self.wake_waiting(thing).await;
+                json!({"execution": self.execution(thing, &e, a.now, true).await})
+            }
             None => json!({}),
         })
     }
@@ -284,6 +289,9 @@ impl AwsJobs {
             return Err(reject("InternalError", "execution vanished"));
         };
         e.0.insert("job".into(), json!(job));
+        // The task parked for this execution looks again: it ended, or the device reported
+        // progress (perhaps with a new step timer).
+        self.wake_waiting(thing).await;
         if e.is_terminal() {
             // Wake the worker holding the task, then move the thing on to its next job.
             if let (Some(holder), Ok(id)) = (e.str("holder"), Uuid::parse_str(job)) {

@@ -5,8 +5,11 @@
 //! can answer any device; and the request topics `$aws/things/{thing}/jobs/get`, `start-next`,
 //! `{jobId}/get` (`$next` included) and `{jobId}/update`, subscribed with a shared
 //! subscription so each request reaches one worker. A delivery queues the execution and sends
-//! `notify-next`/`notify`; the attempt then waits for the device's terminal update (routed to
-//! the worker holding the task through its reply topic, and polled from Redis). State changes
+//! `notify-next`/`notify` when it is new; the attempt then waits a short hold for the
+//! device's terminal update (routed to the worker holding the task through its reply topic,
+//! and polled from Redis). A device that has not finished by then leaves its execution
+//! waiting in Redis, QUEUED or IN_PROGRESS, and its task parked without a worker slot; every
+//! change a device makes to an execution wakes its task ([`shared::parking::wake_device`]). State changes
 //! are Lua scripts: a version check and its write can never interleave with another worker's.
 //! It never records fleetbatch outcomes (the task handler does).
 //!
@@ -27,7 +30,7 @@ use shared::{state::ExecutionState, state::Readings, topology::Names};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::request::{DeliverError, DeliveryRequest, Reply};
+use super::request::{DeliverError, DeliveryRequest, DeviceWait, Reply};
 use crate::jobs::JobCache;
 
 mod api;
@@ -53,6 +56,10 @@ struct Inner {
     holder: String,
     jobs: JobCache,
     retention: Duration,
+    /// How long a delivery waits for the device before its task is parked.
+    hold: Duration,
+    /// The worker's attempt timeout (a job may set its own).
+    attempt_timeout: Duration,
     /// Without a shared subscription: the window in which one worker claims each request.
     dedupe: Option<Duration>,
     /// Without a shared subscription: identical requests seen, by hash: (count, last seen).
@@ -65,6 +72,22 @@ struct Inner {
     finish: Script,
 }
 
+/// What a task whose execution is not terminal waits for.
+fn waiting_for(e: &Record) -> DeviceWait {
+    let started = e.status() == "IN_PROGRESS";
+    let step = e.num("step_deadline").filter(|d| started && *d > 0);
+    DeviceWait {
+        until_ms: step,
+        started,
+        version: e.num("version").unwrap_or(0),
+        why: match (started, step) {
+            (false, _) => "QUEUED: waits for the device to ask for its job".into(),
+            (true, Some(_)) => "IN_PROGRESS on the device, within its step timer".into(),
+            (true, None) => "IN_PROGRESS on the device".into(),
+        },
+    }
+}
+
 /// The AWS status of an execution state fleetbatch reached without the device saying so.
 fn concluded_status(state: ExecutionState) -> Option<&'static str> {
     match state {
@@ -74,6 +97,21 @@ fn concluded_status(state: ExecutionState) -> Option<&'static str> {
     }
 }
 
+/// The times the API keeps to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// How long a job's state is cached.
+    pub(crate) job_cache: Duration,
+    /// How long a finished execution stays readable.
+    pub(crate) retention: Duration,
+    /// How long a delivery waits for the device before its task is parked.
+    pub(crate) hold: Duration,
+    /// The worker's attempt timeout (a job may set its own).
+    pub(crate) attempt_timeout: Duration,
+    /// Without a shared subscription: the window in which one worker claims each request.
+    pub(crate) dedupe: Option<Duration>,
+}
+
 impl AwsJobs {
     /// The API over `link`, with state in `redis`; `holder` is this worker's reply topic.
     pub(crate) fn new(
@@ -81,9 +119,13 @@ impl AwsJobs {
         redis: ConnectionManager,
         names: Names,
         holder: String,
-        job_cache: Duration,
-        retention: Duration,
-        dedupe: Option<Duration>,
+        Timing {
+            job_cache,
+            retention,
+            hold,
+            attempt_timeout,
+            dedupe,
+        }: Timing,
     ) -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self(Arc::new(Inner {
@@ -93,6 +135,8 @@ impl AwsJobs {
             holder,
             jobs: JobCache::new(job_cache),
             retention,
+            hold,
+            attempt_timeout,
             dedupe,
             seen: Default::default(),
             queue: script(QUEUE),
@@ -132,8 +176,10 @@ impl AwsJobs {
         ]
     }
 
-    /// One delivery: queue the execution (or find it), notify the thing, and wait for its
-    /// final status.
+    /// One delivery: queue the execution (or find it), notify the thing when its execution
+    /// is new, and wait up to the hold time for its final status. A device that has not
+    /// finished by then leaves its execution waiting in storage ([`DeliverError::Waiting`]):
+    /// the task is parked, and woken when the device asks for, starts or ends it.
     pub(crate) async fn deliver(
         &self,
         req: &DeliveryRequest,
@@ -145,39 +191,86 @@ impl AwsJobs {
             .run(&self.0.queue, &keys, &[job.clone(), self.0.holder.clone()])
             .await
             .map_err(DeliverError::Transient)?;
-        if let Some(done) = answer.exec.as_ref().and_then(|e| self.outcome(req, e)) {
+        let Some(mut exec) = answer.exec else {
+            return Err(DeliverError::Transient("execution state vanished".into()));
+        };
+        if let Some(done) = self.outcome(req, &exec) {
             return done;
         }
-        self.notify(&req.device_id).await;
+        if answer.created {
+            // notify-next goes out when the thing's next job changes, not on every look.
+            self.notify(&req.device_id).await;
+        }
+        let hold = self.hold(req);
+        let until = tokio::time::Instant::now() + hold;
         loop {
+            if exec.status() == "QUEUED" && self.job_stopped(req.job_id).await {
+                // A job canceled while its execution waits for the device: withdrawn now
+                // (the device is told its next job), not at the next look.
+                self.conclude(req, ExecutionState::Canceled).await;
+                return Err(DeliverError::Withdrawn(
+                    "the job was canceled before the device started it".into(),
+                ));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Err(DeliverError::Waiting {
+                    wait: waiting_for(&exec),
+                });
+            }
             tokio::select! {
                 _ = wake.recv() => {}
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep((until - now).min(POLL)) => {}
             }
             let answer = self
                 .run(&self.0.check, &keys, std::slice::from_ref(&job))
                 .await
                 .map_err(DeliverError::Transient)?;
-            match answer.exec {
-                None => return Err(DeliverError::Transient("execution state vanished".into())),
-                Some(e) => {
-                    if let Some(done) = self.outcome(req, &e) {
-                        if e.status() == "TIMED_OUT" {
-                            // The step timer ended it: the thing's next job moves up.
-                            self.notify(&req.device_id).await;
-                        }
-                        return done;
-                    }
-                    // A job canceled while its execution waits for the device: withdrawn
-                    // now (the device is told its next job), not at the next attempt.
-                    if e.status() == "QUEUED" && self.job_stopped(req.job_id).await {
-                        self.conclude(req, ExecutionState::Canceled).await;
-                        return Err(DeliverError::Withdrawn(
-                            "the job was canceled before the device started it".into(),
-                        ));
-                    }
+            exec = answer
+                .exec
+                .ok_or_else(|| DeliverError::Transient("execution state vanished".into()))?;
+            if let Some(done) = self.outcome(req, &exec) {
+                if exec.status() == "TIMED_OUT" {
+                    // The step timer ended it: the thing's next job moves up.
+                    self.notify(&req.device_id).await;
                 }
+                return done;
             }
+        }
+    }
+
+    /// How long a delivery waits for the device before parking: the configured hold, at
+    /// most half the attempt timeout.
+    fn hold(&self, req: &DeliveryRequest) -> Duration {
+        let timeout = req
+            .spec
+            .retry
+            .attempt_timeout_secs
+            .map_or(self.0.attempt_timeout, Duration::from_secs);
+        self.0.hold.min(timeout / 2)
+    }
+
+    /// Whether the device changed the execution since `version` (a read error counts as a
+    /// change).
+    pub(crate) async fn changed_since(&self, req: &DeliveryRequest, version: u64) -> bool {
+        let job = req.job_id.to_string();
+        let keys = self.exec_keys(&job, &req.device_id);
+        match self.run(&self.0.check, &keys, &[job]).await {
+            Ok(a) => a
+                .exec
+                .is_none_or(|e| e.is_terminal() || e.num("version").unwrap_or(0) != version),
+            Err(_) => true,
+        }
+    }
+
+    /// Wakes the tasks parked for `thing`: it changed one of its executions.
+    pub(super) async fn wake_waiting(&self, thing: &str) {
+        let mut redis = self.0.redis.clone();
+        if let Err(e) =
+            shared::parking::wake_device(&mut redis, &self.0.names, thing, shared::now_ms()).await
+        {
+            // The task still wakes at its step timer or the job's deadline.
+            tracing::warn!(thing, error.message = %e, "waiting task not woken");
         }
     }
 

@@ -34,18 +34,20 @@ end
 ";
 
 /// QUEUE: KEYS exec, pending; ARGV job, holder. Creates the execution (QUEUED, version 1)
-/// or refreshes its holder.
+/// or refreshes its holder; says which.
 pub(super) const QUEUE: &str = r"
 local now = now_ms()
+local created = false
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'queued', now, 'updated', now,
     'version', 1, 'number', 1, 'holder', ARGV[2])
   redis.call('ZADD', KEYS[2], now, ARGV[1])
+  created = true
 else
   expire(KEYS[1], KEYS[2], ARGV[1], now)
   redis.call('HSET', KEYS[1], 'holder', ARGV[2])
 end
-return cjson.encode({exec = tbl(KEYS[1]), now = now})
+return cjson.encode({exec = tbl(KEYS[1]), now = now, created = created})
 ";
 
 /// CHECK: KEYS exec, pending; ARGV job.
@@ -186,4 +188,7 @@ pub(super) struct ScriptAnswer {
     #[serde(default)]
     pub(super) list: Value,
     pub(super) now: u64,
+    /// QUEUE: the execution was created by this call.
+    #[serde(default)]
+    pub(super) created: bool,
 }
