@@ -84,6 +84,9 @@ pub enum ReplyStatus {
     Failed,
     /// The device refuses the job (e.g. incompatible).
     Rejected,
+    /// The device stopped the job when asked to ([`CancelRequest`]) and left itself as it
+    /// was before it.
+    Canceled,
 }
 
 impl ReplyStatus {
@@ -142,6 +145,44 @@ pub fn device_of_request_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a s
         .strip_prefix(prefix)?
         .strip_prefix("/devices/")?
         .strip_suffix("/jobs")
+}
+
+/// Topic on which a device is asked to stop a job it is running, because the job was
+/// canceled or aborted ([`CancelRequest`]).
+pub fn cancel_topic(prefix: &str, device: &str) -> String {
+    format!("{prefix}/devices/{device}/cancel")
+}
+
+/// Filter matching every device's cancel topic.
+pub fn cancel_filter(prefix: &str) -> String {
+    format!("{prefix}/devices/+/cancel")
+}
+
+/// The device id in a cancel topic, if `topic` is one.
+pub fn device_of_cancel_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix("/devices/")?
+        .strip_suffix("/cancel")
+}
+
+/// A request to stop a job the device is running. The device may stop (it answers the
+/// attempt with `CANCELED`, on the attempt's reply topic and with its nonce) or refuse and
+/// carry on (its final status is recorded as usual). A device that does not know cancel
+/// requests just carries on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    /// The execution to stop.
+    pub execution_id: Uuid,
+    /// Its job.
+    pub job_id: Uuid,
+    /// The device.
+    pub device_id: String,
+    /// The nonce of the attempt under way; the `CANCELED` answer carries it back.
+    pub nonce: String,
+    /// Why (e.g. "the job was canceled").
+    pub reason: String,
 }
 
 /// Topic a device announces its presence on: retained, `{"online":true}` once connected and

@@ -54,6 +54,17 @@ const HANG: u64 = 0x4841_4e47;
 const READING: u64 = 0x5245_4144;
 const UNHEALTHY: u64 = 0x554e_4845;
 const ROLLBACK: u64 = 0x524f_4c4c;
+const CANCEL: u64 = 0x4341_4e43;
+
+/// The share of simulated devices that refuse to stop a job they are running when asked to
+/// (they finish it anyway).
+pub const CANCEL_REFUSE_RATE: f64 = 0.25;
+
+/// Whether `device` refuses a cancel request for a job it is running: a pure function, so
+/// tests can predict it.
+pub fn refuses_cancel(settings: &SimulatorSettings, device: &str) -> bool {
+    unit(settings.seed, device, CANCEL, 0) < CANCEL_REFUSE_RATE
+}
 
 impl DeviceProfile {
     /// The profile of `device` under `settings`: a pure function, so tests can predict it.

@@ -82,6 +82,9 @@ pub(crate) struct Fleet {
     offline_below: std::sync::atomic::AtomicU64,
     /// When each device that was offline announced itself online (ms since the epoch).
     online_at: Mutex<BTreeMap<String, u64>>,
+    /// Cancel requests received, by job: device to what it did ("stopped", "refused", or
+    /// "finished" when the job was already done).
+    cancels: Mutex<HashMap<String, BTreeMap<String, &'static str>>>,
 }
 
 /// What the device will do with a delivery.
@@ -104,6 +107,7 @@ impl Fleet {
             totals: Mutex::new(Totals::default()),
             offline_below: std::sync::atomic::AtomicU64::new(0),
             online_at: Mutex::new(BTreeMap::new()),
+            cancels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -382,6 +386,31 @@ impl Fleet {
             .iter()
             .filter_map(|(d, m)| m.contacts.get(job).map(|c| (d.clone(), *c)))
             .collect()
+    }
+
+    /// Notes what `device` did with a cancel request for `job`.
+    pub(crate) fn cancel_seen(&self, job: &str, device: &str, what: &'static str) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(job.to_owned())
+            .or_default()
+            .insert(device.to_owned(), what);
+    }
+
+    /// The cancel requests of `job`: device to what it did.
+    pub(crate) fn cancels(&self, job: &str) -> BTreeMap<String, &'static str> {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether `device` refuses to stop a job it is running.
+    pub(crate) fn refuses_cancel(&self, device: &str) -> bool {
+        simdevice::refuses_cancel(&self.settings, device)
     }
 
     /// One device's memory, as JSON.

@@ -30,6 +30,7 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .route("/deliveries/{job}", get(deliveries))
         .route("/contacts/{job}", get(contacts))
         .route("/presence", get(presence))
+        .route("/cancels/{job}", get(cancels))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(fleet)
 }
@@ -92,6 +93,10 @@ async fn contacts(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> R
 
 async fn deliveries(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
     Json(fleet.deliveries(&job)).into_response()
+}
+
+async fn cancels(State(fleet): State<Arc<Fleet>>, Path(job): Path<String>) -> Response {
+    Json(fleet.cancels(&job)).into_response()
 }
 
 async fn presence(State(fleet): State<Arc<Fleet>>) -> Response {

@@ -90,7 +90,10 @@ async fn run() -> anyhow::Result<()> {
         DeviceProtocol::AwsIotJobs => MqttMode::AwsIotJobs,
     });
     let subscriptions = match mode {
-        MqttMode::Fleetbatch => vec![devices::protocol::request_filter(&mqtt.topic_prefix)],
+        MqttMode::Fleetbatch => vec![
+            devices::protocol::request_filter(&mqtt.topic_prefix),
+            devices::protocol::cancel_filter(&mqtt.topic_prefix),
+        ],
         MqttMode::AwsIotJobs => aws::subscriptions(),
         MqttMode::None => vec![],
     };

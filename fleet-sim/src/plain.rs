@@ -1,15 +1,20 @@
 //! The fleetbatch device protocol, device side: requests on `{prefix}/devices/+/jobs`,
 //! answers on the request's reply topic (over MQTT), or as the response body (over HTTP).
+//! Over MQTT, a cancel request on `{prefix}/devices/+/cancel` stops the job under way
+//! (answered `CANCELED`), unless the device is one of those that refuse.
 //!
 //! Owns turning a simulated device's decision into a [`DeviceReply`]. It never keeps device
 //! state itself ([`crate::fleet`] does).
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use devices::{
     mqtt::{Link, Message},
-    protocol::{self, DeviceReply, DeviceRequest, ReplyStatus},
+    protocol::{self, CancelRequest, DeviceReply, DeviceRequest, ReplyStatus},
     simdevice::{self, Answer, SimOutcome},
 };
 use tokio::sync::mpsc;
@@ -87,6 +92,50 @@ pub(crate) fn refusal(fleet: &Fleet, req: &DeviceRequest) -> Option<DeviceReply>
     })
 }
 
+/// The answer of a device that stopped a job when asked to.
+fn stopped(fleet: &Fleet, req: &DeviceRequest) -> DeviceReply {
+    fleet.answered("CANCELED");
+    DeviceReply {
+        execution_id: req.execution_id,
+        status: ReplyStatus::Canceled,
+        retryable: false,
+        error: None,
+        readings: None,
+        nonce: req.nonce.clone(),
+        health: None,
+    }
+}
+
+/// Jobs under way, by the nonce of their attempt: a cancel request stops the one it names.
+type Working = Arc<Mutex<HashMap<String, CancellationToken>>>;
+
+/// A cancel request: the device stops the attempt it names, unless it refuses (then it
+/// finishes), or the attempt is no longer under way.
+fn cancel(fleet: &Fleet, working: &Working, device: &str, payload: &[u8]) {
+    let Ok(c) = serde_json::from_slice::<CancelRequest>(payload) else {
+        tracing::warn!(device_id = %device, "unreadable cancel request ignored");
+        return;
+    };
+    if c.device_id != device {
+        return;
+    }
+    let job = c.job_id.to_string();
+    let under_way = working
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&c.nonce)
+        .cloned();
+    let what = match under_way {
+        None => "finished",
+        Some(_) if fleet.refuses_cancel(device) => "refused",
+        Some(token) => {
+            token.cancel();
+            "stopped"
+        }
+    };
+    fleet.cancel_seen(&job, device, what);
+}
+
 /// Serves requests arriving on `messages` until shutdown.
 pub(crate) async fn serve(
     fleet: Arc<Fleet>,
@@ -95,11 +144,16 @@ pub(crate) async fn serve(
     prefix: String,
     shutdown: CancellationToken,
 ) {
+    let working = Working::default();
     loop {
         let m = tokio::select! {
             _ = shutdown.cancelled() => return,
             m = messages.recv() => match m { Some(m) => m, None => return },
         };
+        if let Some(device) = protocol::device_of_cancel_topic(&prefix, &m.topic) {
+            cancel(&fleet, &working, device, &m.payload);
+            continue;
+        }
         let Some(device) = protocol::device_of_request_topic(&prefix, &m.topic) else {
             continue;
         };
@@ -149,10 +203,27 @@ pub(crate) async fn serve(
         let Answer::Reply { after, outcome } = decision.answer else {
             continue;
         };
-        let (fleet, link) = (fleet.clone(), link.clone());
+        let (fleet, link, working) = (fleet.clone(), link.clone(), working.clone());
+        let nonce = req.nonce.clone().unwrap_or_default();
+        let stop = CancellationToken::new();
+        working
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nonce.clone(), stop.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let reply = reply(&fleet, &req, outcome, &decision);
+            let asked_to_stop = tokio::select! {
+                _ = tokio::time::sleep(after) => false,
+                _ = stop.cancelled() => true,
+            };
+            working
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&nonce);
+            let reply = if asked_to_stop {
+                stopped(&fleet, &req)
+            } else {
+                reply(&fleet, &req, outcome, &decision)
+            };
             let Ok(body) = serde_json::to_vec(&reply) else {
                 return;
             };

@@ -5,8 +5,10 @@
 //! an answer. Fleetbatch protocol: one request per attempt on `{prefix}/devices/{id}/jobs`,
 //! answered on this worker's reply topic (also set as the MQTT 5 response topic, with the
 //! execution id as correlation data). Incoming messages are routed by one dispatcher task:
-//! replies to the attempt waiting for them, AWS IoT Jobs requests to [`super::aws`]. It never
-//! records outcomes.
+//! replies to the attempt waiting for them, AWS IoT Jobs requests to [`super::aws`]. A job
+//! canceled while a device works on it: the attempt asks the device once, on
+//! `{prefix}/devices/{id}/cancel`, to stop; the device's answer (`CANCELED`, or its final
+//! status if it refuses) ends the attempt as usual. It never records outcomes.
 
 use devices::keys::DeviceKeys;
 use std::{
@@ -28,6 +30,8 @@ use shared::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::jobs::JobCache;
 
 use super::{
     aws::{self, AwsJobs},
@@ -84,11 +88,18 @@ struct Inner {
     refused: prometheus::IntCounter,
     /// Presence announcements, applied in arrival order by one task.
     presence: mpsc::UnboundedSender<(String, bool)>,
+    /// Job states, for cancel requests to devices running a job that was canceled.
+    jobs: JobCache,
+    redis: ConnectionManager,
+    names: Names,
 }
 
 /// The MQTT transport; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct MqttTransport(Arc<Inner>);
+
+/// How often a worker waiting for a device looks whether the job was canceled meanwhile.
+const CANCEL_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The execution id named by a message on a reply topic.
 #[derive(Debug, serde::Deserialize)]
@@ -150,8 +161,8 @@ impl MqttTransport {
         let aws = (m.protocol == DeviceProtocol::AwsIotJobs).then(|| {
             AwsJobs::new(
                 link.clone(),
-                redis,
-                names,
+                redis.clone(),
+                names.clone(),
                 reply_topic.clone(),
                 aws::Timing {
                     job_cache: settings.worker.job_cache(),
@@ -171,6 +182,9 @@ impl MqttTransport {
             aws,
             refused,
             presence,
+            jobs: JobCache::new(settings.worker.job_cache()),
+            redis,
+            names,
         }));
         tokio::spawn(transport.clone().dispatch(messages, shutdown));
         Ok(transport)
@@ -264,8 +278,24 @@ impl MqttTransport {
                 MqttError::TooLarge { .. } => DeliverError::Permanent(e.to_string()),
                 e => DeliverError::Transient(e.to_string()),
             })?;
+        // A job canceled while the device works on it: the device is asked once to stop,
+        // and may refuse; either way its answer ends the attempt as usual.
+        let mut look = tokio::time::interval(CANCEL_LOOK);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        look.tick().await;
+        let mut asked = false;
         loop {
-            let Some(payload) = rx.recv().await else {
+            let payload = tokio::select! {
+                p = rx.recv() => p,
+                _ = look.tick(), if !asked => {
+                    if self.job_stopping(req.job_id).await {
+                        asked = true;
+                        self.ask_to_cancel(req, &nonce).await;
+                    }
+                    continue;
+                }
+            };
+            let Some(payload) = payload else {
                 return Err(DeliverError::Transient("MQTT dispatcher stopped".into()));
             };
             // Only the device asked can answer: the reply must carry this attempt's nonce.
@@ -286,6 +316,39 @@ impl MqttTransport {
             match reply_outcome(&req.spec, reply) {
                 Some(outcome) => return outcome,
                 None => tracing::debug!(device_id = %req.device_id, "device reports progress"),
+            }
+        }
+    }
+
+    /// Whether the job was canceled or aborted (as this worker's cache knows it).
+    async fn job_stopping(&self, job: Uuid) -> bool {
+        let mut redis = self.0.redis.clone();
+        matches!(
+            self.0.jobs.get(&mut redis, &self.0.names, job).await,
+            Ok(Some(view)) if view.state.is_stopping()
+        )
+    }
+
+    /// Asks the device to stop the attempt under way (the one whose request carried
+    /// `nonce`).
+    async fn ask_to_cancel(&self, req: &DeliveryRequest, nonce: &str) {
+        let cancel = protocol::CancelRequest {
+            execution_id: req.execution_id,
+            job_id: req.job_id,
+            device_id: req.device_id.clone(),
+            nonce: nonce.to_owned(),
+            reason: "the job was canceled".into(),
+        };
+        let Ok(payload) = serde_json::to_vec(&cancel) else {
+            return;
+        };
+        let topic = protocol::cancel_topic(&self.0.prefix, &req.device_id);
+        match self.0.link.publish(&topic, payload, None).await {
+            Ok(()) => {
+                tracing::info!(device_id = %req.device_id, job_id = %req.job_id, "device asked to stop a canceled job")
+            }
+            Err(e) => {
+                tracing::warn!(device_id = %req.device_id, error.message = %e, "cancel request not sent; the device finishes the job")
             }
         }
     }

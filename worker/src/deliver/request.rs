@@ -63,6 +63,9 @@ pub fn reply_outcome(
         ReplyStatus::Failed if reply.retryable => Err(DeliverError::Transient(error)),
         ReplyStatus::Failed => Err(DeliverError::Permanent(error)),
         ReplyStatus::Rejected => Err(DeliverError::Rejected(error)),
+        ReplyStatus::Canceled => Err(DeliverError::Withdrawn(
+            "the device stopped the job when asked to (the job was canceled)".into(),
+        )),
     })
 }
 
