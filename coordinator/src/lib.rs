@@ -53,6 +53,7 @@ pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod dashboard;
 pub mod deadletters;
 pub mod deadwatch;
 pub mod import;

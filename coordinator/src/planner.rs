@@ -733,43 +733,20 @@ pub(crate) async fn send(
 
 /// Waits until Redis is under its memory alarm ([`crate::memory`]) and the tasks queue has
 /// room for `n` more tasks under `coordinator.max_queued_tasks` (a batch larger than the
-/// bound goes once the queue is empty), keeping the planner's lease meanwhile.
+/// bound goes once the queue is empty), both true at the same look, keeping the planner's
+/// lease meanwhile.
 async fn wait_for_room(
     p: &Planners,
     redis: &mut ConnectionManager,
     job_id: Uuid,
     n: usize,
 ) -> anyhow::Result<()> {
-    let mut waited = Duration::ZERO;
-    while p.metrics.redis_memory_alarm.get() == 1 && !p.shutdown.is_cancelled() {
-        pause(p, ROOM_POLL).await;
-        waited += ROOM_POLL;
-        if waited >= Duration::from_secs(1) {
-            renew_lease(p, redis, job_id).await?;
-            waited = Duration::ZERO;
-        }
-    }
     let bound = u64::from(p.settings.coordinator.max_queued_tasks);
-    if bound == 0 {
-        return Ok(());
-    }
-    loop {
-        let depth = u64::from(
-            p.publisher
-                .channel()
-                .queue_declare(
-                    p.names.tasks_queue().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .context("reading the tasks queue's depth")?
-                .message_count(),
-        );
-        if depth == 0 || depth + n as u64 <= bound || p.shutdown.is_cancelled() {
+    let mut waited = Duration::ZERO;
+    while !p.shutdown.is_cancelled() {
+        if p.metrics.redis_memory_alarm.get() != 1
+            && (bound == 0 || has_room(p, n as u64, bound).await?)
+        {
             return Ok(());
         }
         pause(p, ROOM_POLL).await;
@@ -779,6 +756,27 @@ async fn wait_for_room(
             waited = Duration::ZERO;
         }
     }
+    Ok(())
+}
+
+/// Whether the tasks queue takes `n` more tasks under `bound` (or is empty).
+async fn has_room(p: &Planners, n: u64, bound: u64) -> anyhow::Result<bool> {
+    let depth = u64::from(
+        p.publisher
+            .channel()
+            .queue_declare(
+                p.names.tasks_queue().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .context("reading the tasks queue's depth")?
+            .message_count(),
+    );
+    Ok(depth == 0 || depth + n <= bound)
 }
 
 /// How often a planner waiting for room looks at the tasks queue again.

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# A Python environment with the AWS IoT Device SDK v2 (pip package awsiotsdk) in target/py,
-# for the device agent the tests run (tests/agents/aws_jobs_agent.py). Installs Debian's
-# python3-venv first when it is missing.
+# A Python environment in target/py for the Python the tests run: the AWS IoT Device SDK v2
+# (pip package awsiotsdk) for the device agent (tests/agents/aws_jobs_agent.py), and
+# kubernetes-validate for the manifests' schema check (tests/agents/validate_k8s.py).
+# Installs Debian's python3-venv first when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=target/py/bin/python
-if [ -x "$py" ] && "$py" -c 'import awsiot' 2>/dev/null; then
+if [ -x "$py" ] && "$py" -c 'import awsiot, kubernetes_validate' 2>/dev/null; then
   exit 0
 fi
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -14,7 +15,8 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
 fi
-rm -rf target/py
-python3 -m venv target/py
-target/py/bin/pip install -q --disable-pip-version-check awsiotsdk
-echo "pyagent: $("$py" -c 'import importlib.metadata as m; print("awsiotsdk", m.version("awsiotsdk"))') in target/py" >&2
+if ! [ -x "$py" ]; then
+  python3 -m venv target/py
+fi
+target/py/bin/pip install -q --disable-pip-version-check awsiotsdk kubernetes-validate
+echo "pyagent: $("$py" -c 'import importlib.metadata as m; print("awsiotsdk", m.version("awsiotsdk"), "kubernetes-validate", m.version("kubernetes-validate"))') in target/py" >&2

@@ -2,7 +2,8 @@
 //! processes: the settings file loads, ports and probe paths are the ones the processes
 //! serve, scale-in gives a worker longer than its own shutdown grace, the autoscaler watches
 //! the tasks queue of the deployment's namespace, every Deployment has a disruption budget and
-//! resource requests, and every secret the pods read is one docs/deploy.md says to create.
+//! resource requests, and every secret the pods read is one docs/deploy.md says to create;
+//! and every Kubernetes resource validates, strictly, against the Kubernetes API schemas.
 
 use std::{collections::HashMap, path::PathBuf};
 
@@ -178,4 +179,31 @@ fn the_kubernetes_manifests_agree_with_their_settings_and_the_processes() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The Kubernetes version whose API schemas the manifests must satisfy (the oldest the
+/// manifests support, docs/deploy.md).
+const KUBERNETES_VERSION: &str = "1.30.0";
+
+#[test]
+fn the_kubernetes_manifests_validate_strictly_against_the_kubernetes_schemas() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/validate_k8s.py");
+    let out = std::process::Command::new(crate::devices::python())
+        .arg(script)
+        .arg(KUBERNETES_VERSION)
+        .arg(k8s_dir())
+        .output()
+        .expect("the validator runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "invalid manifests:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let valid = report
+        .lines()
+        .filter(|l| l.contains(r#""result": "valid""#))
+        .count();
+    // Every resource but KEDA's two custom ones was checked.
+    assert_eq!(valid, resources().len() - 2, "{report}");
 }

@@ -175,8 +175,9 @@ async fn a_job_over_mqtt311_with_the_fleetbatch_protocol_completes_exactly() {
     plain_mqtt("3.1.1", 3_000).await;
 }
 
-/// The Python interpreter with awsiotsdk (`deploy/dev/test.sh` prepares it).
-fn python() -> std::path::PathBuf {
+/// The Python interpreter with awsiotsdk and kubernetes-validate (`deploy/dev/pyagent.sh`,
+/// run by `deploy/dev/test.sh`, prepares it).
+pub(crate) fn python() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("FLEETBATCH_TEST_PYTHON") {
         return p.into();
     }
@@ -187,7 +188,7 @@ fn python() -> std::path::PathBuf {
     let p = root.join("target/py/bin/python");
     assert!(
         p.exists(),
-        "{} is missing: run deploy/dev/test.sh, or `python3 -m venv target/py && target/py/bin/pip install awsiotsdk`",
+        "{} is missing: run deploy/dev/test.sh, or deploy/dev/pyagent.sh",
         p.display()
     );
     p

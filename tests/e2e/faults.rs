@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
-    services::{PrivateRabbit, PrivateRedis},
+    services::{PrivateRabbit, PrivateRedis, RabbitCluster},
 };
 
 const DEVICES: u64 = 20_000;
@@ -65,7 +65,17 @@ async fn assert_not_ready(app: &TestApp, service: &str) {
 /// The guarantees after a fault: nothing lost, counters exact, nothing applied twice, and at
 /// most `max_extra` deliveries beyond the recorded attempts.
 async fn assert_guarantees(app: &TestApp, id: Uuid, max_extra: u64) -> harness::audit::Audit {
-    app.assert_exact(id, &fleet_ids(DEVICES)).await;
+    assert_guarantees_of(app, id, DEVICES, max_extra).await
+}
+
+/// [`assert_guarantees`] for a fleet of `n` devices.
+async fn assert_guarantees_of(
+    app: &TestApp,
+    id: Uuid,
+    n: u64,
+    max_extra: u64,
+) -> harness::audit::Audit {
+    app.assert_exact(id, &fleet_ids(n)).await;
     let mut redis = app.redis.clone();
     let audit = harness::audit::audit(&mut redis, &app.names, id)
         .await
@@ -312,6 +322,63 @@ async fn a_rabbitmq_restart_while_aggregating_is_survived() {
 #[tokio::test]
 async fn a_rabbitmq_crash_while_planning_is_survived() {
     rabbitmq_outage_mid_job(Fault::CrashWhilePlanning).await;
+}
+
+/// Quorum queues on a cluster of three RabbitMQ nodes of this test's own: the node leading
+/// the tasks queue is SIGKILLed mid-job. Every process was given all three addresses; the
+/// queues keep a majority, clients fail over, and the job is exact.
+#[tokio::test]
+async fn on_a_three_node_rabbitmq_cluster_a_sigkill_of_the_tasks_queue_leader_loses_nothing() {
+    // The acceptance's 100,000 devices: FLEETBATCH_TEST_CLUSTER_DEVICES=100000.
+    let n: u64 = std::env::var("FLEETBATCH_TEST_CLUSTER_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEVICES);
+    let cluster = RabbitCluster::start(3).await;
+    let others: Vec<String> = cluster.nodes[1..].iter().map(|n| n.url()).collect();
+    let workers = 3;
+    let app = spawn_mixed(
+        workers,
+        &[
+            ("FLEETBATCH_AMQP__URL", cluster.nodes[0].url()),
+            ("FLEETBATCH_AMQP__FALLBACK_URLS", others.join(",")),
+            ("FLEETBATCH_AMQP__QUEUE_TYPE", "quorum".into()),
+            ("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into()),
+        ],
+    )
+    .await;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"max_per_second": 2_000}})))
+        .await;
+    let before = app
+        .wait_for_terminal(id, n / 4, Duration::from_secs(120 + n / 1_000))
+        .await;
+    let leader = cluster.leader_of(&app.names.tasks_queue()).await;
+    let killed_at = shared::now_ms();
+    cluster.nodes[leader].kill().await;
+    eprintln!(
+        "killed node {leader} ({}), the tasks queue's leader",
+        cluster.nodes[leader].node()
+    );
+
+    let job = app
+        .wait_for_job(id, Duration::from_secs(300 + n / 500))
+        .await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    assert!(before["terminal"].as_u64() < Some(n), "{before}");
+    assert!(job["finished_at_ms"].as_u64() > Some(killed_at), "{job}");
+    // A new leader took the queue over.
+    let now = cluster
+        .leader_of_among(&app.names.tasks_queue(), leader)
+        .await;
+    assert_ne!(now, leader);
+    // Redelivered tasks are absorbed by the idempotency keys; at most the attempts under way
+    // when the node died are repeated.
+    let audit = assert_guarantees_of(&app, id, n, workers as u64 * CONCURRENCY).await;
+    eprintln!("rabbitmq cluster, leader killed: {audit:?}");
+    app.teardown().await;
+    drop(cluster);
 }
 
 async fn redis_outage_mid_job(fault: Fault) {

@@ -10,6 +10,7 @@ mod access;
 mod bench;
 mod cancel;
 mod cli;
+mod dashboard;
 mod dead_letter;
 mod deploy;
 mod devices;

@@ -329,6 +329,11 @@ async fn two_jobs_for_the_same_devices_reach_each_device_one_at_a_time_higher_pr
         ],
         "{device}'s jobs before the start"
     );
+    // A device nobody registered has no line to show.
+    let (status, body) = app
+        .get_text(&app.url("/v1/devices/no-such-device/jobs"))
+        .await;
+    assert_eq!(status, 404, "{body}");
     for id in [low, high] {
         let job = app.wait_for_job(id, Duration::from_secs(120)).await;
         assert_eq!(job["state"], "COMPLETED", "{job}");

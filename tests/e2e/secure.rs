@@ -499,3 +499,73 @@ async fn each_component_runs_with_its_own_least_privilege_broker_user() {
     let _ = conn.close(200, "done".into()).await;
     app.teardown().await;
 }
+
+/// A page on another site cannot change anything through a visitor's browser: a `text/plain`
+/// POST (which a browser sends cross-site without asking first) carrying another `Origin`,
+/// or marked `Sec-Fetch-Site: cross-site`, is refused and creates nothing, even with valid
+/// credentials; the same request from the API's own origin, or from a client that is not a
+/// browser, goes through. Reads are unaffected.
+#[tokio::test]
+async fn a_cross_site_request_from_a_browser_changes_nothing() {
+    let app = spawn_app(0, &[]).await;
+    app.import_fleet(10).await;
+    let spec = serde_json::to_string(&firmware_job(json!({}))).expect("json");
+    let host = app.cluster.api.trim_start_matches("http://").to_owned();
+    let post = |headers: Vec<(&'static str, String)>| {
+        let mut r = app
+            .http
+            .post(app.url("/v1/jobs"))
+            .header("content-type", "text/plain")
+            .body(spec.clone());
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+    let jobs = || async {
+        let page: Value = app
+            .http
+            .get(app.url("/v1/jobs"))
+            .header("origin", "https://elsewhere.example")
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        page["jobs"].as_array().map_or(0, Vec::len)
+    };
+    for headers in [
+        vec![("origin", "https://elsewhere.example".to_owned())],
+        vec![("origin", "null".to_owned())],
+        vec![("sec-fetch-site", "cross-site".to_owned())],
+        vec![
+            ("sec-fetch-site", "same-site".to_owned()),
+            ("origin", format!("http://{host}")),
+        ],
+    ] {
+        let r = post(headers.clone()).await.expect("post");
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(body.contains("may not change anything"), "{body}");
+    }
+    assert_eq!(jobs().await, 0, "a refused request created a job");
+    // The API's own origin, and a client that names none, are served.
+    let own = post(vec![
+        ("origin", format!("http://{host}")),
+        ("sec-fetch-site", "same-origin".to_owned()),
+    ])
+    .await
+    .expect("post");
+    assert_eq!(
+        own.status().as_u16(),
+        201,
+        "{}",
+        own.text().await.unwrap_or_default()
+    );
+    let cli = post(vec![]).await.expect("post");
+    assert_eq!(cli.status().as_u16(), 201);
+    assert_eq!(jobs().await, 2);
+    app.teardown().await;
+}

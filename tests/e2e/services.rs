@@ -183,6 +183,95 @@ impl PrivateRabbit {
     }
 }
 
+impl PrivateRabbit {
+    /// The Erlang node name (`rabbitmqctl -n`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Joins this (fresh) node to `first`'s cluster.
+    pub async fn join(&self, first: &PrivateRabbit) {
+        self.ctl(&["stop_app"]).await;
+        self.ctl(&["join_cluster", &first.node]).await;
+        self.ctl(&["start_app"]).await;
+        wait_port(self.port, true, Duration::from_secs(90)).await;
+    }
+}
+
+/// RabbitMQ nodes of this test's own, joined in one cluster.
+pub struct RabbitCluster {
+    pub nodes: Vec<PrivateRabbit>,
+}
+
+impl RabbitCluster {
+    /// Starts `n` nodes and joins them to the first.
+    pub async fn start(n: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            nodes.push(PrivateRabbit::start().await);
+        }
+        for node in &nodes[1..] {
+            node.join(&nodes[0]).await;
+        }
+        let members = nodes[0]
+            .ctl(&["cluster_status", "--formatter", "json"])
+            .await;
+        for node in &nodes {
+            assert!(
+                members.contains(node.node()),
+                "{} not in the cluster: {members}",
+                node.node()
+            );
+        }
+        Self { nodes }
+    }
+
+    /// The index of the node leading quorum queue `queue`.
+    pub async fn leader_of(&self, queue: &str) -> usize {
+        self.leader_of_among(queue, usize::MAX).await
+    }
+
+    /// The index of the node leading quorum queue `queue`, as a node other than `down`
+    /// reports it.
+    pub async fn leader_of_among(&self, queue: &str, down: usize) -> usize {
+        let asked = usize::from(down == 0);
+        let listed = self.nodes[asked]
+            .ctl(&[
+                "list_queues",
+                "name",
+                "leader",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .await;
+        let leader = listed
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .map(|(_, leader)| leader.trim().to_owned())
+            .unwrap_or_else(|| panic!("queue {queue} not listed: {listed}"));
+        self.nodes
+            .iter()
+            .position(|n| n.node() == leader)
+            .unwrap_or_else(|| panic!("leader {leader} is not one of the nodes"))
+    }
+}
+
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
         let _ = std::process::Command::new("rabbitmqctl")

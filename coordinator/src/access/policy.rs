@@ -152,6 +152,16 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::DELETE, "/v1/tokens/{id}", Access::Role(Role::Admin)),
     (Method::GET, "/v1/audit", Access::Role(Role::Admin)),
     (Method::GET, "/v1/whoami", Access::Role(Role::Viewer)),
+    // The dashboard (`crate::dashboard`): its pages render only for a signed-in caller and
+    // send anyone else to sign in; its actions are calls of the routes above.
+    (Method::GET, "/", Access::Public),
+    (Method::GET, "/ui/login", Access::Public),
+    (Method::POST, "/ui/login", Access::Public),
+    (Method::POST, "/ui/logout", Access::Public),
+    (Method::GET, "/ui/jobs", Access::Public),
+    (Method::GET, "/ui/jobs/{id}", Access::Public),
+    (Method::GET, "/ui/devices/{id}", Access::Public),
+    (Method::GET, "/ui/assets/{file}", Access::Public),
 ];
 
 /// What `method` on the route pattern `route` needs; admin for anything not in [`ROUTES`].

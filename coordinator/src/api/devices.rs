@@ -230,11 +230,31 @@ pub(super) async fn jobs(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let jobs = device_jobs(&app, &id).await?;
+    Ok(Json(json!({"device_id": id, "jobs": jobs})))
+}
+
+/// The unfinished jobs in device `id`'s line (see [`jobs`]); 404 for a device neither
+/// registered nor in any line.
+pub async fn device_jobs(app: &AppState, id: &str) -> ApiResult<Vec<serde_json::Value>> {
     let mut redis = app.redis.clone();
     let ids: Vec<String> = redis
-        .zrange(app.names.device_lane(&id), 0, LANE_LIST_MAX - 1)
+        .zrange(app.names.device_lane(id), 0, LANE_LIST_MAX - 1)
         .await
         .map_err(ApiError::internal)?;
+    // A device deleted from the registry may still be in jobs' lines: only a device that is
+    // neither registered nor in any line is unknown.
+    if ids.is_empty()
+        && registry::get(&mut redis, &app.names, id)
+            .await
+            .map_err(ApiError::internal)?
+            .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no device {id:?}"),
+        ));
+    }
     let mut jobs = Vec::new();
     for job_id in ids.iter().filter_map(|j| j.parse::<uuid::Uuid>().ok()) {
         let Some(job) = shared::store::load_job(&mut redis, &app.names, job_id)
@@ -247,7 +267,7 @@ pub(super) async fn jobs(
             continue;
         }
         let raw: Option<String> = redis
-            .hget(app.names.job_status(job_id), &id)
+            .hget(app.names.job_status(job_id), id)
             .await
             .map_err(ApiError::internal)?;
         let status = raw.and_then(|r| serde_json::from_str::<shared::state::DeviceStatus>(&r).ok());
@@ -265,7 +285,7 @@ pub(super) async fn jobs(
             "error": status.and_then(|s| s.error),
         }));
     }
-    Ok(Json(json!({"device_id": id, "jobs": jobs})))
+    Ok(jobs)
 }
 
 /// The most jobs listed for one device.

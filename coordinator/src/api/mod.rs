@@ -58,7 +58,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 
 mod access;
-mod devices;
+pub mod devices;
 mod dlq;
 mod events;
 pub mod guard;
@@ -84,9 +84,17 @@ async fn delete_named(app: &AppState, key: &str, name: &str, what: &str) -> ApiR
     Ok(())
 }
 
+pub use devices::device_jobs;
+
+/// The answer to a page whose data could not be read (Redis unavailable): the API's 503.
+pub fn unavailable(e: impl Into<anyhow::Error>) -> Response {
+    ApiError::internal(e).into_response()
+}
+
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .merge(crate::dashboard::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
