@@ -303,6 +303,12 @@ struct DevicesQuery {
     cursor: Option<String>,
 }
 
+/// Errors shown on a job's page, the most frequent first.
+const TOP_ERRORS: usize = 10;
+
+/// Audit entries shown on a job's page, the newest first.
+const TRAIL: usize = 20;
+
 /// Devices shown per page of a job's device table.
 const DEVICES_PER_PAGE: usize = 100;
 
@@ -336,6 +342,34 @@ async fn job_page(
             Ok(p) => p,
             Err(e) => return crate::api::unavailable(e),
         };
+    // Top errors and readings (a failure report without its device list), and the job's
+    // audit trail.
+    let report = match crate::report::build(&mut redis, &app.names, id, 0).await {
+        Ok(r) => r,
+        Err(e) => return crate::api::unavailable(e),
+    };
+    let mut errors: Vec<(String, u64)> = report
+        .as_ref()
+        .map(|r| r.errors.clone().into_iter().collect())
+        .unwrap_or_default();
+    errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    errors.truncate(TOP_ERRORS);
+    let readings = report.and_then(|r| r.readings).unwrap_or_default();
+    let trail = match crate::audit::page(
+        &mut redis,
+        &app.names,
+        &crate::audit::Filter {
+            job_id: Some(id.to_string()),
+            limit: Some(TRAIL),
+            ..Default::default()
+        },
+    )
+    .await
+    {
+        Ok(Ok(p)) => p.entries,
+        Ok(Err(_)) => vec![],
+        Err(e) => return crate::api::unavailable(e),
+    };
     let operator = caller.role >= Role::Operator;
     let gate = job
         .rollout
@@ -404,6 +438,28 @@ async fn job_page(
                     }
                 }
             }
+            @if !errors.is_empty() {
+                h2 { "Top errors" }
+                table id="errors" {
+                    thead { tr { th { "devices" } th { "error" } } }
+                    tbody {
+                        @for (error, n) in &errors {
+                            tr { td { (n) } td { (error) } }
+                        }
+                    }
+                }
+            }
+            @if !readings.is_empty() {
+                h2 { "Readings" }
+                table id="readings" {
+                    thead { tr { th { "metric" } th { "devices" } th { "min" } th { "p50" } th { "mean" } th { "p95" } th { "max" } } }
+                    tbody {
+                        @for (metric, r) in &readings {
+                            tr { td { (metric) } td { (r.count) } td { (r.min) } td { (r.p50) } td { (format!("{:.3}", r.mean)) } td { (r.p95) } td { (r.max) } }
+                        }
+                    }
+                }
+            }
             h2 { "Devices" }
             form.filter method="get" action=(format!("/ui/jobs/{id}")) {
                 select name="status" {
@@ -430,6 +486,17 @@ async fn job_page(
             }
             @if let Some(next) = &devices.next_cursor {
                 p { a id="next-page" href=(format!("/ui/jobs/{id}?status={}&cursor={next}", status_filter.unwrap_or(""))) { "Next " (DEVICES_PER_PAGE) " →" } }
+            }
+            @if !trail.is_empty() {
+                h2 { "Audit trail" }
+                table id="trail" {
+                    thead { tr { th { "when" } th { "who" } th { "what" } th { "outcome" } } }
+                    tbody {
+                        @for e in &trail {
+                            tr { td { (time(e.at_ms)) } td { (e.actor) } td { (e.action) } td { (e.outcome) } }
+                        }
+                    }
+                }
             }
         },
     )

@@ -9,8 +9,9 @@
 //! device's terminal update (routed to the worker holding the task through its reply topic,
 //! and polled from Redis). A device that has not finished by then leaves its execution
 //! waiting in Redis, QUEUED or IN_PROGRESS, and its task parked without a worker slot; every
-//! change a device makes to an execution wakes its task ([`shared::parking::wake_device`]). State changes
-//! are Lua scripts: a version check and its write can never interleave with another worker's.
+//! change a device makes to an execution wakes its task ([`shared::parking::wake_device`]).
+//! State changes are Lua scripts: a version check and its write can never interleave with
+//! another worker's.
 //! It never records fleetbatch outcomes (the task handler does).
 //!
 //! # Layout
