@@ -121,7 +121,12 @@ async fn token(app: &TestApp, name: &str, role: &str) -> String {
 
 #[tokio::test]
 async fn an_operator_steers_a_job_from_the_dashboard_and_a_viewer_only_watches() {
-    let app = spawn_app(1, &[]).await;
+    // Some devices fail for good: the page then shows its top errors and offers a rerun.
+    let app = spawn_app(
+        1,
+        &[("FLEETBATCH_SIMULATOR__PERMANENT_FAILURE_RATE", "0.05")],
+    )
+    .await;
     let n = 300;
     app.import_fleet(n).await;
     let operator = token(&app, "dash-operator", "operator").await;
@@ -207,10 +212,55 @@ async fn an_operator_steers_a_job_from_the_dashboard_and_a_viewer_only_watches()
     ] {
         assert_eq!(Some(shown(&done, key)), job[key].as_u64(), "{key}");
     }
+    for gone in ["pause", "resume", "cancel", "approve"] {
+        assert!(
+            !done.contains(&format!("/v1/jobs/{id}/{gone}")),
+            "a finished job offers {gone}"
+        );
+    }
+    // Its audit trail names who paused it; its top errors are there when devices failed.
+    let trail = &done[done.find(r#"id="trail""#).expect("audit trail")..];
     assert!(
-        !done.contains("data-action"),
-        "a finished job offers no action"
+        trail.contains("dash-operator") && trail.contains("/pause"),
+        "{trail}"
     );
+    let of = |k: &str| job[k].as_u64().unwrap_or(0);
+    let failed = [
+        "failed",
+        "rejected",
+        "timed_out",
+        "unhealthy",
+        "rolled_back",
+    ]
+    .iter()
+    .map(|k| of(k))
+    .sum::<u64>();
+    assert_eq!(
+        done.contains(r#"id="errors""#),
+        failed > 0,
+        "top errors with {failed} failures"
+    );
+    // Failed or timed out devices: its page offers a rerun of exactly them.
+    let undone = of("failed") + of("timed_out");
+    let rerun = format!("/v1/jobs/{id}/rerun");
+    assert_eq!(
+        done.contains(&format!(r#"data-action="{rerun}""#)),
+        undone > 0,
+        "rerun button"
+    );
+    if undone > 0 {
+        let (status, body) = browser.press(&rerun, Some(&csrf), &own).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let again: Value = serde_json::from_str(&body).expect("json");
+        let again = again["job_id"]
+            .as_str()
+            .expect("job id")
+            .parse()
+            .expect("uuid");
+        let second = app.wait_for_job(again, Duration::from_secs(120)).await;
+        assert_eq!(second["targeted"].as_u64(), Some(undone), "{second}");
+    }
+    assert!(undone > 0, "no device failed: the rerun was not exercised");
     // Its devices, a page at a time, each linking to the device's page.
     assert!(
         done.contains(r#"id="next-page""#),

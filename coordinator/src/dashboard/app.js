@@ -10,8 +10,11 @@
         headers: { 'x-csrf-token': csrf, 'content-type': 'application/json' }, body: '{}'
       });
       const out = document.getElementById('action-result');
-      if (r.ok) { location.reload(); return; }
       const body = await r.json().catch(() => ({}));
+      // A rerun or rollback answers with its new job: go there.
+      const made = body.job_id || (body.job && body.job.job_id);
+      if (r.ok && made && !location.pathname.endsWith(made)) { location.href = '/ui/jobs/' + made; return; }
+      if (r.ok) { location.reload(); return; }
       if (out) out.textContent = (body.error || r.statusText);
       b.disabled = false;
     });

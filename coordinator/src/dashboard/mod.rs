@@ -375,8 +375,18 @@ async fn job_page(
         .rollout
         .as_ref()
         .is_some_and(|r| r.phase.phase == "approval" || r.phase.phase == "gate");
-    let actions: Vec<(&str, &str)> = if !operator || job.state.is_finished() {
+    let actions: Vec<(&str, &str)> = if !operator {
         vec![]
+    } else if job.state.is_finished() {
+        // Follow-up jobs: the failed and timed-out devices again, or the rollback action.
+        let mut a = Vec::new();
+        if job.failed + job.timed_out > 0 {
+            a.push(("rerun", "Rerun the failed and timed-out devices"));
+        }
+        if job.spec.rollback.is_some() && job.succeeded > 0 {
+            a.push(("rollback", "Roll back"));
+        }
+        a
     } else {
         let mut a = Vec::new();
         match job.state {
