@@ -9,7 +9,10 @@ use std::time::Duration;
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, firmware_job, spawn_app};
+use crate::{
+    devices::get_json,
+    helpers::{TestApp, firmware_job, spawn_app},
+};
 
 /// A browser: no bearer token, no redirects followed, cookies kept by hand.
 struct Browser {
@@ -105,20 +108,6 @@ fn shown(page: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} counter is not a number"))
 }
 
-async fn token(app: &TestApp, name: &str, role: &str) -> String {
-    let v: Value = app
-        .http
-        .post(app.url("/v1/tokens"))
-        .json(&json!({"name": name, "role": role}))
-        .send()
-        .await
-        .expect("token")
-        .json()
-        .await
-        .expect("json");
-    v["secret"].as_str().expect("secret").to_owned()
-}
-
 #[tokio::test]
 async fn an_operator_steers_a_job_from_the_dashboard_and_a_viewer_only_watches() {
     // Some devices fail for good: the page then shows its top errors and offers a rerun.
@@ -129,8 +118,12 @@ async fn an_operator_steers_a_job_from_the_dashboard_and_a_viewer_only_watches()
     .await;
     let n = 300;
     app.import_fleet(n).await;
-    let operator = token(&app, "dash-operator", "operator").await;
-    let viewer = token(&app, "dash-viewer", "viewer").await;
+    let operator = app
+        .token_secret(json!({"name": "dash-operator", "role": "operator"}))
+        .await;
+    let viewer = app
+        .token_secret(json!({"name": "dash-viewer", "role": "viewer"}))
+        .await;
     // 30 devices a second: the job runs for about ten seconds.
     let id = app
         .create_job(&firmware_job(json!({
@@ -271,15 +264,7 @@ async fn an_operator_steers_a_job_from_the_dashboard_and_a_viewer_only_watches()
     assert!(device.contains("dev-0000001"));
 
     // The actions are in the audit log under the operator's token.
-    let audit: Value = app
-        .http
-        .get(app.url(&format!("/v1/audit?job_id={id}")))
-        .send()
-        .await
-        .expect("audit")
-        .json()
-        .await
-        .expect("json");
+    let audit = get_json(&app, &app.url(&format!("/v1/audit?job_id={id}"))).await;
     let by_operator: Vec<&str> = audit["entries"]
         .as_array()
         .expect("entries")

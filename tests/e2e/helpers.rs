@@ -443,6 +443,12 @@ impl TestApp {
     /// An HTTP client calling as a new API token made by the admin with `token` (name,
     /// role, groups...).
     pub async fn client_as(&self, token: Value) -> reqwest::Client {
+        let secret = self.token_secret(token).await;
+        with_token(reqwest::Client::builder(), Some(&secret))
+    }
+
+    /// The secret of a new API token made by the admin with `token` (name, role, groups...).
+    pub async fn token_secret(&self, token: Value) -> String {
         let r: Value = self
             .http
             .post(self.url("/v1/tokens"))
@@ -453,10 +459,7 @@ impl TestApp {
             .json()
             .await
             .expect("json");
-        with_token(
-            reqwest::Client::builder(),
-            Some(r["secret"].as_str().expect("a secret")),
-        )
+        r["secret"].as_str().expect("a secret").to_owned()
     }
 
     /// Runs `fleetbatch --api <this app> args...` as the admin; its stdout, failing the test

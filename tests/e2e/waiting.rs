@@ -148,6 +148,34 @@ fn away_secs(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Starts fleet-sim with `n` devices over MQTT in `mode`, the first `away` of them away
+/// (offline, or not connected) for `secs`; returns its base URL.
+async fn start_sim_with_away(
+    app: &mut TestApp,
+    n: u64,
+    mode: &str,
+    away: u64,
+    secs: u64,
+) -> String {
+    let port = harness::cluster::free_port().expect("port");
+    app.cluster
+        .start_fleet_sim(
+            port,
+            &[
+                "--devices",
+                &n.to_string(),
+                "--mqtt",
+                mode,
+                "--offline",
+                &away.to_string(),
+                "--offline-secs",
+                &secs.to_string(),
+            ],
+        )
+        .await
+        .expect("fleet-sim")
+}
+
 /// How soon after announcing itself online an offline device must have succeeded. The
 /// product's target is 5 s (1.2 s seen on a quiet machine); the suite runs many tests at once
 /// on two cores, where up to 5.3 s was seen, so the suite allows 10 s.
@@ -168,24 +196,7 @@ async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_
     let n = 10_000u64;
     let offline = 2_000u64;
     let offline_secs = away_secs(45);
-    let port = harness::cluster::free_port().expect("port");
-    let sim = app
-        .cluster
-        .start_fleet_sim(
-            port,
-            &[
-                "--devices",
-                &n.to_string(),
-                "--mqtt",
-                "fleetbatch",
-                "--offline",
-                &offline.to_string(),
-                "--offline-secs",
-                &offline_secs.to_string(),
-            ],
-        )
-        .await
-        .expect("fleet-sim");
+    let sim = start_sim_with_away(&mut app, n, "fleetbatch", offline, offline_secs).await;
     app.import_fleet(n).await;
     // The devices' offline announcements have reached the workers before the job starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -308,24 +319,7 @@ async fn aws_iot_jobs_devices_that_connect_late_wait_queued_without_a_worker_and
     let n = 2_000u64;
     let late = 500u64;
     let late_secs = away_secs(40);
-    let port = harness::cluster::free_port().expect("port");
-    let sim = app
-        .cluster
-        .start_fleet_sim(
-            port,
-            &[
-                "--devices",
-                &n.to_string(),
-                "--mqtt",
-                "aws-iot-jobs",
-                "--offline",
-                &late.to_string(),
-                "--offline-secs",
-                &late_secs.to_string(),
-            ],
-        )
-        .await
-        .expect("fleet-sim");
+    let sim = start_sim_with_away(&mut app, n, "aws-iot-jobs", late, late_secs).await;
     let started = tokio::time::Instant::now();
     app.import_fleet(n).await;
     // Two attempts: a device that is not connected would spend them in seconds if waiting
