@@ -70,6 +70,9 @@ pub struct NewJob<'a> {
     pub signer: Option<&'a shared::signing::Signer25519>,
     /// The caller's idempotency key and who the caller is, if the create carries one.
     pub idempotency: Option<Idempotency<'a>>,
+    /// Who creates the job (a token's subject, `schedule:{id}`, `job:{id}`), as the job
+    /// shows it.
+    pub created_by: &'a str,
 }
 
 /// An idempotency key as a caller sent it.
@@ -298,6 +301,7 @@ pub async fn create(
         ("name", spec.name.clone().unwrap_or_default()),
         ("state", initial_state(&spec, now).as_str().to_owned()),
         ("created_at_ms", now.to_string()),
+        ("created_by", job.created_by.to_owned()),
         ("updated_at_ms", now.to_string()),
         ("planned", "0".to_owned()),
         ("planning_done", "0".to_owned()),
@@ -502,6 +506,7 @@ mod tests {
             spec: serde_json::from_value(spec).expect("spec"),
             state: JobState::Aborted,
             created_at_ms: 0,
+            created_by: String::new(),
             finished_at_ms: None,
             planned: 0,
             planning_done: true,

@@ -30,6 +30,8 @@ pub struct JobView {
     pub action: String,
     /// Creation time (ms).
     pub created_at_ms: u64,
+    /// Who created it: a token's subject, `schedule:{id}` or `job:{id}`.
+    pub created_by: String,
     /// End time (ms).
     pub finished_at_ms: Option<u64>,
     /// Devices targeted so far (final once `planning_done`).
@@ -89,6 +91,7 @@ impl From<JobRecord> for JobView {
             state: r.state,
             action: r.spec.action.kind().to_owned(),
             created_at_ms: r.created_at_ms,
+            created_by: r.created_by.clone(),
             finished_at_ms: r.finished_at_ms,
             targeted: r.planned,
             planning_done: r.planning_done,
@@ -196,6 +199,63 @@ pub async fn list(
         }
     }
     Ok(JobPage { jobs, next_cursor })
+}
+
+/// A device's part in one job, for its history.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceHistoryEntry {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its name.
+    pub name: Option<String>,
+    /// Its state.
+    pub job_state: JobState,
+    /// Its action kind.
+    pub action: String,
+    /// When it was created (ms).
+    pub created_at_ms: u64,
+    /// The device's status in it (state, attempts, last error, readings).
+    #[serde(flatten)]
+    pub status: DeviceStatus,
+}
+
+/// Device `device`'s status in each of the newest `jobs` jobs that reached it, newest
+/// first (jobs whose planner has not reached the device yet are not listed).
+///
+/// # Errors
+/// Redis errors.
+pub async fn device_history(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    device: &str,
+    jobs: usize,
+) -> Result<Vec<DeviceHistoryEntry>, StoreError> {
+    let ids: Vec<String> = redis
+        .zrevrange(names.jobs(), 0, jobs.saturating_sub(1) as isize)
+        .await?;
+    let ids: Vec<Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.hget(names.job_status(*id), device);
+    }
+    let raw: Vec<Option<String>> = pipe.query_async(redis).await?;
+    let mut history = Vec::new();
+    for (id, raw) in ids.into_iter().zip(raw) {
+        let Some(status) = raw.and_then(|r| serde_json::from_str::<DeviceStatus>(&r).ok()) else {
+            continue;
+        };
+        if let Some(job) = store::load_job(redis, names, id).await? {
+            history.push(DeviceHistoryEntry {
+                job_id: id,
+                name: job.spec.name.clone(),
+                job_state: job.state,
+                action: job.spec.action.kind().to_owned(),
+                created_at_ms: job.created_at_ms,
+                status,
+            });
+        }
+    }
+    Ok(history)
 }
 
 /// One device's status in a listing.

@@ -617,6 +617,7 @@ async fn rollback_if_aborted(
                         key: "on-abort-rollback",
                         caller: &caller,
                     }),
+                    created_by: &caller,
                 },
             )
             .await

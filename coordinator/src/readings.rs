@@ -31,6 +31,28 @@ pub struct MetricSummary {
     pub p50: f64,
     /// 95th percentile (nearest rank).
     pub p95: f64,
+    /// A histogram: devices per [`BUCKETS`]th of `[min, max]`, equal widths from `min` (the
+    /// last bucket includes `max`; a single value puts every device in the first).
+    pub histogram: Vec<u64>,
+}
+
+/// Buckets of a metric's histogram.
+pub const BUCKETS: usize = 10;
+
+/// Counts sorted, finite `values` into [`BUCKETS`] equal-width buckets over their range.
+fn histogram(values: &[f64]) -> Vec<u64> {
+    let mut buckets = vec![0u64; BUCKETS];
+    let (min, max) = (values[0], values[values.len() - 1]);
+    let width = (max - min) / BUCKETS as f64;
+    for v in values {
+        let i = if width > 0.0 {
+            (((v - min) / width) as usize).min(BUCKETS - 1)
+        } else {
+            0
+        };
+        buckets[i] += 1;
+    }
+    buckets
 }
 
 /// The nearest-rank percentile `p` (0-100] of sorted `values`.
@@ -54,6 +76,7 @@ pub fn summarize(mut values: Vec<f64>) -> Option<MetricSummary> {
         mean: sum / values.len() as f64,
         p50: nearest_rank(&values, 50.0),
         p95: nearest_rank(&values, 95.0),
+        histogram: histogram(&values),
     })
 }
 
@@ -263,5 +286,17 @@ mod tests {
         assert_eq!((one.p50, one.p95, one.mean), (7.5, 7.5, 7.5));
         assert!(summarize(vec![f64::NAN]).is_none());
         assert!(summarize(vec![]).is_none());
+    }
+
+    #[test]
+    fn histograms_count_every_value_once_in_equal_widths() {
+        // 1..=100: ten values per tenth, the maximum in the last bucket.
+        let s = summarize((1..=100).map(f64::from).collect()).expect("values");
+        assert_eq!(s.histogram, vec![10; BUCKETS]);
+        let skewed = summarize(vec![0.0, 0.0, 0.0, 1.0, 10.0]).expect("values");
+        assert_eq!(skewed.histogram, vec![3, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let same = summarize(vec![4.0; 3]).expect("values");
+        assert_eq!(same.histogram.iter().sum::<u64>(), 3);
+        assert_eq!(same.histogram[0], 3);
     }
 }

@@ -422,6 +422,7 @@ async fn fire_occurrence(
                 key: &key,
                 caller: &caller,
             }),
+            created_by: &caller,
         },
     )
     .await;

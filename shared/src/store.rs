@@ -152,6 +152,8 @@ pub struct JobRecord {
     pub state: JobState,
     /// Creation time (ms).
     pub created_at_ms: u64,
+    /// Who created it (empty for jobs stored before this was recorded).
+    pub created_by: String,
     /// When the job reached COMPLETED or CANCELED (ms).
     pub finished_at_ms: Option<u64>,
     /// Devices targeted so far (all of them once `planning_done`).
@@ -300,6 +302,7 @@ pub async fn load_job(
         spec,
         state,
         created_at_ms: num("created_at_ms").unwrap_or(0),
+        created_by: fields.get("created_by").cloned().unwrap_or_default(),
         finished_at_ms: num("finished_at_ms"),
         planned: num("planned").unwrap_or(0),
         planning_done: num("planning_done") == Some(1),
@@ -764,6 +767,7 @@ mod tests {
             spec,
             state: JobState::InProgress,
             created_at_ms: 5_000,
+            created_by: String::new(),
             finished_at_ms: None,
             planned: 0,
             planning_done: false,

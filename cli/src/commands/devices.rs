@@ -191,9 +191,26 @@ pub(crate) async fn run(client: &Client, cmd: DevicesCmd) -> anyhow::Result<()> 
                 output::print_json(&v);
                 return Ok(());
             }
+            let history = v["history"].as_array().cloned().unwrap_or_default();
+            if !history.is_empty() {
+                println!("history (newest first):");
+            }
+            for h in &history {
+                println!(
+                    "  {}  {:<20}  job {:<11}  device {:<18}  attempts {}  {}",
+                    h["job_id"].as_str().unwrap_or_default(),
+                    h["name"].as_str().unwrap_or("-"),
+                    h["job_state"].as_str().unwrap_or_default(),
+                    h["state"].as_str().unwrap_or_default(),
+                    h["attempts"],
+                    h["error"].as_str().unwrap_or_default(),
+                );
+            }
             let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
             if jobs.is_empty() {
                 println!("{id}: no unfinished job");
+            } else {
+                println!("line (the order the device gets them):");
             }
             for (i, j) in jobs.iter().enumerate() {
                 println!(

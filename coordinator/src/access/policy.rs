@@ -160,7 +160,13 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::POST, "/ui/logout", Access::Public),
     (Method::GET, "/ui/jobs", Access::Public),
     (Method::GET, "/ui/jobs/{id}", Access::Public),
+    (Method::GET, "/ui/new", Access::Public),
+    (Method::GET, "/ui/devices", Access::Public),
     (Method::GET, "/ui/devices/{id}", Access::Public),
+    (Method::GET, "/ui/schedules", Access::Public),
+    (Method::GET, "/ui/deadletters", Access::Public),
+    (Method::GET, "/ui/tokens", Access::Public),
+    (Method::GET, "/ui/audit", Access::Public),
     (Method::GET, "/ui/assets/{file}", Access::Public),
 ];
 

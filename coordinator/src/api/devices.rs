@@ -222,16 +222,42 @@ pub(super) async fn get_one(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no device {id:?}")))
 }
 
-/// `GET /v1/devices/{id}/jobs`: the unfinished jobs that wait for the device or run on it, in
-/// the order the device gets them (priority, then creation), each with the device's state
-/// in it (`NOT_SENT` before the job's planner reached the device). Jobs that run alongside
-/// others (`concurrent`) are not in a device's line.
+/// `GET /v1/devices/{id}/jobs?history=`: `jobs`, the unfinished jobs that wait for the device
+/// or run on it, in the order the device gets them (priority, then creation), each with the
+/// device's state in it (`NOT_SENT` before the job's planner reached the device; jobs that
+/// run alongside others, `concurrent`, are not in a device's line); and `history`, the
+/// device's status (state, attempts, last error, readings) in each of the newest `history`
+/// jobs (default 100, at most 1,000) that reached it, finished or not, newest first.
 pub(super) async fn jobs(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<HistoryQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let jobs = device_jobs(&app, &id).await?;
-    Ok(Json(json!({"device_id": id, "jobs": jobs})))
+    let history = device_history(&app, &id, q.history.unwrap_or(HISTORY_JOBS)).await?;
+    Ok(Json(
+        json!({"device_id": id, "jobs": jobs, "history": history}),
+    ))
+}
+
+/// Jobs a device's history looks through by default.
+pub const HISTORY_JOBS: usize = 100;
+
+#[derive(serde::Deserialize)]
+pub(super) struct HistoryQuery {
+    history: Option<usize>,
+}
+
+/// Device `id`'s status in each of the newest `jobs` jobs (at most 1,000) that reached it.
+pub async fn device_history(
+    app: &AppState,
+    id: &str,
+    jobs: usize,
+) -> ApiResult<Vec<crate::jobs::DeviceHistoryEntry>> {
+    let mut redis = app.redis.clone();
+    crate::jobs::device_history(&mut redis, &app.names, id, jobs.clamp(1, 1000))
+        .await
+        .map_err(ApiError::internal)
 }
 
 /// The unfinished jobs in device `id`'s line (see [`jobs`]); 404 for a device neither

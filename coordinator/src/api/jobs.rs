@@ -98,6 +98,7 @@ pub(super) fn new_job<'a>(
             key,
             caller: &caller.subject,
         }),
+        created_by: &caller.subject,
     }
 }
 

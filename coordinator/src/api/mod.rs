@@ -14,6 +14,7 @@
 //! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&tag=&cursor=&limit= | list (pages carry `next_cursor`) |
 //! | GET | /v1/devices/count?group=&query= | count |
 //! | GET, PATCH, DELETE | /v1/devices/{id} | one device; change its attributes, groups or tags (fields given replace the stored ones); remove it from the registry |
+//! | GET | /v1/devices/{id}/jobs?history= | the unfinished jobs in the device's line, and its history across the newest jobs |
 //! | GET | /v1/groups | groups with member counts |
 //! | GET | /v1/queries | saved device queries |
 //! | PUT, DELETE | /v1/queries/{name} | save (`{"query": "..."}`, checked) or delete a query; jobs name it as `target.saved_query` |
@@ -84,7 +85,7 @@ async fn delete_named(app: &AppState, key: &str, name: &str, what: &str) -> ApiR
     Ok(())
 }
 
-pub use devices::device_jobs;
+pub use devices::{HISTORY_JOBS, device_history, device_jobs};
 
 /// The answer to a page whose data could not be read (Redis unavailable): the API's 503.
 pub fn unavailable(e: impl Into<anyhow::Error>) -> Response {

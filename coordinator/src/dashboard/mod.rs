@@ -1,32 +1,38 @@
 //! The dashboard: server-rendered pages served by the coordinator at `/`, for operators who
 //! want to see and steer rollouts from a browser.
 //!
-//! Owns the pages (jobs, a job with live counters and its devices, a device with its jobs),
-//! sign-in and sign-out, and the two assets (a stylesheet and one small script), compiled into
-//! the binary. A browser signs in with an API token (or an OIDC token), kept in an
-//! `HttpOnly`, `SameSite=Strict` cookie and checked on every request like a bearer token.
-//! Pages only read; every action a page offers (pause, resume, approve, cancel) is a call of
-//! the same API the CLI uses, with the page's CSRF token, so the same authorization and audit
-//! apply. It never changes a job itself.
+//! Owns the pages and the two assets (a stylesheet and one small script), compiled into the
+//! binary: jobs ([`jobs`]: the list, a job with live counters, chart, waves, errors,
+//! readings and devices), a new job with its dry run ([`create`]), devices ([`fleet`]:
+//! search with the query language, a device with its history), and the deployment
+//! ([`admin`]: schedules, dead letters, tokens, the audit log). A browser signs in with an
+//! API token (or an OIDC token), kept in an `HttpOnly`, `SameSite=Strict` cookie and checked
+//! on every request like a bearer token. Pages only read; every action a page offers is a
+//! call of the same API the CLI uses, with the page's CSRF token, so the same authorization
+//! and audit apply. It never changes anything itself.
 
 use std::sync::Arc;
 
 use axum::{
     Form, Router,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use maud::{DOCTYPE, Markup, html};
-use shared::state::{ExecutionState, JobState};
 
 use crate::{
     access::{Caller, Role},
     api::guard::{self, SESSION_COOKIE},
     app::AppState,
-    jobs::{self, JobView},
+    jobs::JobView,
 };
+
+mod admin;
+mod create;
+mod fleet;
+mod jobs;
 
 const CSS: &str = include_str!("app.css");
 const JS: &str = include_str!("app.js");
@@ -38,9 +44,15 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/", get(|| async { Redirect::to("/ui/jobs") }))
         .route("/ui/login", get(login_page).post(login))
         .route("/ui/logout", post(logout))
-        .route("/ui/jobs", get(jobs_page))
-        .route("/ui/jobs/{id}", get(job_page))
-        .route("/ui/devices/{id}", get(device_page))
+        .route("/ui/jobs", get(jobs::list))
+        .route("/ui/jobs/{id}", get(jobs::one))
+        .route("/ui/new", get(create::editor))
+        .route("/ui/devices", get(fleet::search))
+        .route("/ui/devices/{id}", get(fleet::one))
+        .route("/ui/schedules", get(admin::schedules))
+        .route("/ui/deadletters", get(admin::dead_letters))
+        .route("/ui/tokens", get(admin::tokens))
+        .route("/ui/audit", get(admin::audit))
         .route("/ui/assets/{file}", get(asset))
 }
 
@@ -58,9 +70,12 @@ fn page(
     title: &str,
     caller: Option<&Caller>,
     csrf: &str,
-    job: Option<&str>,
+    job: Option<&JobView>,
     body: Markup,
 ) -> Markup {
+    let gate = job
+        .filter(|j| j.rollout.is_some())
+        .map(|j| if at_gate(j) { "1" } else { "0" });
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -71,11 +86,21 @@ fn page(
                 title { (title) " · fleetbatch" }
                 link rel="stylesheet" href="/ui/assets/app.css";
             }
-            body data-job=[job] {
+            body data-job=[job.map(|j| j.job_id)] data-state=[job.map(|j| j.state.as_str())] data-gate=[gate] {
                 header {
                     a href="/ui/jobs" { b { "fleetbatch" } }
-                    a href="/ui/jobs" { "Jobs" }
                     @if let Some(c) = caller {
+                        nav {
+                            a href="/ui/jobs" { "Jobs" }
+                            @if c.role >= Role::Operator { a href="/ui/new" { "New job" } }
+                            a href="/ui/devices" { "Devices" }
+                            a href="/ui/schedules" { "Schedules" }
+                            a href="/ui/deadletters" { "Dead letters" }
+                            @if c.role >= Role::Admin {
+                                a href="/ui/tokens" { "Tokens" }
+                                a href="/ui/audit" { "Audit log" }
+                            }
+                        }
                         span.who { (c.subject) " (" (c.role.as_str()) ")" }
                         form method="post" action="/ui/logout" { input type="submit" value="Sign out"; }
                     }
@@ -84,6 +109,71 @@ fn page(
                 script src="/ui/assets/app.js" {}
             }
         }
+    }
+}
+
+/// Whether a wave of `job` waits at its gate (for its devices' outcomes or an approval).
+fn at_gate(job: &JobView) -> bool {
+    job.rollout
+        .as_ref()
+        .is_some_and(|r| r.phase.phase == "approval" || r.phase.phase == "gate")
+}
+
+/// A page refused to a signed-in caller whose role is below `needed`.
+fn forbidden(needed: Role) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        format!("this page needs the {} role", needed.as_str()),
+    )
+        .into_response()
+}
+
+/// An answer for something that is not there.
+fn not_found(what: String) -> Response {
+    (StatusCode::NOT_FOUND, what).into_response()
+}
+
+/// A time for people (UTC).
+fn time(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(String::new, |t| {
+            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+        })
+}
+
+/// A duration for people: `42 s`, `7 min 5 s`, `3 h 12 min`.
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// A query string value, escaped.
+fn escape(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
+/// The signed-in caller of a page and the page's CSRF token; anyone else is sent to sign in.
+struct SignedIn {
+    caller: Caller,
+    csrf: String,
+}
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<AppState>,
+    ) -> Result<Self, Response> {
+        signed_in(app, &parts.headers)
+            .await
+            .map(|(caller, csrf)| Self { caller, csrf })
     }
 }
 
@@ -221,361 +311,18 @@ fn bar(job: &JobView) -> Markup {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct JobsQuery {
-    state: Option<String>,
-    name: Option<String>,
-}
-
-async fn jobs_page(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(q): Query<JobsQuery>,
-) -> Response {
-    let (caller, csrf) = match signed_in(&app, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let mut redis = app.redis.clone();
-    let listed = match jobs::list(&mut redis, &app.names, None, 200).await {
-        Ok(p) => p.jobs,
-        Err(e) => return crate::api::unavailable(e),
-    };
-    let state = q.state.as_deref().filter(|s| !s.is_empty());
-    let name = q.name.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    let shown: Vec<&JobView> = listed
-        .iter()
-        .filter(|j| state.is_none_or(|s| j.state.as_str() == s))
-        .filter(|j| name.is_none_or(|n| j.name.as_deref().is_some_and(|m| m.contains(n))))
-        .collect();
-    page(
-        "Jobs",
-        Some(&caller),
-        &csrf,
-        None,
-        html! {
-            h1 { "Jobs" }
-            form.filter method="get" action="/ui/jobs" {
-                select name="state" {
-                    option value="" { "every state" }
-                    @for s in JobState::ALL {
-                        option value=(s.as_str()) selected[state == Some(s.as_str())] { (s.as_str()) }
-                    }
-                }
-                input type="search" name="name" placeholder="name contains" value=[name];
-                input type="submit" value="Filter";
-            }
-            table {
-                thead { tr { th { "job" } th { "state" } th { "action" } th { "progress" } th { "done" } th { "failed" } th { "created" } } }
-                tbody {
-                    @for j in &shown {
-                        tr data-job-id=(j.job_id) {
-                            td { a href=(format!("/ui/jobs/{}", j.job_id)) { (j.name.as_deref().unwrap_or("(unnamed)")) } br; small { (j.job_id) } }
-                            td.state { (j.state.as_str()) }
-                            td { (j.action) }
-                            td { (bar(j)) }
-                            td { (j.terminal) " / " (j.targeted) }
-                            td { (j.failed + j.rejected + j.timed_out + j.unhealthy + j.rolled_back) }
-                            td { (time(j.created_at_ms)) }
-                        }
-                    }
-                }
-            }
-            @if shown.is_empty() { p { "No job." } }
-        },
-    )
-    .into_response()
-}
-
-/// A time for people (UTC).
-fn time(ms: u64) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map_or_else(String::new, |t| {
-            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-        })
-}
-
-#[derive(serde::Deserialize)]
-struct DevicesQuery {
-    status: Option<String>,
-    cursor: Option<String>,
-}
-
-/// Errors shown on a job's page, the most frequent first.
-const TOP_ERRORS: usize = 10;
-
-/// Audit entries shown on a job's page, the newest first.
-const TRAIL: usize = 20;
-
-/// Devices shown per page of a job's device table.
-const DEVICES_PER_PAGE: usize = 100;
-
-async fn job_page(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<DevicesQuery>,
-) -> Response {
-    let (caller, csrf) = match signed_in(&app, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let Ok(id) = id.parse::<uuid::Uuid>() else {
-        return (StatusCode::NOT_FOUND, format!("no job {id}")).into_response();
-    };
-    let mut redis = app.redis.clone();
-    let job = match jobs::get(&mut redis, &app.names, id).await {
-        Ok(Some(j)) => j,
-        Ok(None) => return (StatusCode::NOT_FOUND, format!("no job {id}")).into_response(),
-        Err(e) => return crate::api::unavailable(e),
-    };
-    let status = q
-        .status
-        .as_deref()
-        .filter(|s| !s.is_empty() && *s != "all")
-        .and_then(ExecutionState::parse);
-    let cursor = q.cursor.as_deref().and_then(|c| c.parse().ok());
-    let devices =
-        match jobs::devices(&mut redis, &app.names, id, status, cursor, DEVICES_PER_PAGE).await {
-            Ok(p) => p,
-            Err(e) => return crate::api::unavailable(e),
-        };
-    // Top errors and readings (a failure report without its device list), and the job's
-    // audit trail.
-    let report = match crate::report::build(&mut redis, &app.names, id, 0).await {
-        Ok(r) => r,
-        Err(e) => return crate::api::unavailable(e),
-    };
-    let mut errors: Vec<(String, u64)> = report
-        .as_ref()
-        .map(|r| r.errors.clone().into_iter().collect())
-        .unwrap_or_default();
-    errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    errors.truncate(TOP_ERRORS);
-    let readings = report.and_then(|r| r.readings).unwrap_or_default();
-    let trail = match crate::audit::page(
-        &mut redis,
-        &app.names,
-        &crate::audit::Filter {
-            job_id: Some(id.to_string()),
-            limit: Some(TRAIL),
-            ..Default::default()
-        },
-    )
-    .await
-    {
-        Ok(Ok(p)) => p.entries,
-        Ok(Err(_)) => vec![],
-        Err(e) => return crate::api::unavailable(e),
-    };
-    let operator = caller.role >= Role::Operator;
-    let gate = job
-        .rollout
-        .as_ref()
-        .is_some_and(|r| r.phase.phase == "approval" || r.phase.phase == "gate");
-    let actions: Vec<(&str, &str)> = if !operator {
-        vec![]
-    } else if job.state.is_finished() {
-        // Follow-up jobs: the failed and timed-out devices again, or the rollback action.
-        let mut a = Vec::new();
-        if job.failed + job.timed_out > 0 {
-            a.push(("rerun", "Rerun the failed and timed-out devices"));
-        }
-        if job.spec.rollback.is_some() && job.succeeded > 0 {
-            a.push(("rollback", "Roll back"));
-        }
-        a
-    } else {
-        let mut a = Vec::new();
-        match job.state {
-            JobState::InProgress => a.push(("pause", "Pause")),
-            JobState::Paused => a.push(("resume", "Resume")),
-            _ => {}
-        }
-        if gate && job.state == JobState::InProgress {
-            a.push(("approve", "Approve next wave"));
-        }
-        if !job.state.is_stopping() {
-            a.push(("cancel", "Cancel"));
-        }
-        a
-    };
-    let title = job.name.clone().unwrap_or_else(|| id.to_string());
-    let status_filter = status.map(ExecutionState::as_str);
-    page(
-        &title,
-        Some(&caller),
-        &csrf,
-        Some(&id.to_string()),
-        html! {
-            h1 { (title) }
-            p {
-                "State: " span.state id="job-state" { (job.state.as_str()) }
-                @if let Some(r) = &job.state_reason { " — " (r) }
-                " · " (job.action) " · created " (time(job.created_at_ms))
-            }
-            (bar(&job))
-            div.counts {
-                div { "targeted" b id="count-targeted" { (job.targeted) } }
-                @for (key, label) in COUNTERS {
-                    div { (label) b id=(format!("count-{key}")) { (count(&job, key)) } }
-                }
-                div { "waiting" b id="count-waiting" { (job.waiting) } }
-            }
-            @if !actions.is_empty() {
-                div.actions {
-                    @for (action, label) in &actions {
-                        button data-action=(format!("/v1/jobs/{id}/{action}")) { (label) }
-                    }
-                }
-                p.error id="action-result" {}
-            }
-            @if let Some(r) = &job.rollout {
-                h2 { "Waves" }
-                p { "Phase: " (r.phase.phase) @if let Some(w) = r.phase.wave { ", wave " (w) } }
-                table {
-                    thead { tr { th { "wave" } th { "devices" } th { "counts" } } }
-                    tbody {
-                        @for w in &r.waves {
-                            tr {
-                                td { (w.index) " " (w.name) }
-                                td { (w.size) }
-                                td { @for (k, v) in &w.counts { (k) ": " (v) " " } }
-                            }
-                        }
-                    }
-                }
-            }
-            @if !errors.is_empty() {
-                h2 { "Top errors" }
-                table id="errors" {
-                    thead { tr { th { "devices" } th { "error" } } }
-                    tbody {
-                        @for (error, n) in &errors {
-                            tr { td { (n) } td { (error) } }
-                        }
-                    }
-                }
-            }
-            @if !readings.is_empty() {
-                h2 { "Readings" }
-                table id="readings" {
-                    thead { tr { th { "metric" } th { "devices" } th { "min" } th { "p50" } th { "mean" } th { "p95" } th { "max" } } }
-                    tbody {
-                        @for (metric, r) in &readings {
-                            tr { td { (metric) } td { (r.count) } td { (r.min) } td { (r.p50) } td { (format!("{:.3}", r.mean)) } td { (r.p95) } td { (r.max) } }
-                        }
-                    }
-                }
-            }
-            h2 { "Devices" }
-            form.filter method="get" action=(format!("/ui/jobs/{id}")) {
-                select name="status" {
-                    option value="" { "every state" }
-                    @for s in ExecutionState::ALL {
-                        option value=(s.as_str()) selected[status_filter == Some(s.as_str())] { (s.as_str()) }
-                    }
-                }
-                input type="submit" value="Show";
-            }
-            table id="devices" {
-                thead { tr { th { "device" } th { "state" } th { "attempts" } th { "last error" } th { "updated" } } }
-                tbody {
-                    @for d in &devices.devices {
-                        tr {
-                            td { a href=(format!("/ui/devices/{}", d.device_id)) { (d.device_id) } }
-                            td { (d.status.state.as_str()) }
-                            td { (d.status.attempts) }
-                            td { (d.status.error.as_deref().unwrap_or("")) }
-                            td { (time(d.status.updated_at_ms)) }
-                        }
-                    }
-                }
-            }
-            @if let Some(next) = &devices.next_cursor {
-                p { a id="next-page" href=(format!("/ui/jobs/{id}?status={}&cursor={next}", status_filter.unwrap_or(""))) { "Next " (DEVICES_PER_PAGE) " →" } }
-            }
-            @if !trail.is_empty() {
-                h2 { "Audit trail" }
-                table id="trail" {
-                    thead { tr { th { "when" } th { "who" } th { "what" } th { "outcome" } } }
-                    tbody {
-                        @for e in &trail {
-                            tr { td { (time(e.at_ms)) } td { (e.actor) } td { (e.action) } td { (e.outcome) } }
-                        }
-                    }
-                }
-            }
-        },
-    )
-    .into_response()
-}
-
-async fn device_page(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let (caller, csrf) = match signed_in(&app, &headers).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let mut redis = app.redis.clone();
-    let device = match crate::registry::get(&mut redis, &app.names, &id).await {
-        Ok(d) => d,
-        Err(e) => return crate::api::unavailable(e),
-    };
-    let lined = match crate::api::device_jobs(&app, &id).await {
-        Ok(j) => j,
-        Err(e) => return e.into_response(),
-    };
-    let Some(device) = device else {
-        return (StatusCode::NOT_FOUND, format!("no device {id:?}")).into_response();
-    };
-    let attributes = serde_json::to_value(&device).unwrap_or_default();
-    page(
-        &id,
-        Some(&caller),
-        &csrf,
-        None,
-        html! {
-            h1 { "Device " (id) }
-            table {
-                tbody {
-                    @if let Some(map) = attributes.as_object() {
-                        @for (k, v) in map {
-                            tr { th { (k) } td { (v.as_str().map_or_else(|| v.to_string(), str::to_owned)) } }
-                        }
-                    }
-                }
-            }
-            h2 { "Unfinished jobs, in the order the device gets them" }
-            table {
-                thead { tr { th { "job" } th { "job state" } th { "priority" } th { "device state" } th { "attempts" } th { "last error" } } }
-                tbody {
-                    @for j in &lined {
-                        tr {
-                            td { a href=(format!("/ui/jobs/{}", j["job_id"].as_str().unwrap_or_default())) { (j["name"].as_str().unwrap_or("(unnamed)")) } }
-                            td { (j["job_state"].as_str().unwrap_or_default()) }
-                            td { (j["priority"]) }
-                            td { (j["state"].as_str().unwrap_or_default()) }
-                            td { (j["attempts"]) }
-                            td { (j["error"].as_str().unwrap_or_default()) }
-                        }
-                    }
-                }
-            }
-            @if lined.is_empty() { p { "None." } }
-        },
-    )
-    .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_in_the_largest_units() {
+        assert_eq!(duration(0.4), "0 s");
+        assert_eq!(duration(59.6), "1 min 0 s");
+        assert_eq!(duration(425.0), "7 min 5 s");
+        assert_eq!(duration(11_520.0), "3 h 12 min");
+        assert_eq!(duration(-3.0), "0 s");
+    }
 
     #[test]
     fn times_read_as_utc_dates() {
