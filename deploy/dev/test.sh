@@ -10,6 +10,7 @@ if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 deploy/dev/services.sh start mqtt
 deploy/dev/services.sh wait mqtt
 deploy/dev/pyagent.sh
+deploy/dev/browser.sh
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The end-to-end tests start the coordinator and worker binaries: build them first.

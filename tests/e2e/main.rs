@@ -8,6 +8,7 @@
 
 mod access;
 mod bench;
+mod browser;
 mod cancel;
 mod cli;
 mod dashboard;
