@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use shared::{now_ms, store::StoreError, topology::Names};
 
 /// One entry.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Entry {
     /// Its id in the log (the stream id: time-ordered); the cursor of pages.
     #[serde(default)]
@@ -92,7 +92,7 @@ impl Filter {
 }
 
 /// A page of entries, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page {
     /// The entries.
     pub entries: Vec<Entry>,

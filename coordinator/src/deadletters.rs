@@ -21,7 +21,7 @@ use shared::{
 };
 
 /// One dead-lettered message, as listed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// The message id (for tasks and results, the execution id).
     pub message_id: Option<String>,
@@ -144,7 +144,7 @@ pub async fn list(
 }
 
 /// Which dead letters to replay.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct ReplayRequest {
     /// Only messages with these ids (all when absent).
     #[serde(default)]
@@ -155,7 +155,7 @@ pub struct ReplayRequest {
 }
 
 /// What a replay did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ReplayReport {
     /// Messages put back on their source queue.
     pub replayed: u64,

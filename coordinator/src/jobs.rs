@@ -18,7 +18,7 @@ use shared::{
 use uuid::Uuid;
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     /// Id.
     pub job_id: Uuid,
@@ -69,11 +69,12 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutView>,
     /// The job document.
+    #[schema(value_type = Object)]
     pub spec: shared::job::JobSpec,
 }
 
 /// A rollout with waves, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RolloutView {
     /// The planner's phase and wave.
     #[serde(flatten)]
@@ -136,7 +137,7 @@ pub async fn get(
 }
 
 /// A page of jobs, newest first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobPage {
     /// The jobs.
     pub jobs: Vec<JobView>,
@@ -202,7 +203,7 @@ pub async fn list(
 }
 
 /// A device's part in one job, for its history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceHistoryEntry {
     /// The job.
     pub job_id: Uuid,
@@ -259,7 +260,7 @@ pub async fn device_history(
 }
 
 /// One device's status in a listing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceEntry {
     /// Device id.
     pub device_id: String,
@@ -269,7 +270,7 @@ pub struct DeviceEntry {
 }
 
 /// A page of device statuses.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DevicePage {
     /// The entries.
     pub devices: Vec<DeviceEntry>,

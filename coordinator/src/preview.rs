@@ -20,7 +20,7 @@ const MAX_BREAKDOWN: usize = 500;
 const BATCH: usize = 1000;
 
 /// What a job would do.
-#[derive(Debug, Default, Serialize, PartialEq)]
+#[derive(Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Preview {
     /// Always true: nothing was created.
     pub dry_run: bool,
@@ -51,7 +51,7 @@ pub struct Preview {
 }
 
 /// One wave of a dry run.
-#[derive(Debug, Default, Serialize, PartialEq)]
+#[derive(Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct WavePreview {
     /// Its name.
     pub name: String,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::jobs::{self, DeviceEntry};
 
 /// Statistics of one metric over the devices that reported it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct MetricSummary {
     /// Devices that reported the metric.
     pub count: u64,

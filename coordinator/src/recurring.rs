@@ -35,7 +35,7 @@ const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 const RUNS_KEPT: isize = 1_000;
 
 /// A schedule as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ScheduleView {
     /// Id.
     pub schedule_id: Uuid,
@@ -58,11 +58,12 @@ pub struct ScheduleView {
     /// Child jobs, newest first (at most 100 here).
     pub runs: Vec<Run>,
     /// The spec each occurrence runs.
+    #[schema(value_type = Object)]
     pub spec: JobSpec,
 }
 
 /// One child job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Run {
     /// The child job.
     pub job_id: Uuid,

@@ -27,7 +27,7 @@ pub enum ImportFormat {
 }
 
 /// A line that could not be imported.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LineError {
     /// 1-based line number.
     pub line: u64,
@@ -36,7 +36,7 @@ pub struct LineError {
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImportReport {
     /// Devices written.
     pub imported: u64,

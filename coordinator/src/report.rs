@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The failure report of a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Report {
     /// The job.
     pub job: JobView,

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A Python environment in target/py for the Python the tests run: the AWS IoT Device SDK v2
 # (pip package awsiotsdk) for the device agent (tests/agents/aws_jobs_agent.py), and
-# kubernetes-validate for the manifests' schema check (tests/agents/validate_k8s.py).
+# kubernetes-validate for the manifests' schema check (tests/agents/validate_k8s.py), and
+# schemathesis for the schema-driven test of the API against its OpenAPI description.
 # Installs Debian's python3-venv first when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=target/py/bin/python
-if [ -x "$py" ] && "$py" -c 'import awsiot, kubernetes_validate' 2>/dev/null; then
+if [ -x "$py" ] && "$py" -c 'import awsiot, kubernetes_validate, schemathesis' 2>/dev/null; then
   exit 0
 fi
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -18,5 +19,5 @@ fi
 if ! [ -x "$py" ]; then
   python3 -m venv target/py
 fi
-target/py/bin/pip install -q --disable-pip-version-check awsiotsdk kubernetes-validate
-echo "pyagent: $("$py" -c 'import importlib.metadata as m; print("awsiotsdk", m.version("awsiotsdk"), "kubernetes-validate", m.version("kubernetes-validate"))') in target/py" >&2
+target/py/bin/pip install -q --disable-pip-version-check awsiotsdk kubernetes-validate schemathesis
+echo "pyagent: $("$py" -c 'import importlib.metadata as m; print("awsiotsdk", m.version("awsiotsdk"), "kubernetes-validate", m.version("kubernetes-validate"), "schemathesis", m.version("schemathesis"))') in target/py" >&2

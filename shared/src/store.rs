@@ -171,7 +171,7 @@ pub struct JobRecord {
 }
 
 /// Where a rollout with waves stands, as the planner records it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RolloutPhase {
     /// `splitting` (assigning devices to waves), `publishing`, `gate` (waiting for the
     /// wave's gate), `soak`, `approval`, `done`; empty before planning starts.
@@ -222,7 +222,7 @@ pub fn tally_of<'a>(
 }
 
 /// One wave of a job, as reports show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WaveProgress {
     /// Index, from 0.
     pub index: usize,

@@ -25,6 +25,7 @@ mod invalid_input;
 mod job_roundtrip;
 mod memory;
 mod observability;
+mod openapi;
 mod queries;
 mod rerun;
 mod rollouts;

@@ -168,6 +168,9 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/ui/tokens", Access::Public),
     (Method::GET, "/ui/audit", Access::Public),
     (Method::GET, "/ui/assets/{file}", Access::Public),
+    // The API's description (`crate::api::openapi`): no secret in it.
+    (Method::GET, "/openapi.json", Access::Public),
+    (Method::GET, "/docs", Access::Public),
 ];
 
 /// What `method` on the route pattern `route` needs; admin for anything not in [`ROUTES`].

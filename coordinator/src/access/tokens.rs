@@ -19,7 +19,7 @@ use super::{Caller, Role};
 pub const SECRET_PREFIX: &str = "fbt_";
 
 /// A stored token (never the secret).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TokenRecord {
     /// Its id.
     pub id: Uuid,

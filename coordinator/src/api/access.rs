@@ -19,6 +19,14 @@ use crate::{
 };
 
 /// Creates a token; the secret is in this response only.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "access",
+    summary = "Create an API token (the secret is shown once)",
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 201, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -43,6 +51,13 @@ pub(super) async fn create(
 }
 
 /// Every token (never their secrets).
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "access",
+    summary = "Every token, never their secrets",
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
     let mut redis = app.redis.clone();
     let list = tokens::list(&mut redis, &app.names)
@@ -52,6 +67,14 @@ pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<ser
 }
 
 /// Revokes a token.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    tag = "access",
+    summary = "Revoke a token",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn revoke(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -77,6 +100,14 @@ pub(super) async fn revoke(
 }
 
 /// A page of the audit log, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "access",
+    summary = "The audit log, newest first",
+    params(("actor" = Option<String>, Query), ("job_id" = Option<String>, Query), ("outcome" = Option<String>, Query), ("action" = Option<String>, Query), ("cursor" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = crate::audit::Page), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn audit_log(
     State(app): State<Arc<AppState>>,
     q: Result<Query<audit::Filter>, axum::extract::rejection::QueryRejection>,
@@ -91,6 +122,13 @@ pub(super) async fn audit_log(
 }
 
 /// Who the caller is.
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "access",
+    summary = "The caller's identity, role and groups",
+    responses((status = 200, description = "done", body = crate::access::Caller), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn whoami(Extension(caller): Extension<Caller>) -> Json<Caller> {
     Json(caller)
 }

@@ -26,6 +26,15 @@ pub(super) struct ImportQuery {
 }
 
 /// Streams an import: CSV (header row) or NDJSON; invalid records are reported by line.
+#[utoipa::path(
+    post,
+    path = "/v1/devices/import",
+    tag = "devices",
+    summary = "Import devices (CSV with a header row, or NDJSON), streamed",
+    params(("format" = Option<String>, Query, description = "csv or ndjson")),
+    request_body(content = String, content_type = "text/csv"),
+    responses((status = 200, description = "done", body = crate::registry::ImportReport), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn import(
     State(app): State<Arc<AppState>>,
     Query(q): Query<ImportQuery>,
@@ -143,6 +152,14 @@ impl DeviceQuery {
 }
 
 /// One page of devices in id order; `next_cursor` continues it.
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    tag = "devices",
+    summary = "Devices in id order, a page at a time",
+    params(("group" = Option<String>, Query), ("model" = Option<String>, Query), ("hardware_revision" = Option<String>, Query), ("firmware_version" = Option<String>, Query), ("tag" = Option<String>, Query, description = "key=value"), ("query" = Option<String>, Query, description = "a device query"), ("cursor" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = super::openapi::DeviceList), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(
     State(app): State<Arc<AppState>>,
     Query(q): Query<DeviceQuery>,
@@ -166,6 +183,14 @@ pub(super) async fn list(
 }
 
 /// How many devices match.
+#[utoipa::path(
+    get,
+    path = "/v1/devices/count",
+    tag = "devices",
+    summary = "How many devices match",
+    params(("group" = Option<String>, Query), ("model" = Option<String>, Query), ("hardware_revision" = Option<String>, Query), ("firmware_version" = Option<String>, Query), ("tag" = Option<String>, Query, description = "key=value"), ("query" = Option<String>, Query, description = "a device query")),
+    responses((status = 200, description = "done", body = super::openapi::Count), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn count(
     State(app): State<Arc<AppState>>,
     Query(q): Query<DeviceQuery>,
@@ -183,6 +208,13 @@ pub(super) async fn count(
 }
 
 /// Every group with its size (an empty registry has none).
+#[utoipa::path(
+    get,
+    path = "/v1/groups",
+    tag = "devices",
+    summary = "Groups with their member counts",
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn groups(State(app): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
     let mut redis = app.redis.clone();
     let mut groups: Vec<String> = redis
@@ -210,6 +242,14 @@ pub(super) async fn groups(State(app): State<Arc<AppState>>) -> ApiResult<Json<s
 }
 
 /// `GET /v1/devices/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}",
+    tag = "devices",
+    summary = "One device",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = shared::device::Device), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn get_one(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -228,6 +268,14 @@ pub(super) async fn get_one(
 /// run alongside others, `concurrent`, are not in a device's line); and `history`, the
 /// device's status (state, attempts, last error, readings) in each of the newest `history`
 /// jobs (default 100, at most 1,000) that reached it, finished or not, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}/jobs",
+    tag = "devices",
+    summary = "A device's line of unfinished jobs and its history across jobs",
+    params(("id" = String, Path), ("history" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = super::openapi::DeviceJobs), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn jobs(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -318,6 +366,15 @@ pub async fn device_jobs(app: &AppState, id: &str) -> ApiResult<Vec<serde_json::
 const LANE_LIST_MAX: isize = 100;
 
 /// `PATCH /v1/devices/{id}`: the fields given replace the stored ones.
+#[utoipa::path(
+    patch,
+    path = "/v1/devices/{id}",
+    tag = "devices",
+    summary = "Change a device's attributes, groups or tags",
+    params(("id" = String, Path)),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 200, description = "done", body = shared::device::Device), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn update(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -338,6 +395,14 @@ pub(super) async fn update(
 }
 
 /// `DELETE /v1/devices/{id}`: out of the registry and its groups (jobs keep their records).
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{id}",
+    tag = "devices",
+    summary = "Remove a device from the registry",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,

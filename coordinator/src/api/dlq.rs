@@ -11,6 +11,14 @@ use serde_json::json;
 use super::{ApiError, ApiResult, jobs::LimitQuery, no_broker};
 use crate::{app::AppState, deadletters};
 
+#[utoipa::path(
+    get,
+    path = "/v1/dlq",
+    tag = "operations",
+    summary = "Dead-lettered messages with their reasons",
+    params(("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(
     State(app): State<Arc<AppState>>,
     Query(q): Query<LimitQuery>,
@@ -26,6 +34,14 @@ pub(super) async fn list(
     Ok(Json(json!({"messages": list})))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/dlq/replay",
+    tag = "operations",
+    summary = "Put dead letters back on their queues",
+    request_body(content = crate::deadletters::ReplayRequest, content_type = "application/json"),
+    responses((status = 200, description = "done", body = crate::deadletters::ReplayReport), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn replay(
     State(app): State<Arc<AppState>>,
     body: Option<Json<deadletters::ReplayRequest>>,

@@ -18,6 +18,14 @@ use crate::{app::AppState, jobs};
 /// `progress`
 /// event with the counters every second (and at once when they change after a quiet
 /// second), and a final `finished` event, after which the stream ends.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    summary = "A job's progress as Server-Sent Events",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = String, content_type = "text/event-stream"), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn stream(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,

@@ -43,6 +43,15 @@ pub(super) struct CreateQuery {
     skip_all,
     fields(otel.kind = "server", job_id = tracing::field::Empty)
 )]
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "Create a job (or preview it with dry_run)",
+    params(("dry_run" = Option<bool>, Query), ("idempotency-key" = Option<String>, Header)),
+    request_body(content = String, content_type = "application/json", description = "a job spec in JSON (or TOML with content-type application/toml)"),
+    responses((status = 201, description = "done", body = super::openapi::Created), (status = 200, description = "the dry run (a Preview), or the job an idempotency key made before", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -216,6 +225,15 @@ pub(super) struct FollowUpRequest {
 /// devices that ended SUCCEEDED or FAILED by default (those that may have changed).
 /// Both are created like any job: the caller's scope, `Idempotency-Key` and `?dry_run=true`
 /// apply.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/rerun",
+    tag = "jobs",
+    summary = "A new job for the devices that ended in the given states",
+    params(("id" = String, Path), ("dry_run" = Option<bool>, Query), ("idempotency-key" = Option<String>, Header)),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 201, description = "done", body = super::openapi::Created), (status = 200, description = "the dry run, or a repeated create", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn follow_up_job(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -295,6 +313,14 @@ pub(super) struct LimitQuery {
 }
 
 /// A page of jobs, newest first: `limit` and `cursor`, as every listing.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "The newest jobs, a page at a time",
+    params(("limit" = Option<usize>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, description = "done", body = crate::jobs::JobPage), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(
     State(app): State<Arc<AppState>>,
     Query(q): Query<PageQuery>,
@@ -315,6 +341,14 @@ pub(super) async fn list(
     Ok(Json(page))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "A job: state, counters, waves",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = crate::jobs::JobView), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn get(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -331,6 +365,14 @@ pub(super) async fn get(
 }
 
 /// `DELETE /v1/jobs/{id}`: a finished job's data, now (409 for a job still running).
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "Delete a finished job's data",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -384,6 +426,14 @@ async fn job_for_change(
     Ok(job)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    summary = "Cancel a job",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn cancel(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -418,6 +468,15 @@ pub(super) struct SteerRequest {
 }
 
 /// `POST /v1/jobs/{id}/pause`, `/resume` and `/approve` (the route says which).
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/pause",
+    tag = "jobs",
+    summary = "Pause a job (resume and approve are alike)",
+    params(("id" = String, Path)),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn steer(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -486,6 +545,14 @@ pub(super) struct DevicesQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/devices",
+    tag = "jobs",
+    summary = "Per-device status, a page at a time",
+    params(("id" = String, Path), ("status" = Option<String>, Query), ("cursor" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = crate::jobs::DevicePage), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn devices(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -528,6 +595,14 @@ pub(super) async fn devices(
     Ok(Json(page))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/report",
+    tag = "jobs",
+    summary = "Failures grouped by error, and the readings summary",
+    params(("id" = String, Path), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "done", body = crate::report::Report), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn report(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -550,6 +625,14 @@ pub(super) struct ResultsQuery {
 }
 
 /// Every device's result and readings, as CSV (default) or NDJSON.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results",
+    tag = "jobs",
+    summary = "Every device's result and readings",
+    params(("id" = String, Path), ("format" = Option<String>, Query, description = "csv or ndjson")),
+    responses((status = 200, description = "done", body = String, content_type = "text/csv"), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn results(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,

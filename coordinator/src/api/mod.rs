@@ -10,6 +10,7 @@
 //! | GET | /healthz | process alive |
 //! | GET | /readyz | connected to RabbitMQ and Redis |
 //! | GET | /metrics | Prometheus metrics |
+//! | GET | /openapi.json, /docs | this table as an OpenAPI 3.1 description, and as a page |
 //! | POST | /v1/devices/import?format=csv\|ndjson | import devices (streamed body) |
 //! | GET | /v1/devices?group=&model=&hardware_revision=&firmware_version=&tag=&cursor=&limit= | list (pages carry `next_cursor`) |
 //! | GET | /v1/devices/count?group=&query= | count |
@@ -65,6 +66,7 @@ mod events;
 pub mod guard;
 mod health;
 mod jobs;
+pub mod openapi;
 mod queries;
 mod schedules;
 mod templates;
@@ -99,6 +101,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::document))
+        .route("/docs", get(openapi::docs))
         .route("/v1/devices/import", post(devices::import))
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/count", get(devices::count))

@@ -24,6 +24,15 @@ pub(super) struct SavedQuery {
 }
 
 /// `PUT /v1/queries/{name}`: saves (or replaces) a query, checked first.
+#[utoipa::path(
+    put,
+    path = "/v1/queries/{name}",
+    tag = "devices",
+    summary = "Save a device query",
+    params(("name" = String, Path)),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn put(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -46,6 +55,13 @@ pub(super) async fn put(
 }
 
 /// `GET /v1/queries`: every saved query, by name.
+#[utoipa::path(
+    get,
+    path = "/v1/queries",
+    tag = "devices",
+    summary = "Saved device queries",
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let mut redis = app.redis.clone();
     let all: BTreeMap<String, String> = redis
@@ -60,6 +76,14 @@ pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<Val
 }
 
 /// `DELETE /v1/queries/{name}` (jobs created with it keep its text).
+#[utoipa::path(
+    delete,
+    path = "/v1/queries/{name}",
+    tag = "devices",
+    summary = "Delete a saved query",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,

@@ -24,6 +24,14 @@ use crate::{
     recurring::{self, ScheduleView},
 };
 
+#[utoipa::path(
+    post,
+    path = "/v1/schedules",
+    tag = "schedules",
+    summary = "Create a recurring job",
+    request_body(content = String, content_type = "application/json", description = "a job spec in JSON (or TOML with content-type application/toml)"),
+    responses((status = 201, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -51,6 +59,13 @@ async fn get_view(app: &AppState, id: uuid::Uuid) -> ApiResult<ScheduleView> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no schedule {id}")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/schedules",
+    tag = "schedules",
+    summary = "Every schedule",
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
     let mut redis = app.redis.clone();
     let mut schedules = Vec::new();
@@ -68,6 +83,14 @@ pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<ser
     Ok(Json(json!({ "schedules": schedules })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/schedules/{id}",
+    tag = "schedules",
+    summary = "One schedule",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = crate::recurring::ScheduleView), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn get(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -92,6 +115,14 @@ async fn for_change(app: &AppState, caller: &Caller, id: uuid::Uuid) -> ApiResul
 }
 
 /// `POST /v1/schedules/{id}/pause|resume`.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{id}/pause",
+    tag = "schedules",
+    summary = "Stop a schedule firing (resume is alike)",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn steer(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -109,6 +140,14 @@ pub(super) async fn steer(
 }
 
 /// `DELETE /v1/schedules/{id}`: no further occurrence; the child jobs stay.
+#[utoipa::path(
+    delete,
+    path = "/v1/schedules/{id}",
+    tag = "schedules",
+    summary = "Delete a schedule",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,

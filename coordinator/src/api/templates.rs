@@ -38,6 +38,14 @@ async fn load(app: &AppState, name: &str) -> ApiResult<Template> {
 }
 
 /// `POST /v1/templates`: stores a template (JSON or TOML); a name already taken is refused.
+#[utoipa::path(
+    post,
+    path = "/v1/templates",
+    tag = "templates",
+    summary = "Store a job template",
+    request_body(content = String, content_type = "application/json", description = "a job spec in JSON (or TOML with content-type application/toml)"),
+    responses((status = 201, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn create(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -71,6 +79,13 @@ pub(super) async fn create(
 }
 
 /// `GET /v1/templates`: every template, by name.
+#[utoipa::path(
+    get,
+    path = "/v1/templates",
+    tag = "templates",
+    summary = "Every template",
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let mut redis = app.redis.clone();
     let all: BTreeMap<String, String> = redis
@@ -85,6 +100,14 @@ pub(super) async fn list(State(app): State<Arc<AppState>>) -> ApiResult<Json<Val
 }
 
 /// `GET /v1/templates/{name}`.
+#[utoipa::path(
+    get,
+    path = "/v1/templates/{name}",
+    tag = "templates",
+    summary = "One template",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn get(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -93,6 +116,14 @@ pub(super) async fn get(
 }
 
 /// `DELETE /v1/templates/{name}` (jobs made from it stay).
+#[utoipa::path(
+    delete,
+    path = "/v1/templates/{name}",
+    tag = "templates",
+    summary = "Delete a template",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "done", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -112,6 +143,15 @@ pub(super) struct FromTemplate {
 
 /// `POST /v1/templates/{name}/jobs`: a job from the template with these parameters, created
 /// as `POST /v1/jobs` would create the rendered spec (`Idempotency-Key`, `?dry_run=true`).
+#[utoipa::path(
+    post,
+    path = "/v1/templates/{name}/jobs",
+    tag = "templates",
+    summary = "A job from a template",
+    params(("name" = String, Path), ("dry_run" = Option<bool>, Query), ("idempotency-key" = Option<String>, Header)),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 201, description = "done", body = super::openapi::Created), (status = 200, description = "the dry run, or a repeated create", body = Object), (status = "4XX", description = "refused: the error names the field", body = super::openapi::ErrorBody))
+)]
 pub(super) async fn create_job(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
