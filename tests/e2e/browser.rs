@@ -521,3 +521,156 @@ async fn the_page_of_a_100000_device_job_is_ready_in_under_a_second() {
     b.client.close().await.expect("browser closed");
     app.teardown().await;
 }
+
+/// A provider's authorization and token endpoints, as an auto-approving test provider: each
+/// authorization hands out a code bound to its PKCE challenge and redirect address; the
+/// token endpoint gives an ID token for `carol` (role claim `fleet-ops`) only for a known
+/// code with the matching verifier.
+async fn start_provider(
+    idp: std::sync::Arc<crate::secure::Provider>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use std::{collections::HashMap, sync::Mutex};
+
+    use axum::{
+        Form, Router,
+        extract::Query,
+        response::{IntoResponse, Redirect},
+        routing::{get, post},
+    };
+    use sha2::Digest as _;
+
+    type Codes = std::sync::Arc<Mutex<HashMap<String, (String, String)>>>;
+    let codes: Codes = Default::default();
+    let given = codes.clone();
+    let authorize = move |Query(q): Query<HashMap<String, String>>| {
+        let codes = given.clone();
+        async move {
+            let ok = q.get("response_type").map(String::as_str) == Some("code")
+                && q.get("client_id").map(String::as_str) == Some("fleetbatch-api")
+                && q.get("code_challenge_method").map(String::as_str) == Some("S256")
+                && q.get("scope")
+                    .is_some_and(|s| s.split(' ').any(|s| s == "openid"));
+            if !ok {
+                return (axum::http::StatusCode::BAD_REQUEST, format!("{q:?}")).into_response();
+            }
+            let code = uuid::Uuid::new_v4().simple().to_string();
+            let back = q["redirect_uri"].clone();
+            codes
+                .lock()
+                .expect("codes")
+                .insert(code.clone(), (q["code_challenge"].clone(), back.clone()));
+            let state = q.get("state").cloned().unwrap_or_default();
+            Redirect::to(&format!("{back}?code={code}&state={state}")).into_response()
+        }
+    };
+    let token = move |Form(f): Form<HashMap<String, String>>| {
+        let (codes, idp) = (codes.clone(), idp.clone());
+        async move {
+            let Some((challenge, back)) = f
+                .get("code")
+                .and_then(|c| codes.lock().expect("codes").remove(c))
+            else {
+                return (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"error": "invalid_grant"})),
+                )
+                    .into_response();
+            };
+            let verifier = f.get("code_verifier").cloned().unwrap_or_default();
+            let computed = crate::secure::b64(&sha2::Sha256::digest(verifier.as_bytes()));
+            if computed != challenge || f.get("redirect_uri") != Some(&back) {
+                return (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"error": "invalid_grant", "error_description": "PKCE or redirect_uri"})),
+                )
+                    .into_response();
+            }
+            axum::Json(json!({
+                "access_token": "opaque", "token_type": "Bearer", "expires_in": 600,
+                "id_token": idp.token(json!({"sub": "carol", "roles": ["fleet-ops"]}), "EdDSA"),
+            }))
+            .into_response()
+        }
+    };
+    let router = Router::new()
+        .route("/authorize", get(authorize))
+        .route("/token", post(token));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("provider port");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .await
+            .expect("provider serves");
+    });
+    (port, server)
+}
+
+#[tokio::test]
+async fn an_operator_signs_in_at_the_identity_provider_with_pkce() {
+    let idp = std::sync::Arc::new(crate::secure::Provider::new("idp-web"));
+    let (port, provider) = start_provider(idp.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, idp.jwks().to_string()).expect("jwks");
+    let jwks = jwks.display().to_string();
+    let authorize = format!("http://127.0.0.1:{port}/authorize");
+    let token = format!("http://127.0.0.1:{port}/token");
+    let app = spawn_app(
+        1,
+        &[
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__ISSUER",
+                crate::secure::ISSUER,
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__AUDIENCE",
+                "fleetbatch-api",
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__JWKS_FILE",
+                jwks.as_str(),
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__ROLE_MAP",
+                "fleet-ops=operator",
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__AUTHORIZATION_URL",
+                authorize.as_str(),
+            ),
+            (
+                "FLEETBATCH_COORDINATOR__AUTH__OIDC__TOKEN_URL",
+                token.as_str(),
+            ),
+        ],
+    )
+    .await;
+    let b = Browser::start(&app).await;
+
+    // An answer this browser did not ask for is refused, naming why.
+    b.open("/ui/oidc/callback?code=forged&state=forged").await;
+    let why = b.text("#sign-in-error").await;
+    assert!(why.contains("no sign-in was started"), "{why}");
+
+    // The sign-in page leads to the provider and back, signed in as the provider's user with
+    // the role its claim maps to.
+    b.open("/ui/login").await;
+    b.click("#sso").await;
+    b.wait_for_path("/ui/jobs").await;
+    let who = b.text("header .who").await;
+    assert_eq!(who, "oidc:carol (operator)");
+    assert!(
+        b.has("a[href='/ui/new']").await,
+        "an operator may create jobs"
+    );
+    b.screenshot("signed-in-at-the-provider").await;
+
+    // The session is the provider's ID token: the API's audit names the same caller.
+    b.open("/ui/jobs").await;
+    assert_eq!(b.text("header .who").await, "oidc:carol (operator)");
+    b.client.close().await.expect("browser closed");
+    provider.abort();
+    app.teardown().await;
+}

@@ -172,13 +172,13 @@ async fn a_job_runs_with_the_api_on_https_and_redis_on_tls_with_an_acl_user() {
 }
 
 /// An Ed25519 identity provider: its key set, and JWTs it (or a forger) signs.
-struct Provider {
+pub(crate) struct Provider {
     key: SigningKey,
     kid: &'static str,
 }
 
 impl Provider {
-    fn new(kid: &'static str) -> Self {
+    pub(crate) fn new(kid: &'static str) -> Self {
         let mut seed = [0u8; 32];
         seed[..16].copy_from_slice(Uuid::new_v4().as_bytes());
         seed[16..].copy_from_slice(Uuid::new_v4().as_bytes());
@@ -188,7 +188,7 @@ impl Provider {
         }
     }
 
-    fn jwks(&self) -> Value {
+    pub(crate) fn jwks(&self) -> Value {
         json!({"keys": [{
             "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": self.kid,
             "x": b64(self.key.verifying_key().as_bytes()),
@@ -196,7 +196,7 @@ impl Provider {
     }
 
     /// A JWT with `claims` (merged over valid ones) and header `alg`.
-    fn token(&self, claims: Value, alg: &str) -> String {
+    pub(crate) fn token(&self, claims: Value, alg: &str) -> String {
         let now = shared::now_ms() / 1000;
         let mut body = json!({
             "iss": ISSUER, "aud": "fleetbatch-api", "sub": "alice",
@@ -216,9 +216,9 @@ impl Provider {
     }
 }
 
-const ISSUER: &str = "https://idp.example.test/realms/fleet";
+pub(crate) const ISSUER: &str = "https://idp.example.test/realms/fleet";
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 

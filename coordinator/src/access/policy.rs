@@ -158,6 +158,8 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::GET, "/ui/login", Access::Public),
     (Method::POST, "/ui/login", Access::Public),
     (Method::POST, "/ui/logout", Access::Public),
+    (Method::GET, "/ui/oidc/start", Access::Public),
+    (Method::GET, "/ui/oidc/callback", Access::Public),
     (Method::GET, "/ui/jobs", Access::Public),
     (Method::GET, "/ui/jobs/{id}", Access::Public),
     (Method::GET, "/ui/new", Access::Public),

@@ -33,6 +33,7 @@ mod admin;
 mod create;
 mod fleet;
 mod jobs;
+mod sso;
 
 const CSS: &str = include_str!("app.css");
 const JS: &str = include_str!("app.js");
@@ -44,6 +45,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/", get(|| async { Redirect::to("/ui/jobs") }))
         .route("/ui/login", get(login_page).post(login))
         .route("/ui/logout", post(logout))
+        .route("/ui/oidc/start", get(sso::start))
+        .route("/ui/oidc/callback", get(sso::callback))
         .route("/ui/jobs", get(jobs::list))
         .route("/ui/jobs/{id}", get(jobs::one))
         .route("/ui/new", get(create::editor))
@@ -192,11 +195,22 @@ async fn signed_in(app: &AppState, headers: &HeaderMap) -> Result<(Caller, Strin
     }
 }
 
-async fn login_page() -> Markup {
-    login_form(None)
+async fn login_page(State(app): State<Arc<AppState>>) -> Markup {
+    login_form(None, app.settings.coordinator.auth.oidc.sign_in())
 }
 
-fn login_form(error: Option<&str>) -> Markup {
+/// The session cookie for `secret` (an API token or the provider's ID token).
+fn session_cookie(app: &AppState, secret: &str) -> String {
+    let secure = if app.settings.coordinator.tls.cert_file.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!("{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/{secure}")
+}
+
+/// The sign-in page; `sso`: with the way to the identity provider.
+fn login_form(error: Option<&str>, sso: bool) -> Markup {
     page(
         "Sign in",
         None,
@@ -205,7 +219,11 @@ fn login_form(error: Option<&str>) -> Markup {
         html! {
             h1 { "Sign in" }
             p { "With an API token (" code { "fleetbatch token create" } ") or a token from your identity provider." }
-            @if let Some(e) = error { p.error { (e) } }
+            @if let Some(e) = error { p.error id="sign-in-error" { (e) } }
+            @if sso {
+                p { a.button id="sso" href="/ui/oidc/start" { "Sign in with your identity provider" } }
+                p.hint { "Or paste a token:" }
+            }
             form method="post" action="/ui/login" {
                 input type="password" name="token" placeholder="token" size="70" autocomplete="off" required;
                 " "
@@ -226,13 +244,7 @@ async fn login(State(app): State<Arc<AppState>>, Form(form): Form<LoginForm>) ->
     match guard::resolve(&app, secret).await {
         Ok(caller) => {
             tracing::info!(subject = caller.subject, "dashboard sign-in");
-            let secure = if app.settings.coordinator.tls.cert_file.is_some() {
-                "; Secure"
-            } else {
-                ""
-            };
-            let cookie =
-                format!("{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/{secure}");
+            let cookie = session_cookie(&app, secret);
             (
                 StatusCode::SEE_OTHER,
                 [
@@ -243,7 +255,8 @@ async fn login(State(app): State<Arc<AppState>>, Form(form): Form<LoginForm>) ->
                 .into_response()
         }
         Err(guard::Resolved::Refused(why)) => {
-            (StatusCode::UNAUTHORIZED, login_form(Some(&why))).into_response()
+            let sso = app.settings.coordinator.auth.oidc.sign_in();
+            (StatusCode::UNAUTHORIZED, login_form(Some(&why), sso)).into_response()
         }
         Err(guard::Resolved::Unavailable(e)) => e.into_response(),
     }

@@ -133,6 +133,7 @@ impl Settings {
                 .with_list_parse_key("coordinator.webhook_allowed_hosts")
                 .with_list_parse_key("simulator.trusted_keys")
                 .with_list_parse_key("coordinator.auth.oidc.role_map")
+                .with_list_parse_key("coordinator.auth.oidc.scopes")
                 .try_parsing(true)
                 .source(Some(vars)),
         );

@@ -234,12 +234,39 @@ pub struct OidcSettings {
     pub groups_claim: Option<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Dashboard sign-in at the provider (authorization code with PKCE): its authorization
+    /// endpoint. Unset: the dashboard takes pasted tokens only.
+    #[serde(default)]
+    pub authorization_url: Option<String>,
+    /// The provider's token endpoint (with `authorization_url`).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// The dashboard's client id at the provider (default: `audience`, which the ID token's
+    /// `aud` then carries).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The client secret, for a confidential client (unset: a public client, PKCE only).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Where the provider sends the browser back: this coordinator's public address with
+    /// `/ui/oidc/callback` (e.g. `https://fleet.example.com/ui/oidc/callback`); unset: the
+    /// address the browser used (its `Host`), which the provider must have registered.
+    #[serde(default)]
+    pub redirect_url: Option<String>,
+    /// Scopes asked for (`openid` is always asked).
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 impl OidcSettings {
     /// Whether bearer JWTs are accepted.
     pub fn enabled(&self) -> bool {
         self.issuer.is_some()
+    }
+
+    /// Whether the dashboard signs in at the provider.
+    pub fn sign_in(&self) -> bool {
+        self.enabled() && self.authorization_url.is_some()
     }
 }
 
