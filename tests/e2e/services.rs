@@ -246,6 +246,24 @@ impl RabbitCluster {
         self.leader_of_among(queue, usize::MAX).await
     }
 
+    /// Every queue with its leader and message counts, as a node other than `down` reports
+    /// them (for a quorum queue, `messages` beyond ready and unacknowledged ones are
+    /// dead-lettered messages not yet forwarded).
+    pub async fn queue_stats(&self, down: usize) -> String {
+        self.nodes[usize::from(down == 0)]
+            .ctl(&[
+                "list_queues",
+                "name",
+                "type",
+                "leader",
+                "messages",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ])
+            .await
+    }
+
     /// The index of the node leading quorum queue `queue`, as a node other than `down`
     /// reports it.
     pub async fn leader_of_among(&self, queue: &str, down: usize) -> usize {
