@@ -21,7 +21,8 @@ use crate::{access::Role, app::AppState};
 const EXAMPLE: &str = r#"name = "firmware 2.1.0"
 
 [target]
-groups = ["all"]
+# Every device of the registry not on 2.1.0 yet.
+query = "firmware_version < 2.1.0"
 
 [action]
 type = "firmware_update"
