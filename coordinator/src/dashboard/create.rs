@@ -94,3 +94,19 @@ pub(super) async fn editor(
     )
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use shared::job::{JobSpec, SpecFormat, SpecLimits};
+
+    #[test]
+    fn the_editor_opens_with_a_valid_three_wave_spec() {
+        let limits = SpecLimits {
+            max_document_bytes: 64 * 1024,
+            max_explicit_devices: 10,
+        };
+        let spec = JobSpec::parse(super::EXAMPLE, SpecFormat::Toml, limits).expect("valid");
+        assert_eq!(spec.rollout.waves.len(), 3);
+        assert!(spec.target.query.is_some());
+    }
+}
