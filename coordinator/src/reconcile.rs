@@ -9,7 +9,12 @@
 //! is not terminal, not held by a worker (no claim) and not parked is lost: it ends TIMED_OUT
 //! (deadline) or FAILED (silence) with a reason that says so, recorded by the same script as
 //! every outcome (first outcome wins, so a worker finishing it at the same moment is never
-//! contradicted). It never publishes a task and never touches a device that something holds.
+//! contradicted). Before that, a device stranded on its way to a retry (RETRY_SCHEDULED and
+//! overdue by `coordinator.reconcile_resend_secs` in a job quiet as long, nothing holding
+//! it) is sent a copy of its task: a retry queue whose broker stopped forwarding (RabbitMQ
+//! 3.10's at-least-once dead-lettering after a quorum queue's leader died) loses no
+//! device; a copy delivered after all is absorbed by the workers' idempotency keys. It never
+//! touches a device that something holds.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -66,6 +71,16 @@ pub fn verdict(
     None
 }
 
+/// Whether `status` waits for a retry that is `resend_ms` overdue (its copy of the task is
+/// stranded on the way).
+pub fn stranded(status: &DeviceStatus, now_ms: u64, resend_ms: u64) -> bool {
+    resend_ms > 0
+        && status.state == ExecutionState::RetryScheduled
+        && status
+            .next_attempt_at_ms
+            .is_some_and(|due| now_ms >= due.saturating_add(resend_ms))
+}
+
 /// Runs the sweep until `stop` fires.
 pub async fn run(app: Arc<AppState>, stop: CancellationToken) {
     let scripts = Scripts::new();
@@ -112,6 +127,16 @@ async fn sweep(
                 now
             }
         };
+        let resend_ms = c.reconcile_resend_secs.saturating_mul(1000);
+        if job.state == JobState::InProgress
+            && resend_ms > 0
+            && now.saturating_sub(since) >= resend_ms
+            && resend(app, redis, &job, now, resend_ms).await? > 0
+        {
+            // The copies get their chance before anything is judged lost.
+            progress.insert(id, (terminal, now));
+            continue;
+        }
         let past_deadline = job
             .deadline_ms()
             .is_some_and(|d| now >= d.saturating_add(grace_ms));
@@ -178,6 +203,70 @@ async fn settle(
         end(app, scripts, redis, job.id, ended).await?;
         if next == 0 {
             return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Sends a copy of the task of every device of `job` stranded on its way to a retry and
+/// held by nothing; returns how many.
+async fn resend(
+    app: &AppState,
+    redis: &mut ConnectionManager,
+    job: &store::JobRecord,
+    now: u64,
+    resend_ms: u64,
+) -> anyhow::Result<usize> {
+    let Some(broker) = app.broker() else {
+        return Ok(0);
+    };
+    let key = app.names.job_status(job.id);
+    let mut cursor: u64 = 0;
+    let mut sent = 0;
+    loop {
+        let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        let stuck: Vec<Lost> = pairs
+            .into_iter()
+            .filter_map(|(device, raw)| {
+                let status = serde_json::from_str::<DeviceStatus>(&raw).ok()?;
+                stranded(&status, now, resend_ms).then(|| {
+                    (
+                        device,
+                        status,
+                        (ExecutionState::RetryScheduled, String::new()),
+                    )
+                })
+            })
+            .collect();
+        let stuck = unheld(redis, &app.names, job.id, stuck).await?;
+        let mut confirms = Vec::with_capacity(stuck.len());
+        for (device, status, _) in &stuck {
+            tracing::warn!(job_id = %job.id, device_id = %device, attempts = status.attempts, "a stranded retry sent again");
+            let task = shared::messages::DeviceTask {
+                version: shared::messages::WIRE_VERSION,
+                job_id: job.id,
+                execution_id: shared::state::execution_id(job.id, device),
+                device_id: device.clone(),
+                attempts: status.attempts,
+                parked: 0,
+                published_at_ms: status.published_at_ms.unwrap_or(now),
+            };
+            confirms.push(
+                shared::topology::send_task(&broker.publisher, &app.names, None, &task).await?,
+            );
+        }
+        for confirm in confirms {
+            confirm.wait().await?;
+        }
+        sent += stuck.len();
+        if next == 0 {
+            return Ok(sent);
         }
         cursor = next;
     }
@@ -300,5 +389,20 @@ mod tests {
         // A finished device is never touched.
         let done = status(ExecutionState::Succeeded, 0);
         assert_eq!(verdict(&done, u64::MAX, Some(0), 0, Some(0), 1), None);
+    }
+
+    #[test]
+    fn only_a_retry_overdue_by_the_whole_resend_time_is_stranded() {
+        let mut waiting = status(ExecutionState::RetryScheduled, 1_000);
+        waiting.next_attempt_at_ms = Some(5_000);
+        assert!(!stranded(&waiting, 64_999, 60_000));
+        assert!(stranded(&waiting, 65_000, 60_000));
+        // Off, another state, or no due time: never.
+        assert!(!stranded(&waiting, u64::MAX, 0));
+        let mut running = waiting.clone();
+        running.state = ExecutionState::InProgress;
+        assert!(!stranded(&running, u64::MAX, 1));
+        waiting.next_attempt_at_ms = None;
+        assert!(!stranded(&waiting, u64::MAX, 1));
     }
 }

@@ -1260,3 +1260,66 @@ async fn three_coordinators_and_four_workers_the_planning_coordinator_sigkilled_
     }
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn tasks_stranded_in_a_retry_queue_are_sent_again_and_no_device_is_lost() {
+    // Tasks that fail wait 10 s in the retry queue; the queue is purged while they wait, as
+    // a broker that stops forwarding a retry queue leaves them. After 3 s of quiet past
+    // their due time the coordinator sends them again.
+    let app = spawn_app(
+        2,
+        &[
+            ("FLEETBATCH_SIMULATOR__TRANSIENT_FAILURE_RATE", "0.2"),
+            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
+            ("FLEETBATCH_WORKER__BACKOFF__BUDGET_MS", "0"),
+            ("FLEETBATCH_WORKER__RETRY_DELAYS_MS", "10000,10000"),
+            ("FLEETBATCH_COORDINATOR__RECONCILE_RESEND_SECS", "3"),
+        ],
+    )
+    .await;
+    let n = 1_000;
+    app.import_fleet(n).await;
+    let id = app
+        .create_job(&firmware_job(json!({"retry": {"max_attempts": 10}})))
+        .await;
+    // Every first attempt made: the devices that failed wait in the retry queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let waiting = loop {
+        let statuses = app.statuses(id).await;
+        let retrying = statuses
+            .values()
+            .filter(|s| s.state == ExecutionState::RetryScheduled)
+            .count();
+        let done = statuses.values().filter(|s| s.state.is_terminal()).count();
+        if statuses.len() == n as usize && retrying + done == n as usize && retrying > 0 {
+            break retrying;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "first attempts");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let conn = shared::amqp::connect(&app.settings.amqp, "e2e-purge")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let purged = ch
+        .queue_purge(
+            app.names.retry_queue(0).into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await
+        .expect("purge");
+    let _ = conn.close(200, "done".into()).await;
+    eprintln!("{waiting} devices waiting for a retry, {purged} tasks purged from the retry queue");
+    assert!(purged > 0, "nothing waited in the retry queue");
+
+    // 10 s to their due time, 3 s of quiet past it, then their second attempts.
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.assert_exact(id, &fleet_ids(n)).await;
+    let lost = statuses
+        .values()
+        .filter(|s| s.error.as_deref().is_some_and(|e| e.contains("lost")))
+        .count();
+    assert_eq!(lost, 0, "devices ended as lost");
+    app.teardown().await;
+}

@@ -206,6 +206,8 @@ impl PrivateRabbit {
 
     /// Joins this (fresh) node to `first`'s cluster.
     pub async fn join(&self, first: &PrivateRabbit) {
+        // Its AMQP port can open before the node answers its CLI.
+        self.ctl(&["await_startup", "--timeout", "90"]).await;
         self.ctl(&["stop_app"]).await;
         self.ctl(&["join_cluster", &first.node]).await;
         self.ctl(&["start_app"]).await;

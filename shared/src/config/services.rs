@@ -155,6 +155,10 @@ pub struct CoordinatorSettings {
     /// Reconciliation without a deadline: a job with no device finishing for this long has
     /// its unfinished devices that nothing holds ended FAILED as lost (0: never).
     pub reconcile_silence_secs: u64,
+    /// Reconciliation of stranded retries: a job with no device finishing for this long has
+    /// its devices waiting for a retry this long past their due time, that nothing holds,
+    /// sent a copy of their task (0: never).
+    pub reconcile_resend_secs: u64,
     /// A finished job's data (record, statuses, results, idempotency records, device-side
     /// memory) is deleted this long after it finished (0: kept for ever). Export results
     /// first (`fleetbatch job results`) to keep them.
