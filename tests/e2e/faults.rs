@@ -345,6 +345,9 @@ async fn on_a_three_node_rabbitmq_cluster_a_sigkill_of_the_tasks_queue_leader_lo
             ("FLEETBATCH_AMQP__FALLBACK_URLS", others.join(",")),
             ("FLEETBATCH_AMQP__QUEUE_TYPE", "quorum".into()),
             ("FLEETBATCH_SIMULATOR__RECORD_DELIVERIES", "true".into()),
+            // Retries the broker stops forwarding after the leader's death (seen with
+            // RabbitMQ 3.10.8) are sent again after 10 s of quiet.
+            ("FLEETBATCH_COORDINATOR__RECONCILE_RESEND_SECS", "10".into()),
         ],
     )
     .await;
