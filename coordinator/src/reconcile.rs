@@ -166,21 +166,11 @@ async fn settle(
     (grace_ms, since, silence_ms): (u64, u64, u64),
 ) -> anyhow::Result<()> {
     let names = &app.names;
-    let key = names.job_status(job.id);
     let mut cursor: u64 = 0;
     loop {
-        let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(&key)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
+        let (next, statuses) = status_page(redis, names, job.id, cursor).await?;
         let mut lost = Vec::new();
-        for (device, raw) in pairs {
-            let Ok(status) = serde_json::from_str::<DeviceStatus>(&raw) else {
-                continue;
-            };
+        for (device, status) in statuses {
             if let Some(v) = verdict(
                 &status,
                 now,
@@ -208,6 +198,28 @@ async fn settle(
     }
 }
 
+/// One page of `job`'s device statuses from `cursor` (HSCAN), and where the next starts
+/// (0: none); a status that does not parse is skipped.
+async fn status_page(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    job: Uuid,
+    cursor: u64,
+) -> anyhow::Result<(u64, Vec<(String, DeviceStatus)>)> {
+    let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+        .arg(names.job_status(job))
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(redis)
+        .await?;
+    let statuses = pairs
+        .into_iter()
+        .filter_map(|(device, raw)| Some((device, serde_json::from_str(&raw).ok()?)))
+        .collect();
+    Ok((next, statuses))
+}
+
 /// Sends a copy of the task of every device of `job` stranded on its way to a retry and
 /// held by nothing; returns how many.
 async fn resend(
@@ -220,28 +232,19 @@ async fn resend(
     let Some(broker) = app.broker() else {
         return Ok(0);
     };
-    let key = app.names.job_status(job.id);
     let mut cursor: u64 = 0;
     let mut sent = 0;
     loop {
-        let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(&key)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        let stuck: Vec<Lost> = pairs
+        let (next, statuses) = status_page(redis, &app.names, job.id, cursor).await?;
+        let stuck: Vec<Lost> = statuses
             .into_iter()
-            .filter_map(|(device, raw)| {
-                let status = serde_json::from_str::<DeviceStatus>(&raw).ok()?;
-                stranded(&status, now, resend_ms).then(|| {
-                    (
-                        device,
-                        status,
-                        (ExecutionState::RetryScheduled, String::new()),
-                    )
-                })
+            .filter(|(_, status)| stranded(status, now, resend_ms))
+            .map(|(device, status)| {
+                (
+                    device,
+                    status,
+                    (ExecutionState::RetryScheduled, String::new()),
+                )
             })
             .collect();
         let stuck = unheld(redis, &app.names, job.id, stuck).await?;

@@ -82,10 +82,8 @@ impl Browser {
 
     async fn sign_in(&self, token: &str) {
         self.open("/ui/login").await;
-        self.client
-            .find(Locator::Css("input[name=token]"))
+        self.find("input[name=token]")
             .await
-            .expect("token field")
             .send_keys(token)
             .await
             .expect("typed");
@@ -98,13 +96,19 @@ impl Browser {
         self.wait_for_path("/ui/login").await;
     }
 
-    async fn click(&self, css: &str) {
+    /// The element `css`, once it is there (up to a minute).
+    async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .wait()
             .at_most(Duration::from_secs(60))
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no {css}: {e}"))
+    }
+
+    async fn click(&self, css: &str) {
+        self.find(css)
+            .await
             .click()
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
@@ -112,15 +116,7 @@ impl Browser {
 
     /// The text of the element `css`, once it is there.
     async fn text(&self, css: &str) -> String {
-        self.client
-            .wait()
-            .at_most(Duration::from_secs(60))
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css}: {e}"))
-            .text()
-            .await
-            .unwrap_or_default()
+        self.find(css).await.text().await.unwrap_or_default()
     }
 
     async fn number(&self, css: &str) -> u64 {

@@ -49,6 +49,24 @@ fn inside(ms: u64, start: u64, late: u64) -> bool {
     into < 5_000 + late
 }
 
+/// While `n` devices of job `id` are away: the worker whose metrics are on port `observed`
+/// holds nothing in flight, and exactly `n` devices are WAITING_FOR_DEVICE with no attempt
+/// spent.
+async fn assert_waiting_without_a_worker(app: &TestApp, id: Uuid, observed: u16, n: u64) {
+    let (_, text) = app
+        .get_text(&format!("http://127.0.0.1:{observed}/metrics"))
+        .await;
+    let in_flight = gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]);
+    assert_eq!(in_flight, 0.0, "worker slots held while devices are away");
+    let statuses = app.statuses(id).await;
+    let waiting: Vec<_> = statuses
+        .values()
+        .filter(|s| s.state == ExecutionState::WaitingForDevice)
+        .collect();
+    assert_eq!(waiting.len() as u64, n, "visible as WAITING_FOR_DEVICE");
+    assert!(waiting.iter().all(|s| s.attempts == 0), "no attempt spent");
+}
+
 #[tokio::test]
 async fn windows_to_the_second_in_two_time_zones_hold_every_contact_inside_its_window() {
     let port = harness::cluster::free_port().expect("port");
@@ -227,25 +245,7 @@ async fn offline_devices_spend_no_attempt_hold_no_worker_and_succeed_soon_after_
     })
     .await;
     assert_eq!(job["state"], "IN_PROGRESS", "{job}");
-    let (_, text) = app
-        .get_text(&format!("http://127.0.0.1:{observed}/metrics"))
-        .await;
-    let in_flight = gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]);
-    assert_eq!(
-        in_flight, 0.0,
-        "worker slots held while devices are offline"
-    );
-    let statuses = app.statuses(id).await;
-    let waiting: Vec<_> = statuses
-        .values()
-        .filter(|s| s.state == ExecutionState::WaitingForDevice)
-        .collect();
-    assert_eq!(
-        waiting.len() as u64,
-        offline,
-        "visible as WAITING_FOR_DEVICE"
-    );
-    assert!(waiting.iter().all(|s| s.attempts == 0), "no attempt spent");
+    assert_waiting_without_a_worker(&app, id, observed, offline).await;
 
     let job = app
         .wait_for_job(id, Duration::from_secs(offline_secs + 120))
@@ -338,21 +338,7 @@ async fn aws_iot_jobs_devices_that_connect_late_wait_queued_without_a_worker_and
         started.elapsed() < Duration::from_secs(late_secs),
         "the late devices connected before the check: {job}"
     );
-    let (_, text) = app
-        .get_text(&format!("http://127.0.0.1:{observed}/metrics"))
-        .await;
-    let in_flight = gauge(&text, "fleetbatch_worker_tasks_in_flight", &[]);
-    assert_eq!(
-        in_flight, 0.0,
-        "worker slots held for devices not connected"
-    );
-    let statuses = app.statuses(id).await;
-    let waiting: Vec<_> = statuses
-        .values()
-        .filter(|s| s.state == ExecutionState::WaitingForDevice)
-        .collect();
-    assert_eq!(waiting.len() as u64, late, "visible as WAITING_FOR_DEVICE");
-    assert!(waiting.iter().all(|s| s.attempts == 0), "no attempt spent");
+    assert_waiting_without_a_worker(&app, id, observed, late).await;
 
     let job = app
         .wait_for_job(id, Duration::from_secs(late_secs + 120))
