@@ -63,6 +63,8 @@ async fn every_answer_of_the_api_is_what_its_openapi_description_says() {
             "--report-dir",
         ])
         .arg(report.path())
+        // Its case cache stays with the report, out of the repository.
+        .current_dir(report.path())
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(600), out)
