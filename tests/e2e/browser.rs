@@ -114,9 +114,18 @@ impl Browser {
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
-    /// The text of the element `css`, once it is there.
+    /// The text of the element `css`, once it is there. The page renders itself again when a
+    /// job's state or gate changes, so an element found may be gone before it is read: it is
+    /// then found again on the new page.
     async fn text(&self, css: &str) -> String {
-        self.find(css).await.text().await.unwrap_or_default()
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.find(css).await.text().await {
+                Ok(t) => return t,
+                Err(e) => assert!(tokio::time::Instant::now() < end, "the text of {css}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn number(&self, css: &str) -> u64 {
@@ -384,15 +393,29 @@ async fn an_operator_runs_a_three_wave_rollout_from_the_browser_and_a_viewer_onl
         b.text("#job-state").await == "COMPLETED"
     })
     .await;
-    // The page reloads itself once the job finished: read the final render.
+    // The page renders itself again once the job finished: read that final render.
     b.until("the final page", Duration::from_secs(30), || async {
-        !b.has(&format!("button[data-action='/v1/jobs/{id}/pause']"))
-            .await
-            && !b
-                .has(&format!("button[data-action='/v1/jobs/{id}/resume']"))
-                .await
+        b.js(
+            "return document.readyState === 'complete' && document.body.dataset.state",
+            vec![],
+        )
+        .await
+            == json!("COMPLETED")
     })
     .await;
+    assert!(
+        !b.has("button[data-action]").await,
+        "a finished job offers a button"
+    );
+    // A finished job's page has nothing more to follow: it stays as it is.
+    b.js("window.stillTheSamePage = true", vec![]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        b.js("return window.stillTheSamePage === true", vec![])
+            .await,
+        json!(true),
+        "a finished job's page loads itself again"
+    );
     let cli: Value = serde_json::from_str(
         &app.fleetbatch(&["job", "get", &id.to_string(), "--json"])
             .await,

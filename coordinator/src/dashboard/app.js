@@ -79,9 +79,9 @@
     });
   }
 
-  // A job's live view.
+  // A job's live view, while the job runs: a finished job's page is final as rendered.
   const job = document.body.dataset.job;
-  if (!job || !window.EventSource) return;
+  if (!job || document.body.dataset.live !== '1' || !window.EventSource) return;
   const FAILED = ['failed', 'rejected', 'timed_out', 'unhealthy', 'rolled_back'];
   const chart = document.getElementById('chart');
   const seconds = [];          // [{ ok, bad }] per second, the newest last

@@ -89,7 +89,7 @@ fn page(
                 title { (title) " · fleetbatch" }
                 link rel="stylesheet" href="/ui/assets/app.css";
             }
-            body data-job=[job.map(|j| j.job_id)] data-state=[job.map(|j| j.state.as_str())] data-gate=[gate] {
+            body data-job=[job.map(|j| j.job_id)] data-state=[job.map(|j| j.state.as_str())] data-gate=[gate] data-live=[job.filter(|j| !j.state.is_finished()).map(|_| "1")] {
                 header {
                     a href="/ui/jobs" { b { "fleetbatch" } }
                     @if let Some(c) = caller {
