@@ -378,8 +378,10 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     let thing = &things[4].0;
     let s = &app.statuses(agent_jobs[4]).await[thing];
     assert_eq!(s.attempts, 1, "{s:?}");
+    // Recorded when the device said so, not at its step timer 5 minutes on: the woken task
+    // may queue behind the 10,000 simulated devices' tasks, so allow seconds, not minutes.
     assert!(
-        s.updated_at_ms.saturating_sub(said) < 3_000,
+        s.updated_at_ms.saturating_sub(said) < 30_000,
         "recorded {} ms after the device's update",
         s.updated_at_ms.saturating_sub(said)
     );

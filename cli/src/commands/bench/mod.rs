@@ -1,11 +1,11 @@
 //! `fleetbatch bench`: throughput, latency and memory, measured against the local RabbitMQ
 //! and Redis.
 //!
-//! First the **raw broker pipeline**, the physical limit on this machine: with lapin and the
-//! product's message sizes and settings (persistent messages, publisher confirms, manual
-//! acks, prefetch equal to the workers' concurrency, one Redis `SET NX` per task) it publishes
-//! N tasks, consumes them, publishes a result per task (confirmed before the task is acked)
-//! and consumes the results. Then **fleetbatch itself** on the same N: a coordinator and K
+//! First the **raw broker pipeline**, the strongest per-device pipeline with the product's
+//! durability ([`raw`]): with lapin and the product's message sizes (persistent messages,
+//! pipelined publisher confirms, acks in bulk, prefetch equal to the workers' concurrency, one
+//! Redis `SET NX` per task) it publishes N tasks, consumes them, publishes a result per task
+//! (confirmed before the task is acked) and consumes the results. Then **fleetbatch itself** on the same N: a coordinator and K
 //! workers as real processes with the built-in simulator, from job creation to COMPLETED.
 //! Each case runs several times; medians are reported, and one JSON line per latency case.
 

@@ -1,15 +1,18 @@
-//! The raw broker pipeline: the physical limit of the machine with the product's message
-//! sizes and settings, without fleetbatch's own work.
+//! The raw broker pipeline: the strongest per-device pipeline we have measured on this
+//! machine with the product's durability (persistent messages, publisher confirms, manual
+//! acks, one Redis `SET NX` per device, a confirmed result per device acked only after its
+//! confirm), without fleetbatch's own work:
+//! - the publisher never waits for a batch: a sliding window of [`CONFIRMS_IN_FLIGHT`]
+//!   confirms is outstanding (a window of 4,096 made RabbitMQ 3.10 slower, not faster:
+//!   docs/performance.md);
+//! - tasks are acked by a contiguous watermark with `multiple = true` about every
+//!   [`ACK_EVERY`] deliveries (a task's ack follows its result's confirm), results likewise.
+//!
+//! fleetbatch's ratio is taken against it.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Instant,
-};
+use std::{collections::BTreeSet, time::Duration, time::Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{
     BasicProperties,
     options::{
@@ -20,7 +23,12 @@ use lapin::{
 };
 use shared::config::Settings;
 
-/// The raw pipeline: same messages, durability and acks as the product, nothing else.
+/// Publisher confirms outstanding at most.
+const CONFIRMS_IN_FLIGHT: usize = 500;
+/// Deliveries acknowledged together (`multiple = true`).
+const ACK_EVERY: u64 = 100;
+
+/// The raw pipeline: same messages and durability as the product, nothing else.
 /// Returns (devices/s, seconds).
 pub(super) async fn raw_pipeline(
     settings: &Settings,
@@ -68,12 +76,11 @@ pub(super) async fn raw_pipeline(
     };
 
     let started = Instant::now();
-    let received = Arc::new(AtomicU64::new(0));
 
-    // Results consumer: ack each result.
+    // Results consumer: one ack (`multiple`) per ACK_EVERY results, and one for the last.
     let results_ch = conn.create_channel().await?;
     results_ch
-        .basic_qos(1000, BasicQosOptions::default())
+        .basic_qos(prefetch.max(1000), BasicQosOptions::default())
         .await?;
     let mut results = results_ch
         .basic_consume(
@@ -83,18 +90,22 @@ pub(super) async fn raw_pipeline(
             FieldTable::default(),
         )
         .await?;
-    let got = received.clone();
     let results_done = tokio::spawn(async move {
+        let mut got = 0;
         while let Some(Ok(d)) = results.next().await {
-            d.ack(BasicAckOptions::default()).await?;
-            if got.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+            got += 1;
+            if got % ACK_EVERY == 0 || got >= n {
+                d.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            if got >= n {
                 break;
             }
         }
         Ok::<_, lapin::Error>(())
     });
 
-    // Task consumer: SET NX in Redis, publish the result (confirmed), then ack the task.
+    // Task consumer: SET NX in Redis, publish the result and await its confirm, then hand the
+    // delivery tag to the acker, which acks the contiguous watermark.
     let tasks_ch = conn.create_channel().await?;
     tasks_ch
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -111,13 +122,20 @@ pub(super) async fn raw_pipeline(
             FieldTable::default(),
         )
         .await?;
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let acker = tokio::spawn(ack_watermark(tasks_ch.clone(), done_rx, n));
     let (rq, rp, rr) = (results_q.clone(), props.clone(), redis.clone());
     let handler = tokio::spawn(async move {
-        let tracker = tokio_util::task::TaskTracker::new();
         let mut seen = 0;
         while let Some(Ok(d)) = tasks.next().await {
-            let (ch, q, p, mut redis) = (reply_ch.clone(), rq.clone(), rp.clone(), rr.clone());
-            tracker.spawn(async move {
+            let (ch, q, p, mut redis, done) = (
+                reply_ch.clone(),
+                rq.clone(),
+                rp.clone(),
+                rr.clone(),
+                done_tx.clone(),
+            );
+            tokio::spawn(async move {
                 let task = shared::messages::decode_task(&d.data).ok()?;
                 let _: Option<String> = redis::cmd("SET")
                     .arg(format!("bench-raw:idem:{}", task.execution_id))
@@ -142,57 +160,59 @@ pub(super) async fn raw_pipeline(
                     readings: None,
                 })
                 .ok()?;
-                ch.basic_publish(
-                    "".into(),
-                    q.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &result,
-                    p,
-                )
-                .await
-                .ok()?
-                .await
-                .ok()?;
-                d.ack(BasicAckOptions::default()).await.ok()
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &result,
+                        p,
+                    )
+                    .await
+                    .ok()?
+                    .await
+                    .ok()?;
+                if confirm.is_ack() {
+                    done.send(d.delivery_tag).ok()
+                } else {
+                    None
+                }
             });
             seen += 1;
             if seen >= n {
                 break;
             }
         }
-        tracker.close();
-        tracker.wait().await;
     });
 
-    // Publisher: confirmed batches of 500, like the planner.
+    // Publisher: pipelined confirms, at most CONFIRMS_IN_FLIGHT outstanding.
     let pub_ch = conn.create_channel().await?;
     pub_ch
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut i = 0;
-    while i < n {
-        let end = (i + 500).min(n);
-        let mut pending = Vec::with_capacity(500);
-        for k in i..end {
-            let body = task_body(k)?;
-            pending.push(
-                pub_ch
-                    .basic_publish(
-                        "".into(),
-                        tasks_q.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props.clone(),
-                    )
-                    .await?,
-            );
+    let mut confirms = FuturesUnordered::new();
+    for k in 0..n {
+        let body = task_body(k)?;
+        confirms.push(
+            pub_ch
+                .basic_publish(
+                    "".into(),
+                    tasks_q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
+                .await?,
+        );
+        while confirms.len() >= CONFIRMS_IN_FLIGHT {
+            confirmed(confirms.next().await)?;
         }
-        for c in pending {
-            c.await?;
-        }
-        i = end;
+    }
+    while !confirms.is_empty() {
+        confirmed(confirms.next().await)?;
     }
     handler.await?;
+    acker.await??;
     results_done.await??;
     let secs = started.elapsed().as_secs_f64();
 
@@ -205,4 +225,45 @@ pub(super) async fn raw_pipeline(
     shared::store::delete_matching(&mut redis, "bench-raw:idem:*").await?;
     let _ = conn.close(200, "done".into()).await;
     Ok((n as f64 / secs, secs))
+}
+
+/// A task publish's confirm, which must be an ack.
+fn confirmed(c: Option<lapin::Result<lapin::Confirmation>>) -> anyhow::Result<()> {
+    match c {
+        Some(Ok(c)) if c.is_ack() => Ok(()),
+        Some(Ok(_)) => anyhow::bail!("the broker refused a task (nack)"),
+        Some(Err(e)) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Acks the tasks channel's deliveries by their contiguous watermark (`multiple = true`):
+/// whenever it advanced by [`ACK_EVERY`], or no tag arrived for 2 ms, until all `n` are acked.
+async fn ack_watermark(
+    channel: lapin::Channel,
+    mut done: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    n: u64,
+) -> lapin::Result<()> {
+    let mut finished = BTreeSet::new();
+    let (mut watermark, mut acked) = (0u64, 0u64);
+    while acked < n {
+        let tag = match tokio::time::timeout(Duration::from_millis(2), done.recv()).await {
+            Ok(Some(tag)) => Some(tag),
+            Ok(None) => break,
+            Err(_) => None,
+        };
+        if let Some(tag) = tag {
+            finished.insert(tag);
+            while finished.remove(&(watermark + 1)) {
+                watermark += 1;
+            }
+        }
+        if watermark > acked && (watermark - acked >= ACK_EVERY || tag.is_none()) {
+            channel
+                .basic_ack(watermark, BasicAckOptions { multiple: true })
+                .await?;
+            acked = watermark;
+        }
+    }
+    Ok(())
 }
