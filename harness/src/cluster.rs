@@ -336,6 +336,11 @@ impl Cluster {
         )
     }
 
+    /// Process ids of the `fleet-sim` processes started, in order.
+    pub fn fleet_sim_pids(&self) -> Vec<u32> {
+        self.fleet_sims.iter().filter_map(Child::id).collect()
+    }
+
     /// Process id of the coordinator, if running.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.as_ref()?.id()

@@ -45,14 +45,12 @@ async fn the_demo_exits_0_with_every_device_terminal_and_nothing_delivered_twice
     assert_eq!(sum, 2000, "{line}");
 }
 
-#[tokio::test]
-async fn the_benchmark_command_runs_and_reports_every_figure() {
-    // Arrange
+/// `fleetbatch bench` on 1,000 devices, one run at 0 ms, one worker of 64 deliveries, with
+/// `extra` arguments: its last line, once it exited 0.
+async fn bench(extra: &[&str]) -> Value {
     let bin = harness::cluster::bin_dir()
         .expect("binaries")
         .join("fleetbatch");
-
-    // Act
     let out = tokio::process::Command::new(bin)
         .args([
             "bench",
@@ -67,17 +65,23 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
             "--concurrency",
             "64",
         ])
+        .args(extra)
         .envs(service_env())
         .output()
         .await
         .expect("bench runs");
-
-    // Assert
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line: Value =
-        serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON")
+}
+
+#[tokio::test]
+async fn the_benchmark_command_runs_and_reports_every_figure() {
+    // Act
+    let line = bench(&[]).await;
+
+    // Assert
     for field in [
         "devices",
         "devices_per_s",
@@ -99,6 +103,29 @@ async fn the_benchmark_command_runs_and_reports_every_figure() {
         line["latency_ms"]["p99"].as_f64().unwrap_or(-1.0)
             >= line["latency_ms"]["p50"].as_f64().unwrap_or(0.0)
     );
+}
+
+#[tokio::test]
+async fn the_benchmark_measures_a_device_path_with_the_devices_own_counts_and_costs() {
+    // Act: devices reached over HTTP, served by a fleet-sim process.
+    let line = bench(&["--no-raw", "--devices-over", "http"]).await;
+
+    // Assert: exact by the devices' own counts, and fleet-sim's costs reported.
+    assert_eq!(line["devices_over"], "http", "{line}");
+    assert_eq!(line["all_exact"], true, "{line}");
+    assert_eq!(line["extra_deliveries"], 0, "{line}");
+    assert!(
+        line["fleet_sim_cpu_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{line}"
+    );
+    assert!(
+        line["fleet_sim_peak_bytes_per_device"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{line}"
+    );
+    assert!(line.get("mqtt_broker_cpu_s").is_some(), "{line}");
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use crate::helpers::{TestApp, spawn_app, system_binary, wait_for_port};
 struct Browser {
     client: Client,
     base: String,
-    _driver: tokio::process::Child,
+    driver: tokio::process::Child,
     _profile: tempfile::TempDir,
 }
 
@@ -39,6 +39,8 @@ impl Browser {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
+            // Its own process group, so the Chromium it starts goes with it (see Drop).
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         wait_for_port(port, "chromedriver").await;
@@ -68,7 +70,7 @@ impl Browser {
         Self {
             client,
             base: app.cluster.api.clone(),
-            _driver: child,
+            driver: child,
             _profile: profile,
         }
     }
@@ -203,6 +205,18 @@ impl Browser {
             .await
             .unwrap_or_default()
             .is_empty()
+    }
+}
+
+impl Drop for Browser {
+    /// A test that fails leaves no Chromium behind: the driver's whole process group goes.
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -478,7 +492,7 @@ async fn an_operator_runs_a_three_wave_rollout_from_the_browser_and_a_viewer_onl
         "{audit}"
     );
     b.screenshot("audit").await;
-    b.client.close().await.expect("browser closed");
+    b.client.clone().close().await.expect("browser closed");
     app.teardown().await;
 }
 
@@ -537,7 +551,7 @@ async fn the_page_of_a_100000_device_job_is_ready_in_under_a_second() {
         median < 1000.0,
         "the page of a {n}-device job took {median:.0} ms (median of {ms:?})"
     );
-    b.client.close().await.expect("browser closed");
+    b.client.clone().close().await.expect("browser closed");
     app.teardown().await;
 }
 
@@ -689,7 +703,7 @@ async fn an_operator_signs_in_at_the_identity_provider_with_pkce() {
     // The session is the provider's ID token: the API's audit names the same caller.
     b.open("/ui/jobs").await;
     assert_eq!(b.text("header .who").await, "oidc:carol (operator)");
-    b.client.close().await.expect("browser closed");
+    b.client.clone().close().await.expect("browser closed");
     provider.abort();
     app.teardown().await;
 }

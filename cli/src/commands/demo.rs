@@ -56,6 +56,82 @@ pub(crate) enum DevicesOver {
     Http,
 }
 
+impl DevicesOver {
+    /// The workers' settings for reaching the devices this way (`fleet-sim` answers HTTP on
+    /// `http_port`).
+    pub(crate) fn worker_env(self, http_port: u16) -> Vec<(&'static str, String)> {
+        let transport = match self {
+            DevicesOver::Simulator => "simulator",
+            DevicesOver::Mqtt | DevicesOver::AwsIotJobs => "mqtt",
+            DevicesOver::Http => "http",
+        };
+        let mut env = vec![
+            ("FLEETBATCH_WORKER__TRANSPORT", transport.to_owned()),
+            (
+                "FLEETBATCH_WORKER__HTTP__URL_TEMPLATE",
+                format!("http://127.0.0.1:{http_port}/devices/{{device_id}}/jobs"),
+            ),
+        ];
+        if self == DevicesOver::AwsIotJobs {
+            env.push(("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs".into()));
+            // Agents start the job, then report: allow for the extra round trips.
+            env.push(("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "5000".into()));
+        }
+        env
+    }
+
+    /// Starts the `fleet-sim` process of `devices` devices these devices need (none for the
+    /// built-in simulator); returns its base URL.
+    pub(crate) async fn start_fleet_sim(
+        self,
+        sandbox: &mut Sandbox,
+        http_port: u16,
+        devices: u64,
+    ) -> anyhow::Result<Option<String>> {
+        let mqtt = match self {
+            DevicesOver::Simulator => return Ok(None),
+            DevicesOver::Mqtt => "fleetbatch",
+            DevicesOver::AwsIotJobs => "aws-iot-jobs",
+            DevicesOver::Http => "none",
+        };
+        let devices = devices.to_string();
+        let base = sandbox
+            .cluster
+            .start_fleet_sim(http_port, &["--devices", &devices, "--mqtt", mqtt])
+            .await?;
+        Ok(Some(base))
+    }
+}
+
+/// The devices' own counts from `fleet-sim` (`/deliveries/{job}` and `/stats`) put into
+/// `audit` in place of the built-in simulator's.
+pub(crate) async fn fleet_sim_audit(
+    redis: &mut redis::aio::ConnectionManager,
+    names: &shared::topology::Names,
+    job: uuid::Uuid,
+    sim: Option<&str>,
+) -> anyhow::Result<harness::audit::Audit> {
+    let received: Option<std::collections::HashMap<String, u64>> = match sim {
+        Some(sim) => Some(
+            reqwest::get(format!("{sim}/deliveries/{job}"))
+                .await?
+                .json()
+                .await?,
+        ),
+        None => None,
+    };
+    let mut audit = harness::audit::audit_against(redis, names, job, received.as_ref()).await?;
+    if let Some(sim) = sim {
+        let stats: Value = reqwest::get(format!("{sim}/stats")).await?.json().await?;
+        let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+        audit.deliveries = n("deliveries");
+        audit.applications = n("applications");
+        audit.redundant_deliveries = n("redundant_deliveries");
+        audit.duplicate_applications = n("duplicate_applications");
+    }
+    Ok(audit)
+}
+
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let http_port = harness::cluster::free_port()?;
     let mut env = vec![
@@ -80,34 +156,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         ("FLEETBATCH_SIMULATOR__OFFLINE_ATTEMPTS", "2".into()),
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1000".into()),
     ];
-    let (transport, mqtt) = match args.devices_over {
-        DevicesOver::Simulator => ("simulator", "none"),
-        DevicesOver::Mqtt => ("mqtt", "fleetbatch"),
-        DevicesOver::AwsIotJobs => ("mqtt", "aws-iot-jobs"),
-        DevicesOver::Http => ("http", "none"),
-    };
-    env.push(("FLEETBATCH_WORKER__TRANSPORT", transport.into()));
-    if args.devices_over == DevicesOver::AwsIotJobs {
-        env.push(("FLEETBATCH_WORKER__MQTT__PROTOCOL", mqtt.into()));
-        // Agents start the job, then report: allow for the extra round trips.
-        env.push(("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "5000".into()));
-    }
-    env.push((
-        "FLEETBATCH_WORKER__HTTP__URL_TEMPLATE",
-        format!("http://127.0.0.1:{http_port}/devices/{{device_id}}/jobs"),
-    ));
+    env.extend(args.devices_over.worker_env(http_port));
     let mut sandbox = Sandbox::start(args.config.as_deref(), "demo", args.workers, &env).await?;
-    let fleet_sim = if args.devices_over == DevicesOver::Simulator {
-        None
-    } else {
-        let devices = args.devices.to_string();
-        Some(
-            sandbox
-                .cluster
-                .start_fleet_sim(http_port, &["--devices", &devices, "--mqtt", mqtt])
-                .await?,
-        )
-    };
+    let fleet_sim = args
+        .devices_over
+        .start_fleet_sim(&mut sandbox, http_port, args.devices)
+        .await?;
     let outcome = rollout(&args, &sandbox, fleet_sim.as_deref()).await;
     sandbox.finish(args.keep).await;
     let summary = outcome?;
@@ -143,26 +197,7 @@ async fn rollout(
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
     let uuid = uuid::Uuid::parse_str(&job_id)?;
     // Over the network the devices count their deliveries themselves (fleet-sim).
-    let received: Option<std::collections::HashMap<String, u64>> = match &fleet_sim {
-        Some(sim) => Some(
-            reqwest::get(format!("{sim}/deliveries/{job_id}"))
-                .await?
-                .json()
-                .await?,
-        ),
-        None => None,
-    };
-    let mut audit =
-        harness::audit::audit_against(&mut redis, &sandbox.names, uuid, received.as_ref()).await?;
-    if let Some(sim) = fleet_sim {
-        // The devices' own counters, from fleet-sim.
-        let stats: Value = reqwest::get(format!("{sim}/stats")).await?.json().await?;
-        let n = |k: &str| stats[k].as_u64().unwrap_or(0);
-        audit.deliveries = n("deliveries");
-        audit.applications = n("applications");
-        audit.redundant_deliveries = n("redundant_deliveries");
-        audit.duplicate_applications = n("duplicate_applications");
-    }
+    let audit = fleet_sim_audit(&mut redis, &sandbox.names, uuid, fleet_sim).await?;
 
     let targeted = progress::count(&job, "targeted");
     eprint!("{}", progress::summary(&job));

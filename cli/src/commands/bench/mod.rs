@@ -20,6 +20,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use shared::{config::Settings, state::DeviceStatus};
 
+use super::demo::{DevicesOver, fleet_sim_audit};
 use crate::{progress, sandbox::Sandbox};
 
 mod raw;
@@ -51,6 +52,11 @@ pub(crate) struct BenchArgs {
     /// Skip the raw pipeline (e.g. when measuring cancel latency only).
     #[arg(long)]
     no_raw: bool,
+    /// How the devices are reached: the built-in simulator, or a `fleet-sim` process on this
+    /// machine over MQTT (fleetbatch protocol or AWS IoT Jobs API) or HTTP; its CPU, its
+    /// memory per device and the MQTT broker's CPU are then reported too.
+    #[arg(long, value_enum, default_value = "simulator")]
+    devices_over: DevicesOver,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -95,22 +101,27 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Pids of the broker (RabbitMQ's Erlang VM) on this machine.
-fn broker_pids() -> Vec<u32> {
+/// Pids of the processes named `comm` on this machine.
+fn pids_named(comm: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "beam.smp")
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
         .collect()
 }
 
+/// CPU seconds of the broker (RabbitMQ's Erlang VM) on this machine.
 fn broker_cpu() -> f64 {
-    broker_pids().into_iter().map(cpu_seconds).sum()
+    pids_named("beam.smp").into_iter().map(cpu_seconds).sum()
+}
+
+/// CPU seconds of the MQTT broker (Mosquitto) on this machine.
+fn mqtt_broker_cpu() -> f64 {
+    pids_named("mosquitto").into_iter().map(cpu_seconds).sum()
 }
 
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -153,6 +164,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 r["redis_bytes_per_device"],
                 r["redis_bytes_per_device_after_delete"],
             );
+            if args.devices_over != DevicesOver::Simulator {
+                eprintln!(
+                    "  devices over {:?}: fleet-sim {:.1} CPU s, {} B/device peak RSS; MQTT broker {:.1} CPU s",
+                    args.devices_over,
+                    r["fleet_sim_cpu_s"].as_f64().unwrap_or(0.0),
+                    r["fleet_sim_peak_bytes_per_device"],
+                    r["mqtt_broker_cpu_s"].as_f64().unwrap_or(0.0),
+                );
+            }
             runs.push(r);
         }
         let med = |k: &str| median(runs.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect());
@@ -184,6 +204,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "redis_bytes_per_device_after_delete": med("redis_bytes_per_device_after_delete"),
         });
         let mut line = line;
+        if args.devices_over != DevicesOver::Simulator {
+            line["devices_over"] = json!(
+                clap::ValueEnum::to_possible_value(&args.devices_over)
+                    .map(|v| v.get_name().to_owned())
+            );
+            line["mqtt_broker_cpu_s"] = json!((med("mqtt_broker_cpu_s") * 10.0).round() / 10.0);
+            line["fleet_sim_cpu_s"] = json!((med("fleet_sim_cpu_s") * 10.0).round() / 10.0);
+            line["fleet_sim_peak_bytes_per_device"] = json!(med("fleet_sim_peak_bytes_per_device"));
+        }
         if args.cancel_at > 0.0 {
             line["cancel_stop_ms"] = json!(med("cancel_stop_ms"));
         }
@@ -198,15 +227,24 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
 
 /// One fleetbatch run; returns its figures.
 async fn product_run(args: &BenchArgs, latency_ms: u64) -> anyhow::Result<Value> {
-    let env = [
+    let http_port = harness::cluster::free_port()?;
+    let mut env = vec![
         ("FLEETBATCH_SIMULATOR__LATENCY_MS", latency_ms.to_string()),
         (
             "FLEETBATCH_WORKER__CONCURRENCY",
             args.concurrency.to_string(),
         ),
     ];
-    let sandbox = Sandbox::start(args.config.as_deref(), "bench", args.workers, &env).await?;
-    let outcome = measure(args, &sandbox).await;
+    env.extend(args.devices_over.worker_env(http_port));
+    let mut sandbox = Sandbox::start(args.config.as_deref(), "bench", args.workers, &env).await?;
+    let outcome = match args
+        .devices_over
+        .start_fleet_sim(&mut sandbox, http_port, args.devices)
+        .await
+    {
+        Ok(sim) => measure(args, &sandbox, sim.as_deref()).await,
+        Err(e) => Err(e),
+    };
     sandbox.finish(false).await;
     outcome
 }
@@ -220,7 +258,7 @@ async fn redis_used_bytes(redis: &mut redis::aio::ConnectionManager) -> anyhow::
         .context("INFO memory has no used_memory")
 }
 
-async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
+async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyhow::Result<Value> {
     sandbox.import_fleet(args.devices).await?;
     let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
     let redis_before = redis_used_bytes(&mut redis).await?;
@@ -233,6 +271,9 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         .chain(workers.iter().copied())
         .map(cpu_seconds)
         .collect();
+    let sim_pid = sandbox.cluster.fleet_sim_pids().first().copied();
+    let sim_before = sim_pid.map_or(0.0, cpu_seconds);
+    let mqtt_before = mqtt_broker_cpu();
     let broker_before = broker_cpu();
     let started = Instant::now();
     let job_id = sandbox.create_firmware_job("bench", json!({})).await?;
@@ -269,6 +310,11 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         .map(|(a, b)| a - b)
         .collect();
     let broker_cpu_s = broker_cpu() - broker_before;
+    let mqtt_broker_cpu_s = mqtt_broker_cpu() - mqtt_before;
+    let sim_cpu_s = sim_pid.map_or(0.0, cpu_seconds) - sim_before;
+    let sim_bytes_per_device = sim_pid.map_or(0.0, |p| {
+        peak_rss_mb(p) * 1024.0 * 1024.0 / args.devices.max(1) as f64
+    });
     let coordinator_rss = peak_rss_mb(coordinator);
     let worker_rss: Vec<f64> = workers.iter().map(|p| peak_rss_mb(*p)).collect();
 
@@ -299,7 +345,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         }
     }
     latencies.sort_unstable();
-    let audit = harness::audit::audit(&mut redis, &sandbox.names, job_uuid).await?;
+    let audit = fleet_sim_audit(&mut redis, &sandbox.names, job_uuid, sim).await?;
     let last_delivery_ms: Option<u64> = redis
         .hget(sandbox.names.sim_totals(job_uuid), "last_delivery_ms")
         .await?;
@@ -326,6 +372,9 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox) -> anyhow::Result<Value> {
         "worker_cpu_s": cpu[1..].iter().sum::<f64>(),
         "worker_cpu_s_each": worker_cpu_each,
         "broker_cpu_s": broker_cpu_s,
+        "mqtt_broker_cpu_s": mqtt_broker_cpu_s,
+        "fleet_sim_cpu_s": sim_cpu_s,
+        "fleet_sim_peak_bytes_per_device": sim_bytes_per_device.round(),
         "extra_deliveries": audit.extra_deliveries,
         "exact": audit.lost == 0 && audit.counters_exact && audit.duplicate_applications == 0,
         "cancel_stop_ms": cancel_stop_ms,
