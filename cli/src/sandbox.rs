@@ -156,7 +156,8 @@ async fn cleanup(settings: &Settings, namespace: &str) -> anyhow::Result<()> {
             .await?;
     }
     let _ = conn.close(200, "done".into()).await;
-    let mut redis = shared::store::connect(&settings.redis).await?;
-    shared::store::delete_matching(&mut redis, &format!("{namespace}:*")).await?;
+    let mut redis =
+        shared::store::connect(&settings.redis, Names::new(namespace).key_prefix()).await?;
+    shared::store::delete_matching(&mut redis, &Names::new(namespace).key_pattern()).await?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! result is dead-lettered with the reason. If Redis is unreachable the batch is retried, not
 //! acked. It never publishes tasks.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
@@ -16,7 +17,6 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions},
     types::FieldTable,
 };
-use redis::aio::ConnectionManager;
 use shared::{
     amqp::Publisher,
     backoff,
@@ -36,7 +36,7 @@ pub struct Aggregator {
     /// Names.
     pub names: Names,
     /// Redis.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// For dead-lettering.
     pub publisher: Publisher,
     /// Status scripts.
@@ -125,7 +125,7 @@ async fn lost(channel: &Channel) {
 
 async fn process_batch(
     agg: &Aggregator,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     batch: Vec<Delivery>,
 ) -> anyhow::Result<()> {
     let mut results: Vec<(TaskResult, &Delivery)> = Vec::with_capacity(batch.len());

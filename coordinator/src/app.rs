@@ -5,10 +5,10 @@
 //! Owns swapping the broker session in and out and starting planners on it. It never
 //! connects to anything itself ([`crate::startup`] does).
 
+use shared::redis_conn::RedisConn;
 use std::sync::{Arc, RwLock};
 
 use lapin::Connection;
-use redis::aio::ConnectionManager;
 use shared::{amqp::Publisher, config::Settings, topology::Names};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
@@ -34,7 +34,7 @@ pub struct AppState {
     /// Names.
     pub names: Names,
     /// Redis.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
     /// Metrics.

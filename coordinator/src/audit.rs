@@ -5,9 +5,9 @@
 //! reading pages newest first with filters. Nothing here edits or deletes an entry; only age
 //! trims the log. It never decides whether a call is allowed.
 
+use shared::redis_conn::RedisConn;
 use std::collections::HashMap;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use shared::{now_ms, store::StoreError, topology::Names};
 
@@ -105,7 +105,7 @@ pub struct Page {
 /// # Errors
 /// Redis errors.
 pub async fn append(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     retention_days: u32,
     entry: &Entry,
@@ -135,7 +135,7 @@ pub const MAX_PAGE: usize = 1000;
 /// # Errors
 /// A bad cursor (`Ok(Err)`), Redis errors, a corrupt entry.
 pub async fn page(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     filter: &Filter,
 ) -> Result<Result<Page, String>, StoreError> {
@@ -218,7 +218,7 @@ fn parse_stream_id(s: &str) -> Option<(u64, u64)> {
 /// Appends a job lifecycle entry (best effort: a Redis failure is logged, not raised, as the
 /// change itself is already recorded on the job).
 pub async fn job_event(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     retention_days: u32,
     job_id: uuid::Uuid,

@@ -10,6 +10,7 @@
 //! (results, bodies that do not decode, forged ids) is acked and left to the operators'
 //! copy. It never publishes and never replays.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
@@ -19,7 +20,7 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
     types::FieldTable,
 };
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{
     messages,
     state::{DeviceStatus, ExecutionState, execution_id},
@@ -88,7 +89,7 @@ pub async fn run(
 async fn settle(
     app: &AppState,
     scripts: &Scripts,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     delivery: &Delivery,
 ) -> anyhow::Result<()> {
     let Ok(task) = messages::decode_task(&delivery.data) else {

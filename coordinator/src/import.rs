@@ -7,7 +7,7 @@
 //! through a bridge, and hands parsed records over a bounded channel.
 
 use futures::{Stream, TryStreamExt};
-use redis::aio::ConnectionManager;
+use shared::redis_conn::RedisConn;
 use shared::{device::Device, store::StoreError, topology::Names};
 use tokio::io::{AsyncBufReadExt, AsyncRead};
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ type Parsed = (u64, Result<Device, String>);
 /// # Errors
 /// An unreadable body or CSV header ([`ImportError::Input`]), or Redis errors.
 pub async fn run<S>(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     format: ImportFormat,
     body: S,

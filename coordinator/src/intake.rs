@@ -7,9 +7,9 @@
 //! of starting a second rollout; the check and the store are one atomic script. It never
 //! publishes tasks itself.
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use shared::redis_conn::RedisConn;
 use shared::{
     job::{FromJob, JobSpec, SpecError, SpecFormat, SpecLimits},
     now_ms,
@@ -206,7 +206,7 @@ return ''
 /// # Errors
 /// As [`create`].
 pub async fn validate(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: &NewJob<'_>,
 ) -> Result<JobSpec, IntakeError> {
@@ -253,7 +253,7 @@ pub async fn validate(
 /// An invalid spec (naming the field), targets outside `scope`, unknown devices or groups,
 /// or Redis errors.
 pub async fn create(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: NewJob<'_>,
 ) -> Result<Creation, IntakeError> {
@@ -377,7 +377,7 @@ fn replayed(record: &str, digest: &str) -> Result<Creation, IntakeError> {
 /// # Errors
 /// No device of the earlier job is in those states, or Redis errors.
 pub async fn snapshot_targets(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     from: &FromJob,
     into: &str,
@@ -424,7 +424,7 @@ pub async fn snapshot_targets(
 const SNAPSHOT_BATCH: usize = 1000;
 
 async fn check_targets_exist(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     spec: &JobSpec,
 ) -> Result<(), IntakeError> {

@@ -5,8 +5,9 @@
 //! CANCELING (only from IN_PROGRESS, atomically) and tells the workers at once over the
 //! control exchange. It never records device outcomes.
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use serde::Serialize;
+use shared::redis_conn::RedisConn;
 use shared::{
     amqp::Publisher,
     messages::ControlMessage,
@@ -119,7 +120,7 @@ impl From<JobRecord> for JobView {
 /// # Errors
 /// Redis errors or a corrupt record.
 pub async fn get(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<JobView>, StoreError> {
@@ -151,7 +152,7 @@ pub struct JobPage {
 /// # Errors
 /// Redis errors.
 pub async fn list(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     cursor: Option<Uuid>,
     limit: usize,
@@ -226,7 +227,7 @@ pub struct DeviceHistoryEntry {
 /// # Errors
 /// Redis errors.
 pub async fn device_history(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     device: &str,
     jobs: usize,
@@ -283,7 +284,7 @@ pub struct DevicePage {
 /// # Errors
 /// Redis errors.
 pub async fn devices(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
     state: Option<ExecutionState>,
@@ -371,7 +372,7 @@ impl std::fmt::Display for DeviceCursor {
 /// One SCAN step over a job's statuses: the per-state set for terminal states, the status
 /// hash otherwise. Returns the next cursor and (device, status JSON) pairs.
 async fn scan_statuses(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
     state: Option<ExecutionState>,
@@ -448,7 +449,7 @@ pub enum CancelError {
 /// # Errors
 /// See [`CancelError`].
 pub async fn cancel(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     publisher: &Publisher,
     names: &Names,
     id: Uuid,
@@ -496,7 +497,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_never_exceed_their_limit_and_together_list_every_device_once() {
-        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests(), "")
             .await
             .expect("redis");
         let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));

@@ -9,9 +9,10 @@
 //! is refused and retried, never a key of a job evicted): any other policy is reported as an
 //! error. It never deletes anything itself.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
-use redis::{InfoDict, aio::ConnectionManager};
+use redis::InfoDict;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -26,7 +27,7 @@ pub fn alarm(used: u64, max: u64, percent: u8) -> bool {
 
 /// Reads the memory and keeps the gauges and the alarm up to date until `stop` fires.
 pub async fn run(
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     metrics: Arc<Metrics>,
     percent: u8,
     stop: CancellationToken,

@@ -11,7 +11,8 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
+use shared::redis_conn::RedisConn;
 use shared::{
     state::{ExecutionState, JobState},
     topology::Names,
@@ -240,7 +241,7 @@ impl Metrics {
     pub async fn render(
         &self,
         broker: Option<&lapin::Connection>,
-        redis: &ConnectionManager,
+        redis: &RedisConn,
         names: &Names,
         retry_queues: usize,
     ) -> String {
@@ -290,7 +291,7 @@ impl Metrics {
 
     async fn refresh_jobs(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         names: &Names,
     ) -> Result<(), shared::store::StoreError> {
         let recent: Vec<String> = redis.zrevrange(names.jobs(), 0, 999).await?;

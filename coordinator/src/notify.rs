@@ -11,6 +11,7 @@
 //! when the queue is full the event is dropped and counted
 //! (`fleetbatch_webhooks_dropped_total`), never waited for.
 
+use shared::redis_conn::RedisConn;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -20,7 +21,6 @@ use std::{
 use backoff::backoff::Backoff;
 use hmac::{Hmac, Mac};
 use prometheus::IntCounterVec;
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use sha2::Sha256;
 use shared::{job::Webhook, state::JobState, store, topology::Names};
@@ -85,7 +85,7 @@ impl Notifier {
     /// Starts the sender task; `counter` counts deliveries by result (sent, failed, dropped).
     pub fn start(
         config: NotifierConfig,
-        redis: ConnectionManager,
+        redis: RedisConn,
         names: Names,
         counter: IntCounterVec,
     ) -> Self {
@@ -139,7 +139,7 @@ impl Notifier {
     }
 
     /// Queues the final state of a job that just finished, with its counters.
-    pub async fn job_finished(&self, redis: &mut ConnectionManager, names: &Names, job_id: Uuid) {
+    pub async fn job_finished(&self, redis: &mut RedisConn, names: &Names, job_id: Uuid) {
         match store::load_job(redis, names, job_id).await {
             Ok(Some(job)) => {
                 tracing::info!(%job_id, state = job.state.as_str(), terminal = job.terminal(), "job finished");
@@ -184,7 +184,7 @@ impl Notifier {
 
 async fn run(
     config: NotifierConfig,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     names: Names,
     mut rx: mpsc::Receiver<Notification>,
     counter: IntCounterVec,

@@ -11,11 +11,12 @@
 //! planner per job runs at a time across coordinators (a lease in Redis). It never consumes
 //! results.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use lapin::types::FieldTable;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{
     amqp::{self, Outgoing, Publisher},
     backoff,
@@ -40,7 +41,7 @@ pub struct Planners {
     /// Names.
     pub names: Names,
     /// Redis.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// Confirmed publishing.
     pub publisher: Publisher,
     /// Status scripts.
@@ -178,7 +179,7 @@ pub async fn run(p: Arc<Planners>, job_id: Uuid) -> anyhow::Result<()> {
     .await
 }
 
-async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyhow::Result<()> {
+async fn plan(p: &Planners, redis: &mut RedisConn, job_id: Uuid) -> anyhow::Result<()> {
     let Some(mut record) = store::load_job(redis, &p.names, job_id).await? else {
         anyhow::bail!("job {job_id} vanished before planning");
     };
@@ -226,7 +227,7 @@ async fn plan(p: &Planners, redis: &mut ConnectionManager, job_id: Uuid) -> anyh
 /// publishes first. Repeating it (a restarted planner) changes nothing.
 async fn reserve_lanes(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     record: &store::JobRecord,
     score: f64,
 ) -> anyhow::Result<()> {
@@ -268,7 +269,7 @@ const LANE_BATCH: usize = 2_000;
 /// true once the job started (or was canceled meanwhile: planning then cancels its devices).
 async fn wait_for_start(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     record: &store::JobRecord,
 ) -> anyhow::Result<bool> {
     let job_id = record.id;
@@ -325,7 +326,7 @@ pub(crate) fn ended(spec: &shared::job::JobSpec) -> Option<shared::job::EndBehav
 /// state to plan with.
 pub(crate) async fn apply_end(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     state: JobState,
     end: shared::job::EndBehavior,
@@ -387,7 +388,7 @@ return 0
 /// coordinator may be planning the job); Redis errors.
 pub(crate) async fn renew_lease(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
 ) -> anyhow::Result<()> {
     if renew(redis, &p.names.planner_lock(job_id), &p.instance, LEASE).await? {
@@ -399,7 +400,7 @@ pub(crate) async fn renew_lease(
 
 /// Renews `owner`'s lease `key` for `ttl`; false if `owner` does not hold it.
 async fn renew(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     key: &str,
     owner: &str,
     ttl: Duration,
@@ -425,7 +426,7 @@ return 1
 
 /// Writes `fields` into `job_key` if `owner` holds `lease`; false (nothing written) if not.
 async fn fenced_write(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     lease: &str,
     owner: &str,
     job_key: &str,
@@ -447,7 +448,7 @@ async fn fenced_write(
 /// [`LeaseLost`] when another coordinator holds the job now; Redis errors.
 pub(crate) async fn checkpoint(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     fields: &[(&str, String)],
 ) -> anyhow::Result<()> {
@@ -467,11 +468,7 @@ pub(crate) async fn checkpoint(
 }
 
 /// Gives up `owner`'s lease `key`, if it still holds it.
-async fn release(
-    redis: &mut ConnectionManager,
-    key: &str,
-    owner: &str,
-) -> Result<bool, redis::RedisError> {
+async fn release(redis: &mut RedisConn, key: &str, owner: &str) -> Result<bool, redis::RedisError> {
     let released: i64 = redis::Script::new(RELEASE)
         .key(key)
         .arg(owner)
@@ -487,7 +484,7 @@ async fn release(
 /// As [`watch`].
 pub(crate) async fn turn(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
 ) -> anyhow::Result<Option<store::JobRecord>> {
     if p.shutdown.is_cancelled() {
@@ -504,7 +501,7 @@ pub(crate) async fn turn(
 /// Redis errors, or the job vanished.
 pub(crate) async fn watch(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
 ) -> anyhow::Result<store::JobRecord> {
     let Some(mut record) = store::load_job(redis, &p.names, job_id).await? else {
@@ -530,7 +527,7 @@ pub(crate) async fn watch(
 /// Aborts the job with `reason`, telling the workers and the job's listeners.
 pub(crate) async fn abort(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     reason: &str,
 ) -> anyhow::Result<()> {
@@ -573,7 +570,7 @@ pub(crate) async fn abort(
 /// Redis errors (the next start tries again).
 async fn rollback_if_aborted(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
 ) -> anyhow::Result<Option<Uuid>> {
     let pending: bool = redis
@@ -700,7 +697,7 @@ pub(crate) fn lane(record: &store::JobRecord) -> Option<f64> {
 /// (`lane`: see [`lane`]), then publishes their tasks.
 pub(crate) async fn send(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     lane: Option<f64>,
     devices: &[&str],
@@ -738,7 +735,7 @@ pub(crate) async fn send(
 /// lease meanwhile.
 async fn wait_for_room(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     n: usize,
 ) -> anyhow::Result<()> {
@@ -805,7 +802,7 @@ fn join_lanes(
 /// Records devices that end without a task (SKIPPED, or CANCELED before being sent).
 pub(crate) async fn conclude(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     finals: &[(&str, DeviceStatus)],
 ) -> anyhow::Result<()> {
@@ -832,7 +829,7 @@ pub(crate) async fn conclude(
 /// announces it as the aggregator does for a job its last result finishes.
 pub(crate) async fn planning_done(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     planned: u64,
 ) -> anyhow::Result<()> {
@@ -853,7 +850,7 @@ const CONTINUOUS_RESCAN: Duration = Duration::from_secs(3);
 /// The decisions about devices the job has no status for yet.
 async fn new_devices(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     decisions: Vec<Decision>,
 ) -> anyhow::Result<Vec<Decision>> {
@@ -881,7 +878,7 @@ async fn new_devices(
 /// Plans a job without waves: every target in id order, at the job's rate and ramp.
 async fn plan_flat(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     record: &store::JobRecord,
 ) -> anyhow::Result<()> {
@@ -1102,7 +1099,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_owner_renews_or_releases_a_lease() {
-        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests(), "")
             .await
             .expect("redis");
         let key = format!("u{}:lease", Uuid::new_v4().simple());
@@ -1123,7 +1120,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_checkpoint_is_written_only_by_the_lease_holder() {
-        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests())
+        let mut redis = shared::store::connect(&shared::config::RedisSettings::for_tests(), "")
             .await
             .expect("redis");
         let ns = format!("u{}", Uuid::new_v4().simple());

@@ -6,9 +6,9 @@
 //! the size of each wave, and the time publishing would take at the job's rate, ramp and
 //! spread. It never stores or publishes anything.
 
+use shared::redis_conn::RedisConn;
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use shared::{job::JobSpec, store::StoreError, topology::Names};
 
@@ -65,7 +65,7 @@ pub struct WavePreview {
 /// # Errors
 /// Redis errors.
 pub async fn preview(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     spec: &JobSpec,
     default_rate: u32,
@@ -164,7 +164,7 @@ fn publish_secs(spec: &JobSpec, default_rate: u32, sizes: &[u64]) -> Option<f64>
 /// Every target decided, counted and broken down; with the count of devices to send that
 /// match each wave's selector.
 async fn count_targets(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     targets: &Targets,
     waves: &[shared::rollout::Wave],

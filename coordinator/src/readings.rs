@@ -5,11 +5,11 @@
 //! stored with each device's terminal status, so they are counted exactly once whatever the
 //! retries. It never writes to Redis.
 
+use shared::redis_conn::RedisConn;
 use std::collections::BTreeMap;
 
 use futures::StreamExt as _;
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use shared::{job::Action, state::ExecutionState, store::StoreError, topology::Names};
 use uuid::Uuid;
@@ -82,7 +82,7 @@ pub fn summarize(mut values: Vec<f64>) -> Option<MetricSummary> {
 
 /// Calls `each` for every device status of a job, a page at a time.
 async fn for_each_device(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
     state: Option<ExecutionState>,
@@ -113,7 +113,7 @@ async fn for_each_device(
 /// # Errors
 /// Redis errors.
 pub async fn summary(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<BTreeMap<String, MetricSummary>>, StoreError> {
@@ -159,7 +159,7 @@ pub enum Format {
 /// # Errors
 /// Redis errors before the first chunk.
 pub async fn export(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     names: &Names,
     id: Uuid,
     format: Format,

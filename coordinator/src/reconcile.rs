@@ -16,9 +16,10 @@
 //! device; a copy delivered after all is absorbed by the workers' idempotency keys. It never
 //! touches a device that something holds.
 
+use shared::redis_conn::RedisConn;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{
     now_ms,
     state::{DeviceStatus, ExecutionState, JobState},
@@ -101,7 +102,7 @@ pub async fn run(app: Arc<AppState>, stop: CancellationToken) {
 async fn sweep(
     app: &AppState,
     scripts: &Scripts,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     progress: &mut HashMap<Uuid, (u64, u64)>,
 ) -> anyhow::Result<()> {
     let c = &app.settings.coordinator;
@@ -160,7 +161,7 @@ async fn sweep(
 async fn settle(
     app: &AppState,
     scripts: &Scripts,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job: &store::JobRecord,
     now: u64,
     (grace_ms, since, silence_ms): (u64, u64, u64),
@@ -201,7 +202,7 @@ async fn settle(
 /// One page of `job`'s device statuses from `cursor` (HSCAN), and where the next starts
 /// (0: none); a status that does not parse is skipped.
 async fn status_page(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: Uuid,
     cursor: u64,
@@ -224,7 +225,7 @@ async fn status_page(
 /// held by nothing; returns how many.
 async fn resend(
     app: &AppState,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job: &store::JobRecord,
     now: u64,
     resend_ms: u64,
@@ -298,7 +299,7 @@ pub(crate) fn ended(
 pub(crate) async fn end(
     app: &AppState,
     scripts: &Scripts,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job: Uuid,
     statuses: Vec<(String, DeviceStatus)>,
 ) -> anyhow::Result<()> {
@@ -326,7 +327,7 @@ pub(crate) type Lost = (String, DeviceStatus, (ExecutionState, String));
 
 /// Keeps the devices no worker holds (no claim on their execution) and that are not parked.
 pub(crate) async fn unheld(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: Uuid,
     lost: Vec<Lost>,

@@ -10,9 +10,10 @@
 //! coordinator ran follow the schedule's `missed` policy ([`shared::window::occurrence`]).
 //! It never plans a job: child jobs are ordinary jobs, planned like any other.
 
+use shared::redis_conn::RedisConn;
 use std::sync::Arc;
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use serde::Serialize;
 use shared::{
     job::{JobSpec, SpecError, SpecFormat, SpecLimits},
@@ -102,7 +103,7 @@ impl Record {
 /// # Errors
 /// As [`intake::create`]; a spec without `schedule.cron` is refused naming it.
 pub async fn create(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: &NewJob<'_>,
     created_by: &str,
@@ -148,7 +149,7 @@ pub async fn create(
 }
 
 async fn load(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<Record>, StoreError> {
@@ -202,7 +203,7 @@ async fn load(
 /// # Errors
 /// Redis errors or a corrupt record.
 pub async fn get(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<ScheduleView>, StoreError> {
@@ -245,7 +246,7 @@ pub async fn get(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn list(redis: &mut ConnectionManager, names: &Names) -> Result<Vec<Uuid>, StoreError> {
+pub async fn list(redis: &mut RedisConn, names: &Names) -> Result<Vec<Uuid>, StoreError> {
     let ids: Vec<String> = redis.zrange(names.schedules(), 0, -1).await?;
     Ok(ids.iter().filter_map(|i| i.parse().ok()).collect())
 }
@@ -256,7 +257,7 @@ pub async fn list(redis: &mut ConnectionManager, names: &Names) -> Result<Vec<Uu
 /// # Errors
 /// Redis errors.
 pub async fn set_active(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
     active: bool,
@@ -280,11 +281,7 @@ pub async fn set_active(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn delete(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    id: Uuid,
-) -> Result<bool, StoreError> {
+pub async fn delete(redis: &mut RedisConn, names: &Names, id: Uuid) -> Result<bool, StoreError> {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .del(names.schedule(id))
@@ -299,7 +296,7 @@ pub async fn delete(
 /// # Errors
 /// Redis errors.
 pub async fn check_scope(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     view: &ScheduleView,
     scope: Option<&[String]>,
@@ -341,7 +338,7 @@ pub async fn run(app: Arc<AppState>, broker: Broker, stop: CancellationToken) {
 async fn tick(
     app: &AppState,
     broker: &Broker,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     id: Uuid,
 ) -> anyhow::Result<()> {
     let Some(r) = load(redis, &app.names, id).await? else {
@@ -388,7 +385,7 @@ async fn tick(
 async fn fire_occurrence(
     app: &AppState,
     broker: &Broker,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     id: Uuid,
     r: &Record,
     at: u64,

@@ -5,9 +5,9 @@
 //! Parsing one imported record (CSV with a header row, or NDJSON) and writing devices in
 //! pipelined batches; [`crate::import`] streams a whole file through them. It never touches jobs.
 
+use shared::redis_conn::RedisConn;
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use shared::{
     device::{Device, validate_id},
@@ -163,7 +163,7 @@ pub struct DevicePatch {
 /// # Errors
 /// Redis errors.
 pub async fn get(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: &str,
 ) -> Result<Option<Device>, StoreError> {
@@ -178,7 +178,7 @@ pub async fn get(
 /// # Errors
 /// An invalid group or tag (`Err(Ok(message))`), or Redis errors.
 pub async fn update(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: &str,
     patch: DevicePatch,
@@ -213,11 +213,7 @@ pub async fn update(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn delete(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    id: &str,
-) -> Result<bool, StoreError> {
+pub async fn delete(redis: &mut RedisConn, names: &Names, id: &str) -> Result<bool, StoreError> {
     let Some(d) = get(redis, names, id).await? else {
         return Ok(false);
     };
@@ -250,7 +246,7 @@ fn validate(d: &Device) -> Result<(), String> {
 /// # Errors
 /// Redis errors.
 pub async fn write_batch(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     devices: &[Device],
 ) -> Result<(), StoreError> {
@@ -300,7 +296,7 @@ pub async fn write_batch(
 /// # Errors
 /// Redis errors.
 pub async fn range_after(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     key: &str,
     after: Option<&str>,
     limit: usize,
@@ -340,7 +336,7 @@ pub struct ScanPage {
 /// # Errors
 /// Redis errors.
 pub async fn scan(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     key: &str,
     matches: impl Fn(&Device) -> bool,

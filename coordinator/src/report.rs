@@ -4,9 +4,9 @@
 //! Owns composing the report from the job views ([`crate::jobs`]) and the readings
 //! ([`crate::readings`]). It never writes.
 
+use shared::redis_conn::RedisConn;
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use shared::{state::ExecutionState, store::StoreError, topology::Names};
 use uuid::Uuid;
@@ -38,7 +38,7 @@ pub struct Report {
 /// # Errors
 /// Redis errors.
 pub async fn build(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
     limit: usize,

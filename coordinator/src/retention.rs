@@ -7,9 +7,10 @@
 //! jobs finished more than `coordinator.retention_secs` ago. It never deletes a job that is
 //! not finished (its planner and workers still write to it).
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{
     now_ms,
     state::{JobState, execution_id},
@@ -30,7 +31,7 @@ const EVERY: Duration = Duration::from_secs(5);
 /// # Errors
 /// Redis errors.
 pub async fn delete_job_data(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<u64, StoreError> {
@@ -70,7 +71,7 @@ pub async fn delete_job_data(
     }
     // Every other key carries the job id in its name.
     deleted +=
-        shared::store::delete_matching(redis, &format!("{}:*{id}*", names.namespace())).await?;
+        shared::store::delete_matching(redis, &format!("{}:*{id}*", names.key_prefix())).await?;
     let mut pipe = redis::pipe();
     pipe.zrem(names.jobs(), id.to_string())
         .ignore()
@@ -102,11 +103,7 @@ pub async fn run(app: Arc<AppState>, stop: CancellationToken) {
     }
 }
 
-async fn sweep(
-    names: &Names,
-    redis: &mut ConnectionManager,
-    retention_ms: u64,
-) -> Result<(), StoreError> {
+async fn sweep(names: &Names, redis: &mut RedisConn, retention_ms: u64) -> Result<(), StoreError> {
     let now = now_ms();
     let ids: Vec<String> = redis.zrange(names.jobs(), 0, -1).await?;
     let ids: Vec<Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();

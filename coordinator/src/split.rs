@@ -6,7 +6,7 @@
 //! (incompatible, or not in the registry). It reads a bounded batch at a time and never holds
 //! the fleet in memory. It never publishes or records anything.
 
-use redis::aio::ConnectionManager;
+use shared::redis_conn::RedisConn;
 use shared::{
     device::AttributeFilter,
     job::{Compatibility, JobSpec},
@@ -111,7 +111,7 @@ impl Targets {
     /// Redis errors.
     pub async fn next_batch(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         names: &Names,
         after: Option<&str>,
     ) -> Result<(Vec<Decision>, Option<String>), StoreError> {
@@ -126,7 +126,7 @@ impl Targets {
     /// Redis errors.
     pub async fn next_devices(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         names: &Names,
         after: Option<&str>,
     ) -> Result<(Vec<(Decision, Option<Device>)>, Option<String>), StoreError> {

@@ -10,6 +10,7 @@
 //! awaited), stop the results consumer after its current batch is recorded and acked, close
 //! the broker connection, then stop the HTTP server.
 
+use shared::redis_conn::RedisConn;
 use std::{
     future::Future,
     net::SocketAddr,
@@ -53,9 +54,12 @@ impl Application {
             std::process::id(),
             &Uuid::new_v4().simple().to_string()[..6]
         );
-        let redis = store::connect(&settings.redis)
-            .await
-            .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
+        let redis = store::connect(
+            &settings.redis,
+            shared::topology::Names::new(&settings.namespace).key_prefix(),
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
         let listener = TcpListener::bind(&settings.coordinator.listen)
             .await
             .with_context(|| format!("binding the API to {}", settings.coordinator.listen))?;
@@ -465,7 +469,7 @@ const ADOPT_EVERY: Duration = Duration::from_secs(10);
 /// Jobs that need a planner: the active ones, and aborted ones whose automatic rollback is
 /// not created yet.
 async fn unfinished_jobs(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut RedisConn,
     names: &shared::topology::Names,
 ) -> Result<Vec<Uuid>, redis::RedisError> {
     let (mut ids, pending): (Vec<String>, Vec<String>) = redis::pipe()

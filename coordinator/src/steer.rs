@@ -13,7 +13,8 @@
 //! ```
 
 use lapin::types::FieldTable;
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
+use shared::redis_conn::RedisConn;
 use shared::{
     amqp::{self, Outgoing, Publisher},
     messages::{self, CONTROL_TYPE, ControlMessage},
@@ -126,7 +127,7 @@ return {'NO', s}
 /// # Errors
 /// See [`SteerError`].
 pub async fn steer(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     publisher: Option<&Publisher>,
     names: &Names,
     id: Uuid,
@@ -185,7 +186,7 @@ pub async fn steer(
 /// Makes the job's parked tasks due now, so their next handler sees the change (cancels,
 /// delivers or parks them again). Best effort: a parked task is due again at its window or
 /// deadline anyway, and a paused one within a minute.
-pub async fn wake(redis: &mut ConnectionManager, names: &Names, id: Uuid) {
+pub async fn wake(redis: &mut RedisConn, names: &Names, id: Uuid) {
     match shared::parking::wake_job(redis, names, id, now_ms()).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(job_id = %id, woken = n, "parked tasks woken"),

@@ -8,9 +8,10 @@
 //! workers' idempotency keys make a second copy harmless. It never decides anything about a
 //! device: the worker that takes the woken copy does.
 
+use shared::redis_conn::RedisConn;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use shared::{amqp::Publisher, now_ms, parking, topology::Names};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -24,7 +25,7 @@ const IDLE: Duration = Duration::from_millis(250);
 /// Runs until `stop` fires.
 pub async fn run(
     names: Names,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     publisher: Publisher,
     metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
@@ -55,7 +56,7 @@ pub async fn run(
 /// One round: take what is due, publish it per job in the job's trace, release it.
 async fn round(
     names: &Names,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     publisher: &Publisher,
 ) -> anyhow::Result<usize> {
     let taken = parking::take_due(redis, names, now_ms(), BATCH).await?;

@@ -18,8 +18,9 @@
 //! CANCELED. It never consumes results: gates read the per-wave counters the recording
 //! script keeps.
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use serde_json::json;
+use shared::redis_conn::RedisConn;
 use shared::{
     now_ms,
     rollout::{Approval, Gate, GateFailure, Wave, wave_sizes},
@@ -67,11 +68,7 @@ return taken
 ///
 /// # Errors
 /// Redis or broker errors.
-pub async fn plan(
-    p: &Planners,
-    redis: &mut ConnectionManager,
-    record: &JobRecord,
-) -> anyhow::Result<()> {
+pub async fn plan(p: &Planners, redis: &mut RedisConn, record: &JobRecord) -> anyhow::Result<()> {
     let job_id = record.id;
     let phase = record.rollout.phase.as_str();
     if (phase.is_empty() || phase == "splitting") && !split(p, redis, record).await? {
@@ -153,11 +150,7 @@ enum Step {
 }
 
 /// Phase 1. Returns whether the split is complete (false: shutdown).
-async fn split(
-    p: &Planners,
-    redis: &mut ConnectionManager,
-    record: &JobRecord,
-) -> anyhow::Result<bool> {
+async fn split(p: &Planners, redis: &mut RedisConn, record: &JobRecord) -> anyhow::Result<bool> {
     let job_id = record.id;
     let key = p.names.job(job_id);
     let waves = &record.spec.rollout.waves;
@@ -296,7 +289,7 @@ async fn split(
 /// Phase 2: publishes wave `wave` from `offset`.
 async fn publish(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     record: &JobRecord,
     wave: usize,
     mut offset: usize,
@@ -367,7 +360,7 @@ async fn publish(
 /// Phase 3: waits at wave `wave`'s gate, soak and approval.
 async fn gate(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     record: &JobRecord,
     wave: usize,
 ) -> anyhow::Result<Step> {
@@ -500,7 +493,7 @@ async fn gate(
 /// checkpointing as it goes.
 async fn cancel_rest(
     p: &Planners,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     job_id: Uuid,
     waves: usize,
     mut wave: usize,

@@ -31,28 +31,28 @@ pub trait DeviceKeys {
 
 impl DeviceKeys for Names {
     fn sim_deliveries(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:deliveries", self.namespace())
+        format!("{}:sim:{job}:deliveries", self.key_prefix())
     }
     fn sim_done(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:done", self.namespace())
+        format!("{}:sim:{job}:done", self.key_prefix())
     }
     fn sim_applied(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:applied", self.namespace())
+        format!("{}:sim:{job}:applied", self.key_prefix())
     }
     fn sim_totals(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:totals", self.namespace())
+        format!("{}:sim:{job}:totals", self.key_prefix())
     }
     fn sim_log(&self, job: Uuid) -> String {
-        format!("{}:sim:{job}:log", self.namespace())
+        format!("{}:sim:{job}:log", self.key_prefix())
     }
     fn aws_execution_prefix(&self) -> String {
-        format!("{}:aws:exec:", self.namespace())
+        format!("{}:aws:exec:", self.key_prefix())
     }
     fn aws_execution(&self, job: &str, thing: &str) -> String {
         format!("{}{job}:{thing}", self.aws_execution_prefix())
     }
     fn aws_pending(&self, thing: &str) -> String {
-        format!("{}:aws:pending:{thing}", self.namespace())
+        format!("{}:aws:pending:{thing}", self.key_prefix())
     }
     fn mqtt_share_group(&self) -> String {
         format!("fleetbatch-{}", self.namespace())
@@ -67,12 +67,12 @@ mod tests {
     fn device_keys_live_in_the_namespace() {
         let n = Names::new("ns1");
         let job = Uuid::nil();
-        assert!(n.sim_totals(job).starts_with("ns1:sim:"));
+        assert!(n.sim_totals(job).starts_with("{ns1}:sim:"));
         assert_eq!(
             n.aws_execution("j", "t"),
             format!("{}j:t", n.aws_execution_prefix())
         );
-        assert!(n.aws_pending("t").starts_with("ns1:aws:pending:"));
+        assert!(n.aws_pending("t").starts_with("{ns1}:aws:pending:"));
         assert_eq!(n.mqtt_share_group(), "fleetbatch-ns1");
     }
 }

@@ -7,9 +7,10 @@
 //! with HSCAN, so it works for a million devices.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::collections::{BTreeMap, HashMap};
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use serde::Serialize;
 use shared::{
     state::{DeviceStatus, ExecutionState},
@@ -60,7 +61,7 @@ pub struct Audit {
 /// # Errors
 /// Redis errors, or no such job.
 pub async fn audit(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job_id: Uuid,
 ) -> Result<Audit, StoreError> {
@@ -74,7 +75,7 @@ pub async fn audit(
 /// # Errors
 /// Redis errors, or no such job.
 pub async fn audit_against(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job_id: Uuid,
     received: Option<&HashMap<String, u64>>,
@@ -179,7 +180,7 @@ mod tests {
     use super::*;
 
     struct Job {
-        redis: ConnectionManager,
+        redis: RedisConn,
         names: Names,
         id: Uuid,
     }
@@ -192,7 +193,7 @@ mod tests {
             states: &[(&str, ExecutionState, u32)],
             counters: &[(&str, u64)],
         ) -> Self {
-            let mut redis = store::connect(&shared::config::RedisSettings::for_tests())
+            let mut redis = store::connect(&shared::config::RedisSettings::for_tests(), "")
                 .await
                 .expect("redis");
             let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
@@ -254,7 +255,7 @@ mod tests {
         }
 
         async fn done(mut self) {
-            store::delete_matching(&mut self.redis, &format!("{}:*", self.names.namespace()))
+            store::delete_matching(&mut self.redis, &self.names.key_pattern())
                 .await
                 .expect("cleanup");
         }

@@ -38,6 +38,7 @@ pub mod job;
 pub mod messages;
 pub mod parking;
 pub mod query;
+pub mod redis_conn;
 pub mod rollout;
 pub mod shutdown;
 pub mod signing;

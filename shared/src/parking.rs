@@ -23,7 +23,8 @@
 //!
 //! It never decides whether a device is delivered to: [`crate::window`] and the worker do.
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use crate::redis_conn::RedisConn;
+use redis::{AsyncCommands, Script};
 use uuid::Uuid;
 
 use crate::{messages::DeviceTask, store::StoreError, topology::Names};
@@ -106,7 +107,7 @@ return n
 /// # Errors
 /// Redis errors, or a task that does not encode.
 pub async fn park(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     task: &DeviceTask,
     wait: Wait,
@@ -148,7 +149,7 @@ pub async fn park(
 /// # Errors
 /// Redis errors.
 pub async fn take_due(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     now_ms: u64,
     limit: usize,
@@ -192,7 +193,7 @@ pub async fn take_due(
 /// # Errors
 /// Redis errors.
 pub async fn release(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     taken: &[Taken],
 ) -> Result<(), StoreError> {
@@ -224,7 +225,7 @@ pub async fn release(
 /// # Errors
 /// Redis errors.
 pub async fn announce(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     device: &str,
     online: bool,
@@ -256,7 +257,7 @@ return n
 /// # Errors
 /// Redis errors.
 pub async fn wake_device(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     device: &str,
     now_ms: u64,
@@ -276,7 +277,7 @@ pub async fn wake_device(
 /// # Errors
 /// Redis errors.
 pub async fn is_offline(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     device: &str,
 ) -> Result<bool, StoreError> {
@@ -290,7 +291,7 @@ pub async fn is_offline(
 /// # Errors
 /// Redis errors.
 pub async fn wake_job(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: Uuid,
     now_ms: u64,
@@ -331,7 +332,7 @@ pub async fn wake_job(
 /// # Errors
 /// Redis errors.
 pub async fn parked_of_job(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     job: Uuid,
 ) -> Result<u64, StoreError> {
@@ -342,6 +343,6 @@ pub async fn parked_of_job(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn parked_total(redis: &mut ConnectionManager, names: &Names) -> Result<u64, StoreError> {
+pub async fn parked_total(redis: &mut RedisConn, names: &Names) -> Result<u64, StoreError> {
     Ok(redis.zcard(names.parked_due()).await?)
 }

@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
+
+pub use crate::redis_conn::RedisConn;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -50,26 +52,43 @@ impl StoreError {
     }
 }
 
-/// Connects with a [`ConnectionManager`], which multiplexes every caller over one
-/// connection and reconnects on its own after Redis restarts.
+/// Connects to one node with a [`RedisConn`], which multiplexes every caller over one
+/// connection and reconnects on its own after Redis restarts; or, with
+/// `redis.cluster_urls`, to a Redis Cluster. `home` is a key in the deployment's hash slot
+/// ([`Names::key_prefix`]): keyless commands (`SCAN`, `INFO`) are sent to its master.
 ///
 /// # Errors
 /// Bad URL or Redis unreachable.
-pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, StoreError> {
+pub async fn connect(settings: &RedisSettings, home: &str) -> Result<RedisConn, StoreError> {
+    let timeout = std::time::Duration::from_millis(settings.response_timeout_ms.max(1));
+    if !settings.cluster_urls.is_empty() {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(settings.cluster_urls.clone())
+            .retries(8)
+            .max_retry_wait(2_000)
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .response_timeout(timeout);
+        if let Some(certs) = certificates(settings)? {
+            builder = builder.certs(certs);
+        }
+        let conn = builder.build()?.get_async_connection().await?;
+        return Ok(RedisConn::Cluster {
+            conn,
+            home: home.into(),
+        });
+    }
     let client = client(settings)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(6)
         .set_max_delay(std::time::Duration::from_secs(2))
         .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-        .set_response_timeout(Some(std::time::Duration::from_millis(
-            settings.response_timeout_ms.max(1),
-        )));
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+        .set_response_timeout(Some(timeout));
+    Ok(RedisConn::Node(
+        ConnectionManager::new_with_config(client, config).await?,
+    ))
 }
 
-/// The client the settings describe: a `rediss://` URL with a CA file or client
-/// certificate gets them; any other URL is opened as it is.
-fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+/// The TLS files the settings name, if any.
+fn certificates(settings: &RedisSettings) -> Result<Option<redis::TlsCertificates>, StoreError> {
     let read = |path: &std::path::Path, field: &str| {
         std::fs::read(path).map_err(|e| {
             redis::RedisError::from((
@@ -99,15 +118,21 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
         }
     };
     if root_cert.is_none() && client_tls.is_none() {
-        return Ok(redis::Client::open(settings.url.as_str())?);
+        return Ok(None);
     }
-    Ok(redis::Client::build_with_tls(
-        settings.url.as_str(),
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )?)
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// The client the settings describe: a `rediss://` URL with a CA file or client
+/// certificate gets them; any other URL is opened as it is.
+fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+    match certificates(settings)? {
+        None => Ok(redis::Client::open(settings.url.as_str())?),
+        Some(certs) => Ok(redis::Client::build_with_tls(settings.url.as_str(), certs)?),
+    }
 }
 
 /// Deletes every key matching `pattern` (e.g. `<namespace>:*`), scanning in batches so a
@@ -115,10 +140,7 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
 ///
 /// # Errors
 /// Redis errors.
-pub async fn delete_matching(
-    conn: &mut ConnectionManager,
-    pattern: &str,
-) -> Result<u64, StoreError> {
+pub async fn delete_matching(conn: &mut RedisConn, pattern: &str) -> Result<u64, StoreError> {
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
@@ -239,7 +261,7 @@ pub struct WaveProgress {
 /// # Errors
 /// Redis errors.
 pub async fn load_waves(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     names: &Names,
     job: &JobRecord,
 ) -> Result<Vec<WaveProgress>, StoreError> {
@@ -273,7 +295,7 @@ pub async fn load_waves(
 /// # Errors
 /// Redis errors or a corrupt record.
 pub async fn load_job(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<JobRecord>, StoreError> {
@@ -330,7 +352,7 @@ pub async fn load_job(
 /// # Errors
 /// Redis errors.
 pub async fn load_job_state(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<JobState>, StoreError> {
@@ -508,7 +530,7 @@ impl Scripts {
         }
     }
 
-    async fn load_all(&self, conn: &mut ConnectionManager) -> Result<(), StoreError> {
+    async fn load_all(&self, conn: &mut RedisConn) -> Result<(), StoreError> {
         for s in [
             &self.record_terminal,
             &self.finish_planning,
@@ -527,7 +549,7 @@ impl Scripts {
     /// whole batch is correct.
     pub async fn record_terminal(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         names: &Names,
         outcomes: &[TerminalStatus<'_>],
         reporter: Reporter,
@@ -594,7 +616,7 @@ impl Scripts {
     /// Redis errors.
     pub async fn finish_planning(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         names: &Names,
         job_id: Uuid,
         planned: u64,
@@ -624,7 +646,7 @@ impl Scripts {
     /// Redis errors.
     pub async fn record_progress(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         names: &Names,
         job_id: Uuid,
         device_id: &str,
@@ -649,7 +671,7 @@ impl Scripts {
     /// restart). The scripts are idempotent, so re-running the pipeline is safe.
     async fn run(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         pipe: &redis::Pipeline,
     ) -> Result<Vec<i64>, StoreError> {
         match pipe.query_async::<Vec<i64>>(conn).await {
@@ -690,7 +712,7 @@ pub fn from_fields(id: &str, f: &[Option<String>]) -> crate::device::Device {
 /// # Errors
 /// Redis errors.
 pub async fn read_devices(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &crate::topology::Names,
     ids: &[String],
 ) -> Result<Vec<Option<crate::device::Device>>, StoreError> {
@@ -793,7 +815,7 @@ mod redis_tests {
     use super::*;
 
     struct Fixture {
-        conn: ConnectionManager,
+        conn: RedisConn,
         names: Names,
         scripts: Scripts,
         job: Uuid,
@@ -802,7 +824,9 @@ mod redis_tests {
     impl Fixture {
         /// A job IN_PROGRESS (or `state`), planned but not done planning.
         async fn new(state: &str) -> Self {
-            let mut conn = connect(&RedisSettings::for_tests()).await.expect("redis");
+            let mut conn = connect(&RedisSettings::for_tests(), "")
+                .await
+                .expect("redis");
             let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
             let job = Uuid::now_v7();
             let spec = serde_json::json!({
@@ -880,7 +904,7 @@ mod redis_tests {
         }
 
         async fn done(mut self) {
-            delete_matching(&mut self.conn, &format!("{}:*", self.names.namespace()))
+            delete_matching(&mut self.conn, &self.names.key_pattern())
                 .await
                 .expect("cleanup");
         }
@@ -940,7 +964,7 @@ mod redis_tests {
     #[tokio::test]
     async fn delete_matching_removes_exactly_the_matching_keys() {
         let mut f = Fixture::new("IN_PROGRESS").await;
-        let ns = f.names.namespace().to_owned();
+        let ns = f.names.key_prefix().to_owned();
         let mut pipe = redis::pipe();
         for i in 0..1_500 {
             pipe.set(format!("{ns}:gone:{i}"), 1).ignore();
@@ -1049,7 +1073,7 @@ mod redis_tests {
         assert_eq!((s.recorded, s.duplicates), (0, 0));
         let keys: Vec<String> = f
             .conn
-            .keys(format!("{}:job:{}*", f.names.namespace(), f.job))
+            .keys(format!("{}:job:{}*", f.names.key_prefix(), f.job))
             .await
             .expect("keys");
         assert!(keys.is_empty(), "{keys:?}");

@@ -43,6 +43,8 @@ pub const HEADER_DEAD_SOURCE: &str = "x-fleetbatch-source-queue";
 #[derive(Debug, Clone)]
 pub struct Names {
     ns: String,
+    /// `{ns}`: the namespace as a Redis Cluster hash tag, the prefix of every Redis key.
+    keys: String,
 }
 
 impl Names {
@@ -50,12 +52,26 @@ impl Names {
     pub fn new(namespace: &str) -> Self {
         Self {
             ns: namespace.to_owned(),
+            keys: format!("{{{namespace}}}"),
         }
     }
 
     /// The namespace itself.
     pub fn namespace(&self) -> &str {
         &self.ns
+    }
+
+    /// The prefix of every Redis key of the deployment: the namespace as a hash tag
+    /// (`{ns}`), so on a Redis Cluster every key of the deployment, and so every key one
+    /// script touches, lives in one hash slot.
+    pub fn key_prefix(&self) -> &str {
+        &self.keys
+    }
+
+    /// A pattern matching every Redis key of the deployment (`SCAN MATCH`); the braces of
+    /// the hash tag are literal in Redis glob patterns.
+    pub fn key_pattern(&self) -> String {
+        format!("{}:*", self.keys)
     }
 
     // ---- AMQP ----
@@ -101,128 +117,128 @@ impl Names {
 
     /// Hash of one device's attributes.
     pub fn device(&self, id: &str) -> String {
-        format!("{}:dev:{id}", self.ns)
+        format!("{}:dev:{id}", self.keys)
     }
     /// Sorted set (all scores 0, ordered by id) of every device.
     pub fn devices(&self) -> String {
-        format!("{}:devices", self.ns)
+        format!("{}:devices", self.keys)
     }
     /// Sorted set of a group's members.
     pub fn group(&self, group: &str) -> String {
-        format!("{}:group:{group}", self.ns)
+        format!("{}:group:{group}", self.keys)
     }
     /// Set of group names.
     pub fn groups(&self) -> String {
-        format!("{}:groups", self.ns)
+        format!("{}:groups", self.keys)
     }
 
     // ---- Redis: jobs ----
 
     /// Hash of a job record (spec, state, planner checkpoint).
     pub fn job(&self, job: Uuid) -> String {
-        format!("{}:job:{job}", self.ns)
+        format!("{}:job:{job}", self.keys)
     }
     /// Hash of a job's counters per execution state.
     pub fn job_counts(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:counts", self.ns)
+        format!("{}:job:{job}:counts", self.keys)
     }
     /// Hash device id -> JSON [`crate::state::DeviceStatus`].
     pub fn job_status(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:status", self.ns)
+        format!("{}:job:{job}:status", self.keys)
     }
     /// Sorted set of a job's targets when they are taken from an earlier job (a rerun):
     /// copied once at creation, read in id order by the planner.
     pub fn job_targets(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:targets", self.ns)
+        format!("{}:job:{job}:targets", self.keys)
     }
     /// Sorted set of a job's sendable targets not yet given a wave, scored by their place in
     /// the job's shuffle ([`crate::rollout`]): the planner's working set while it splits.
     pub fn job_wave_pool(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:wave:pool", self.ns)
+        format!("{}:job:{job}:wave:pool", self.keys)
     }
     /// Sorted set of the devices matching wave `wave`'s selector, while the planner splits.
     pub fn job_wave_candidates(&self, job: Uuid, wave: usize) -> String {
-        format!("{}:job:{job}:wave:{wave}:candidates", self.ns)
+        format!("{}:job:{job}:wave:{wave}:candidates", self.keys)
     }
     /// Sorted set of the devices of wave `wave`, in shuffle order.
     pub fn job_wave(&self, job: Uuid, wave: usize) -> String {
-        format!("{}:job:{job}:wave:{wave}", self.ns)
+        format!("{}:job:{job}:wave:{wave}", self.keys)
     }
     /// Prefix of the per-wave keys; the recording script appends `<wave>:counts`.
     pub fn job_wave_prefix(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:wave:", self.ns)
+        format!("{}:job:{job}:wave:", self.keys)
     }
     /// Hash of a wave's counters per execution state (as [`Self::job_counts`]).
     pub fn job_wave_counts(&self, job: Uuid, wave: usize) -> String {
-        format!("{}:job:{job}:wave:{wave}:counts", self.ns)
+        format!("{}:job:{job}:wave:{wave}:counts", self.keys)
     }
     /// Sorted set of the executions of a job in delivery to devices whose limited tag has
     /// the value `value` (hex-encoded in the key), scored by when each slot lapses.
     pub fn job_in_flight(&self, job: Uuid, value: &str) -> String {
         let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("{}:job:{job}:inflight:{hex}", self.ns)
+        format!("{}:job:{job}:inflight:{hex}", self.keys)
     }
     /// Hash device id -> the index of its wave.
     pub fn job_wave_of(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:waveof", self.ns)
+        format!("{}:job:{job}:waveof", self.keys)
     }
     /// Set of the devices of a job in one terminal state.
     pub fn job_state_set(&self, job: Uuid, state: ExecutionState) -> String {
-        format!("{}:job:{job}:in:{}", self.ns, state.as_str())
+        format!("{}:job:{job}:in:{}", self.keys, state.as_str())
     }
     /// Sorted set of every job, scored by creation time.
     pub fn jobs(&self) -> String {
-        format!("{}:jobs", self.ns)
+        format!("{}:jobs", self.keys)
     }
     /// Set of jobs not finished yet (the coordinator resumes these at start).
     pub fn active_jobs(&self) -> String {
-        format!("{}:jobs:active", self.ns)
+        format!("{}:jobs:active", self.keys)
     }
     /// Set of aborted jobs whose automatic rollback job is not created yet
     /// (`on_abort = "rollback"`); every coordinator start looks at it again.
     pub fn pending_rollbacks(&self) -> String {
-        format!("{}:jobs:rollback-pending", self.ns)
+        format!("{}:jobs:rollback-pending", self.keys)
     }
     /// The job a create with an idempotency key made (`digest`: SHA-256 of caller and key).
     pub fn create_key(&self, digest: &str) -> String {
-        format!("{}:create-key:{digest}", self.ns)
+        format!("{}:create-key:{digest}", self.keys)
     }
     /// Idempotency record of one execution.
     pub fn idempotency(&self, execution: Uuid) -> String {
-        format!("{}:idem:{execution}", self.ns)
+        format!("{}:idem:{execution}", self.keys)
     }
     /// Lock held by the coordinator planning a job.
     pub fn planner_lock(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:planner", self.ns)
+        format!("{}:job:{job}:planner", self.keys)
     }
 
     // ---- Redis: saved device queries ----
 
     /// Hash query name -> query text.
     pub fn saved_queries(&self) -> String {
-        format!("{}:queries", self.ns)
+        format!("{}:queries", self.keys)
     }
 
     // ---- Redis: job templates ----
 
     /// Hash template name -> JSON template document.
     pub fn templates(&self) -> String {
-        format!("{}:templates", self.ns)
+        format!("{}:templates", self.keys)
     }
 
     // ---- Redis: recurring jobs ----
 
     /// Sorted set of every recurring schedule, scored by creation time.
     pub fn schedules(&self) -> String {
-        format!("{}:schedules", self.ns)
+        format!("{}:schedules", self.keys)
     }
     /// Hash of one schedule: spec, state, creator's scope, the occurrence handled last.
     pub fn schedule(&self, id: Uuid) -> String {
-        format!("{}:schedule:{id}", self.ns)
+        format!("{}:schedule:{id}", self.keys)
     }
     /// Sorted set of a schedule's child jobs, scored by their occurrence time.
     pub fn schedule_runs(&self, id: Uuid) -> String {
-        format!("{}:schedule:{id}:runs", self.ns)
+        format!("{}:schedule:{id}:runs", self.keys)
     }
 
     // ---- Redis: the parking lot (tasks waiting without a worker) ----
@@ -230,43 +246,43 @@ impl Names {
     /// Sorted set execution id -> when a parked task is due again (ms since epoch; `+inf`
     /// for one that waits for its device with no deadline).
     pub fn parked_due(&self) -> String {
-        format!("{}:parked:due", self.ns)
+        format!("{}:parked:due", self.keys)
     }
     /// Hash execution id -> the parked task (a 16-byte park token, then the encoded task).
     pub fn parked_tasks(&self) -> String {
-        format!("{}:parked:tasks", self.ns)
+        format!("{}:parked:tasks", self.keys)
     }
     /// Set of a job's parked executions (woken together on cancel, abort or resume).
     pub fn parked_job(&self, job: Uuid) -> String {
-        format!("{}:parked:job:{job}", self.ns)
+        format!("{}:parked:job:{job}", self.keys)
     }
     /// Set of the executions waiting for one device to come online.
     pub fn parked_device(&self, device: &str) -> String {
-        format!("{}:parked:device:{device}", self.ns)
+        format!("{}:parked:device:{device}", self.keys)
     }
     /// Sorted set of the unfinished jobs (ids) that wait for one device, in the order the
     /// device gets them ([`crate::job::lane_score`]): only the first is delivered.
     pub fn device_lane(&self, device: &str) -> String {
-        format!("{}:lane:{device}", self.ns)
+        format!("{}:lane:{device}", self.keys)
     }
     /// Hash device id -> `online` | `offline`, as the devices last announced it.
     pub fn presence(&self) -> String {
-        format!("{}:presence", self.ns)
+        format!("{}:presence", self.keys)
     }
 
     // ---- Redis: API access ----
 
     /// Hash token id -> JSON token record (never the secret).
     pub fn tokens(&self) -> String {
-        format!("{}:tokens", self.ns)
+        format!("{}:tokens", self.keys)
     }
     /// String: the id of the live token whose secret hashes to `sha256_hex`.
     pub fn token_secret(&self, sha256_hex: &str) -> String {
-        format!("{}:token:{sha256_hex}", self.ns)
+        format!("{}:token:{sha256_hex}", self.keys)
     }
     /// Stream: the audit log, append-only, trimmed by age.
     pub fn audit(&self) -> String {
-        format!("{}:audit", self.ns)
+        format!("{}:audit", self.keys)
     }
 }
 

@@ -51,6 +51,26 @@ pub(crate) async fn get_json(app: &TestApp, url: &str) -> Value {
         .expect("JSON")
 }
 
+/// Deliveries fleet-sim's devices received for job `id` beyond the attempts recorded for
+/// them.
+pub(crate) async fn extra_deliveries(
+    app: &TestApp,
+    sim: &str,
+    id: Uuid,
+    statuses: &std::collections::HashMap<String, shared::state::DeviceStatus>,
+) -> u64 {
+    let received: Value = get_json(app, &format!("{sim}/deliveries/{id}")).await;
+    statuses
+        .iter()
+        .map(|(d, s)| {
+            received[d.as_str()]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(u64::from(s.attempts))
+        })
+        .sum()
+}
+
 /// Runs a firmware job on `n` fleet-sim devices and checks every device's state against its
 /// profile, the counters, and the devices' own record of deliveries and applications: no
 /// device is contacted more often than the attempts recorded for it, beyond `max_extra`

@@ -3,6 +3,7 @@
 //! and asserts the guarantees with the same audit the chaos command prints.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -714,7 +715,7 @@ async fn a_planner_that_loses_its_lease_stops_publishing_and_the_job_is_adopted_
     app.wait_for_terminal(id, 600, Duration::from_secs(60))
         .await;
     let mut redis = app.redis.clone();
-    let published = |mut r: redis::aio::ConnectionManager| {
+    let published = |mut r: RedisConn| {
         let key = app.names.job(id);
         async move {
             let n: Option<u64> = redis::AsyncCommands::hget(&mut r, key, "published")

@@ -1,13 +1,14 @@
 //! The test harness: a namespaced deployment of real processes, and assertions on outcomes.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
 use harness::cluster::Cluster;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use serde_json::Value;
 use shared::{
     config::Settings,
@@ -23,7 +24,7 @@ pub struct TestApp {
     /// The settings the child processes run with.
     pub settings: Settings,
     pub http: reqwest::Client,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
 }
 
 /// The services' settings pointing at the test suite's RabbitMQ and Redis.
@@ -77,9 +78,12 @@ pub async fn spawn_app(workers: usize, env: &[(&str, &str)]) -> TestApp {
     for _ in 0..workers {
         cluster.start_worker().expect("worker starts");
     }
-    let redis = shared::store::connect(&settings.redis)
-        .await
-        .expect("redis");
+    let redis = shared::store::connect(
+        &settings.redis,
+        shared::topology::Names::new(&settings.namespace).key_prefix(),
+    )
+    .await
+    .expect("redis");
     let http = with_token(
         cluster.client_builder().expect("the cluster's CA"),
         Some(&cluster.admin_token),
@@ -248,7 +252,7 @@ impl TestApp {
     /// Replaces the test's own Redis connection (after a Redis restart the old one reports
     /// its broken pipe once before reconnecting).
     pub async fn reconnect_redis(&mut self) {
-        self.redis = shared::store::connect(&self.settings.redis)
+        self.redis = shared::store::connect(&self.settings.redis, self.names.key_prefix())
             .await
             .expect("redis");
     }
@@ -492,7 +496,7 @@ impl TestApp {
             problems.join("\n")
         );
         let mut redis = self.redis.clone();
-        shared::store::delete_matching(&mut redis, &format!("{}:*", self.names.namespace()))
+        shared::store::delete_matching(&mut redis, &self.names.key_pattern())
             .await
             .expect("namespace keys deleted");
     }

@@ -185,7 +185,7 @@ async fn incompatible_devices_are_skipped_and_rejections_are_recorded() {
 async fn keys_of_job(app: &crate::helpers::TestApp, job: uuid::Uuid, n: u64) -> Vec<String> {
     let mut redis = app.redis.clone();
     let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*{job}*", app.names.namespace()))
+        .arg(format!("{}:*{job}*", app.names.key_prefix()))
         .query_async(&mut redis)
         .await
         .expect("keys");

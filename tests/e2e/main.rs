@@ -1,6 +1,6 @@
 //! End-to-end suite: real RabbitMQ, real Redis, real `coordinator` and `worker` processes.
 //!
-//! Each test gets its own namespace (exchanges, queues and Redis keys prefixed `t<uuid>`),
+//! Each test gets its own namespace (exchanges and queues prefixed `t<uuid>`, Redis keys `{t<uuid>}`),
 //! so tests run in parallel against shared servers. Service URLs come from
 //! `FLEETBATCH_TEST_AMQP_URL` and `FLEETBATCH_TEST_REDIS_URL` (default: loopback).
 
@@ -27,6 +27,7 @@ mod memory;
 mod observability;
 mod openapi;
 mod queries;
+mod redis_cluster;
 mod rerun;
 mod rollouts;
 mod safe_create;

@@ -14,7 +14,7 @@ use shared::state::ExecutionState;
 use uuid::Uuid;
 
 use crate::{
-    devices::{get_json, start_sim},
+    devices::{extra_deliveries, get_json, start_sim},
     helpers::{TestApp, firmware_job, fleet_ids, spawn_app},
 };
 
@@ -578,16 +578,7 @@ async fn coordinator_sigkills_at_a_gate_mid_wave_and_while_paused_change_no_outc
     let wave_of = waves_of(&app, id).await;
     let seen = contacts(&app, &sim, id).await;
     assert_waves_in_order(&seen, &wave_of, 3);
-    let received: Value = get_json(&app, &format!("{sim}/deliveries/{id}")).await;
-    let extra: u64 = statuses
-        .iter()
-        .map(|(d, s)| {
-            received[d.as_str()]
-                .as_u64()
-                .unwrap_or(0)
-                .saturating_sub(u64::from(s.attempts))
-        })
-        .sum();
+    let extra = extra_deliveries(&app, &sim, id, &statuses).await;
     assert_eq!(extra, 0, "deliveries beyond the recorded attempts");
     let stats: Value = get_json(&app, &format!("{sim}/stats")).await;
     assert_eq!(stats["duplicate_applications"], 0, "{stats}");

@@ -116,7 +116,7 @@ async fn a_job_runs_with_the_api_on_https_and_redis_on_tls_with_an_acl_user() {
     let mut anonymous = app.settings.redis.clone();
     anonymous.url = format!("rediss://127.0.0.1:{}/", redis.port);
     let refused = async {
-        let mut c = shared::store::connect(&anonymous).await?;
+        let mut c = shared::store::connect(&anonymous, "").await?;
         redis::cmd("GET")
             .arg("t-probe")
             .query_async::<Option<String>>(&mut c)

@@ -301,3 +301,188 @@ impl Drop for PrivateRabbit {
             .status();
     }
 }
+
+/// One node of a [`RedisCluster`].
+pub struct ClusterNode {
+    pub port: u16,
+    bus: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    async fn start() -> Self {
+        let mut node = Self {
+            port: harness::cluster::free_port().expect("port"),
+            bus: harness::cluster::free_port().expect("port"),
+            dir: tempfile::tempdir().expect("tmp"),
+            child: None,
+        };
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &node.port.to_string()])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-port", &node.bus.to_string()])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "2000"])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            .args(["--save", ""])
+            .arg("--dir")
+            .arg(node.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts (is it installed?)");
+        node.child = Some(child);
+        wait_port(node.port, true, Duration::from_secs(20)).await;
+        node
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A Redis Cluster of this test's own: `masters` masters with one replica each, on free
+/// ports (client and bus), each with its append-only file as `deploy/` configures, and a
+/// node timeout of 2 s so a dead master's replica is promoted within seconds.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * 2 {
+            nodes.push(ClusterNode::start().await);
+        }
+        let addrs: Vec<String> = nodes.iter().map(ClusterNode::addr).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli --cluster create runs");
+        assert!(
+            out.status.success(),
+            "cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        for i in 0..cluster.nodes.len() {
+            cluster.wait_ok(i).await;
+        }
+        cluster
+    }
+
+    /// Every node's address, as `redis.cluster_urls` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://{}", n.addr()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits (up to 30 s) until node `i` sees the cluster healthy, every slot served.
+    async fn wait_ok(&self, i: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.nodes[i].cli(&["cluster", "info"]).await;
+            if info.contains("cluster_state:ok") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {i} never saw the cluster ok: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The index of the master serving `key`'s slot, as node `asked` sees it.
+    pub async fn master_of(&self, key: &str, asked: usize) -> usize {
+        self.live_master_of(key, asked)
+            .await
+            .unwrap_or_else(|| panic!("no live master serves {key}"))
+    }
+
+    /// The index of the live master serving `key`'s slot, as node `asked` sees it; `None`
+    /// while the slot's master is failing and no replica has taken over yet.
+    async fn live_master_of(&self, key: &str, asked: usize) -> Option<usize> {
+        let slot: u16 = self.nodes[asked]
+            .cli(&["cluster", "keyslot", key])
+            .await
+            .trim()
+            .parse()
+            .expect("a slot");
+        let nodes = self.nodes[asked].cli(&["cluster", "nodes"]).await;
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+            });
+            if serves {
+                let addr = f[1].split('@').next().unwrap_or_default();
+                return Some(
+                    self.nodes
+                        .iter()
+                        .position(|n| n.addr() == addr)
+                        .unwrap_or_else(|| panic!("{addr} is not one of the nodes")),
+                );
+            }
+        }
+        None
+    }
+
+    /// SIGKILLs node `i` (no shutdown, no final write of its append-only file).
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            c.kill().await.expect("redis-server killed");
+        }
+        wait_port(self.nodes[i].port, false, Duration::from_secs(10)).await;
+    }
+
+    /// Waits until a node other than `dead` serves `key`'s slot and the cluster is healthy
+    /// again; returns the new master's index and how long the promotion took from `since`.
+    pub async fn wait_failover(
+        &self,
+        key: &str,
+        dead: usize,
+        since: std::time::Instant,
+    ) -> (usize, Duration) {
+        let asked = usize::from(dead == 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = self.nodes[asked].cli(&["cluster", "info"]).await;
+            if info.contains("cluster_state:ok")
+                && let Some(now) = self.live_master_of(key, asked).await
+                && now != dead
+            {
+                return (now, since.elapsed());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replica took over from node {dead} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -12,10 +12,10 @@
 //! written leaves a task whose next copy re-publishes the stored result without reaching the
 //! device again, so a device is re-sent a task only when a worker died mid-delivery.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
 use lapin::types::FieldTable;
-use redis::aio::ConnectionManager;
 use shared::{
     amqp::{self, Publisher},
     config::Settings,
@@ -56,7 +56,7 @@ pub struct Context {
     /// Names of queues and keys.
     pub names: Names,
     /// Redis (multiplexed; clone per use).
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// Confirmed publishing (forwarded and dead-lettered tasks).
     pub publisher: Publisher,
     /// Batched, confirmed publishing of results.
@@ -602,7 +602,7 @@ async fn verify(
 /// delivery path (TIMED_OUT).
 async fn wait_if_needed(
     ctx: &Context,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     task: &DeviceTask,
     job: &Job,
 ) -> anyhow::Result<Result<Option<u64>, Outcome>> {
@@ -789,7 +789,7 @@ async fn hand_back(ctx: &Context, task: &DeviceTask, status: &DeviceStatus) {
 }
 
 /// Gives a per-tag slot back when the handler is done with the task, however it ends.
-struct SlotGuard(Option<(ConnectionManager, limits::Held)>);
+struct SlotGuard(Option<(RedisConn, limits::Held)>);
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {

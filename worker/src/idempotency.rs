@@ -14,9 +14,10 @@
 //!
 //! It never delivers, publishes or acks.
 
+use shared::redis_conn::RedisConn;
 use std::{sync::LazyLock, time::Duration};
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use shared::{
     messages::{self, DeviceTask, TaskResult, WireError},
     state::DeviceStatus,
@@ -186,7 +187,7 @@ static HOLD_SCRIPT: LazyLock<Script> =
 /// # Errors
 /// Redis errors or a corrupt stored result.
 pub async fn try_claim(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     task: &DeviceTask,
     worker: &str,
@@ -253,7 +254,7 @@ fn job_key_parts(names: &Names) -> (String, String) {
 /// # Errors
 /// Redis errors.
 pub async fn recheck_turn(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     task: &DeviceTask,
 ) -> Result<bool, IdempotencyError> {
@@ -279,7 +280,7 @@ pub async fn recheck_turn(
 /// # Errors
 /// Redis errors.
 pub async fn hold(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     task: &DeviceTask,
     worker: &str,
@@ -303,7 +304,7 @@ pub async fn hold(
 /// # Errors
 /// Redis errors.
 pub async fn mark_done(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     result: &TaskResult,
     retention: Duration,
@@ -326,7 +327,7 @@ pub async fn mark_done(
 /// # Errors
 /// Redis errors.
 pub async fn release(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     execution: Uuid,
     worker: &str,
@@ -353,8 +354,8 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(30);
 
-    async fn setup() -> (ConnectionManager, Names, DeviceTask) {
-        let conn = store::connect(&shared::config::RedisSettings::for_tests())
+    async fn setup() -> (RedisConn, Names, DeviceTask) {
+        let conn = store::connect(&shared::config::RedisSettings::for_tests(), "")
             .await
             .expect("redis");
         let names = Names::new(&format!("u{}", Uuid::new_v4().simple()));
@@ -419,11 +420,7 @@ mod tests {
         }
     }
 
-    async fn stored(
-        conn: &mut ConnectionManager,
-        names: &Names,
-        task: &DeviceTask,
-    ) -> DeviceStatus {
+    async fn stored(conn: &mut RedisConn, names: &Names, task: &DeviceTask) -> DeviceStatus {
         let raw: String = conn
             .hget(names.job_status(task.job_id), &task.device_id)
             .await
@@ -433,7 +430,7 @@ mod tests {
 
     /// Claims `task` for `worker` with the default lease.
     async fn claim(
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         names: &Names,
         task: &DeviceTask,
         worker: &str,
@@ -451,8 +448,8 @@ mod tests {
         .expect("claim")
     }
 
-    async fn cleanup(mut conn: ConnectionManager, names: &Names) {
-        store::delete_matching(&mut conn, &format!("{}:*", names.namespace()))
+    async fn cleanup(mut conn: RedisConn, names: &Names) {
+        store::delete_matching(&mut conn, &names.key_pattern())
             .await
             .expect("cleanup");
     }

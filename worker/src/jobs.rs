@@ -5,13 +5,13 @@
 //! trusted for `job_cache_ms` (a cancel, pause or abort therefore stops new deliveries within
 //! that bound, or at once when the coordinator's control broadcast arrives). It never writes to Redis.
 
+use shared::redis_conn::RedisConn;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use redis::aio::ConnectionManager;
 use shared::{
     job::JobSpec,
     state::JobState,
@@ -61,7 +61,7 @@ impl JobCache {
     /// Redis errors or a corrupt job record.
     pub async fn get(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut RedisConn,
         names: &Names,
         id: Uuid,
     ) -> Result<Option<JobView>, StoreError> {

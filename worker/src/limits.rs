@@ -6,9 +6,10 @@
 //! slot is taken before the delivery and given back when the handler is done with the task,
 //! however it ends. It never delivers anything or records outcomes.
 
+use shared::redis_conn::RedisConn;
 use std::time::Duration;
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use shared::{rollout::InFlightLimit, store::StoreError, topology::Names};
 use uuid::Uuid;
 
@@ -50,7 +51,7 @@ pub struct Held {
 /// # Errors
 /// Redis errors.
 pub async fn take(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     limit: &InFlightLimit,
     job: Uuid,
@@ -82,11 +83,7 @@ impl Held {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn renew(
-        &self,
-        redis: &mut ConnectionManager,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    pub async fn renew(&self, redis: &mut RedisConn, lease: Duration) -> Result<bool, StoreError> {
         let now = shared::now_ms();
         let lease_ms = lease.as_millis() as u64;
         let got: i64 = Script::new(TAKE)
@@ -105,7 +102,7 @@ impl Held {
     ///
     /// # Errors
     /// Redis errors (the slot then lapses on its own).
-    pub async fn release(&self, redis: &mut ConnectionManager) -> Result<(), StoreError> {
+    pub async fn release(&self, redis: &mut RedisConn) -> Result<(), StoreError> {
         let _: i64 = redis.zrem(&self.key, &self.member).await?;
         Ok(())
     }

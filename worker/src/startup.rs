@@ -4,6 +4,7 @@
 //! the control listener, and the shutdown sequence (stop consuming, hand back what has not
 //! started, let in-flight deliveries finish within the grace period, close the connection).
 
+use shared::redis_conn::RedisConn;
 use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
@@ -113,9 +114,12 @@ impl Worker {
         // The coordinator declares the topology; a worker only checks it is there, so its
         // broker user needs no right to declare, delete or purge (docs/security.md).
         wait_for_topology(&connection, &settings).await?;
-        let redis = store::connect(&settings.redis)
-            .await
-            .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
+        let redis = store::connect(
+            &settings.redis,
+            shared::topology::Names::new(&settings.namespace).key_prefix(),
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis.safe_url()))?;
         let transport = transport
             .get_or_try_init(|| async {
                 build_transport(
@@ -296,18 +300,18 @@ fn build_transport(
     settings: &Settings,
     metrics: &crate::metrics::Metrics,
     worker_id: &str,
-    redis: &redis::aio::ConnectionManager,
+    redis: &RedisConn,
     names: &topology::Names,
     stop: CancellationToken,
 ) -> anyhow::Result<Transport> {
     use shared::config::TransportKind as Kind;
     Ok(match settings.worker.transport {
-        Kind::Simulator => Transport::Simulator(Simulator::new(
+        Kind::Simulator => Transport::Simulator(Box::new(Simulator::new(
             settings.simulator.clone(),
             worker_id.to_owned(),
             redis.clone(),
             names.clone(),
-        )),
+        ))),
         Kind::Mqtt => {
             let m = &settings.worker.mqtt;
             tracing::info!(url = %m.url, version = ?m.version, protocol = ?m.protocol, "MQTT transport");

@@ -122,7 +122,8 @@ async fn chaos(args: &ChaosArgs, sandbox: &mut Sandbox) -> anyhow::Result<Value>
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let seconds = started.elapsed().as_secs_f64();
-    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let mut redis =
+        shared::store::connect(&sandbox.settings.redis, sandbox.names.key_prefix()).await?;
     let audit = harness::audit::audit(
         &mut redis,
         &sandbox.names,

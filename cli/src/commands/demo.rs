@@ -9,6 +9,7 @@
 //! `fleet-sim` process reached over MQTT (either protocol) or HTTP instead of the built-in
 //! simulator.
 
+use shared::redis_conn::RedisConn;
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
@@ -106,7 +107,7 @@ impl DevicesOver {
 /// The devices' own counts from `fleet-sim` (`/deliveries/{job}` and `/stats`) put into
 /// `audit` in place of the built-in simulator's.
 pub(crate) async fn fleet_sim_audit(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut RedisConn,
     names: &shared::topology::Names,
     job: uuid::Uuid,
     sim: Option<&str>,
@@ -194,7 +195,8 @@ async fn rollout(
     )
     .await?;
     let seconds = started.elapsed().as_secs_f64();
-    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let mut redis =
+        shared::store::connect(&sandbox.settings.redis, sandbox.names.key_prefix()).await?;
     let uuid = uuid::Uuid::parse_str(&job_id)?;
     // Over the network the devices count their deliveries themselves (fleet-sim).
     let audit = fleet_sim_audit(&mut redis, &sandbox.names, uuid, fleet_sim).await?;

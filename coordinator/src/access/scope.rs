@@ -5,7 +5,7 @@
 //! no device list) are refused, named in the message. A rerun (targets taken from an earlier
 //! job) stays inside when the earlier job's own targets did. It never changes a job.
 
-use redis::aio::ConnectionManager;
+use shared::redis_conn::RedisConn;
 use shared::{job::TargetSpec, store::StoreError, topology::Names};
 
 /// Devices named in a refusal, at most.
@@ -17,7 +17,7 @@ const SHOWN: usize = 10;
 /// # Errors
 /// Redis errors.
 pub async fn check(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     target: &TargetSpec,
     scope: Option<&[String]>,
@@ -54,7 +54,7 @@ const MAX_RERUN_CHAIN: usize = 16;
 
 /// The check of a target's own groups and devices.
 async fn check_own(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     target: &TargetSpec,
     scope: &[String],

@@ -7,9 +7,10 @@
 //! password hash) is what keeps a leaked database from yielding usable tokens. It never
 //! stores or logs a secret.
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shared::redis_conn::RedisConn;
 use shared::{now_ms, store::StoreError, topology::Names};
 use uuid::Uuid;
 
@@ -131,7 +132,7 @@ pub fn validate(new: &NewToken) -> Result<(), (&'static str, String)> {
 /// # Errors
 /// Redis errors.
 pub async fn create(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     new: &NewToken,
     created_by: &str,
@@ -170,10 +171,7 @@ pub async fn create(
 ///
 /// # Errors
 /// Redis errors or a corrupt record.
-pub async fn list(
-    redis: &mut ConnectionManager,
-    names: &Names,
-) -> Result<Vec<TokenRecord>, StoreError> {
+pub async fn list(redis: &mut RedisConn, names: &Names) -> Result<Vec<TokenRecord>, StoreError> {
     let raw: Vec<String> = redis.hvals(names.tokens()).await?;
     let mut out = raw
         .iter()
@@ -189,7 +187,7 @@ pub async fn list(
 /// # Errors
 /// Redis errors or a corrupt record.
 pub async fn revoke(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     id: Uuid,
 ) -> Result<Option<TokenRecord>, StoreError> {
@@ -211,7 +209,7 @@ pub async fn revoke(
 /// # Errors
 /// `Ok(Err(..))` when the token is refused; `Err` on Redis errors.
 pub async fn resolve(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConn,
     names: &Names,
     secret: &str,
 ) -> Result<Result<Caller, Refused>, StoreError> {

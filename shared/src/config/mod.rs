@@ -129,6 +129,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.retry_delays_ms")
                 .with_list_parse_key("amqp.fallback_urls")
+                .with_list_parse_key("redis.cluster_urls")
                 .with_list_parse_key("coordinator.webhooks")
                 .with_list_parse_key("coordinator.webhook_allowed_hosts")
                 .with_list_parse_key("simulator.trusted_keys")

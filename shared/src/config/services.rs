@@ -46,6 +46,11 @@ pub struct RedisSettings {
     /// `redis://host:port/db`, or `rediss://user:password@host:port/db` for TLS with an ACL
     /// user.
     pub url: String,
+    /// Redis Cluster: the addresses of some of its nodes (`redis://host:port`, any number,
+    /// any role); the client learns the rest and follows MOVED/ASK and failovers. Non-empty
+    /// means cluster mode, and `url` is then unused. Every key of a deployment carries its
+    /// namespace as a hash tag, so one deployment's keys share one slot.
+    pub cluster_urls: Vec<String>,
     /// CA certificate (PEM) that signed a `rediss://` server's certificate; unset: the
     /// system's roots.
     pub ca_file: Option<std::path::PathBuf>,
@@ -412,6 +417,14 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &self.safe_url())
+            .field(
+                "cluster_urls",
+                &self
+                    .cluster_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("response_timeout_ms", &self.response_timeout_ms)
             .field("ca_file", &self.ca_file)
             .field("client_cert_file", &self.client_cert_file)
@@ -429,6 +442,7 @@ impl RedisSettings {
     pub fn for_tests() -> Self {
         Self {
             url: test_redis_url(),
+            cluster_urls: Vec::new(),
             response_timeout_ms: 10_000,
             ca_file: None,
             client_cert_file: None,

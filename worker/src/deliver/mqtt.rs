@@ -11,6 +11,7 @@
 //! status if it refuses) ends the attempt as usual. It never records outcomes.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -21,7 +22,6 @@ use devices::{
     mqtt::{self, Link, Message, MqttError},
     protocol::{self, DeviceReply},
 };
-use redis::aio::ConnectionManager;
 use shared::{
     config::{DeviceProtocol, Settings},
     state::ExecutionState,
@@ -90,7 +90,7 @@ struct Inner {
     presence: mpsc::UnboundedSender<(String, bool)>,
     /// Job states, for cancel requests to devices running a job that was canceled.
     jobs: JobCache,
-    redis: ConnectionManager,
+    redis: RedisConn,
     names: Names,
 }
 
@@ -124,7 +124,7 @@ impl MqttTransport {
     pub fn start(
         settings: &Settings,
         worker_id: &str,
-        redis: ConnectionManager,
+        redis: RedisConn,
         names: Names,
         refused: prometheus::IntCounter,
         shutdown: CancellationToken,
@@ -374,7 +374,7 @@ impl MqttTransport {
 /// retried with a pause: a lost announcement would leave a device waiting.
 async fn apply_presence(
     mut announcements: mpsc::UnboundedReceiver<(String, bool)>,
-    mut redis: ConnectionManager,
+    mut redis: RedisConn,
     names: Names,
     shutdown: CancellationToken,
 ) {

@@ -11,7 +11,8 @@
 
 use devices::keys::DeviceKeys;
 use devices::simdevice::{self, Answer, SimOutcome};
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
+use shared::redis_conn::RedisConn;
 use shared::{config::SimulatorSettings, job::Action, topology::Names};
 
 use super::request::{DeliverError, DeliveryRequest, Reply};
@@ -21,7 +22,7 @@ use super::request::{DeliverError, DeliveryRequest, Reply};
 pub struct Simulator {
     settings: SimulatorSettings,
     worker: String,
-    redis: ConnectionManager,
+    redis: RedisConn,
     names: Names,
     receive: std::sync::Arc<Script>,
     apply: std::sync::Arc<Script>,
@@ -34,7 +35,7 @@ impl Simulator {
     pub fn new(
         settings: SimulatorSettings,
         worker: String,
-        redis: ConnectionManager,
+        redis: RedisConn,
         names: Names,
     ) -> Self {
         // receive: count the delivery; say how many this execution has had and whether the

@@ -13,7 +13,7 @@ use super::{
 #[derive(Debug, Clone)]
 pub enum Transport {
     /// The built-in fleet simulator.
-    Simulator(simulator::Simulator),
+    Simulator(Box<simulator::Simulator>),
     /// An MQTT broker, with the fleetbatch protocol or the AWS IoT Jobs API.
     Mqtt(mqtt::MqttTransport),
     /// HTTP POSTs.

@@ -10,6 +10,7 @@
 //! Each case runs several times; medians are reported, and one JSON line per latency case.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
@@ -250,7 +251,7 @@ async fn product_run(args: &BenchArgs, latency_ms: u64) -> anyhow::Result<Value>
 }
 
 /// Redis's `used_memory`, in bytes.
-async fn redis_used_bytes(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<u64> {
+async fn redis_used_bytes(redis: &mut RedisConn) -> anyhow::Result<u64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
@@ -260,7 +261,8 @@ async fn redis_used_bytes(redis: &mut redis::aio::ConnectionManager) -> anyhow::
 
 async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyhow::Result<Value> {
     sandbox.import_fleet(args.devices).await?;
-    let mut redis = shared::store::connect(&sandbox.settings.redis).await?;
+    let mut redis =
+        shared::store::connect(&sandbox.settings.redis, sandbox.names.key_prefix()).await?;
     let redis_before = redis_used_bytes(&mut redis).await?;
     let coordinator = sandbox
         .cluster

@@ -57,7 +57,7 @@ pub(super) async fn raw_pipeline(
             )
             .await?;
     }
-    let redis = shared::store::connect(&settings.redis).await?;
+    let redis = shared::store::connect(&settings.redis, "{bench-raw}").await?;
     let job_id = uuid::Uuid::now_v7();
     let props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -138,7 +138,7 @@ pub(super) async fn raw_pipeline(
             tokio::spawn(async move {
                 let task = shared::messages::decode_task(&d.data).ok()?;
                 let _: Option<String> = redis::cmd("SET")
-                    .arg(format!("bench-raw:idem:{}", task.execution_id))
+                    .arg(format!("{{bench-raw}}:idem:{}", task.execution_id))
                     .arg("c")
                     .arg("NX")
                     .arg("PX")

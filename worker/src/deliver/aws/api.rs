@@ -40,7 +40,7 @@ impl AwsJobs {
         entry.1 = now;
         Some(format!(
             "{}:aws:req:{hash:032x}:{}",
-            self.0.names.namespace(),
+            self.0.names.key_prefix(),
             entry.0
         ))
     }

@@ -21,11 +21,12 @@
 //! - `documents`: the JSON documents AWS IoT Jobs devices receive, and request validation.
 
 use devices::keys::DeviceKeys;
+use shared::redis_conn::RedisConn;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use devices::{aws, mqtt::Link};
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 use serde_json::{Map, Value, json};
 use shared::{state::ExecutionState, state::Readings, topology::Names};
 use tokio::sync::mpsc;
@@ -52,7 +53,7 @@ pub struct AwsJobs(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     link: Link,
-    redis: ConnectionManager,
+    redis: RedisConn,
     names: Names,
     holder: String,
     jobs: JobCache,
@@ -117,7 +118,7 @@ impl AwsJobs {
     /// The API over `link`, with state in `redis`; `holder` is this worker's reply topic.
     pub(crate) fn new(
         link: Link,
-        redis: ConnectionManager,
+        redis: RedisConn,
         names: Names,
         holder: String,
         Timing {
