@@ -237,21 +237,27 @@ async fn resend(
     let mut sent = 0;
     loop {
         let (next, statuses) = status_page(redis, &app.names, job.id, cursor).await?;
-        let stuck: Vec<Lost> = statuses
+        let open: Vec<(String, DeviceStatus)> = statuses
             .into_iter()
-            .filter(|(_, status)| stranded(status, now, resend_ms))
-            .map(|(device, status)| {
-                (
-                    device,
-                    status,
-                    (ExecutionState::RetryScheduled, String::new()),
-                )
-            })
+            .filter(|(_, status)| !status.state.is_terminal())
             .collect();
-        let stuck = unheld(redis, &app.names, job.id, stuck).await?;
+        let holds = holds(redis, &app.names, job.id, &open).await?;
+        // Stranded on the way to a retry, or finished by a worker (its saved result is in
+        // the idempotency record) with the recorded outcome gone: a Redis failover lost
+        // the write. A copy of the task makes the worker publish the saved result again.
+        let stuck: Vec<(String, DeviceStatus)> = open
+            .into_iter()
+            .zip(holds)
+            .filter(|((_, status), (record, parked))| {
+                let done = record.as_deref().is_some_and(|r| r.starts_with(b"d:"));
+                let claimed = record.as_deref().is_some_and(|r| r.starts_with(b"c:"));
+                !parked && !claimed && (done || stranded(status, now, resend_ms))
+            })
+            .map(|(l, _)| l)
+            .collect();
         let mut confirms = Vec::with_capacity(stuck.len());
-        for (device, status, _) in &stuck {
-            tracing::warn!(job_id = %job.id, device_id = %device, attempts = status.attempts, "a stranded retry sent again");
+        for (device, status) in &stuck {
+            tracing::warn!(job_id = %job.id, device_id = %device, attempts = status.attempts, state = status.state.as_str(), "a stranded task sent again");
             let task = shared::messages::DeviceTask {
                 version: shared::messages::WIRE_VERSION,
                 job_id: job.id,
@@ -332,24 +338,40 @@ pub(crate) async fn unheld(
     job: Uuid,
     lost: Vec<Lost>,
 ) -> anyhow::Result<Vec<Lost>> {
-    if lost.is_empty() {
-        return Ok(lost);
+    let devices: Vec<(String, DeviceStatus)> = lost
+        .iter()
+        .map(|(d, s, _)| (d.clone(), s.clone()))
+        .collect();
+    let holds = holds(redis, names, job, &devices).await?;
+    Ok(lost
+        .into_iter()
+        .zip(holds)
+        .filter(|(_, (record, parked))| {
+            !record.as_deref().is_some_and(|c| c.starts_with(b"c:")) && !parked
+        })
+        .map(|(l, _)| l)
+        .collect())
+}
+
+/// Per device of `job`: its execution's idempotency record (`c:<worker>` claim or
+/// `d:<result>` done, as bytes: a result is MessagePack) and whether its task is parked.
+async fn holds(
+    redis: &mut RedisConn,
+    names: &Names,
+    job: Uuid,
+    devices: &[(String, DeviceStatus)],
+) -> anyhow::Result<Vec<(Option<Vec<u8>>, bool)>> {
+    if devices.is_empty() {
+        return Ok(Vec::new());
     }
     let mut pipe = redis::pipe();
-    for (device, _, _) in &lost {
+    for (device, _) in devices {
         let execution = shared::state::execution_id(job, device);
         pipe.get(names.idempotency(execution))
             .zscore(names.parked_due(), execution.to_string());
     }
-    let held: Vec<(Option<String>, Option<f64>)> = pipe.query_async(redis).await?;
-    Ok(lost
-        .into_iter()
-        .zip(held)
-        .filter(|(_, (claim, parked))| {
-            !claim.as_deref().is_some_and(|c| c.starts_with("c:")) && parked.is_none()
-        })
-        .map(|(l, _)| l)
-        .collect())
+    let held: Vec<(Option<Vec<u8>>, Option<f64>)> = pipe.query_async(redis).await?;
+    Ok(held.into_iter().map(|(r, p)| (r, p.is_some())).collect())
 }
 
 #[cfg(test)]

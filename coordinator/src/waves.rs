@@ -401,9 +401,9 @@ async fn gate(
         }
         match now.rollout.phase.as_str() {
             "gate" => {
-                let counts: std::collections::HashMap<String, u64> =
-                    redis.hgetall(p.names.job_wave_counts(job_id, wave)).await?;
-                let tally = store::tally_of(&counts);
+                let all: std::collections::HashMap<String, u64> =
+                    redis.hgetall(p.names.job_wave_counts(job_id)).await?;
+                let tally = store::tally_of(&store::wave_counts(&all, wave));
                 match spec.gate(wave, size, &tally) {
                     Gate::Waiting => {}
                     Gate::Passed => {

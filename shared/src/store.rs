@@ -271,23 +271,28 @@ pub async fn load_waves(
     }
     let mut pipe = redis::pipe();
     for i in 0..waves.len() {
-        pipe.zcard(names.job_wave(job.id, i))
-            .hgetall(names.job_wave_counts(job.id, i));
+        pipe.zcard(names.job_wave(job.id, i));
     }
-    let raw: Vec<redis::Value> = pipe.query_async(conn).await?;
-    let mut out = Vec::with_capacity(waves.len());
-    for (i, pair) in raw.chunks(2).enumerate() {
-        let size: u64 = redis::from_redis_value(pair[0].clone()).unwrap_or(0);
-        let counts: HashMap<String, u64> =
-            redis::from_redis_value(pair[1].clone()).unwrap_or_default();
-        out.push(WaveProgress {
+    let sizes: Vec<u64> = pipe.query_async(conn).await?;
+    let all: HashMap<String, u64> = conn.hgetall(names.job_wave_counts(job.id)).await?;
+    Ok(sizes
+        .into_iter()
+        .enumerate()
+        .map(|(i, size)| WaveProgress {
             index: i,
             name: waves[i].label(i),
             size,
-            counts: counts.into_iter().collect(),
-        });
-    }
-    Ok(out)
+            counts: wave_counts(&all, i).into_iter().collect(),
+        })
+        .collect())
+}
+
+/// Wave `wave`'s counters out of the job's wave counts hash ([`Names::job_wave_counts`]).
+pub fn wave_counts(all: &HashMap<String, u64>, wave: usize) -> HashMap<String, u64> {
+    let prefix = format!("{wave}:");
+    all.iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), *v)))
+        .collect()
 }
 
 /// Reads a job record with its counters. `None` if there is no such job.
@@ -403,9 +408,9 @@ end
 "#;
 
 /// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of, device record,
-/// device lane, the device's parked tasks, parked due;
+/// device lane, the device's parked tasks, parked due, wave counts;
 /// ARGV device, counter, status-json, state, now, job-id, `1` when the device must already
-/// have a status (a device's result: only targets have one), the job's wave-key prefix. A
+/// have a status (a device's result: only targets have one). A
 /// device with a wave counts in its wave's counters too; a device that SUCCEEDED at a
 /// firmware job (`sets_firmware` on the job) runs that version from then on. The job leaves
 /// the device's lane; if another job waits there, the device's parked tasks are due now.
@@ -422,9 +427,8 @@ redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 local wave = redis.call('HGET', KEYS[6], ARGV[1])
 if wave then
-  local counts = ARGV[8] .. wave .. ':counts'
-  redis.call('HINCRBY', counts, ARGV[2], 1)
-  redis.call('HINCRBY', counts, 'terminal', 1)
+  redis.call('HINCRBY', KEYS[11], wave .. ':' .. ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[11], wave .. ':terminal', 1)
 end
 if ARGV[4] == 'SUCCEEDED' then
   local fw = redis.call('HGET', KEYS[1], 'sets_firmware')
@@ -571,7 +575,7 @@ impl Scripts {
             })?;
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(10)
+                .arg(11)
                 .arg(names.job(o.job_id))
                 .arg(names.job_counts(o.job_id))
                 .arg(names.job_status(o.job_id))
@@ -582,14 +586,14 @@ impl Scripts {
                 .arg(names.device_lane(o.device_id))
                 .arg(names.parked_device(o.device_id))
                 .arg(names.parked_due())
+                .arg(names.job_wave_counts(o.job_id))
                 .arg(o.device_id)
                 .arg(o.status.state.counter())
                 .arg(json)
                 .arg(o.status.state.as_str())
                 .arg(&now)
                 .arg(o.job_id.to_string())
-                .arg(targets_only)
-                .arg(names.job_wave_prefix(o.job_id));
+                .arg(targets_only);
         }
         let codes: Vec<i64> = self.run(conn, &pipe).await?;
         let mut summary = RecordSummary::default();

@@ -164,13 +164,11 @@ impl Names {
     pub fn job_wave(&self, job: Uuid, wave: usize) -> String {
         format!("{}:job:{job}:wave:{wave}", self.keys)
     }
-    /// Prefix of the per-wave keys; the recording script appends `<wave>:counts`.
-    pub fn job_wave_prefix(&self, job: Uuid) -> String {
-        format!("{}:job:{job}:wave:", self.keys)
-    }
-    /// Hash of a wave's counters per execution state (as [`Self::job_counts`]).
-    pub fn job_wave_counts(&self, job: Uuid, wave: usize) -> String {
-        format!("{}:job:{job}:wave:{wave}:counts", self.keys)
+    /// Hash `<wave>:<counter>` -> count: every wave's counters per execution state (as
+    /// [`Self::job_counts`], `terminal` included), one hash for the job so the recording
+    /// script is given it as a key ([`crate::store::wave_counts`] reads one wave's).
+    pub fn job_wave_counts(&self, job: Uuid) -> String {
+        format!("{}:job:{job}:wave:counts", self.keys)
     }
     /// Sorted set of the executions of a job in delivery to devices whose limited tag has
     /// the value `value` (hex-encoded in the key), scored by when each slot lapses.

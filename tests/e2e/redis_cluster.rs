@@ -4,6 +4,8 @@
 //!
 //! Devices are fleet-sim devices over HTTP: what they received and applied is counted in
 //! fleet-sim's memory, outside Redis, so a write the failover lost cannot hide a duplicate.
+//! A last test plays the loss a failover can cause (an outcome written, not replicated) on
+//! one node and checks the reconciliation sweep recovers it.
 
 use std::time::{Duration, Instant};
 
@@ -100,5 +102,93 @@ async fn on_a_redis_cluster_jobs_are_exact_and_a_killed_masters_replica_takes_ov
     assert_eq!(delta("duplicate_applications"), 0, "{stats}");
     // Every device that succeeded applied it, and no other did.
     assert_eq!(delta("applications"), succeeded, "{stats}");
+    app.teardown().await;
+}
+
+/// The write a Redis failover can lose (asynchronous replication) that matters most: a
+/// device's recorded outcome, with the counters the same script changed, while the worker's
+/// saved result (its idempotency record, written before the result was published) survived.
+/// The test takes the outcomes of 20 devices back out of a finished job, as such a failover
+/// leaves them; after `reconcile_resend_secs` of quiet the sweep sends their tasks again, the
+/// workers publish the saved results, and the job completes again with the same outcomes,
+/// exact counters and no new delivery.
+#[tokio::test]
+async fn outcomes_a_redis_failover_lost_are_recorded_again_from_the_workers_saved_results() {
+    let app = spawn_app(
+        2,
+        &[
+            ("FLEETBATCH_SIMULATOR__LATENCY_MS", "2"),
+            ("FLEETBATCH_COORDINATOR__RECONCILE_RESEND_SECS", "3"),
+        ],
+    )
+    .await;
+    let n = 500;
+    app.import_fleet(n).await;
+    let id = app.create_job(&firmware_job(json!({}))).await;
+    let job = app.wait_for_job(id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let before = app.statuses(id).await;
+    let mut redis = app.redis.clone();
+    let audit_before = harness::audit::audit(&mut redis, &app.names, id)
+        .await
+        .expect("audit");
+
+    // What a failover leaves when it loses the last outcomes recorded.
+    let names = &app.names;
+    let taken: Vec<String> = before
+        .iter()
+        .filter(|(_, s)| s.state == ExecutionState::Succeeded)
+        .map(|(d, _)| d.clone())
+        .take(20)
+        .collect();
+    let mut pipe = redis::pipe();
+    for d in &taken {
+        let mut s = before[d].clone();
+        s.state = ExecutionState::InProgress;
+        pipe.hset(
+            names.job_status(id),
+            d,
+            serde_json::to_string(&s).expect("json"),
+        )
+        .srem(names.job_state_set(id, ExecutionState::Succeeded), d)
+        .hincr(
+            names.job_counts(id),
+            ExecutionState::Succeeded.counter(),
+            -1,
+        )
+        .hincr(names.job_counts(id), "terminal", -1);
+    }
+    pipe.hset(names.job(id), "state", "IN_PROGRESS")
+        .hdel(names.job(id), "finished_at_ms")
+        .sadd(names.active_jobs(), id.to_string());
+    let () = pipe
+        .query_async(&mut redis)
+        .await
+        .expect("outcomes taken out");
+    let reopened = app.job(id).await;
+    assert_eq!(reopened["state"], "IN_PROGRESS", "{reopened}");
+    assert_eq!(reopened["terminal"].as_u64(), Some(n - 20), "{reopened}");
+
+    let job = app.wait_for_job(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let after = app.assert_exact(id, &fleet_ids(n)).await;
+    for d in &taken {
+        assert_eq!(
+            after[d].state,
+            ExecutionState::Succeeded,
+            "{d}: {:?}",
+            after[d]
+        );
+        assert_eq!(after[d].error, None, "{d}: {:?}", after[d]);
+    }
+    let audit = harness::audit::audit(&mut redis, &app.names, id)
+        .await
+        .expect("audit");
+    assert!(audit.counters_exact, "{audit:?}");
+    assert_eq!(audit.duplicate_applications, 0, "{audit:?}");
+    assert_eq!(
+        audit.deliveries, audit_before.deliveries,
+        "no device was delivered the job again: {audit:?}"
+    );
     app.teardown().await;
 }

@@ -75,20 +75,24 @@ const DONE: &[u8] = b"d:";
 /// this process), and in the same round trip marks the device IN_PROGRESS and reads the
 /// attempts already recorded for it, so the count never goes back: a stale copy of the task
 /// (a planner's re-published batch) starts from the recorded number, not from its own.
-/// KEYS idempotency, status; ARGV claim, lease ms, device, in-progress status JSON, its
-/// attempts.
-/// One job at a time per device: with ARGV job id (then the prefix of a job's key and the
-/// suffix of its status hash's; KEYS device lane), an execution waits while a job ahead of
-/// it in the device's lane is unfinished (sent to the device or not yet), or any other job
-/// of the lane has started on the device. Jobs that finished on the device, ended or
-/// vanished leave the lane here.
+/// KEYS idempotency, status, device lane, then the job record and status hash of each job
+/// named in ARGV[7..]; ARGV claim, lease ms, device, in-progress status JSON, its attempts,
+/// the job id (one job at a time per device) or '' (no lane check), then the other jobs of
+/// the device's lane the caller passed keys for.
+/// One job at a time per device: an execution waits while a job ahead of it in the device's
+/// lane is unfinished (sent to the device or not yet), or any other job of the lane has
+/// started on the device. Jobs that finished on the device, ended or vanished leave the lane
+/// here.
 /// Returns {1, recorded attempts as a string}, {0, the record's value}, {-1, ''} for a
 /// device the job does not target (no status: the planner writes QUEUED before publishing),
-/// or {-2, job} while `job` has the device.
+/// {-2, job} while `job` has the device, or {-3, the lane's jobs joined by ','} when the lane
+/// holds a job the caller passed no keys for (nothing was claimed or written: call again
+/// with them).
 const CLAIM_LUA: &str = r#"
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {-1, ''} end
 if ARGV[6] ~= '' and not is_terminal(redis.call('HGET', KEYS[2], ARGV[3])) then
-  local b = blocker(KEYS[3], ARGV[6], ARGV[3], ARGV[7], ARGV[8])
+  local b, unknown = blocker(KEYS[3], ARGV[6], ARGV[3], 7, 4)
+  if unknown then return {-3, unknown} end
   if b then return {-2, b} end
 end
 local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
@@ -108,20 +112,33 @@ redis.call('HSET', KEYS[2], ARGV[3], status)
 return {1, tostring(recorded)}
 "#;
 
-/// `blocker(lane, job, device, prefix, suffix)`: the job that has `device` before `job` (one
+/// `blocker(lane, job, device, ids, first)`: the job that has `device` before `job` (one
 /// ahead of it in the device's lane and unfinished there, sent to the device or not yet,
 /// unless it has not started at all (SCHEDULED: a job that starts tomorrow keeps its place but
-/// holds nothing today), or any other job of the lane already started on it), or nil. Jobs that finished on the
-/// device, ended or vanished leave the lane here. A job's key is `prefix .. id`, its status
-/// hash `prefix .. id .. suffix`.
+/// holds nothing today), or any other job of the lane already started on it), or nil. Jobs
+/// that finished on the device, ended or vanished leave the lane here. The keys of the other
+/// jobs are given, never built: job `ARGV[ids + i]` has its record at `KEYS[first + 2i]` and
+/// its status hash at `KEYS[first + 2i + 1]`. A lane job without keys makes it return
+/// `nil, <the lane's jobs joined by ','>` before it writes anything.
 const LANE_LUA: &str = r#"
-local function blocker(lane, job, device, prefix, suffix)
+local function blocker(lane, job, device, ids, first)
+  local jobs = redis.call('ZRANGE', lane, 0, 15)
+  local known = {}
+  local k = first
+  for i = ids, #ARGV do
+    known[ARGV[i]] = k
+    k = k + 2
+  end
+  for _, j in ipairs(jobs) do
+    if j ~= job and not known[j] then return nil, table.concat(jobs, ',') end
+  end
   local ahead = true
-  for _, j in ipairs(redis.call('ZRANGE', lane, 0, 15)) do
+  for _, j in ipairs(jobs) do
     if j == job then
       ahead = false
     else
-      local st = redis.call('HGET', prefix .. j .. suffix, device)
+      local at = known[j]
+      local st = redis.call('HGET', KEYS[at + 1], device)
       if st then
         if is_terminal(st) then
           redis.call('ZREM', lane, j)
@@ -132,7 +149,7 @@ local function blocker(lane, job, device, prefix, suffix)
           end
         end
       else
-        local js = redis.call('HGET', prefix .. j, 'state')
+        local js = redis.call('HGET', KEYS[at], 'state')
         if not js or js == 'COMPLETED' or js == 'CANCELED' or js == 'ABORTED' then
           redis.call('ZREM', lane, j)
         elseif ahead and js ~= 'SCHEDULED' then
@@ -147,12 +164,15 @@ end
 
 /// After a task waiting for its turn was parked: if the device is free by now (the job ahead
 /// ended between the claim and the park, and its end found nothing to wake), the parked
-/// task is due at once. KEYS lane, parked due; ARGV job, device, prefix, suffix, execution,
-/// now. Returns the blocking job, or '' when it was made due.
+/// task is due at once. KEYS lane, parked due, then the record and status hash of each job
+/// in ARGV[5..]; ARGV job, device, execution, now, then the lane's other jobs. Returns the
+/// blocking job, '' when it was made due, or {the lane's jobs} (as in the claim) when keys
+/// are missing.
 const RECHECK_LUA: &str = r#"
-local b = blocker(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local b, unknown = blocker(KEYS[1], ARGV[1], ARGV[2], 5, 3)
+if unknown then return {unknown} end
 if b then return b end
-redis.call('ZADD', KEYS[2], 'XX', ARGV[6], ARGV[5])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[4], ARGV[3])
 return ''
 "#;
 
@@ -195,25 +215,31 @@ pub async fn try_claim(
     in_progress: &DeviceStatus,
     exclusive: bool,
 ) -> Result<NextAction, IdempotencyError> {
-    let (prefix, suffix) = job_key_parts(names);
-    let (claimed, value): (i64, Vec<u8>) = CLAIM_SCRIPT
-        .key(names.idempotency(task.execution_id))
-        .key(names.job_status(task.job_id))
-        .key(names.device_lane(&task.device_id))
-        .arg(format!("{CLAIM}{worker}"))
-        .arg(lease.as_millis() as u64)
-        .arg(&task.device_id)
-        .arg(serde_json::to_string(in_progress)?)
-        .arg(in_progress.attempts)
-        .arg(if exclusive {
-            task.job_id.to_string()
-        } else {
-            String::new()
-        })
-        .arg(prefix)
-        .arg(suffix)
-        .invoke_async(redis)
-        .await?;
+    let mut others: Vec<String> = Vec::new();
+    let (claimed, value) = loop {
+        let mut call = CLAIM_SCRIPT.key(names.idempotency(task.execution_id));
+        call.key(names.job_status(task.job_id))
+            .key(names.device_lane(&task.device_id))
+            .arg(format!("{CLAIM}{worker}"))
+            .arg(lease.as_millis() as u64)
+            .arg(&task.device_id)
+            .arg(serde_json::to_string(in_progress)?)
+            .arg(in_progress.attempts)
+            .arg(if exclusive {
+                task.job_id.to_string()
+            } else {
+                String::new()
+            });
+        lane_keys(&mut call, names, &others);
+        let (claimed, value): (i64, Vec<u8>) = call.invoke_async(redis).await?;
+        match lane_to_learn(claimed, &value, task.job_id, &mut others) {
+            Some(behind) => {
+                return Ok(NextAction::WaitForTurn { behind });
+            }
+            None if claimed == -3 => continue,
+            None => break (claimed, value),
+        }
+    };
     if claimed == -1 {
         return Ok(NextAction::NotTargeted);
     }
@@ -240,12 +266,38 @@ pub async fn try_claim(
     Ok(NextAction::HeldByOther { holder })
 }
 
-/// A job's key is `prefix + id`, its status hash's `prefix + id + suffix`.
-fn job_key_parts(names: &Names) -> (String, String) {
-    let nil = Uuid::nil();
-    let prefix = names.job(nil).replace(&nil.to_string(), "");
-    let suffix = names.job_status(nil).replace(&names.job(nil), "");
-    (prefix, suffix)
+/// Adds the record and status hash of each of `others` (jobs of a device's lane) to a lane
+/// script's keys, and their ids to its arguments.
+fn lane_keys(call: &mut redis::ScriptInvocation<'_>, names: &Names, others: &[String]) {
+    for j in others {
+        let id = Uuid::parse_str(j).unwrap_or_default();
+        call.key(names.job(id)).key(names.job_status(id)).arg(j);
+    }
+}
+
+/// After a lane script answered `code`: on -3 (`value` lists the lane's jobs) learns the jobs
+/// to pass keys for into `others` and returns `None` (call again), unless the lane keeps
+/// changing under the calls, when the device is taken as busy with the lane's first other
+/// job (`Some(job)`: the task waits and is looked at again). Any other code: `None`.
+fn lane_to_learn(code: i64, value: &[u8], job: Uuid, others: &mut Vec<String>) -> Option<String> {
+    if code != -3 {
+        return None;
+    }
+    let me = job.to_string();
+    let lane: Vec<String> = String::from_utf8_lossy(value)
+        .split(',')
+        .filter(|j| !j.is_empty() && *j != me)
+        .map(str::to_owned)
+        .collect();
+    if lane.iter().all(|j| others.contains(j)) || others.len() > 64 {
+        return Some(lane.into_iter().next().unwrap_or_default());
+    }
+    for j in lane {
+        if !others.contains(&j) {
+            others.push(j);
+        }
+    }
+    None
 }
 
 /// Called once a task that waits for its device's turn is parked: makes it due at once if
@@ -258,19 +310,29 @@ pub async fn recheck_turn(
     names: &Names,
     task: &DeviceTask,
 ) -> Result<bool, IdempotencyError> {
-    let (prefix, suffix) = job_key_parts(names);
-    let blocker: String = RECHECK_SCRIPT
-        .key(names.device_lane(&task.device_id))
-        .key(names.parked_due())
-        .arg(task.job_id.to_string())
-        .arg(&task.device_id)
-        .arg(prefix)
-        .arg(suffix)
-        .arg(task.execution_id.to_string())
-        .arg(shared::now_ms())
-        .invoke_async(redis)
-        .await?;
-    Ok(!blocker.is_empty())
+    let mut others: Vec<String> = Vec::new();
+    loop {
+        let mut call = RECHECK_SCRIPT.key(names.device_lane(&task.device_id));
+        call.key(names.parked_due())
+            .arg(task.job_id.to_string())
+            .arg(&task.device_id)
+            .arg(task.execution_id.to_string())
+            .arg(shared::now_ms());
+        lane_keys(&mut call, names, &others);
+        let answer: redis::Value = call.invoke_async(redis).await?;
+        if let redis::Value::Array(lane) = &answer {
+            let listed: Vec<u8> = lane
+                .first()
+                .and_then(|v| redis::from_redis_value(v.clone()).ok())
+                .unwrap_or_default();
+            if lane_to_learn(-3, &listed, task.job_id, &mut others).is_some() {
+                return Ok(true);
+            }
+            continue;
+        }
+        let blocker: String = redis::from_redis_value(answer).map_err(redis::RedisError::from)?;
+        return Ok(!blocker.is_empty());
+    }
 }
 
 /// Between attempts: renews our claim's lease (to `lease`) and records `progress` as the
@@ -484,6 +546,12 @@ mod tests {
             NextAction::StartProcessing { .. }
         ));
         assert_eq!(claim(&mut conn, &names, &second, "b").await, behind_first);
+        // Parked, it is looked at again: still behind the first.
+        assert!(
+            recheck_turn(&mut conn, &names, &second)
+                .await
+                .expect("recheck")
+        );
         // A job that may run alongside others does not wait.
         assert!(matches!(
             try_claim(
@@ -514,6 +582,11 @@ mod tests {
             .hset(names.job_status(first.job_id), "d1", done)
             .await
             .expect("hset");
+        assert!(
+            !recheck_turn(&mut conn, &names, &second)
+                .await
+                .expect("recheck")
+        );
         assert!(matches!(
             claim(&mut conn, &names, &second, "b").await,
             NextAction::StartProcessing { .. }

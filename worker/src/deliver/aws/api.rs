@@ -2,7 +2,6 @@
 //! `start-next`, `{jobId}/get` (`$next` included) and `{jobId}/update`, with the AWS error
 //! documents for rejected ones.
 
-use devices::keys::DeviceKeys;
 use devices::{aws, mqtt::Message};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -161,12 +160,10 @@ impl AwsJobs {
             .await
             .map_err(|e| reject("InternalError", e))?;
         let a = self
-            .run(
+            .run_over_pending(
                 &self.0.start_next,
-                &[self.0.names.aws_pending(thing)],
+                thing,
                 &[
-                    self.0.names.aws_execution_prefix(),
-                    thing.to_owned(),
                     details.unwrap_or_default(),
                     step.map(|s| s.to_string()).unwrap_or_default(),
                 ],

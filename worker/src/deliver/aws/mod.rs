@@ -171,6 +171,30 @@ impl AwsJobs {
         serde_json::from_str(&raw).map_err(|e| format!("corrupt execution state: {e}"))
     }
 
+    /// Runs PENDING or START_NEXT (`args` first, then the thing's pending jobs with their
+    /// execution keys): called again with the pending jobs the script names until it knew
+    /// them all.
+    async fn run_over_pending(
+        &self,
+        script: &Script,
+        thing: &str,
+        args: &[String],
+    ) -> Result<ScriptAnswer, String> {
+        let mut jobs: Vec<String> = Vec::new();
+        for _ in 0..8 {
+            let mut keys = vec![self.0.names.aws_pending(thing)];
+            keys.extend(jobs.iter().map(|j| self.0.names.aws_execution(j, thing)));
+            let mut all = args.to_vec();
+            all.extend(jobs.iter().cloned());
+            let a = self.run(script, &keys, &all).await?;
+            match a.unknown {
+                Some(listed) => jobs = listed.split(',').map(str::to_owned).collect(),
+                None => return Ok(a),
+            }
+        }
+        Err("the thing's pending jobs kept changing".into())
+    }
+
     fn exec_keys(&self, job: &str, thing: &str) -> Vec<String> {
         vec![
             self.0.names.aws_execution(job, thing),
@@ -391,13 +415,7 @@ impl AwsJobs {
     }
 
     async fn pending(&self, thing: &str) -> Result<(Vec<Record>, u64), String> {
-        let a = self
-            .run(
-                &self.0.pending,
-                &[self.0.names.aws_pending(thing)],
-                &[self.0.names.aws_execution_prefix(), thing.to_owned()],
-            )
-            .await?;
+        let a = self.run_over_pending(&self.0.pending, thing, &[]).await?;
         let list = match a.list {
             Value::Array(items) => items
                 .into_iter()

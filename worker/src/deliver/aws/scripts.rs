@@ -25,6 +25,22 @@ local function expire(key, zkey, job, now)
   end
   return st
 end
+-- The jobs pending for a thing (sorted set `zkey`) with their execution keys, given, never
+-- built: job ARGV[from + i] has its execution at KEYS[first + i]. A pending job without a
+-- key makes it return nil and the pending jobs joined by ',' (call again with their keys).
+local function execs(zkey, from, first)
+  local known = {}
+  local k = first
+  for i = from, #ARGV do
+    known[ARGV[i]] = KEYS[k]
+    k = k + 1
+  end
+  local jobs = redis.call('ZRANGE', zkey, 0, -1)
+  for _, j in ipairs(jobs) do
+    if not known[j] then return nil, table.concat(jobs, ',') end
+  end
+  return jobs, known
+end
 local function tbl(key)
   local r = redis.call('HGETALL', key)
   local t = {}
@@ -58,13 +74,16 @@ expire(KEYS[1], KEYS[2], ARGV[1], now)
 return cjson.encode({exec = tbl(KEYS[1]), now = now})
 ";
 
-/// PENDING: KEYS pending; ARGV exec prefix, thing. The thing's QUEUED and IN_PROGRESS
-/// executions in queue order.
+/// PENDING: KEYS pending, then the execution of each job in ARGV; ARGV the pending jobs the
+/// caller knows. The thing's QUEUED and IN_PROGRESS executions in queue order, or `unknown`
+/// (the pending jobs) when one was not given.
 pub(super) const PENDING: &str = r"
 local now = now_ms()
+local jobs, known = execs(KEYS[1], 1, 2)
+if not jobs then return cjson.encode({unknown = known, now = now}) end
 local out = {}
-for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local key = ARGV[1] .. job .. ':' .. ARGV[2]
+for _, job in ipairs(jobs) do
+  local key = known[job]
   local st = expire(key, KEYS[1], job, now)
   if st == 'QUEUED' or st == 'IN_PROGRESS' then
     local e = tbl(key)
@@ -77,26 +96,28 @@ end
 return cjson.encode({list = out, now = now})
 ";
 
-/// START_NEXT: KEYS pending; ARGV exec prefix, thing, details JSON or '', step minutes or ''.
+/// START_NEXT: KEYS pending, then the execution of each job in ARGV[3..]; ARGV details JSON
+/// or '', step minutes or '', then the pending jobs the caller knows (`unknown` as PENDING).
 pub(super) const START_NEXT: &str = r"
 local now = now_ms()
+local jobs, known = execs(KEYS[1], 3, 2)
+if not jobs then return cjson.encode({unknown = known, now = now}) end
 local ip, q
-for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local key = ARGV[1] .. job .. ':' .. ARGV[2]
-  local st = expire(key, KEYS[1], job, now)
+for _, job in ipairs(jobs) do
+  local st = expire(known[job], KEYS[1], job, now)
   if st == 'IN_PROGRESS' and not ip then ip = job
   elseif st == 'QUEUED' and not q then q = job
   elseif not st then redis.call('ZREM', KEYS[1], job) end
 end
 local job = ip or q
 if not job then return cjson.encode({now = now}) end
-local key = ARGV[1] .. job .. ':' .. ARGV[2]
+local key = known[job]
 if not ip then
   redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started', now, 'updated', now)
   redis.call('HINCRBY', key, 'version', 1)
-  if ARGV[3] ~= '' then redis.call('HSET', key, 'details', ARGV[3]) end
-  if ARGV[4] ~= '' then
-    redis.call('HSET', key, 'step_deadline', now + tonumber(ARGV[4]) * 60000)
+  if ARGV[1] ~= '' then redis.call('HSET', key, 'details', ARGV[1]) end
+  if ARGV[2] ~= '' then
+    redis.call('HSET', key, 'step_deadline', now + tonumber(ARGV[2]) * 60000)
   end
 end
 local e = tbl(key)
@@ -191,4 +212,7 @@ pub(super) struct ScriptAnswer {
     /// QUEUE: the execution was created by this call.
     #[serde(default)]
     pub(super) created: bool,
+    /// PENDING, START_NEXT: the thing's pending jobs, when the call lacked the key of one.
+    #[serde(default)]
+    pub(super) unknown: Option<String>,
 }
