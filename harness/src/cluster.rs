@@ -346,6 +346,15 @@ impl Cluster {
         self.coordinator.as_ref()?.id()
     }
 
+    /// Process ids of every running coordinator (the first and those started beside it).
+    pub fn coordinator_pids(&self) -> Vec<u32> {
+        self.coordinator
+            .iter()
+            .chain(&self.more_coordinators)
+            .filter_map(Child::id)
+            .collect()
+    }
+
     /// Process ids of the running workers.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.workers

@@ -12,3 +12,4 @@
 pub mod audit;
 pub mod cluster;
 pub mod fleet;
+pub mod procs;

@@ -31,6 +31,7 @@ mod redis_cluster;
 mod rerun;
 mod rollouts;
 mod safe_create;
+mod scale;
 mod schedule;
 mod secure;
 mod services;

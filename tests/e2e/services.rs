@@ -388,6 +388,46 @@ impl RedisCluster {
         cluster
     }
 
+    /// The pids of the nodes still running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().and_then(Child::id))
+            .collect()
+    }
+
+    /// Commands the masters have processed (`total_commands_processed`; a script counts
+    /// once, whatever it calls).
+    pub async fn master_commands(&self) -> u64 {
+        let mut total = 0;
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let info = n.cli(&["info", "all"]).await;
+            if !info.contains("role:master") {
+                continue;
+            }
+            total += info
+                .lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        total
+    }
+
+    /// Redis's `used_memory` summed over the nodes still running (bytes).
+    pub async fn used_memory(&self) -> u64 {
+        let mut total = 0;
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let info = n.cli(&["info", "memory"]).await;
+            total += info
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        total
+    }
+
     /// Every node's address, as `redis.cluster_urls` takes them.
     pub fn urls(&self) -> String {
         self.nodes
