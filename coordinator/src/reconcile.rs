@@ -13,8 +13,10 @@
 //! overdue by `coordinator.reconcile_resend_secs` in a job quiet as long, nothing holding
 //! it) is sent a copy of its task: a retry queue whose broker stopped forwarding (RabbitMQ
 //! 3.10's at-least-once dead-lettering after a quorum queue's leader died) loses no
-//! device; a copy delivered after all is absorbed by the workers' idempotency keys. It never
-//! touches a device that something holds.
+//! device; a copy delivered after all is absorbed by the workers' idempotency keys. So is a
+//! device IN_PROGRESS whose worker saved a result that is not recorded (a Redis failover
+//! lost the outcome's write): the copy makes a worker publish the saved result again,
+//! without a delivery. It never touches a device that something holds.
 
 use shared::redis_conn::RedisConn;
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -221,8 +223,9 @@ async fn status_page(
     Ok((next, statuses))
 }
 
-/// Sends a copy of the task of every device of `job` stranded on its way to a retry and
-/// held by nothing; returns how many.
+/// Sends a copy of the task of every device of `job` held by nothing (no claim, not parked)
+/// that is stranded on its way to a retry, or IN_PROGRESS with a result its worker saved
+/// (the recorded outcome was lost); returns how many.
 async fn resend(
     app: &AppState,
     redis: &mut RedisConn,
@@ -237,9 +240,14 @@ async fn resend(
     let mut sent = 0;
     loop {
         let (next, statuses) = status_page(redis, &app.names, job.id, cursor).await?;
+        // Candidates: waiting for a retry, or IN_PROGRESS (what a device's status is while a
+        // worker delivers, and so what a lost outcome leaves). Waiting and parked devices are
+        // not read here.
         let open: Vec<(String, DeviceStatus)> = statuses
             .into_iter()
-            .filter(|(_, status)| !status.state.is_terminal())
+            .filter(|(_, status)| {
+                status.state == ExecutionState::InProgress || stranded(status, now, resend_ms)
+            })
             .collect();
         let holds = holds(redis, &app.names, job.id, &open).await?;
         // Stranded on the way to a retry, or finished by a worker (its saved result is in

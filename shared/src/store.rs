@@ -9,11 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
-
-pub use crate::redis_conn::RedisConn;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub use crate::redis_conn::RedisConn;
 use crate::{
     config::RedisSettings,
     job::JobSpec,
@@ -52,7 +51,7 @@ impl StoreError {
     }
 }
 
-/// Connects to one node with a [`RedisConn`], which multiplexes every caller over one
+/// Connects to one node with a [`ConnectionManager`], which multiplexes every caller over one
 /// connection and reconnects on its own after Redis restarts; or, with
 /// `redis.cluster_urls`, to a Redis Cluster. `home` is a key in the deployment's hash slot
 /// ([`Names::key_prefix`]): keyless commands (`SCAN`, `INFO`) are sent to its master.

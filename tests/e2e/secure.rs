@@ -50,7 +50,7 @@ async fn tls_redis(ca: &TestCa) -> TlsRedis {
             "fleet",
             "on",
             ">s3cret-pass",
-            "~t*",
+            "~{t*",
             "+@all",
             "-@dangerous",
         ])
