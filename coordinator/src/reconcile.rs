@@ -249,7 +249,13 @@ async fn resend(
                 status.state == ExecutionState::InProgress || stranded(status, now, resend_ms)
             })
             .collect();
-        let holds = holds(redis, &app.names, job.id, &open).await?;
+        let holds = holds(
+            redis,
+            &app.names,
+            job.id,
+            open.iter().map(|(d, _)| d.as_str()),
+        )
+        .await?;
         // Stranded on the way to a retry, or finished by a worker (its saved result is in
         // the idempotency record) with the recorded outcome gone: a Redis failover lost
         // the write. A copy of the task makes the worker publish the saved result again.
@@ -346,11 +352,7 @@ pub(crate) async fn unheld(
     job: Uuid,
     lost: Vec<Lost>,
 ) -> anyhow::Result<Vec<Lost>> {
-    let devices: Vec<(String, DeviceStatus)> = lost
-        .iter()
-        .map(|(d, s, _)| (d.clone(), s.clone()))
-        .collect();
-    let holds = holds(redis, names, job, &devices).await?;
+    let holds = holds(redis, names, job, lost.iter().map(|(d, _, _)| d.as_str())).await?;
     Ok(lost
         .into_iter()
         .zip(holds)
@@ -363,20 +365,22 @@ pub(crate) async fn unheld(
 
 /// Per device of `job`: its execution's idempotency record (`c:<worker>` claim or
 /// `d:<result>` done, as bytes: a result is MessagePack) and whether its task is parked.
-async fn holds(
+async fn holds<'a>(
     redis: &mut RedisConn,
     names: &Names,
     job: Uuid,
-    devices: &[(String, DeviceStatus)],
+    devices: impl Iterator<Item = &'a str>,
 ) -> anyhow::Result<Vec<(Option<Vec<u8>>, bool)>> {
-    if devices.is_empty() {
-        return Ok(Vec::new());
-    }
     let mut pipe = redis::pipe();
-    for (device, _) in devices {
+    let mut any = false;
+    for device in devices {
+        any = true;
         let execution = shared::state::execution_id(job, device);
         pipe.get(names.idempotency(execution))
             .zscore(names.parked_due(), execution.to_string());
+    }
+    if !any {
+        return Ok(Vec::new());
     }
     let held: Vec<(Option<Vec<u8>>, Option<f64>)> = pipe.query_async(redis).await?;
     Ok(held.into_iter().map(|(r, p)| (r, p.is_some())).collect())
