@@ -33,7 +33,8 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     /// Body size in bytes.
     pub size: usize,
-    /// The body decoded as a task or result, when it decodes.
+    /// The body decoded as a task (an array of tasks for a batch) or a result, when it
+    /// decodes.
     pub decoded: Option<serde_json::Value>,
     /// The first bytes of the body, hex, when it does not decode.
     pub head_hex: Option<String>,
@@ -43,9 +44,12 @@ fn describe(m: &BasicGetMessage) -> DeadLetter {
     let p = &m.delivery.properties;
     let headers = p.headers().as_ref();
     let data = &m.delivery.data;
-    let decoded = messages::decode_task(data)
+    let decoded = messages::decode_tasks(data)
         .ok()
-        .and_then(|t| serde_json::to_value(t).ok())
+        .and_then(|t| match t.as_slice() {
+            [one] => serde_json::to_value(one).ok(),
+            _ => serde_json::to_value(t).ok(),
+        })
         .or_else(|| {
             messages::decode_result(data)
                 .ok()

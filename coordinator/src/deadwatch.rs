@@ -85,16 +85,31 @@ pub async fn run(
     }
 }
 
-/// Ends the device of one dead-lettered task, when it is one and nothing holds it.
+/// Ends the devices of a dead-lettered tasks message (one task or a batch of them), each
+/// when nothing holds it.
 async fn settle(
     app: &AppState,
     scripts: &Scripts,
     redis: &mut RedisConn,
     delivery: &Delivery,
 ) -> anyhow::Result<()> {
-    let Ok(task) = messages::decode_task(&delivery.data) else {
+    let Ok(tasks) = messages::decode_tasks(&delivery.data) else {
         return Ok(());
     };
+    for task in &tasks {
+        settle_task(app, scripts, redis, delivery, task).await?;
+    }
+    Ok(())
+}
+
+/// Ends the device of one dead-lettered task, when it is one and nothing holds it.
+async fn settle_task(
+    app: &AppState,
+    scripts: &Scripts,
+    redis: &mut RedisConn,
+    delivery: &Delivery,
+    task: &shared::messages::DeviceTask,
+) -> anyhow::Result<()> {
     if execution_id(task.job_id, &task.device_id) != task.execution_id {
         return Ok(());
     }

@@ -15,17 +15,16 @@ use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use lapin::types::FieldTable;
 use redis::AsyncCommands;
 use shared::{
-    amqp::{self, Outgoing, Publisher},
+    amqp::Publisher,
     backoff,
     config::Settings,
-    messages::{self, DeviceTask, TASK_TYPE, WIRE_VERSION},
+    messages::{DeviceTask, WIRE_VERSION},
     now_ms,
     state::{DeviceStatus, ExecutionState, JobState},
     store::{self, Scripts, TerminalStatus},
-    topology::{HEADER_ATTEMPT, HEADER_JOB_ID, Names, TASK_ROUTING_KEY},
+    topology::Names,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -774,6 +773,8 @@ async fn has_room(p: &Planners, n: u64, bound: u64) -> anyhow::Result<bool> {
             .context("reading the tasks queue's depth")?
             .message_count(),
     );
+    // The queue counts messages; a planner's message carries up to `tasks_per_message`.
+    let depth = depth.saturating_mul(u64::from(p.settings.amqp.tasks_per_message.max(1)));
     Ok(depth == 0 || depth + n <= bound)
 }
 
@@ -1032,7 +1033,8 @@ pub(crate) fn status(state: ExecutionState, reason: &str, now: u64) -> DeviceSta
     }
 }
 
-/// Publishes one task per device and waits for all confirms.
+/// Publishes the devices' tasks, `amqp.tasks_per_message` to a message, and waits for all
+/// confirms.
 async fn publish_batch(
     p: &Planners,
     job_id: Uuid,
@@ -1048,40 +1050,26 @@ async fn publish_batch(
         messaging.system = "rabbitmq",
         messaging.destination.name = %p.names.tasks_exchange(),
         job_id = %job_id,
-        messaging.batch.message_count = devices.len(),
+        messaging.batch.message_count = devices.len().div_ceil(usize::from(p.settings.amqp.tasks_per_message.max(1))),
+        tasks = devices.len(),
     );
     async {
-        let mut headers = FieldTable::default();
-        amqp::set_header(&mut headers, HEADER_JOB_ID, &job_id.to_string());
-        amqp::set_header(&mut headers, HEADER_ATTEMPT, "0");
-        amqp::inject_current_context(&mut headers);
-        let exchange = p.names.tasks_exchange();
-        let mut pending = Vec::with_capacity(devices.len());
-        for device in devices {
-            let task = DeviceTask {
-                version: WIRE_VERSION,
-                job_id,
-                execution_id: shared::state::execution_id(job_id, device),
-                device_id: (*device).to_owned(),
-                attempts: 0,
-                parked: 0,
-                published_at_ms: now,
-            };
-            let payload = messages::encode(&task)?;
-            pending.push(
-                p.publisher
-                    .send(Outgoing {
-                        exchange: &exchange,
-                        routing_key: TASK_ROUTING_KEY,
-                        payload: &payload,
-                        properties: amqp::properties(
-                            TASK_TYPE,
-                            &task.execution_id.to_string(),
-                            headers.clone(),
-                        ),
-                    })
-                    .await?,
-            );
+        let per_message = usize::from(p.settings.amqp.tasks_per_message.max(1));
+        let mut pending = Vec::with_capacity(devices.len().div_ceil(per_message));
+        for chunk in devices.chunks(per_message) {
+            let tasks: Vec<DeviceTask> = chunk
+                .iter()
+                .map(|device| DeviceTask {
+                    version: WIRE_VERSION,
+                    job_id,
+                    execution_id: shared::state::execution_id(job_id, device),
+                    device_id: (*device).to_owned(),
+                    attempts: 0,
+                    parked: 0,
+                    published_at_ms: now,
+                })
+                .collect();
+            pending.push(shared::topology::send_tasks(&p.publisher, &p.names, None, &tasks).await?);
         }
         for confirm in pending {
             confirm.wait().await.context("publishing tasks")?;

@@ -319,6 +319,7 @@ async fn broker_session(
     // Parked tasks come back when they are due.
     broker.tracker.clone().spawn(crate::wake::run(
         state.names.clone(),
+        usize::from(settings.amqp.tasks_per_message.max(1)),
         state.redis.clone(),
         Publisher::new(&connection, &settings.amqp).await?,
         state.metrics.clone(),

@@ -1,6 +1,7 @@
 //! Wakes parked tasks: publishes the tasks of the parking lot ([`shared::parking`]) that are
 //! due (their window opened, their device came online, their job was canceled, resumed or
-//! reached its deadline) back to the tasks exchange, in their job's trace.
+//! reached its deadline) back to the tasks exchange, in their job's trace, several of a job's
+//! tasks to a message (`amqp.tasks_per_message`).
 //!
 //! Owns that loop and nothing else. Every coordinator runs it; the lot hands each due task to
 //! one taker at a time (leased), and a taker that dies before its publish is confirmed leaves
@@ -25,13 +26,14 @@ const IDLE: Duration = Duration::from_millis(250);
 /// Runs until `stop` fires.
 pub async fn run(
     names: Names,
+    per_message: usize,
     mut redis: RedisConn,
     publisher: Publisher,
     metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
     loop {
-        let woken = match round(&names, &mut redis, &publisher).await {
+        let woken = match round(&names, per_message, &mut redis, &publisher).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(e.as_ref()), "waking parked tasks failed; retrying");
@@ -56,6 +58,7 @@ pub async fn run(
 /// One round: take what is due, publish it per job in the job's trace, release it.
 async fn round(
     names: &Names,
+    per_message: usize,
     redis: &mut RedisConn,
     publisher: &Publisher,
 ) -> anyhow::Result<usize> {
@@ -74,7 +77,8 @@ async fn round(
             messaging.system = "rabbitmq",
             messaging.destination.name = %names.tasks_exchange(),
             job_id = %job_id,
-            messaging.batch.message_count = tasks.len(),
+            messaging.batch.message_count = tasks.len().div_ceil(per_message),
+            tasks = tasks.len(),
             woken = true,
         );
         let trace: Option<String> = redis.hget(names.job(job_id), "trace").await.unwrap_or(None);
@@ -82,9 +86,10 @@ async fn round(
             shared::amqp::continue_traceparent(&span, &t);
         }
         async {
-            let mut pending = Vec::with_capacity(tasks.len());
-            for t in &tasks {
-                pending.push(shared::topology::send_task(publisher, names, None, &t.task).await?);
+            let mut pending = Vec::with_capacity(tasks.len().div_ceil(per_message));
+            for chunk in tasks.chunks(per_message) {
+                let chunk: Vec<_> = chunk.iter().map(|t| t.task.clone()).collect();
+                pending.push(shared::topology::send_tasks(publisher, names, None, &chunk).await?);
             }
             for confirm in pending {
                 confirm.wait().await?;

@@ -41,11 +41,28 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's range of ephemeral ports.
+///
+/// The caller binds it seconds later (a process that starts): a port of the ephemeral range
+/// (what binding port 0 gives) may meanwhile become the local end of some outgoing
+/// connection of a test running beside, and the bind then fails. Ports below the range are
+/// never handed out that way, so the window only holds against another test's choice.
 ///
 /// # Errors
 /// No port could be bound.
 pub fn free_port() -> anyhow::Result<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 20_000u16.min(ephemeral_start.saturating_sub(1_000));
+    let span = u128::from(ephemeral_start.saturating_sub(low).max(1));
+    for _ in 0..200 {
+        let port = low + (uuid::Uuid::new_v4().as_u128() % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }

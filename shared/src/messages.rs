@@ -18,6 +18,8 @@ pub const WIRE_VERSION: u16 = 1;
 pub const CONTENT_TYPE: &str = "application/msgpack";
 /// AMQP `type` of a [`DeviceTask`].
 pub const TASK_TYPE: &str = "fleetbatch.device_task.v1";
+/// AMQP `type` of a [`TaskBatch`].
+pub const TASK_BATCH_TYPE: &str = "fleetbatch.device_tasks.v1";
 /// AMQP `type` of a [`TaskResult`].
 pub const RESULT_TYPE: &str = "fleetbatch.task_result.v1";
 /// AMQP `type` of a [`ResultBatch`].
@@ -89,6 +91,21 @@ pub struct TaskResult {
     pub readings: Option<Readings>,
 }
 
+/// Several device tasks in one message: the planner sends a job's devices in messages of
+/// `coordinator.tasks_per_message`, so the broker stores, delivers and confirms one message
+/// for dozens of devices. Each task keeps its own execution id, attempts, retries, parking,
+/// dead-lettering and result: a worker handles them one by one and settles the message when
+/// every one of them is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskBatch {
+    /// Wire version.
+    #[serde(rename = "v")]
+    pub version: u16,
+    /// The tasks.
+    #[serde(rename = "ts")]
+    pub tasks: Vec<DeviceTask>,
+}
+
 /// Several results in one message: a worker batches the results its handlers finish within
 /// a few milliseconds, so the broker stores and confirms one message instead of dozens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +148,9 @@ pub enum WireError {
     /// A version this process does not understand.
     #[error("unsupported wire version {0}")]
     Version(u16),
+    /// A batch with nothing in it.
+    #[error("a tasks message holds no task")]
+    Empty,
 }
 
 /// Encodes a message as a MessagePack map.
@@ -151,6 +171,28 @@ pub fn decode_task(bytes: &[u8]) -> Result<DeviceTask, WireError> {
         return Err(WireError::Version(task.version));
     }
     Ok(task)
+}
+
+/// Decodes a tasks message: a [`TaskBatch`] or a single [`DeviceTask`].
+///
+/// # Errors
+/// Malformed bytes, an unsupported version or an empty batch.
+pub fn decode_tasks(bytes: &[u8]) -> Result<Vec<DeviceTask>, WireError> {
+    if let Ok(batch) = rmp_serde::from_slice::<TaskBatch>(bytes) {
+        if batch.version == 0 || batch.version > WIRE_VERSION {
+            return Err(WireError::Version(batch.version));
+        }
+        if batch.tasks.is_empty() {
+            return Err(WireError::Empty);
+        }
+        for t in &batch.tasks {
+            if t.version == 0 || t.version > WIRE_VERSION {
+                return Err(WireError::Version(t.version));
+            }
+        }
+        return Ok(batch.tasks);
+    }
+    decode_task(bytes).map(|t| vec![t])
 }
 
 /// Decodes a result, checking its version.
@@ -253,6 +295,49 @@ mod tests {
         t.version = 99;
         let bytes = encode(&t).expect("encode");
         assert!(matches!(decode_task(&bytes), Err(WireError::Version(99))));
+    }
+
+    #[test]
+    fn tasks_decode_from_batches_and_from_single_messages() {
+        let (a, b) = (task("dev-a"), task("dev-b"));
+        let batch = TaskBatch {
+            version: WIRE_VERSION,
+            tasks: vec![a.clone(), b.clone()],
+        };
+        assert_eq!(
+            decode_tasks(&encode(&batch).expect("e")).expect("d"),
+            vec![a.clone(), b]
+        );
+        assert_eq!(decode_tasks(&encode(&a).expect("e")).expect("d"), vec![a]);
+        let empty = TaskBatch {
+            version: WIRE_VERSION,
+            tasks: vec![],
+        };
+        assert!(matches!(
+            decode_tasks(&encode(&empty).expect("e")),
+            Err(WireError::Empty)
+        ));
+        let mut future = task("dev-c");
+        future.version = 99;
+        let bad = TaskBatch {
+            version: WIRE_VERSION,
+            tasks: vec![future],
+        };
+        assert!(matches!(
+            decode_tasks(&encode(&bad).expect("e")),
+            Err(WireError::Version(99))
+        ));
+        assert!(decode_tasks(b"\xc1").is_err());
+    }
+
+    #[test]
+    fn a_batch_of_64_tasks_costs_under_90_bytes_a_task() {
+        let batch = TaskBatch {
+            version: WIRE_VERSION,
+            tasks: (0..64).map(|i| task(&format!("device-{i:06}"))).collect(),
+        };
+        let bytes = encode(&batch).expect("encode");
+        assert!(bytes.len() < 64 * 90, "{} bytes", bytes.len());
     }
 
     #[test]

@@ -406,45 +406,74 @@ local function attempts_of(raw)
 end
 "#;
 
-/// `record_terminal`: KEYS job, counts, status, state-set, active, wave-of, device record,
-/// device lane, the device's parked tasks, parked due, wave counts;
-/// ARGV device, counter, status-json, state, now, job-id, `1` when the device must already
-/// have a status (a device's result: only targets have one). A
+/// `record_terminal`, for several devices of one job in one call: KEYS job, counts, status,
+/// active, wave-of, parked due, wave counts, then four a device: its state set, device
+/// record, device lane and parked tasks; ARGV now, job-id, `1` when each device must already
+/// have a status (a device's result: only targets have one), then four a device: device,
+/// counter, status-json, state. For each device only the first terminal outcome counts. A
 /// device with a wave counts in its wave's counters too; a device that SUCCEEDED at a
 /// firmware job (`sets_firmware` on the job) runs that version from then on. The job leaves
-/// the device's lane; if another job waits there, the device's parked tasks are due now.
-/// Returns -1 (no such job), -2 (not a target),
-/// 0 (already terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
+/// the device's lane; if another job waits there, the device's parked tasks are due now. When
+/// planning is done and every planned device is terminal the job moves to its final state,
+/// once. Returns a code a device, in order: -1 (no such job), -2 (not a target), 0 (already
+/// terminal: ignored), 1 (recorded), 2 (recorded, and the job is now finished).
 fn record_terminal_script() -> Script {
     Script::new(&format!(
-        r#"{STATUS_LUA}{FINISH_IF_DONE_LUA}
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if ARGV[7] == '1' and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return -2 end
-if is_terminal(redis.call('HGET', KEYS[3], ARGV[1])) then return 0 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-local wave = redis.call('HGET', KEYS[6], ARGV[1])
-if wave then
-  redis.call('HINCRBY', KEYS[11], wave .. ':' .. ARGV[2], 1)
-  redis.call('HINCRBY', KEYS[11], wave .. ':terminal', 1)
+        r#"{STATUS_LUA}
+local n = (#ARGV - 3) / 4
+local codes = {{}}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 1, n do codes[i] = -1 end
+  return codes
 end
-if ARGV[4] == 'SUCCEEDED' then
-  local fw = redis.call('HGET', KEYS[1], 'sets_firmware')
-  if fw and fw ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
-    redis.call('HSET', KEYS[7], 'fw', fw)
+local j = redis.call('HMGET', KEYS[1], 'planning_done', 'planned', 'state', 'sets_firmware')
+local finals = {{IN_PROGRESS = 'COMPLETED', PAUSED = 'COMPLETED', CANCELING = 'CANCELED', ABORTING = 'ABORTED'}}
+local final = finals[j[3] or '']
+local planned = tonumber(j[2])
+local fw = j[4]
+for i = 1, n do
+  local a, k = 3 + (i - 1) * 4, 7 + (i - 1) * 4
+  local device, counter, status, state = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local raw = redis.call('HGET', KEYS[3], device)
+  if ARGV[3] == '1' and not raw then
+    codes[i] = -2
+  elseif is_terminal(raw) then
+    codes[i] = 0
+  else
+    redis.call('HSET', KEYS[3], device, status)
+    redis.call('SADD', KEYS[k + 1], device)
+    redis.call('HINCRBY', KEYS[2], counter, 1)
+    local wave = redis.call('HGET', KEYS[5], device)
+    if wave then
+      redis.call('HINCRBY', KEYS[7], wave .. ':' .. counter, 1)
+      redis.call('HINCRBY', KEYS[7], wave .. ':terminal', 1)
+    end
+    if state == 'SUCCEEDED' and fw and fw ~= '' and redis.call('EXISTS', KEYS[k + 2]) == 1 then
+      redis.call('HSET', KEYS[k + 2], 'fw', fw)
+    end
+    if redis.call('ZREM', KEYS[k + 3], ARGV[2]) == 1 and redis.call('EXISTS', KEYS[k + 3]) == 1 then
+      for _, id in ipairs(redis.call('SMEMBERS', KEYS[k + 4])) do
+        redis.call('ZADD', KEYS[6], 'XX', ARGV[1], id)
+      end
+    end
+    local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
+    codes[i] = 1
+    if final and j[1] == '1' and planned == terminal then
+      redis.call('HSET', KEYS[1], 'state', final, 'finished_at_ms', ARGV[1], 'updated_at_ms', ARGV[1])
+      redis.call('SREM', KEYS[4], ARGV[2])
+      final = nil
+      codes[i] = 2
+    end
   end
 end
-if redis.call('ZREM', KEYS[8], ARGV[6]) == 1 and redis.call('EXISTS', KEYS[8]) == 1 then
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[9])) do
-    redis.call('ZADD', KEYS[10], 'XX', ARGV[5], id)
-  end
-end
-local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
-return finish_if_done(terminal)
+return codes
 "#
     ))
 }
+
+/// Devices recorded by one call of the recording script at most, so one call never holds
+/// Redis for long.
+const RECORD_CHUNK: usize = 200;
 
 /// `finish_planning`: KEYS job, counts, -, -, active; ARGV -, -, planned, -, now, job-id.
 fn finish_planning_script() -> Script {
@@ -567,34 +596,57 @@ impl Scripts {
         }
         let now = crate::now_ms().to_string();
         let mut pipe = redis::pipe();
-        for o in outcomes {
-            let json = serde_json::to_string(o.status).map_err(|e| StoreError::Corrupt {
-                key: names.job_status(o.job_id),
-                problem: e.to_string(),
-            })?;
+        // One call per run of consecutive outcomes of the same job (up to RECORD_CHUNK).
+        let mut start = 0;
+        while start < outcomes.len() {
+            let job_id = outcomes[start].job_id;
+            let end = outcomes[start..]
+                .iter()
+                .take(RECORD_CHUNK)
+                .position(|o| o.job_id != job_id)
+                .map_or((start + RECORD_CHUNK).min(outcomes.len()), |n| start + n);
+            let run = &outcomes[start..end];
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(11)
-                .arg(names.job(o.job_id))
-                .arg(names.job_counts(o.job_id))
-                .arg(names.job_status(o.job_id))
-                .arg(names.job_state_set(o.job_id, o.status.state))
+                .arg(7 + 4 * run.len())
+                .arg(names.job(job_id))
+                .arg(names.job_counts(job_id))
+                .arg(names.job_status(job_id))
                 .arg(names.active_jobs())
-                .arg(names.job_wave_of(o.job_id))
-                .arg(names.device(o.device_id))
-                .arg(names.device_lane(o.device_id))
-                .arg(names.parked_device(o.device_id))
+                .arg(names.job_wave_of(job_id))
                 .arg(names.parked_due())
-                .arg(names.job_wave_counts(o.job_id))
-                .arg(o.device_id)
-                .arg(o.status.state.counter())
-                .arg(json)
-                .arg(o.status.state.as_str())
-                .arg(&now)
-                .arg(o.job_id.to_string())
-                .arg(targets_only);
+                .arg(names.job_wave_counts(job_id));
+            for o in run {
+                pipe.arg(names.job_state_set(job_id, o.status.state))
+                    .arg(names.device(o.device_id))
+                    .arg(names.device_lane(o.device_id))
+                    .arg(names.parked_device(o.device_id));
+            }
+            pipe.arg(&now).arg(job_id.to_string()).arg(targets_only);
+            for o in run {
+                let json = serde_json::to_string(o.status).map_err(|e| StoreError::Corrupt {
+                    key: names.job_status(o.job_id),
+                    problem: e.to_string(),
+                })?;
+                pipe.arg(o.device_id)
+                    .arg(o.status.state.counter())
+                    .arg(json)
+                    .arg(o.status.state.as_str());
+            }
+            start = end;
         }
-        let codes: Vec<i64> = self.run(conn, &pipe).await?;
+        let codes: Vec<Vec<i64>> = self.run(conn, &pipe).await?;
+        let codes: Vec<i64> = codes.into_iter().flatten().collect();
+        if codes.len() != outcomes.len() {
+            return Err(StoreError::Corrupt {
+                key: names.active_jobs(),
+                problem: format!(
+                    "the recording script answered {} codes for {} outcomes",
+                    codes.len(),
+                    outcomes.len()
+                ),
+            });
+        }
         let mut summary = RecordSummary::default();
         for (i, (c, o)) in codes.into_iter().zip(outcomes).enumerate() {
             summary.counted.push(c > 0);
@@ -672,12 +724,12 @@ impl Scripts {
 
     /// Runs a pipeline of EVALSHA calls, loading the scripts first if Redis lost them (after a
     /// restart). The scripts are idempotent, so re-running the pipeline is safe.
-    async fn run(
+    async fn run<T: redis::FromRedisValue>(
         &self,
         conn: &mut RedisConn,
         pipe: &redis::Pipeline,
-    ) -> Result<Vec<i64>, StoreError> {
-        match pipe.query_async::<Vec<i64>>(conn).await {
+    ) -> Result<Vec<T>, StoreError> {
+        match pipe.query_async::<Vec<T>>(conn).await {
             Ok(v) => Ok(v),
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 self.load_all(conn).await?;
@@ -1062,6 +1114,66 @@ mod redis_tests {
             .expect("finish planning");
         assert!(finished, "every planned device was already terminal");
         assert_eq!(f.job().await.state, JobState::Canceled);
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn one_batch_over_several_jobs_answers_in_order_and_finishes_a_job_once() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let ghost = Uuid::now_v7();
+        let _: () = f
+            .conn
+            .hset_multiple(
+                f.names.job(f.job),
+                &[("planning_done", "1"), ("planned", "3")],
+            )
+            .await
+            .expect("planned");
+        let ok = Fixture::status(ExecutionState::Succeeded, None);
+        let failed = Fixture::status(ExecutionState::Failed, Some("boom"));
+        let batch = [
+            (f.job, "d1", &ok),
+            (f.job, "d2", &failed),
+            (ghost, "d1", &ok),
+            (f.job, "d1", &failed),
+            (f.job, "d3", &ok),
+            (f.job, "d4", &ok),
+        ];
+        let outcomes: Vec<TerminalStatus<'_>> = batch
+            .iter()
+            .map(|(job_id, device_id, status)| TerminalStatus {
+                job_id: *job_id,
+                device_id,
+                status,
+            })
+            .collect();
+        let s = f
+            .scripts
+            .record_terminal(&mut f.conn, &f.names, &outcomes, Reporter::Planner)
+            .await
+            .expect("record");
+        assert_eq!(s.counted, vec![true, true, false, false, true, true]);
+        assert_eq!(s.unknown_jobs, vec![2]);
+        assert_eq!((s.recorded, s.duplicates), (4, 1));
+        assert_eq!(
+            s.finished_jobs,
+            vec![f.job],
+            "finished at its third device, once"
+        );
+        let job = f.job().await;
+        assert_eq!(job.state, JobState::Completed);
+        assert_eq!(
+            (
+                job.count(ExecutionState::Succeeded),
+                job.count(ExecutionState::Failed)
+            ),
+            (3, 1)
+        );
+        assert_eq!(
+            f.status_of("d1").await.map(|s| s.state),
+            Some(ExecutionState::Succeeded),
+            "the first outcome of d1 stays"
+        );
         f.done().await;
     }
 

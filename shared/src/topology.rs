@@ -329,10 +329,39 @@ pub async fn send_task(
     retry: Option<usize>,
     task: &crate::messages::DeviceTask,
 ) -> Result<PendingConfirm, AmqpError> {
-    let payload = crate::messages::encode(task)?;
+    send_tasks(publisher, names, retry, std::slice::from_ref(task)).await
+}
+
+/// Publishes several tasks as one message (a [`crate::messages::TaskBatch`]; one task goes
+/// as a plain task), to the tasks exchange or delayed-retry queue `n`, like [`send_task`].
+/// The headers name the first task's job and attempts; the message id is the first task's
+/// execution id.
+///
+/// # Errors
+/// Encoding or broker errors.
+///
+/// # Panics
+/// When `tasks` is empty (a caller's bug).
+pub async fn send_tasks(
+    publisher: &Publisher,
+    names: &Names,
+    retry: Option<usize>,
+    tasks: &[crate::messages::DeviceTask],
+) -> Result<PendingConfirm, AmqpError> {
+    let first = tasks.first().expect("send_tasks needs at least one task");
+    let (payload, kind) = match tasks {
+        [task] => (crate::messages::encode(task)?, crate::messages::TASK_TYPE),
+        _ => (
+            crate::messages::encode(&crate::messages::TaskBatch {
+                version: crate::messages::WIRE_VERSION,
+                tasks: tasks.to_vec(),
+            })?,
+            crate::messages::TASK_BATCH_TYPE,
+        ),
+    };
     let mut headers = FieldTable::default();
-    set_header(&mut headers, HEADER_JOB_ID, &task.job_id.to_string());
-    set_header(&mut headers, HEADER_ATTEMPT, &task.attempts.to_string());
+    set_header(&mut headers, HEADER_JOB_ID, &first.job_id.to_string());
+    set_header(&mut headers, HEADER_ATTEMPT, &first.attempts.to_string());
     crate::amqp::inject_current_context(&mut headers);
     let (exchange, routing_key) = match retry {
         None => (names.tasks_exchange(), TASK_ROUTING_KEY.to_owned()),
@@ -343,11 +372,7 @@ pub async fn send_task(
             exchange: &exchange,
             routing_key: &routing_key,
             payload: &payload,
-            properties: crate::amqp::properties(
-                crate::messages::TASK_TYPE,
-                &task.execution_id.to_string(),
-                headers,
-            ),
+            properties: crate::amqp::properties(kind, &first.execution_id.to_string(), headers),
         })
         .await
 }

@@ -869,7 +869,12 @@ async fn tasks_removed_from_the_broker_by_hand_end_timed_out_with_the_reason_and
         .await
         .expect("purge");
     let _ = conn.close(200, "done".into()).await;
-    assert_eq!(purged, n as u32, "every task was waiting in the queue");
+    let per_message = u32::from(app.settings.amqp.tasks_per_message);
+    assert_eq!(
+        purged,
+        (n as u32).div_ceil(per_message),
+        "every task was waiting in the queue, {per_message} to a message"
+    );
     app.cluster.start_worker().expect("worker");
 
     // Past the deadline and its grace the sweep ends each device, saying why.
@@ -911,12 +916,23 @@ async fn a_task_dead_lettered_as_poison_ends_its_device_failed_with_the_reason_a
         .expect("basic_get")
         .expect("a task waits");
     let _ = conn.close(200, "done".into()).await;
-    let mut task = shared::messages::decode_task(&taken.delivery.data).expect("a task");
-    task.attempts = shared::job::MAX_ATTEMPTS + 1;
+    // A message carries several tasks: one of them is poisoned, the others go back as they
+    // were, in the same message.
+    let mut tasks = shared::messages::decode_tasks(&taken.delivery.data).expect("tasks");
+    tasks[0].attempts = shared::job::MAX_ATTEMPTS + 1;
+    let task = tasks[0].clone();
+    let body = if tasks.len() == 1 {
+        shared::messages::encode(&task)
+    } else {
+        shared::messages::encode(&shared::messages::TaskBatch {
+            version: shared::messages::WIRE_VERSION,
+            tasks,
+        })
+    };
     app.publish_raw(
         app.names.tasks_exchange(),
         shared::topology::TASK_ROUTING_KEY,
-        &shared::messages::encode(&task).expect("encode"),
+        &body.expect("encode"),
     )
     .await;
     app.cluster.start_worker().expect("worker");
@@ -1167,8 +1183,13 @@ async fn on_quorum_queues_jobs_are_exact_and_a_task_that_keeps_failing_its_consu
     assert!(why.contains("poison"), "{why}");
     let job = app.wait_for_job(second, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.assert_exact(second, &fleet_ids(n)).await;
+    let others: Vec<_> = statuses
+        .iter()
+        .filter(|(_, s)| s.state != ExecutionState::Succeeded)
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
     assert_eq!(job["succeeded"], n, "{job}");
-    app.assert_exact(second, &fleet_ids(n)).await;
     assert_eq!(app.drain_dead_letters().await.len(), 1);
     app.teardown().await;
 }

@@ -268,6 +268,7 @@ async fn the_tasks_queue_stays_under_its_bound_and_a_small_job_created_mid_way_f
             app.names.tasks_queue(),
             stop.clone(),
         );
+        let per_message = u32::from(settings.tasks_per_message);
         tokio::spawn(async move {
             let conn = shared::amqp::connect(&settings, "e2e-depth")
                 .await
@@ -286,7 +287,8 @@ async fn the_tasks_queue_stays_under_its_bound_and_a_small_job_created_mid_way_f
                     )
                     .await
                     .expect("depth");
-                max = max.max(q.message_count());
+                // The queue counts messages of up to `tasks_per_message` tasks.
+                max = max.max(q.message_count() * per_message);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let _ = conn.close(200, "done".into()).await;

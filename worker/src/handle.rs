@@ -19,7 +19,7 @@ use lapin::types::FieldTable;
 use shared::{
     amqp::{self, Publisher},
     config::Settings,
-    messages::{self, DeviceTask, TaskResult, WIRE_VERSION},
+    messages::{DeviceTask, TaskResult, WIRE_VERSION},
     now_ms,
     state::{DeviceStatus, ExecutionState, JobState},
     store::Scripts,
@@ -121,12 +121,8 @@ pub enum Outcome {
     Requeue,
 }
 
-/// Handles one delivery's body and headers.
-pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) -> Outcome {
-    let task = match messages::decode_task(data) {
-        Ok(t) => t,
-        Err(e) => return Outcome::DeadLetter(format!("undecodable task: {e}: {e:?}")),
-    };
+/// Handles one task of a delivery, with the delivery's headers (its trace context).
+pub async fn handle(ctx: &Context, task: &DeviceTask, headers: Option<&FieldTable>) -> Outcome {
     let span = tracing::info_span!(
         "process fleetbatch.tasks",
         otel.kind = "consumer",
@@ -143,7 +139,7 @@ pub async fn handle(ctx: &Context, data: &[u8], headers: Option<&FieldTable>) ->
     amqp::link_trace(&span, headers);
     shared::telemetry::record_trace_id(&span);
     async {
-        match process(ctx, &task).await {
+        match process(ctx, task).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::warn!(

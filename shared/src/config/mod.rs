@@ -229,6 +229,12 @@ impl Settings {
                 problem: "must be at least 32 characters".into(),
             });
         }
+        if self.amqp.tasks_per_message == 0 {
+            return Err(ConfigError::Value {
+                field: "amqp.tasks_per_message",
+                problem: "must be at least 1".into(),
+            });
+        }
         if self.coordinator.publish_batch == 0 {
             return Err(ConfigError::Value {
                 field: "coordinator.publish_batch",

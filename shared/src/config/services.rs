@@ -25,6 +25,10 @@ pub struct AmqpSettings {
     /// When set, every queue this deployment declares is deleted by the broker after being
     /// unused this long. Meant for tests and demos, never for production.
     pub queue_expires_ms: Option<u64>,
+    /// Device tasks per broker message: the planner sends a job's devices in messages of
+    /// this many tasks (each keeps its own execution, attempts and result), and a worker's
+    /// prefetch is sized from it. 1 sends one message per device.
+    pub tasks_per_message: u16,
     /// Seconds to wait for one publisher confirm before treating the publish as failed.
     pub confirm_timeout_secs: u64,
 }
@@ -408,6 +412,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
             .field("queue_expires_ms", &self.queue_expires_ms)
+            .field("tasks_per_message", &self.tasks_per_message)
             .field("confirm_timeout_secs", &self.confirm_timeout_secs)
             .finish()
     }

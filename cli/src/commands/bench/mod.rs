@@ -77,6 +77,11 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// CPU seconds spread over `devices`, in whole microseconds a device.
+fn per_device_us(seconds: f64, devices: u64) -> f64 {
+    (seconds * 1e6 / devices.max(1) as f64).round()
+}
+
 /// CPU seconds of the broker (RabbitMQ's Erlang VM) on this machine.
 fn broker_cpu() -> f64 {
     pids_named("beam.smp").into_iter().map(cpu_seconds).sum()
@@ -114,7 +119,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         for i in 0..args.repeat {
             let r = product_run(&args, latency).await?;
             eprintln!(
-                "fleetbatch latency {latency} ms run {}: {:.0} devices/s, latency p50 {} ms p99 {} ms, coordinator {:.0} MB / {:.1} CPU s, workers {} MB / {} CPU s, broker {:.1} CPU s, Redis {} B/device ({} after delete)",
+                "fleetbatch latency {latency} ms run {}: {:.0} devices/s, latency p50 {} ms p99 {} ms, coordinator {:.0} MB / {:.1} CPU s, workers {} MB / {} CPU s, broker {:.1} CPU s, Redis {:.1} CPU s, Redis {} B/device ({} after delete)",
                 i + 1,
                 r["devices_per_s"].as_f64().unwrap_or(0.0),
                 r["latency_ms"]["p50"],
@@ -124,6 +129,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 r["worker_peak_rss_mb_each"],
                 r["worker_cpu_s_each"],
                 r["broker_cpu_s"].as_f64().unwrap_or(0.0),
+                r["redis_cpu_s"].as_f64().unwrap_or(0.0),
                 r["redis_bytes_per_device"],
                 r["redis_bytes_per_device_after_delete"],
             );
@@ -161,6 +167,14 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             "coordinator_cpu_s": (med("coordinator_cpu_s") * 10.0).round() / 10.0,
             "worker_cpu_s": (med("worker_cpu_s") * 10.0).round() / 10.0,
             "broker_cpu_s": (med("broker_cpu_s") * 10.0).round() / 10.0,
+            "redis_cpu_s": (med("redis_cpu_s") * 10.0).round() / 10.0,
+            // CPU microseconds each device cost each process (medians of the runs).
+            "cpu_us_per_device": {
+                "coordinator": per_device_us(med("coordinator_cpu_s"), args.devices),
+                "workers": per_device_us(med("worker_cpu_s"), args.devices),
+                "rabbitmq": per_device_us(med("broker_cpu_s"), args.devices),
+                "redis": per_device_us(med("redis_cpu_s"), args.devices),
+            },
             "all_exact": runs.iter().all(|r| r["exact"] == true),
             "extra_deliveries": runs.iter().map(|r| r["extra_deliveries"].as_u64().unwrap_or(0)).sum::<u64>(),
             "redis_bytes_per_device": med("redis_bytes_per_device"),
@@ -174,6 +188,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             );
             line["mqtt_broker_cpu_s"] = json!((med("mqtt_broker_cpu_s") * 10.0).round() / 10.0);
             line["fleet_sim_cpu_s"] = json!((med("fleet_sim_cpu_s") * 10.0).round() / 10.0);
+            line["cpu_us_per_device"]["mqtt_broker"] =
+                json!(per_device_us(med("mqtt_broker_cpu_s"), args.devices));
+            line["cpu_us_per_device"]["fleet_sim"] =
+                json!(per_device_us(med("fleet_sim_cpu_s"), args.devices));
             line["fleet_sim_peak_bytes_per_device"] = json!(med("fleet_sim_peak_bytes_per_device"));
         }
         if args.cancel_at > 0.0 {
@@ -221,6 +239,18 @@ async fn redis_used_bytes(redis: &mut RedisConn) -> anyhow::Result<u64> {
         .context("INFO memory has no used_memory")
 }
 
+/// Redis's own CPU seconds (user + system) since it started.
+async fn redis_cpu_seconds(redis: &mut RedisConn) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(field("used_cpu_user:") + field("used_cpu_sys:"))
+}
+
 async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyhow::Result<Value> {
     sandbox.import_fleet(args.devices).await?;
     let mut redis =
@@ -239,6 +269,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyh
     let sim_before = sim_pid.map_or(0.0, cpu_seconds);
     let mqtt_before = mqtt_broker_cpu();
     let broker_before = broker_cpu();
+    let redis_cpu_before = redis_cpu_seconds(&mut redis).await?;
     let started = Instant::now();
     let job_id = sandbox.create_firmware_job("bench", json!({})).await?;
     let mut canceled_at_ms = None;
@@ -274,6 +305,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyh
         .map(|(a, b)| a - b)
         .collect();
     let broker_cpu_s = broker_cpu() - broker_before;
+    let redis_cpu_s = redis_cpu_seconds(&mut redis).await? - redis_cpu_before;
     let mqtt_broker_cpu_s = mqtt_broker_cpu() - mqtt_before;
     let sim_cpu_s = sim_pid.map_or(0.0, cpu_seconds) - sim_before;
     let sim_bytes_per_device = sim_pid.map_or(0.0, |p| {
@@ -336,6 +368,7 @@ async fn measure(args: &BenchArgs, sandbox: &Sandbox, sim: Option<&str>) -> anyh
         "worker_cpu_s": cpu[1..].iter().sum::<f64>(),
         "worker_cpu_s_each": worker_cpu_each,
         "broker_cpu_s": broker_cpu_s,
+        "redis_cpu_s": redis_cpu_s,
         "mqtt_broker_cpu_s": mqtt_broker_cpu_s,
         "fleet_sim_cpu_s": sim_cpu_s,
         "fleet_sim_peak_bytes_per_device": sim_bytes_per_device.round(),
