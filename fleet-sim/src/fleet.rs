@@ -6,27 +6,94 @@
 //! worker's built-in simulator uses. It never speaks a protocol.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
 };
 
 use devices::simdevice::{self, Answer, SimOutcome};
 use serde::Serialize;
 use shared::{config::SimulatorSettings, job::Action, state::Readings};
 
+/// What one device remembers. Kept small (a fleet-sim process plays 100,000s of devices):
+/// one entry a job that reached the device, job ids shared between devices, execution ids
+/// as integers.
 #[derive(Debug, Default)]
 struct DeviceMemory {
-    /// Per job: deliveries received.
-    deliveries: HashMap<String, u32>,
-    /// Per job: when the first and the last delivery arrived (ms since the epoch).
-    contacts: HashMap<String, Contact>,
+    /// Per job that reached the device (or that it applied), in the order they came.
+    jobs: Vec<JobMemory>,
     /// Executions applied: the device's memory that makes repeats harmless.
-    executions: std::collections::HashSet<String>,
-    /// Per job: times applied (more than 1 would be a duplicate application: the same job
-    /// reaching the device under two execution ids).
-    applied: HashMap<String, u32>,
-    /// Readings sent, per job.
-    readings: HashMap<String, Readings>,
+    executions: Vec<u128>,
+}
+
+/// What a device remembers of one job.
+#[derive(Debug)]
+struct JobMemory {
+    job: Arc<str>,
+    /// Deliveries received.
+    deliveries: u32,
+    /// Times applied (more than 1 would be a duplicate application: the same job reaching
+    /// the device under two execution ids).
+    applied: u32,
+    /// When the first and the last delivery arrived; `None` until one did.
+    contact: Option<Contact>,
+    /// Readings sent.
+    readings: Option<Box<Readings>>,
+}
+
+/// The devices' memories, and the job ids they share.
+#[derive(Debug, Default)]
+struct Memories {
+    devices: HashMap<String, DeviceMemory>,
+    job_ids: HashSet<Arc<str>>,
+}
+
+impl Memories {
+    /// `job`'s entry in `device`'s memory, made if missing.
+    fn job(&mut self, device: &str, job: &str) -> &mut JobMemory {
+        if !self.devices.contains_key(device) {
+            self.devices
+                .insert(device.to_owned(), DeviceMemory::default());
+        }
+        let mem = self.devices.get_mut(device).expect("just made");
+        if let Some(i) = mem.jobs.iter().position(|j| &*j.job == job) {
+            return &mut mem.jobs[i];
+        }
+        let job: Arc<str> = match self.job_ids.get(job) {
+            Some(j) => j.clone(),
+            None => {
+                let j: Arc<str> = Arc::from(job);
+                self.job_ids.insert(j.clone());
+                j
+            }
+        };
+        mem.jobs.push(JobMemory {
+            job,
+            deliveries: 0,
+            applied: 0,
+            contact: None,
+            readings: None,
+        });
+        mem.jobs.last_mut().expect("just pushed")
+    }
+
+    /// Each device's entry for `job`, where it has one, by device.
+    fn by_device<T>(&self, job: &str, f: impl Fn(&JobMemory) -> Option<T>) -> BTreeMap<String, T> {
+        self.devices
+            .iter()
+            .filter_map(|(d, m)| {
+                let j = m.jobs.iter().find(|j| &*j.job == job)?;
+                f(j).map(|v| (d.clone(), v))
+            })
+            .collect()
+    }
+}
+
+/// An execution id as an integer: its UUID, or a hash of any other text.
+fn execution_key(execution: &str) -> u128 {
+    match uuid::Uuid::parse_str(execution) {
+        Ok(u) => u.as_u128(),
+        Err(_) => uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, execution.as_bytes()).as_u128(),
+    }
 }
 
 /// When a job reached a device: its first and its last delivery (ms since the epoch).
@@ -76,7 +143,7 @@ pub(crate) struct Fleet {
     /// Keys job documents must be signed with (none: not checked).
     trusted: shared::signing::TrustedKeys,
     size: u64,
-    devices: Mutex<HashMap<String, DeviceMemory>>,
+    memories: Mutex<Memories>,
     totals: Mutex<Totals>,
     /// Devices `dev-0000000` .. below this index are offline until they are brought online.
     offline_below: std::sync::atomic::AtomicU64,
@@ -103,7 +170,7 @@ impl Fleet {
             trusted: Default::default(),
             settings,
             size,
-            devices: Mutex::new(HashMap::new()),
+            memories: Mutex::new(Memories::default()),
             totals: Mutex::new(Totals::default()),
             offline_below: std::sync::atomic::AtomicU64::new(0),
             online_at: Mutex::new(BTreeMap::new()),
@@ -203,20 +270,27 @@ impl Fleet {
             return None;
         }
         let (delivery, applied) = {
-            let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-            let mem = devices.entry(device.to_owned()).or_default();
+            let mut memories = self.memories();
             let now = shared::now_ms();
-            mem.contacts
-                .entry(job.to_owned())
-                .and_modify(|c| c.last_ms = now)
-                .or_insert(Contact {
-                    first_ms: now,
-                    last_ms: now,
-                    replied_ms: None,
-                });
-            let n = mem.deliveries.entry(job.to_owned()).or_default();
-            *n += 1;
-            (*n, mem.executions.contains(execution))
+            let j = memories.job(device, job);
+            match &mut j.contact {
+                Some(c) => c.last_ms = now,
+                None => {
+                    j.contact = Some(Contact {
+                        first_ms: now,
+                        last_ms: now,
+                        replied_ms: None,
+                    });
+                }
+            }
+            j.deliveries += 1;
+            let n = j.deliveries;
+            let key = execution_key(execution);
+            let applied = memories
+                .devices
+                .get(device)
+                .is_some_and(|m| m.executions.contains(&key));
+            (n, applied)
         };
         let reboot = matches!(action, Some(Action::Reboot(_)));
         let answer = simdevice::decide(
@@ -276,17 +350,28 @@ impl Fleet {
         readings: Option<&Readings>,
     ) {
         let first = {
-            let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-            let mem = devices.entry(device.to_owned()).or_default();
-            if !mem.executions.insert(execution.to_owned()) {
+            let key = execution_key(execution);
+            let mut memories = self.memories();
+            if memories
+                .devices
+                .get(device)
+                .is_some_and(|m| m.executions.contains(&key))
+            {
                 return;
             }
-            let n = mem.applied.entry(job.to_owned()).or_default();
-            *n += 1;
+            let j = memories.job(device, job);
+            j.applied += 1;
             if let Some(r) = readings {
-                mem.readings.insert(job.to_owned(), r.clone());
+                j.readings = Some(Box::new(r.clone()));
             }
-            *n
+            let n = j.applied;
+            memories
+                .devices
+                .get_mut(device)
+                .expect("made by job()")
+                .executions
+                .push(key);
+            n
         };
         let mut t = self.totals();
         t.applications += 1;
@@ -304,12 +389,12 @@ impl Fleet {
         if !self.has(&req.device_id) {
             return None;
         }
+        let key = req.execution_id.as_u128();
         let applied = self
+            .memories()
             .devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .get(&req.device_id)
-            .is_some_and(|m| m.executions.contains(&req.execution_id.to_string()));
+            .is_some_and(|m| m.executions.contains(&key));
         let health = if applied {
             simdevice::health(&self.settings, &req.device_id, &req.action)
         } else {
@@ -347,31 +432,29 @@ impl Fleet {
 
     /// Readings sent for `job`, by device.
     pub(crate) fn readings(&self, job: &str) -> BTreeMap<String, Readings> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(d, m)| m.readings.get(job).map(|r| (d.clone(), r.clone())))
-            .collect()
+        self.memories()
+            .by_device(job, |j| j.readings.as_deref().cloned())
+    }
+
+    fn memories(&self) -> std::sync::MutexGuard<'_, Memories> {
+        self.memories.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Deliveries of `job` received, by device (each attempt a worker made reached the
     /// device once; more than the recorded attempts are extra deliveries).
     pub(crate) fn deliveries(&self, job: &str) -> BTreeMap<String, u32> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(d, m)| m.deliveries.get(job).map(|n| (d.clone(), *n)))
-            .collect()
+        self.memories()
+            .by_device(job, |j| j.contact.is_some().then_some(j.deliveries))
     }
 
     /// Notes that `device` answered a delivery of `job` now.
     pub(crate) fn replied(&self, device: &str, job: &str) {
-        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = devices
+        let mut memories = self.memories();
+        if let Some(c) = memories
+            .devices
             .get_mut(device)
-            .and_then(|m| m.contacts.get_mut(job))
+            .and_then(|m| m.jobs.iter_mut().find(|j| &*j.job == job))
+            .and_then(|j| j.contact.as_mut())
         {
             c.replied_ms = Some(shared::now_ms());
         }
@@ -380,12 +463,7 @@ impl Fleet {
     /// When `job` first and last reached each device it reached (rollout order and stop
     /// times are checked from these).
     pub(crate) fn contacts(&self, job: &str) -> BTreeMap<String, Contact> {
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(d, m)| m.contacts.get(job).map(|c| (d.clone(), *c)))
-            .collect()
+        self.memories().by_device(job, |j| j.contact)
     }
 
     /// Notes what `device` did with a cancel request for `job`.
@@ -415,12 +493,29 @@ impl Fleet {
 
     /// One device's memory, as JSON.
     pub(crate) fn device(&self, device: &str) -> Option<serde_json::Value> {
-        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        let m = devices.get(device)?;
+        let memories = self.memories();
+        let m = memories.devices.get(device)?;
+        let deliveries: BTreeMap<&str, u32> = m
+            .jobs
+            .iter()
+            .filter(|j| j.contact.is_some())
+            .map(|j| (&*j.job, j.deliveries))
+            .collect();
+        let applied: BTreeMap<&str, u32> = m
+            .jobs
+            .iter()
+            .filter(|j| j.applied > 0)
+            .map(|j| (&*j.job, j.applied))
+            .collect();
+        let readings: BTreeMap<&str, &Readings> = m
+            .jobs
+            .iter()
+            .filter_map(|j| Some((&*j.job, j.readings.as_deref()?)))
+            .collect();
         Some(serde_json::json!({
-            "deliveries": m.deliveries,
-            "applied": m.applied,
-            "readings": m.readings,
+            "deliveries": deliveries,
+            "applied": applied,
+            "readings": readings,
         }))
     }
 }

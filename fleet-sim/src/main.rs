@@ -57,6 +57,14 @@ struct Args {
     /// How long the `--offline` devices stay offline.
     #[arg(long, default_value_t = 60)]
     offline_secs: u64,
+    /// MQTT connections the devices share (fleetbatch protocol). A broker queues a bounded
+    /// number of messages for one slow client and drops the rest (Mosquitto:
+    /// `max_queued_messages`, 1,000), which one connection for a whole fleet under load
+    /// reaches; with more than one, the devices' topics are shared subscriptions
+    /// (`$share/...`), and the broker spreads requests over the connections. The AWS IoT
+    /// Jobs mode uses one: Mosquitto does not share `$aws/...` topics.
+    #[arg(long, default_value_t = 8)]
+    mqtt_connections: u16,
     /// Address of the HTTP devices and the report endpoints.
     #[arg(long, default_value = "127.0.0.1:9100")]
     listen: String,
@@ -97,6 +105,37 @@ async fn run() -> anyhow::Result<()> {
         MqttMode::AwsIotJobs => aws::subscriptions(),
         MqttMode::None => vec![],
     };
+    // Further connections sharing the fleetbatch protocol's topics with the first.
+    let extra = match mode {
+        MqttMode::Fleetbatch => args.mqtt_connections.max(1) - 1,
+        _ => 0,
+    };
+    let subscriptions: Vec<String> = if extra > 0 {
+        subscriptions
+            .into_iter()
+            .map(|f| format!("$share/{id}/{f}"))
+            .collect()
+    } else {
+        subscriptions
+    };
+    let working = plain::Working::default();
+    for k in 1..=extra {
+        let (link, messages) = devices::mqtt::connect(
+            mqtt,
+            &format!("{id}-{k}"),
+            subscriptions.clone(),
+            shutdown.clone(),
+        )
+        .context("connecting to the MQTT broker")?;
+        drop(tokio::spawn(plain::serve(
+            fleet.clone(),
+            link,
+            messages,
+            mqtt.topic_prefix.clone(),
+            working.clone(),
+            shutdown.clone(),
+        )));
+    }
     if mode != MqttMode::None {
         let (link, messages) = devices::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
             .context("connecting to the MQTT broker")?;
@@ -118,6 +157,7 @@ async fn run() -> anyhow::Result<()> {
                 link,
                 messages,
                 mqtt.topic_prefix.clone(),
+                working,
                 shutdown.clone(),
             )),
             _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),

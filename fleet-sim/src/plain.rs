@@ -107,7 +107,7 @@ fn stopped(fleet: &Fleet, req: &DeviceRequest) -> DeviceReply {
 }
 
 /// Jobs under way, by the nonce of their attempt: a cancel request stops the one it names.
-type Working = Arc<Mutex<HashMap<String, CancellationToken>>>;
+pub(crate) type Working = Arc<Mutex<HashMap<String, CancellationToken>>>;
 
 /// A cancel request: the device stops the attempt it names, unless it refuses (then it
 /// finishes), or the attempt is no longer under way.
@@ -136,15 +136,16 @@ fn cancel(fleet: &Fleet, working: &Working, device: &str, payload: &[u8]) {
     fleet.cancel_seen(&job, device, what);
 }
 
-/// Serves requests arriving on `messages` until shutdown.
+/// Serves requests arriving on `messages` until shutdown; `working` (the attempts under way,
+/// for cancels) is shared by every connection of the fleet.
 pub(crate) async fn serve(
     fleet: Arc<Fleet>,
     link: Link,
     mut messages: mpsc::Receiver<Message>,
     prefix: String,
+    working: Working,
     shutdown: CancellationToken,
 ) {
-    let working = Working::default();
     loop {
         let m = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -407,10 +407,12 @@ end
 "#;
 
 /// `record_terminal`, for several devices of one job in one call: KEYS job, counts, status,
-/// active, wave-of, parked due, wave counts, then four a device: its state set, device
-/// record, device lane and parked tasks; ARGV now, job-id, `1` when each device must already
-/// have a status (a device's result: only targets have one), then four a device: device,
-/// counter, status-json, state. For each device only the first terminal outcome counts. A
+/// active, wave-of, parked due, wave counts, then five a device: its state set, device
+/// record, device lane, parked tasks and idempotency record; ARGV now, job-id, `1` for
+/// devices' results (each device must already have a status: only targets have one), then
+/// four a device: device, counter, status-json, state. For each device only the first
+/// terminal outcome counts; with a device's result the worker's saved result (`d:...`) is
+/// removed, as the recorded status now answers every copy of the task. A
 /// device with a wave counts in its wave's counters too; a device that SUCCEEDED at a
 /// firmware job (`sets_firmware` on the job) runs that version from then on. The job leaves
 /// the device's lane; if another job waits there, the device's parked tasks are due now. When
@@ -432,9 +434,13 @@ local final = finals[j[3] or '']
 local planned = tonumber(j[2])
 local fw = j[4]
 for i = 1, n do
-  local a, k = 3 + (i - 1) * 4, 7 + (i - 1) * 4
+  local a, k = 3 + (i - 1) * 4, 7 + (i - 1) * 5
   local device, counter, status, state = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local raw = redis.call('HGET', KEYS[3], device)
+  if ARGV[3] == '1' and raw then
+    local saved = redis.call('GET', KEYS[k + 5])
+    if saved and string.sub(saved, 1, 2) == 'd:' then redis.call('DEL', KEYS[k + 5]) end
+  end
   if ARGV[3] == '1' and not raw then
     codes[i] = -2
   elseif is_terminal(raw) then
@@ -608,7 +614,7 @@ impl Scripts {
             let run = &outcomes[start..end];
             pipe.cmd("EVALSHA")
                 .arg(self.record_terminal.get_hash())
-                .arg(7 + 4 * run.len())
+                .arg(7 + 5 * run.len())
                 .arg(names.job(job_id))
                 .arg(names.job_counts(job_id))
                 .arg(names.job_status(job_id))
@@ -620,7 +626,8 @@ impl Scripts {
                 pipe.arg(names.job_state_set(job_id, o.status.state))
                     .arg(names.device(o.device_id))
                     .arg(names.device_lane(o.device_id))
-                    .arg(names.parked_device(o.device_id));
+                    .arg(names.parked_device(o.device_id))
+                    .arg(names.idempotency(crate::state::execution_id(job_id, o.device_id)));
             }
             pipe.arg(&now).arg(job_id.to_string()).arg(targets_only);
             for o in run {
@@ -1174,6 +1181,58 @@ mod redis_tests {
             Some(ExecutionState::Succeeded),
             "the first outcome of d1 stays"
         );
+        f.done().await;
+    }
+
+    #[tokio::test]
+    async fn a_devices_recorded_result_removes_its_saved_result_but_never_a_claim() {
+        let mut f = Fixture::new("IN_PROGRESS").await;
+        let running = Fixture::status(ExecutionState::InProgress, None);
+        let idem = |d: &str| f.names.idempotency(crate::state::execution_id(f.job, d));
+        let (saved, claimed) = (idem("d1"), idem("d2"));
+        let _: () = redis::pipe()
+            .hset(
+                f.names.job_status(f.job),
+                "d1",
+                serde_json::to_string(&running).expect("json"),
+            )
+            .hset(
+                f.names.job_status(f.job),
+                "d2",
+                serde_json::to_string(&running).expect("json"),
+            )
+            .set(&saved, "d:result")
+            .set(&claimed, "c:worker-b")
+            .query_async(&mut f.conn)
+            .await
+            .expect("setup");
+        let ok = Fixture::status(ExecutionState::Succeeded, None);
+        let outcomes = [
+            TerminalStatus {
+                job_id: f.job,
+                device_id: "d1",
+                status: &ok,
+            },
+            TerminalStatus {
+                job_id: f.job,
+                device_id: "d2",
+                status: &ok,
+            },
+        ];
+        let s = f
+            .scripts
+            .record_terminal(&mut f.conn, &f.names, &outcomes, Reporter::Device)
+            .await
+            .expect("record");
+        assert_eq!(s.recorded, 2);
+        let left: (Option<String>, Option<String>) = redis::pipe()
+            .get(&saved)
+            .get(&claimed)
+            .query_async(&mut f.conn)
+            .await
+            .expect("get");
+        assert_eq!(left, (None, Some("c:worker-b".into())));
+        let _: () = f.conn.del(&claimed).await.expect("clean");
         f.done().await;
     }
 

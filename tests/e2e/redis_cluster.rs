@@ -144,7 +144,9 @@ async fn outcomes_a_redis_failover_lost_are_recorded_again_from_the_workers_save
         .await
         .expect("audit");
 
-    // What a failover leaves when it loses the last outcomes recorded.
+    // What a failover leaves when it loses the last outcomes recorded: the whole recording
+    // script is lost (it replicates as one unit), so the workers' saved results, which the
+    // script removed, are back too.
     let names = &app.names;
     let taken: Vec<String> = before
         .iter()
@@ -168,6 +170,26 @@ async fn outcomes_a_redis_failover_lost_are_recorded_again_from_the_workers_save
             -1,
         )
         .hincr(names.job_counts(id), "terminal", -1);
+        let saved = shared::messages::TaskResult {
+            version: shared::messages::WIRE_VERSION,
+            job_id: id,
+            execution_id: shared::state::execution_id(id, d),
+            device_id: d.clone(),
+            state: ExecutionState::Succeeded,
+            attempts: before[d].attempts,
+            error: None,
+            worker: before[d].worker.clone().unwrap_or_default(),
+            published_at_ms: before[d].published_at_ms.unwrap_or_default(),
+            finished_at_ms: before[d].updated_at_ms,
+            readings: None,
+        };
+        let mut record = b"d:".to_vec();
+        record.extend(shared::messages::encode(&saved).expect("encode"));
+        pipe.set_ex(
+            names.idempotency(shared::state::execution_id(id, d)),
+            record,
+            3600,
+        );
     }
     pipe.hset(names.job(id), "state", "IN_PROGRESS")
         .hdel(names.job(id), "finished_at_ms")

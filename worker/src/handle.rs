@@ -259,6 +259,10 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
             ctx.reporter.publish(*result).await?;
             return Ok(Outcome::Ack);
         }
+        NextAction::AlreadyRecorded => {
+            mark(ctx, "already_done");
+            return Ok(Outcome::Ack);
+        }
         NextAction::NotTargeted => {
             let reason = format!(
                 "device {} is not a target of job {}",

@@ -7,7 +7,8 @@
 //!   marking the device IN_PROGRESS and reading the attempts already recorded for it;
 //! - `c:{worker}`: a worker holds the claim;
 //! - `d:{result}`: finished; the stored [`TaskResult`] is re-published instead of delivering
-//!   again.
+//!   again, until the coordinator records the outcome and removes the record: from then on
+//!   the device's terminal status answers every copy of the task (nothing is claimed).
 //!
 //! Between two attempts [`hold`] renews the claim and records the attempts made so far, so
 //! whichever copy of the task runs next counts on from there.
@@ -52,6 +53,9 @@ pub enum NextAction {
     },
     /// Already finished: re-publish this result and ack.
     ReturnSavedResult(Box<TaskResult>),
+    /// The device's outcome is recorded (its saved result, no longer needed, was removed
+    /// then): ack, nothing to publish.
+    AlreadyRecorded,
     /// The job does not target the device (the planner marks every target QUEUED before its
     /// task exists): nothing was claimed or written.
     NotTargeted,
@@ -83,14 +87,18 @@ const DONE: &[u8] = b"d:";
 /// lane is unfinished (sent to the device or not yet), or any other job of the lane has
 /// started on the device. Jobs that finished on the device, ended or vanished leave the lane
 /// here.
-/// Returns {1, recorded attempts as a string}, {0, the record's value}, {-1, ''} for a
+/// Returns {1, recorded attempts as a string}, {0, the record's value}, {2, ''} for a device
+/// whose outcome is already recorded (nothing claimed: the device is never contacted again
+/// for the job), {-1, ''} for a
 /// device the job does not target (no status: the planner writes QUEUED before publishing),
 /// {-2, job} while `job` has the device, or {-3, the lane's jobs joined by ','} when the lane
 /// holds a job the caller passed no keys for (nothing was claimed or written: call again
 /// with them).
 const CLAIM_LUA: &str = r#"
-if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {-1, ''} end
-if ARGV[6] ~= '' and not is_terminal(redis.call('HGET', KEYS[2], ARGV[3])) then
+local current = redis.call('HGET', KEYS[2], ARGV[3])
+if not current then return {-1, ''} end
+if is_terminal(current) then return {2, ''} end
+if ARGV[6] ~= '' then
   local b, unknown = blocker(KEYS[3], ARGV[6], ARGV[3], 7, 4)
   if unknown then return {-3, unknown} end
   if b then return {-2, b} end
@@ -101,9 +109,7 @@ if not mine then
   if held ~= ARGV[1] then return {0, held or ''} end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-local raw = redis.call('HGET', KEYS[2], ARGV[3])
-if is_terminal(raw) then return {1, '0'} end
-local recorded = attempts_of(raw)
+local recorded = attempts_of(current)
 local status = ARGV[4]
 if recorded > tonumber(ARGV[5]) then
   status = string.gsub(status, '"attempts":%d+', '"attempts":' .. recorded, 1)
@@ -242,6 +248,9 @@ pub async fn try_claim(
     };
     if claimed == -1 {
         return Ok(NextAction::NotTargeted);
+    }
+    if claimed == 2 {
+        return Ok(NextAction::AlreadyRecorded);
     }
     if claimed == -2 {
         return Ok(NextAction::WaitForTurn {
@@ -799,6 +808,31 @@ mod tests {
             .await
             .expect("ttl");
         assert!((1..=60).contains(&ttl), "kept for the retention: {ttl} s");
+        cleanup(conn, &names).await;
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_a_task_whose_outcome_is_recorded_claims_nothing_and_changes_nothing() {
+        let (mut conn, names, task) = setup().await;
+        // The coordinator recorded the outcome (and removed the saved result).
+        let _: () = conn
+            .hset(names.job_status(task.job_id), &task.device_id, done_again())
+            .await
+            .expect("hset");
+        for worker in ["a", "b"] {
+            assert_eq!(
+                claim(&mut conn, &names, &task, worker).await,
+                NextAction::AlreadyRecorded,
+                "{worker}"
+            );
+        }
+        let held: Option<Vec<u8>> = conn
+            .get(names.idempotency(task.execution_id))
+            .await
+            .expect("get");
+        assert_eq!(held, None, "nothing claimed");
+        let now = stored(&mut conn, &names, &task).await;
+        assert_eq!(now.state, ExecutionState::Succeeded);
         cleanup(conn, &names).await;
     }
 }
