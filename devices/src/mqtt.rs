@@ -306,6 +306,10 @@ trait Session: Send + 'static {
     fn disconnect(&self);
 }
 
+/// Filters in one SUBSCRIBE packet at most: a client playing many devices subscribes to
+/// thousands, which must not make one packet larger than the broker or the client accepts.
+const SUBSCRIBE_CHUNK: usize = 500;
+
 struct V4Session {
     events: rumqttc::EventLoop,
     client: rumqttc::AsyncClient,
@@ -328,20 +332,23 @@ impl Session for V4Session {
     }
 
     fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
-        self.client
-            .try_subscribe_many(
+        let all: Vec<_> = filters
+            .at_least_once
+            .iter()
+            .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce))
+            .chain(
                 filters
-                    .at_least_once
+                    .at_most_once
                     .iter()
-                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce))
-                    .chain(
-                        filters
-                            .at_most_once
-                            .iter()
-                            .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtMostOnce)),
-                    ),
+                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtMostOnce)),
             )
-            .map_err(|e| e.to_string())
+            .collect();
+        for chunk in all.chunks(SUBSCRIBE_CHUNK) {
+            self.client
+                .try_subscribe_many(chunk.iter().cloned())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn disconnect(&self) {
@@ -378,20 +385,23 @@ impl Session for V5Session {
 
     fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
         use rumqttc::v5::mqttbytes::{QoS, v5::Filter};
-        self.client
-            .try_subscribe_many(
+        let all: Vec<_> = filters
+            .at_least_once
+            .iter()
+            .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce))
+            .chain(
                 filters
-                    .at_least_once
+                    .at_most_once
                     .iter()
-                    .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce))
-                    .chain(
-                        filters
-                            .at_most_once
-                            .iter()
-                            .map(|s| Filter::new(s.clone(), QoS::AtMostOnce)),
-                    ),
+                    .map(|s| Filter::new(s.clone(), QoS::AtMostOnce)),
             )
-            .map_err(|e| e.to_string())
+            .collect();
+        for chunk in all.chunks(SUBSCRIBE_CHUNK) {
+            self.client
+                .try_subscribe_many(chunk.iter().cloned())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn disconnect(&self) {

@@ -28,6 +28,19 @@ pub(crate) fn subscriptions() -> Vec<String> {
     aws::filters(&aws::AGENT_OPERATIONS, None)
 }
 
+/// The same topics for the named things only (a connection playing a share of the fleet:
+/// a broker that cannot share `$aws/...` subscriptions still spreads the fleet's messages
+/// over several connections, as over the devices' own).
+pub(crate) fn subscriptions_of<'a>(things: impl Iterator<Item = &'a str>) -> Vec<String> {
+    things
+        .flat_map(|t| {
+            aws::AGENT_OPERATIONS
+                .iter()
+                .map(move |op| aws::topic(t, op))
+        })
+        .collect()
+}
+
 /// Serves the jobs topics until shutdown.
 pub(crate) async fn serve(
     fleet: Arc<Fleet>,

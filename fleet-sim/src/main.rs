@@ -57,12 +57,12 @@ struct Args {
     /// How long the `--offline` devices stay offline.
     #[arg(long, default_value_t = 60)]
     offline_secs: u64,
-    /// MQTT connections the devices share (fleetbatch protocol). A broker queues a bounded
-    /// number of messages for one slow client and drops the rest (Mosquitto:
-    /// `max_queued_messages`, 1,000), which one connection for a whole fleet under load
-    /// reaches; with more than one, the devices' topics are shared subscriptions
-    /// (`$share/...`), and the broker spreads requests over the connections. The AWS IoT
-    /// Jobs mode uses one: Mosquitto does not share `$aws/...` topics.
+    /// MQTT connections the devices share. A broker queues a bounded number of messages for
+    /// one slow client and drops the rest (Mosquitto: `max_queued_messages`, 1,000), which
+    /// one connection for a whole fleet under load reaches. With more than one, the
+    /// fleetbatch protocol's topics are shared subscriptions (`$share/...`), and AWS IoT
+    /// Jobs devices (`--devices` above 0) are split between the connections, each
+    /// subscribing to its own things' topics (Mosquitto does not share `$aws/...` topics).
     #[arg(long, default_value_t = 8)]
     mqtt_connections: u16,
     /// Address of the HTTP devices and the report endpoints.
@@ -105,37 +105,55 @@ async fn run() -> anyhow::Result<()> {
         MqttMode::AwsIotJobs => aws::subscriptions(),
         MqttMode::None => vec![],
     };
-    // Further connections sharing the fleetbatch protocol's topics with the first.
+    // Further connections beside the first: the fleetbatch protocol's topics are shared
+    // subscriptions; AWS IoT Jobs devices (a fleet of known size) are split between the
+    // connections, each subscribing to its own things' topics.
+    let connections = u64::from(args.mqtt_connections.max(1));
+    let split_things = mode == MqttMode::AwsIotJobs && connections > 1 && args.devices > 0;
     let extra = match mode {
-        MqttMode::Fleetbatch => args.mqtt_connections.max(1) - 1,
+        MqttMode::Fleetbatch => connections - 1,
+        MqttMode::AwsIotJobs if split_things => connections - 1,
         _ => 0,
     };
-    let subscriptions: Vec<String> = if extra > 0 {
-        subscriptions
-            .into_iter()
-            .map(|f| format!("$share/{id}/{f}"))
-            .collect()
-    } else {
-        subscriptions
+    let subscriptions_of = |k: u64| -> Vec<String> {
+        if split_things {
+            let things: Vec<String> = (0..args.devices)
+                .filter(|i| i % connections == k)
+                .map(|i| format!("dev-{i:07}"))
+                .collect();
+            aws::subscriptions_of(things.iter().map(String::as_str))
+        } else if extra > 0 {
+            subscriptions
+                .iter()
+                .map(|f| format!("$share/{id}/{f}"))
+                .collect()
+        } else {
+            subscriptions.clone()
+        }
     };
     let working = plain::Working::default();
     for k in 1..=extra {
         let (link, messages) = devices::mqtt::connect(
             mqtt,
             &format!("{id}-{k}"),
-            subscriptions.clone(),
+            subscriptions_of(k),
             shutdown.clone(),
         )
         .context("connecting to the MQTT broker")?;
-        drop(tokio::spawn(plain::serve(
-            fleet.clone(),
-            link,
-            messages,
-            mqtt.topic_prefix.clone(),
-            working.clone(),
-            shutdown.clone(),
-        )));
+        let serve = match mode {
+            MqttMode::Fleetbatch => tokio::spawn(plain::serve(
+                fleet.clone(),
+                link,
+                messages,
+                mqtt.topic_prefix.clone(),
+                working.clone(),
+                shutdown.clone(),
+            )),
+            _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),
+        };
+        drop(serve);
     }
+    let subscriptions = subscriptions_of(0);
     if mode != MqttMode::None {
         let (link, messages) = devices::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
             .context("connecting to the MQTT broker")?;
