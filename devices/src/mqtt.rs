@@ -155,6 +155,22 @@ impl Subscriptions {
     fn is_empty(&self) -> bool {
         self.at_least_once.is_empty() && self.at_most_once.is_empty()
     }
+
+    /// Every filter, made by `make(filter, at_least_once)`, in groups of at most
+    /// [`SUBSCRIBE_CHUNK`] (one SUBSCRIBE packet each).
+    fn chunks<F>(&self, make: impl Fn(&str, bool) -> F) -> Vec<Vec<F>> {
+        let mut all = self
+            .at_least_once
+            .iter()
+            .map(|f| make(f, true))
+            .chain(self.at_most_once.iter().map(|f| make(f, false)))
+            .peekable();
+        let mut chunks = Vec::new();
+        while all.peek().is_some() {
+            chunks.push(all.by_ref().take(SUBSCRIBE_CHUNK).collect());
+        }
+        chunks
+    }
 }
 
 /// Connects as `client_id` and keeps `subscriptions` across reconnections. Incoming
@@ -332,20 +348,18 @@ impl Session for V4Session {
     }
 
     fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
-        let all: Vec<_> = filters
-            .at_least_once
-            .iter()
-            .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtLeastOnce))
-            .chain(
-                filters
-                    .at_most_once
-                    .iter()
-                    .map(|s| rumqttc::SubscribeFilter::new(s.clone(), QoS::AtMostOnce)),
-            )
-            .collect();
-        for chunk in all.chunks(SUBSCRIBE_CHUNK) {
+        let qos = |once| {
+            if once {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            }
+        };
+        for chunk in
+            filters.chunks(|f, once| rumqttc::SubscribeFilter::new(f.to_owned(), qos(once)))
+        {
             self.client
-                .try_subscribe_many(chunk.iter().cloned())
+                .try_subscribe_many(chunk)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -385,20 +399,16 @@ impl Session for V5Session {
 
     fn subscribe(&self, filters: &Subscriptions) -> Result<(), String> {
         use rumqttc::v5::mqttbytes::{QoS, v5::Filter};
-        let all: Vec<_> = filters
-            .at_least_once
-            .iter()
-            .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce))
-            .chain(
-                filters
-                    .at_most_once
-                    .iter()
-                    .map(|s| Filter::new(s.clone(), QoS::AtMostOnce)),
-            )
-            .collect();
-        for chunk in all.chunks(SUBSCRIBE_CHUNK) {
+        let qos = |once| {
+            if once {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            }
+        };
+        for chunk in filters.chunks(|f, once| Filter::new(f.to_owned(), qos(once))) {
             self.client
-                .try_subscribe_many(chunk.iter().cloned())
+                .try_subscribe_many(chunk)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())

@@ -132,55 +132,41 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     let working = plain::Working::default();
-    for k in 1..=extra {
-        let (link, messages) = devices::mqtt::connect(
-            mqtt,
-            &format!("{id}-{k}"),
-            subscriptions_of(k),
-            shutdown.clone(),
-        )
-        .context("connecting to the MQTT broker")?;
-        let serve = match mode {
-            MqttMode::Fleetbatch => tokio::spawn(plain::serve(
-                fleet.clone(),
-                link,
-                messages,
-                mqtt.topic_prefix.clone(),
-                working.clone(),
-                shutdown.clone(),
-            )),
-            _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),
-        };
-        drop(serve);
-    }
-    let subscriptions = subscriptions_of(0);
     if mode != MqttMode::None {
-        let (link, messages) = devices::mqtt::connect(mqtt, &id, subscriptions, shutdown.clone())
-            .context("connecting to the MQTT broker")?;
-        if args.offline > 0 {
-            fleet.set_offline(args.offline);
-            tokio::spawn(presence::play(
-                fleet.clone(),
-                link.clone(),
-                mqtt.topic_prefix.clone(),
-                args.offline,
-                std::time::Duration::from_secs(args.offline_secs),
-                mode == MqttMode::AwsIotJobs,
-                shutdown.clone(),
-            ));
+        for k in 0..=extra {
+            let client = if k == 0 {
+                id.clone()
+            } else {
+                format!("{id}-{k}")
+            };
+            let (link, messages) =
+                devices::mqtt::connect(mqtt, &client, subscriptions_of(k), shutdown.clone())
+                    .context("connecting to the MQTT broker")?;
+            if k == 0 && args.offline > 0 {
+                fleet.set_offline(args.offline);
+                tokio::spawn(presence::play(
+                    fleet.clone(),
+                    link.clone(),
+                    mqtt.topic_prefix.clone(),
+                    args.offline,
+                    std::time::Duration::from_secs(args.offline_secs),
+                    mode == MqttMode::AwsIotJobs,
+                    shutdown.clone(),
+                ));
+            }
+            let serve = match mode {
+                MqttMode::Fleetbatch => tokio::spawn(plain::serve(
+                    fleet.clone(),
+                    link,
+                    messages,
+                    mqtt.topic_prefix.clone(),
+                    working.clone(),
+                    shutdown.clone(),
+                )),
+                _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),
+            };
+            drop(serve);
         }
-        let task = match mode {
-            MqttMode::Fleetbatch => tokio::spawn(plain::serve(
-                fleet.clone(),
-                link,
-                messages,
-                mqtt.topic_prefix.clone(),
-                working,
-                shutdown.clone(),
-            )),
-            _ => tokio::spawn(aws::serve(fleet.clone(), link, messages, shutdown.clone())),
-        };
-        drop(task);
     }
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
