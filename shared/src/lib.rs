@@ -19,6 +19,7 @@
 //! - [`shutdown`]: the SIGTERM/SIGINT trigger.
 //! - [`supervise`]: the reconnect loop that keeps a service up through outages.
 //! - [`backoff`]: the pure exponential backoff policy used for device retries.
+//! - [`coalesce`]: group commit, concurrent callers' single requests merged into one call.
 //!
 //! Talking to devices (protocols, MQTT, simulated behaviour) is the `devices` crate's, so the
 //! coordinator, which never talks to a device, compiles no device client.
@@ -32,6 +33,7 @@
 
 pub mod amqp;
 pub mod backoff;
+pub mod coalesce;
 pub mod config;
 pub mod device;
 pub mod job;

@@ -16,10 +16,14 @@
 //! It never delivers, publishes or acks.
 
 use shared::redis_conn::RedisConn;
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use redis::{AsyncCommands, Script};
 use shared::{
+    coalesce::{CoalesceError, ScriptBatcher, ScriptItem, script_batcher},
     messages::{self, DeviceTask, TaskResult, WireError},
     state::DeviceStatus,
     store,
@@ -36,6 +40,12 @@ pub enum IdempotencyError {
     /// A stored result does not decode.
     #[error("stored result is corrupt")]
     Corrupt(#[from] WireError),
+    /// Redis failed under a batched call (its error, shared by the batch's executions).
+    #[error("idempotency store unavailable")]
+    Batch(#[source] Arc<redis::RedisError>),
+    /// The batching task is gone (the process is shutting down).
+    #[error("idempotency store unavailable: batching stopped")]
+    Stopped,
     /// A status could not be serialized (does not happen for these types).
     #[error("status not serializable")]
     Json(#[from] serde_json::Error),
@@ -79,10 +89,10 @@ const DONE: &[u8] = b"d:";
 /// this process), and in the same round trip marks the device IN_PROGRESS and reads the
 /// attempts already recorded for it, so the count never goes back: a stale copy of the task
 /// (a planner's re-published batch) starts from the recorded number, not from its own.
-/// KEYS idempotency, status, device lane, then the job record and status hash of each job
-/// named in ARGV[7..]; ARGV claim, lease ms, device, in-progress status JSON, its attempts,
-/// the job id (one job at a time per device) or '' (no lane check), then the other jobs of
-/// the device's lane the caller passed keys for.
+/// `claim(k, a, ids, first)`: KEYS[k..k+2] idempotency, status, device lane; ARGV[a..a+5]
+/// claim, lease ms, device, in-progress status JSON, its attempts, the job id (one job at a
+/// time per device) or '' (no lane check); the other jobs of the device's lane the caller
+/// passed keys for are ARGV[ids..], their keys from KEYS[first] on (as `blocker` reads them).
 /// One job at a time per device: an execution waits while a job ahead of it in the device's
 /// lane is unfinished (sent to the device or not yet), or any other job of the lane has
 /// started on the device. Jobs that finished on the device, ended or vanished leave the lane
@@ -95,28 +105,45 @@ const DONE: &[u8] = b"d:";
 /// holds a job the caller passed no keys for (nothing was claimed or written: call again
 /// with them).
 const CLAIM_LUA: &str = r#"
-local current = redis.call('HGET', KEYS[2], ARGV[3])
-if not current then return {-1, ''} end
-if is_terminal(current) then return {2, ''} end
-if ARGV[6] ~= '' then
-  local b, unknown = blocker(KEYS[3], ARGV[6], ARGV[3], 7, 4)
-  if unknown then return {-3, unknown} end
-  if b then return {-2, b} end
+local function claim(k, a, ids, first)
+  local current = redis.call('HGET', KEYS[k + 1], ARGV[a + 2])
+  if not current then return {-1, ''} end
+  if is_terminal(current) then return {2, ''} end
+  if ARGV[a + 5] ~= '' then
+    local b, unknown = blocker(KEYS[k + 2], ARGV[a + 5], ARGV[a + 2], ids, first)
+    if unknown then return {-3, unknown} end
+    if b then return {-2, b} end
+  end
+  local mine = redis.call('SET', KEYS[k], ARGV[a], 'NX', 'PX', ARGV[a + 1])
+  if not mine then
+    local held = redis.call('GET', KEYS[k])
+    if held ~= ARGV[a] then return {0, held or ''} end
+    redis.call('PEXPIRE', KEYS[k], ARGV[a + 1])
+  end
+  local recorded = attempts_of(current)
+  local status = ARGV[a + 3]
+  if recorded > tonumber(ARGV[a + 4]) then
+    status = string.gsub(status, '"attempts":%d+', '"attempts":' .. recorded, 1)
+  end
+  redis.call('HSET', KEYS[k + 1], ARGV[a + 2], status)
+  return {1, tostring(recorded)}
 end
-local mine = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-if not mine then
-  local held = redis.call('GET', KEYS[1])
-  if held ~= ARGV[1] then return {0, held or ''} end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-local recorded = attempts_of(current)
-local status = ARGV[4]
-if recorded > tonumber(ARGV[5]) then
-  status = string.gsub(status, '"attempts":%d+', '"attempts":' .. recorded, 1)
-end
-redis.call('HSET', KEYS[2], ARGV[3], status)
-return {1, tostring(recorded)}
 "#;
+
+/// One claim, with the keys of the lane's other jobs the caller learnt: `claim` of the first
+/// (and only) execution.
+const CLAIM_ONE_LUA: &str = "return claim(1, 1, 7, 4)";
+
+/// Claims of several executions in one call: three keys and six arguments each, laid out as
+/// for one claim, without keys of other lane jobs (an execution whose lane holds another job
+/// answers -3 and is claimed again alone, with them). Returns one answer an execution.
+const CLAIM_MANY_LUA: &str = r"
+local answers = {}
+for i = 0, #KEYS / 3 - 1 do
+  answers[i + 1] = claim(1 + 3 * i, 1 + 6 * i, #ARGV + 1, #KEYS + 1)
+end
+return answers
+";
 
 /// `blocker(lane, job, device, ids, first)`: the job that has `device` before `job` (one
 /// ahead of it in the device's lane and unfinished there, sent to the device or not yet,
@@ -195,8 +222,18 @@ return 1
 ";
 
 /// The scripts, with the status helpers prepended; built (and hashed) once per process.
-static CLAIM_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{}{LANE_LUA}{CLAIM_LUA}", store::STATUS_LUA)));
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{}{LANE_LUA}{CLAIM_LUA}{CLAIM_ONE_LUA}",
+        store::STATUS_LUA
+    ))
+});
+static CLAIM_MANY_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{}{LANE_LUA}{CLAIM_LUA}{CLAIM_MANY_LUA}",
+        store::STATUS_LUA
+    ))
+});
 static RECHECK_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}{LANE_LUA}{RECHECK_LUA}", store::STATUS_LUA)));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
@@ -207,13 +244,52 @@ static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 static HOLD_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}{HOLD_LUA}", store::STATUS_LUA)));
 
+/// The claims of many executions, merged into one script call per batch while a worker is
+/// busy (group commit: [`shared::coalesce`]); cheap to clone. Saved results are not merged:
+/// measured, a script saving a batch of them took Redis more CPU than the pipelined `SET`s
+/// (each result's bytes are copied into Lua and back) and saved the worker nothing.
+#[derive(Debug, Clone)]
+pub struct Records {
+    claims: ScriptBatcher<(i64, Vec<u8>)>,
+}
+
+impl Records {
+    /// Executions a call serves at most (a call holds Redis for its duration).
+    const BATCH: usize = 64;
+    /// Batched calls under way at once.
+    const IN_FLIGHT: usize = 4;
+
+    /// Starts the batching task on the current runtime.
+    pub fn start(redis: RedisConn) -> Self {
+        let claims = script_batcher(
+            redis,
+            Arc::new(CLAIM_MANY_SCRIPT.clone()),
+            Self::BATCH,
+            Self::IN_FLIGHT,
+        );
+        Self { claims }
+    }
+}
+
+/// A batched call's error as the store's.
+fn batch_error(e: CoalesceError<Arc<redis::RedisError>>) -> IdempotencyError {
+    match e {
+        CoalesceError::Failed(e) => IdempotencyError::Batch(e),
+        CoalesceError::Stopped => IdempotencyError::Stopped,
+    }
+}
+
 /// Tries to claim `task`'s execution for `worker`; on success the device's status becomes
-/// `in_progress` (its attempts raised to those already recorded).
+/// `in_progress` (its attempts raised to those already recorded). The first try goes through
+/// `records` with other handlers' claims; a device whose lane holds another job is claimed
+/// again alone, with that job's keys.
 ///
 /// # Errors
 /// Redis errors or a corrupt stored result.
+#[allow(clippy::too_many_arguments)]
 pub async fn try_claim(
     redis: &mut RedisConn,
+    records: &Records,
     names: &Names,
     task: &DeviceTask,
     worker: &str,
@@ -221,49 +297,76 @@ pub async fn try_claim(
     in_progress: &DeviceStatus,
     exclusive: bool,
 ) -> Result<NextAction, IdempotencyError> {
+    let claim = format!("{CLAIM}{worker}");
+    let status = serde_json::to_string(in_progress)?;
+    let job = if exclusive {
+        task.job_id.to_string()
+    } else {
+        String::new()
+    };
+    let first = records
+        .claims
+        .call(ScriptItem {
+            keys: vec![
+                names.idempotency(task.execution_id),
+                names.job_status(task.job_id),
+                names.device_lane(&task.device_id),
+            ],
+            args: vec![
+                claim.clone().into(),
+                lease.as_millis().to_string().into(),
+                task.device_id.clone().into(),
+                status.clone().into(),
+                in_progress.attempts.to_string().into(),
+                job.clone().into(),
+            ],
+        })
+        .await
+        .map_err(batch_error)?;
     let mut others: Vec<String> = Vec::new();
-    let (claimed, value) = loop {
+    let mut answer = first;
+    loop {
+        let (claimed, value) = &answer;
+        match lane_to_learn(*claimed, value, task.job_id, &mut others) {
+            Some(behind) => return Ok(NextAction::WaitForTurn { behind }),
+            None if *claimed == -3 => {}
+            None => break,
+        }
         let mut call = CLAIM_SCRIPT.key(names.idempotency(task.execution_id));
         call.key(names.job_status(task.job_id))
             .key(names.device_lane(&task.device_id))
-            .arg(format!("{CLAIM}{worker}"))
+            .arg(&claim)
             .arg(lease.as_millis() as u64)
             .arg(&task.device_id)
-            .arg(serde_json::to_string(in_progress)?)
+            .arg(&status)
             .arg(in_progress.attempts)
-            .arg(if exclusive {
-                task.job_id.to_string()
-            } else {
-                String::new()
-            });
+            .arg(&job);
         lane_keys(&mut call, names, &others);
-        let (claimed, value): (i64, Vec<u8>) = call.invoke_async(redis).await?;
-        match lane_to_learn(claimed, &value, task.job_id, &mut others) {
-            Some(behind) => {
-                return Ok(NextAction::WaitForTurn { behind });
-            }
-            None if claimed == -3 => continue,
-            None => break (claimed, value),
+        answer = call.invoke_async(redis).await?;
+    }
+    next_action(answer)
+}
+
+/// What a claim's answer `(code, value)` means (codes as [`CLAIM_LUA`] returns them; -3 is
+/// resolved by the caller).
+fn next_action((claimed, value): (i64, Vec<u8>)) -> Result<NextAction, IdempotencyError> {
+    match claimed {
+        -1 => return Ok(NextAction::NotTargeted),
+        2 => return Ok(NextAction::AlreadyRecorded),
+        -2 => {
+            return Ok(NextAction::WaitForTurn {
+                behind: String::from_utf8_lossy(&value).into_owned(),
+            });
         }
-    };
-    if claimed == -1 {
-        return Ok(NextAction::NotTargeted);
-    }
-    if claimed == 2 {
-        return Ok(NextAction::AlreadyRecorded);
-    }
-    if claimed == -2 {
-        return Ok(NextAction::WaitForTurn {
-            behind: String::from_utf8_lossy(&value).into_owned(),
-        });
-    }
-    if claimed == 1 {
-        // A Lua number: "3", or "3.0"-like from a float in a hand-edited status.
-        let recorded_attempts = std::str::from_utf8(&value)
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |n| n.max(0.0) as u32);
-        return Ok(NextAction::StartProcessing { recorded_attempts });
+        1 => {
+            // A Lua number: "3", or "3.0"-like from a float in a hand-edited status.
+            let recorded_attempts = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0, |n| n.max(0.0) as u32);
+            return Ok(NextAction::StartProcessing { recorded_attempts });
+        }
+        _ => {}
     }
     if value.starts_with(DONE) {
         let result = messages::decode_result(&value[DONE.len()..])?;
@@ -478,6 +581,91 @@ mod tests {
         cleanup(conn, &names).await;
     }
 
+    #[tokio::test]
+    async fn claims_merged_into_one_call_each_get_their_own_answer() {
+        let (mut conn, names, task) = setup().await;
+        let of = |device: &str| DeviceTask {
+            device_id: device.into(),
+            execution_id: execution_id(task.job_id, device),
+            ..task.clone()
+        };
+        // d1 is QUEUED (setup), d2 already SUCCEEDED, d3 QUEUED with 2 attempts recorded,
+        // d4 claimed by another worker, d9 not a target.
+        let _: () = conn
+            .hset_multiple(
+                names.job_status(task.job_id),
+                &[
+                    (
+                        "d2",
+                        serde_json::to_string(&status(ExecutionState::Succeeded, 1)).expect("json"),
+                    ),
+                    (
+                        "d3",
+                        serde_json::to_string(&status(ExecutionState::Queued, 2)).expect("json"),
+                    ),
+                    (
+                        "d4",
+                        serde_json::to_string(&status(ExecutionState::Queued, 0)).expect("json"),
+                    ),
+                ],
+            )
+            .await
+            .expect("statuses");
+        let _: () = conn
+            .set(names.idempotency(of("d4").execution_id), "c:other")
+            .await
+            .expect("claim");
+        let records = Records::start(conn.clone());
+        let tasks: Vec<DeviceTask> = ["d1", "d2", "d3", "d4", "d9"].map(of).into();
+        let answers = futures::future::join_all(tasks.iter().map(|t| {
+            let (records, names, mut conn) = (records.clone(), names.clone(), conn.clone());
+            async move {
+                try_claim(
+                    &mut conn,
+                    &records,
+                    &names,
+                    t,
+                    "a",
+                    LEASE,
+                    &status(ExecutionState::InProgress, 0),
+                    true,
+                )
+                .await
+                .expect("claim")
+            }
+        }))
+        .await;
+        assert_eq!(
+            answers,
+            vec![
+                NextAction::StartProcessing {
+                    recorded_attempts: 0
+                },
+                NextAction::AlreadyRecorded,
+                NextAction::StartProcessing {
+                    recorded_attempts: 2
+                },
+                NextAction::HeldByOther {
+                    holder: "other".into()
+                },
+                NextAction::NotTargeted,
+            ]
+        );
+        // Each claim wrote its own device's record and status, nobody else's.
+        assert_eq!(stored(&mut conn, &names, &of("d3")).await.attempts, 2);
+        let held: Option<String> = conn
+            .get(names.idempotency(of("d3").execution_id))
+            .await
+            .expect("get");
+        assert_eq!(held.as_deref(), Some("c:a"));
+        let d2: Option<String> = conn
+            .get(names.idempotency(of("d2").execution_id))
+            .await
+            .expect("get");
+        assert_eq!(d2, None);
+        cleanup(conn, &names).await;
+    }
+
     fn status(state: ExecutionState, attempts: u32) -> DeviceStatus {
         DeviceStatus {
             state,
@@ -508,6 +696,7 @@ mod tests {
     ) -> NextAction {
         try_claim(
             conn,
+            &Records::start(conn.clone()),
             names,
             task,
             worker,
@@ -564,7 +753,8 @@ mod tests {
         // A job that may run alongside others does not wait.
         assert!(matches!(
             try_claim(
-                &mut conn,
+                &mut conn.clone(),
+                &Records::start(conn.clone()),
                 &names,
                 &second,
                 "b",
@@ -687,7 +877,8 @@ mod tests {
     async fn holding_renews_only_our_claim_and_never_overwrites_an_outcome() {
         let (mut conn, names, task) = setup().await;
         try_claim(
-            &mut conn,
+            &mut conn.clone(),
+            &Records::start(conn.clone()),
             &names,
             &task,
             "a",

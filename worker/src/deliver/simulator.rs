@@ -11,7 +11,10 @@
 
 use devices::keys::DeviceKeys;
 use devices::simdevice::{self, Answer, SimOutcome};
+use std::sync::Arc;
+
 use redis::Script;
+use shared::coalesce::{ScriptBatcher, ScriptItem, script_batcher};
 use shared::redis_conn::RedisConn;
 use shared::{config::SimulatorSettings, job::Action, topology::Names};
 
@@ -24,55 +27,84 @@ pub struct Simulator {
     worker: String,
     redis: RedisConn,
     names: Names,
-    receive: std::sync::Arc<Script>,
-    apply: std::sync::Arc<Script>,
+    receive: ScriptBatcher<(u32, i64)>,
+    apply: ScriptBatcher<i64>,
 }
 
 pub use devices::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
 
+/// A device receives an execution: counts the delivery, and says how many this execution has
+/// had and whether the device already applied it. KEYS deliveries, done, totals, log and
+/// ARGV execution, log entry ('' for none), for each device of the call; an answer each.
+const RECEIVE_LUA: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local answers = {}
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = 1 + 4 * i, 1 + 2 * i
+  local n = redis.call('HINCRBY', KEYS[k], ARGV[a], 1)
+  redis.call('HINCRBY', KEYS[k + 2], 'deliveries', 1)
+  redis.call('HSET', KEYS[k + 2], 'last_delivery_ms', now)
+  if ARGV[a + 1] ~= '' then
+    local log = redis.call('HGET', KEYS[k + 3], ARGV[a]) or ''
+    redis.call('HSET', KEYS[k + 3], ARGV[a], log .. ARGV[a + 1] .. ';')
+  end
+  local done = redis.call('HEXISTS', KEYS[k + 1], ARGV[a])
+  if done == 1 then redis.call('HINCRBY', KEYS[k + 2], 'redundant_deliveries', 1) end
+  answers[i + 1] = {n, done}
+end
+return answers
+";
+
+/// A device applies an execution: remembers it, counts the application. KEYS done, applied,
+/// totals and ARGV execution, device, for each device of the call; an answer each.
+const APPLY_LUA: &str = r"
+local answers = {}
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = 1 + 3 * i, 1 + 2 * i
+  if redis.call('HSETNX', KEYS[k], ARGV[a], 1) == 1 then
+    local n = redis.call('HINCRBY', KEYS[k + 1], ARGV[a + 1], 1)
+    redis.call('HINCRBY', KEYS[k + 2], 'applications', 1)
+    if n > 1 then redis.call('HINCRBY', KEYS[k + 2], 'duplicate_applications', 1) end
+  end
+  answers[i + 1] = 1
+end
+return answers
+";
+
+/// Devices a call of the simulator's scripts serves at most, and calls under way at once.
+const BATCH: usize = 64;
+const IN_FLIGHT: usize = 4;
+
 impl Simulator {
-    /// A simulator keeping device state in `redis` under `names`.
+    /// A simulator keeping device state in `redis` under `names`; its scripts serve the
+    /// deliveries under way together (one call per batch), as many devices would answer at
+    /// once. Starts its batching tasks on the current runtime.
     pub fn new(
         settings: SimulatorSettings,
         worker: String,
         redis: RedisConn,
         names: Names,
     ) -> Self {
-        // receive: count the delivery; say how many this execution has had and whether the
-        // device already applied it.
-        let receive = Script::new(
-            r"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('HINCRBY', KEYS[3], 'deliveries', 1)
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[3], 'last_delivery_ms', t[1] * 1000 + math.floor(t[2] / 1000))
-if ARGV[2] ~= '' then
-  local log = redis.call('HGET', KEYS[4], ARGV[1]) or ''
-  redis.call('HSET', KEYS[4], ARGV[1], log .. ARGV[2] .. ';')
-end
-local done = redis.call('HEXISTS', KEYS[2], ARGV[1])
-if done == 1 then redis.call('HINCRBY', KEYS[3], 'redundant_deliveries', 1) end
-return {n, done}
-",
+        let receive = script_batcher(
+            redis.clone(),
+            Arc::new(Script::new(RECEIVE_LUA)),
+            BATCH,
+            IN_FLIGHT,
         );
-        // apply: remember the execution, count the application per device.
-        let apply = Script::new(
-            r"
-if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 1 then
-  local a = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-  redis.call('HINCRBY', KEYS[3], 'applications', 1)
-  if a > 1 then redis.call('HINCRBY', KEYS[3], 'duplicate_applications', 1) end
-end
-return 1
-",
+        let apply = script_batcher(
+            redis.clone(),
+            Arc::new(Script::new(APPLY_LUA)),
+            BATCH,
+            IN_FLIGHT,
         );
         Self {
             settings,
             worker,
             redis,
             names,
-            receive: std::sync::Arc::new(receive),
-            apply: std::sync::Arc::new(apply),
+            receive,
+            apply,
         }
     }
 
@@ -106,19 +138,24 @@ return 1
                 health: Some(health),
             });
         }
-        let (n, done): (u32, i64) = self
+        let (n, done) = self
             .receive
-            .key(self.names.sim_deliveries(req.job_id))
-            .key(self.names.sim_done(req.job_id))
-            .key(self.names.sim_totals(req.job_id))
-            .key(self.names.sim_log(req.job_id))
-            .arg(&exec)
-            .arg(if self.settings.record_deliveries {
-                format!("{}/{}", self.worker, req.attempt)
-            } else {
-                String::new()
+            .call(ScriptItem {
+                keys: vec![
+                    self.names.sim_deliveries(req.job_id),
+                    self.names.sim_done(req.job_id),
+                    self.names.sim_totals(req.job_id),
+                    self.names.sim_log(req.job_id),
+                ],
+                args: vec![
+                    exec.clone().into(),
+                    if self.settings.record_deliveries {
+                        format!("{}/{}", self.worker, req.attempt).into()
+                    } else {
+                        Vec::new()
+                    },
+                ],
             })
-            .invoke_async(&mut redis)
             .await
             .map_err(|e| DeliverError::Transient(format!("simulator state unavailable: {e}")))?;
         let reboot = matches!(req.spec.action, Action::Reboot(_));
@@ -154,14 +191,15 @@ return 1
             }
             SimOutcome::Applied => {}
         }
-        let _: i64 = self
-            .apply
-            .key(self.names.sim_done(req.job_id))
-            .key(self.names.sim_applied(req.job_id))
-            .key(self.names.sim_totals(req.job_id))
-            .arg(&exec)
-            .arg(&req.device_id)
-            .invoke_async(&mut redis)
+        self.apply
+            .call(ScriptItem {
+                keys: vec![
+                    self.names.sim_done(req.job_id),
+                    self.names.sim_applied(req.job_id),
+                    self.names.sim_totals(req.job_id),
+                ],
+                args: vec![exec.into(), req.device_id.clone().into()],
+            })
             .await
             .map_err(|e| DeliverError::Transient(format!("simulator state unavailable: {e}")))?;
         Ok(Reply::with_readings(&req.spec, readings))
