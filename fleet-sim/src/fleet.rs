@@ -40,25 +40,64 @@ struct JobMemory {
     readings: Option<Box<Readings>>,
 }
 
-/// The devices' memories, and the job ids they share.
+/// The devices' memories, and the job ids they share. A device named as fleet-sim names its
+/// own (`dev-` and seven or more digits) is kept under its number; any other id, under its
+/// name.
 #[derive(Debug, Default)]
 struct Memories {
-    devices: HashMap<String, DeviceMemory>,
+    numbered: HashMap<u32, DeviceMemory>,
+    named: HashMap<String, DeviceMemory>,
     job_ids: HashSet<Arc<str>>,
 }
 
+/// The number of a device named `dev-NNNNNNN` (seven digits at least, as [`device_name`]
+/// writes it), if that is its name exactly.
+fn number_of(device: &str) -> Option<u32> {
+    let n = u32::try_from(index(device)?).ok()?;
+    (device_name(n) == device).then_some(n)
+}
+
+/// The name of device number `n`.
+fn device_name(n: u32) -> String {
+    format!("dev-{n:07}")
+}
+
 impl Memories {
+    /// Memories for a fleet of `size` devices (room for them made at once, so the table is
+    /// never copied into a larger one while the fleet fills).
+    fn with_capacity(size: u64) -> Self {
+        Self {
+            numbered: HashMap::with_capacity(usize::try_from(size).unwrap_or(0)),
+            ..Self::default()
+        }
+    }
+
+    fn device(&self, device: &str) -> Option<&DeviceMemory> {
+        match number_of(device) {
+            Some(n) => self.numbered.get(&n),
+            None => self.named.get(device),
+        }
+    }
+
+    fn device_mut(&mut self, device: &str) -> &mut DeviceMemory {
+        match number_of(device) {
+            Some(n) => self.numbered.entry(n).or_default(),
+            None => self.named.entry(device.to_owned()).or_default(),
+        }
+    }
+
+    /// `job`'s entry in `device`'s memory, if it has one.
+    fn job_mut(&mut self, device: &str, job: &str) -> Option<&mut JobMemory> {
+        let mem = match number_of(device) {
+            Some(n) => self.numbered.get_mut(&n),
+            None => self.named.get_mut(device),
+        }?;
+        mem.jobs.iter_mut().find(|j| &*j.job == job)
+    }
+
     /// `job`'s entry in `device`'s memory, made if missing.
     fn job(&mut self, device: &str, job: &str) -> &mut JobMemory {
-        if !self.devices.contains_key(device) {
-            self.devices
-                .insert(device.to_owned(), DeviceMemory::default());
-        }
-        let mem = self.devices.get_mut(device).expect("just made");
-        if let Some(i) = mem.jobs.iter().position(|j| &*j.job == job) {
-            return &mut mem.jobs[i];
-        }
-        let job: Arc<str> = match self.job_ids.get(job) {
+        let shared = match self.job_ids.get(job) {
             Some(j) => j.clone(),
             None => {
                 let j: Arc<str> = Arc::from(job);
@@ -66,8 +105,14 @@ impl Memories {
                 j
             }
         };
+        let mem = self.device_mut(device);
+        if let Some(i) = mem.jobs.iter().position(|j| &*j.job == job) {
+            return &mut mem.jobs[i];
+        }
+        // Exactly the room needed: most devices hear of one job in a run.
+        mem.jobs.reserve_exact(1);
         mem.jobs.push(JobMemory {
-            job,
+            job: shared,
             deliveries: 0,
             applied: 0,
             contact: None,
@@ -76,14 +121,23 @@ impl Memories {
         mem.jobs.last_mut().expect("just pushed")
     }
 
+    /// Whether `device` applied the execution `key`.
+    fn applied(&self, device: &str, key: u128) -> bool {
+        self.device(device)
+            .is_some_and(|m| m.executions.contains(&key))
+    }
+
     /// Each device's entry for `job`, where it has one, by device.
     fn by_device<T>(&self, job: &str, f: impl Fn(&JobMemory) -> Option<T>) -> BTreeMap<String, T> {
-        self.devices
+        let entry = |m: &DeviceMemory| m.jobs.iter().find(|j| &*j.job == job).and_then(&f);
+        self.numbered
             .iter()
-            .filter_map(|(d, m)| {
-                let j = m.jobs.iter().find(|j| &*j.job == job)?;
-                f(j).map(|v| (d.clone(), v))
-            })
+            .filter_map(|(n, m)| entry(m).map(|v| (device_name(*n), v)))
+            .chain(
+                self.named
+                    .iter()
+                    .filter_map(|(d, m)| entry(m).map(|v| (d.clone(), v))),
+            )
             .collect()
     }
 }
@@ -170,7 +224,7 @@ impl Fleet {
             trusted: Default::default(),
             settings,
             size,
-            memories: Mutex::new(Memories::default()),
+            memories: Mutex::new(Memories::with_capacity(size)),
             totals: Mutex::new(Totals::default()),
             offline_below: std::sync::atomic::AtomicU64::new(0),
             online_at: Mutex::new(BTreeMap::new()),
@@ -285,11 +339,7 @@ impl Fleet {
             }
             j.deliveries += 1;
             let n = j.deliveries;
-            let key = execution_key(execution);
-            let applied = memories
-                .devices
-                .get(device)
-                .is_some_and(|m| m.executions.contains(&key));
+            let applied = memories.applied(device, execution_key(execution));
             (n, applied)
         };
         let reboot = matches!(action, Some(Action::Reboot(_)));
@@ -352,11 +402,7 @@ impl Fleet {
         let first = {
             let key = execution_key(execution);
             let mut memories = self.memories();
-            if memories
-                .devices
-                .get(device)
-                .is_some_and(|m| m.executions.contains(&key))
-            {
+            if memories.applied(device, key) {
                 return;
             }
             let j = memories.job(device, job);
@@ -365,12 +411,9 @@ impl Fleet {
                 j.readings = Some(Box::new(r.clone()));
             }
             let n = j.applied;
-            memories
-                .devices
-                .get_mut(device)
-                .expect("made by job()")
-                .executions
-                .push(key);
+            let executions = &mut memories.device_mut(device).executions;
+            executions.reserve_exact(1);
+            executions.push(key);
             n
         };
         let mut t = self.totals();
@@ -390,11 +433,7 @@ impl Fleet {
             return None;
         }
         let key = req.execution_id.as_u128();
-        let applied = self
-            .memories()
-            .devices
-            .get(&req.device_id)
-            .is_some_and(|m| m.executions.contains(&key));
+        let applied = self.memories().applied(&req.device_id, key);
         let health = if applied {
             simdevice::health(&self.settings, &req.device_id, &req.action)
         } else {
@@ -451,9 +490,7 @@ impl Fleet {
     pub(crate) fn replied(&self, device: &str, job: &str) {
         let mut memories = self.memories();
         if let Some(c) = memories
-            .devices
-            .get_mut(device)
-            .and_then(|m| m.jobs.iter_mut().find(|j| &*j.job == job))
+            .job_mut(device, job)
             .and_then(|j| j.contact.as_mut())
         {
             c.replied_ms = Some(shared::now_ms());
@@ -494,7 +531,7 @@ impl Fleet {
     /// One device's memory, as JSON.
     pub(crate) fn device(&self, device: &str) -> Option<serde_json::Value> {
         let memories = self.memories();
-        let m = memories.devices.get(device)?;
+        let m = memories.device(device)?;
         let deliveries: BTreeMap<&str, u32> = m
             .jobs
             .iter()
@@ -589,5 +626,29 @@ mod tests {
         // The same job under another execution id would be applied twice: flagged.
         f.apply("d", "j", "y", None);
         assert_eq!(f.totals().duplicate_applications, 1);
+    }
+
+    #[test]
+    fn numbered_and_named_devices_keep_their_own_memories_under_their_own_names() {
+        assert_eq!(number_of("dev-0000042"), Some(42));
+        assert_eq!(number_of("dev-12345678"), Some(12_345_678));
+        // Another spelling of a number is another device, kept under its name.
+        assert_eq!(number_of("dev-42"), None);
+        assert_eq!(number_of("dev-00000042"), None);
+        let f = Fleet::new(settings(), 0);
+        for d in ["dev-0000042", "dev-42", "dev-00000042"] {
+            f.receive(d, "j", &format!("x-{d}"), 1, None).expect("ours");
+        }
+        f.apply("dev-42", "j", "x-dev-42", None);
+        let deliveries = f.deliveries("j");
+        assert_eq!(
+            deliveries.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["dev-00000042", "dev-0000042", "dev-42"]
+        );
+        assert!(f.memories().applied("dev-42", execution_key("x-dev-42")));
+        assert!(
+            !f.memories()
+                .applied("dev-0000042", execution_key("x-dev-42"))
+        );
     }
 }

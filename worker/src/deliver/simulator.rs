@@ -34,40 +34,54 @@ pub struct Simulator {
 pub use devices::simdevice::{DeviceProfile, PERMANENT_ERROR, REJECT_ERROR};
 
 /// A device receives an execution: counts the delivery, and says how many this execution has
-/// had and whether the device already applied it. KEYS deliveries, done, totals, log and
+/// had and whether the device already applied it. The job's totals are added once per job a
+/// call. KEYS deliveries, done, totals, log and
 /// ARGV execution, log entry ('' for none), for each device of the call; an answer each.
 const RECEIVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local answers = {}
+local answers, totals = {}, {}
 for i = 0, #KEYS / 4 - 1 do
   local k, a = 1 + 4 * i, 1 + 2 * i
   local n = redis.call('HINCRBY', KEYS[k], ARGV[a], 1)
-  redis.call('HINCRBY', KEYS[k + 2], 'deliveries', 1)
-  redis.call('HSET', KEYS[k + 2], 'last_delivery_ms', now)
   if ARGV[a + 1] ~= '' then
     local log = redis.call('HGET', KEYS[k + 3], ARGV[a]) or ''
     redis.call('HSET', KEYS[k + 3], ARGV[a], log .. ARGV[a + 1] .. ';')
   end
   local done = redis.call('HEXISTS', KEYS[k + 1], ARGV[a])
-  if done == 1 then redis.call('HINCRBY', KEYS[k + 2], 'redundant_deliveries', 1) end
+  local c = totals[KEYS[k + 2]] or {0, 0}
+  c[1] = c[1] + 1
+  c[2] = c[2] + done
+  totals[KEYS[k + 2]] = c
   answers[i + 1] = {n, done}
+end
+for key, c in pairs(totals) do
+  redis.call('HINCRBY', key, 'deliveries', c[1])
+  redis.call('HSET', key, 'last_delivery_ms', now)
+  if c[2] > 0 then redis.call('HINCRBY', key, 'redundant_deliveries', c[2]) end
 end
 return answers
 ";
 
-/// A device applies an execution: remembers it, counts the application. KEYS done, applied,
+/// A device applies an execution: remembers it, counts the application (the totals once per
+/// job a call). KEYS done, applied,
 /// totals and ARGV execution, device, for each device of the call; an answer each.
 const APPLY_LUA: &str = r"
-local answers = {}
+local answers, totals = {}, {}
 for i = 0, #KEYS / 3 - 1 do
   local k, a = 1 + 3 * i, 1 + 2 * i
   if redis.call('HSETNX', KEYS[k], ARGV[a], 1) == 1 then
     local n = redis.call('HINCRBY', KEYS[k + 1], ARGV[a + 1], 1)
-    redis.call('HINCRBY', KEYS[k + 2], 'applications', 1)
-    if n > 1 then redis.call('HINCRBY', KEYS[k + 2], 'duplicate_applications', 1) end
+    local c = totals[KEYS[k + 2]] or {0, 0}
+    c[1] = c[1] + 1
+    if n > 1 then c[2] = c[2] + 1 end
+    totals[KEYS[k + 2]] = c
   end
   answers[i + 1] = 1
+end
+for key, c in pairs(totals) do
+  redis.call('HINCRBY', key, 'applications', c[1])
+  if c[2] > 0 then redis.call('HINCRBY', key, 'duplicate_applications', c[2]) end
 end
 return answers
 ";
