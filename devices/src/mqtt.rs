@@ -173,6 +173,9 @@ impl Subscriptions {
     }
 }
 
+/// QoS 1 publishes a connection has awaiting the broker's acknowledgement at most.
+const INFLIGHT: u16 = 1000;
+
 /// Connects as `client_id` and keeps `subscriptions` across reconnections. Incoming
 /// messages arrive on the returned channel, which applies back-pressure to the broker
 /// connection when its reader falls behind. The event loop ends when `shutdown` fires or
@@ -203,7 +206,7 @@ pub fn connect(
             o.set_keep_alive(keep_alive)
                 .set_transport(transport)
                 .set_max_packet_size(packet, packet)
-                .set_inflight(1000)
+                .set_inflight(INFLIGHT)
                 .set_clean_session(true);
             if let Some(u) = &settings.username {
                 o.set_credentials(u, password(settings));
@@ -227,9 +230,12 @@ pub fn connect(
         }
         MqttVersion::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
+            // The client keeps a slot for every publish the broker lets it have in flight,
+            // made up front: without a limit 65,536 of them, about 14 MB a connection.
             o.set_keep_alive(keep_alive)
                 .set_transport(transport)
                 .set_max_packet_size(Some(packet as u32))
+                .set_outgoing_inflight_upper_limit(INFLIGHT)
                 .set_clean_start(true);
             if let Some(u) = &settings.username {
                 o.set_credentials(u, password(settings));
