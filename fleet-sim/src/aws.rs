@@ -5,9 +5,13 @@
 //! Owns the agent's message handling for every simulated thing over one connection
 //! (subscriptions use `+` for the thing name). It never keeps device state itself
 //! ([`crate::fleet`] does).
+//!
+//! Like an agent with request timeouts, a device repeats `start-next` and its final `update`
+//! until it hears an answer (a broker may drop a QoS 1 message for a client that falls
+//! behind); the API answers a repeat as it answered the first.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -50,6 +54,8 @@ pub(crate) async fn serve(
 ) {
     // Decisions taken at notify-next, carried out at start-next/accepted.
     let pending: Arc<Mutex<HashMap<(String, String), Decision>>> = Arc::default();
+    // Final updates sent and not answered yet: (thing, job).
+    let updating: Unanswered = Arc::default();
     loop {
         let m = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -107,6 +113,14 @@ pub(crate) async fn serve(
                 let topic = aws::topic(&thing, "start-next");
                 let token = format!("{thing}:{job}");
                 send(&link, &topic, json!({"clientToken": token})).await;
+                let (link, pending, key) = (link.clone(), pending.clone(), (thing, job.to_owned()));
+                let body = json!({"clientToken": format!("{}:{}:again", key.0, key.1)});
+                repeat_until_answered(link, topic, body, move || {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&key)
+                });
             }
             "start-next/accepted" => {
                 let Some(exec) = body.get("execution") else {
@@ -152,7 +166,7 @@ pub(crate) async fn serve(
                     .get("versionNumber")
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
-                let (fleet, link) = (fleet.clone(), link.clone());
+                let (fleet, link, updating) = (fleet.clone(), link.clone(), updating.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(after).await;
                     let (status, details) = match outcome {
@@ -188,8 +202,20 @@ pub(crate) async fn serve(
                         "expectedVersion": version,
                         "clientToken": format!("{thing}:{job}:final"),
                     });
-                    send(&link, &topic, body).await;
+                    let key = (thing, job);
+                    lock(&updating).insert(key.clone());
+                    send(&link, &topic, body.clone()).await;
+                    repeat_until_answered(link, topic, body, move || {
+                        lock(&updating).contains(&key)
+                    });
                 });
+            }
+            r if r.ends_with("/update/accepted") || r.ends_with("/update/rejected") => {
+                let job = r.split('/').next().unwrap_or_default().to_owned();
+                lock(&updating).remove(&(thing.clone(), job));
+                if r.ends_with("/rejected") {
+                    tracing::debug!(thing = %thing, topic = %m.topic, body = %body, "update rejected");
+                }
             }
             r if r.ends_with("/rejected") => {
                 tracing::debug!(thing = %thing, topic = %m.topic, body = %body, "request rejected");
@@ -197,6 +223,36 @@ pub(crate) async fn serve(
             _ => {}
         }
     }
+}
+
+/// Requests sent and not answered yet, by (thing, job).
+type Unanswered = Arc<Mutex<HashSet<(String, String)>>>;
+
+fn lock(u: &Unanswered) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+    u.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long a device waits for an answer before it repeats a request, and how often at most.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+const REPEATS: u32 = 12;
+
+/// Sends `body` to `topic` again every [`ANSWER_WITHIN`] while `unanswered()` holds, at most
+/// [`REPEATS`] times.
+fn repeat_until_answered(
+    link: Link,
+    topic: String,
+    body: Value,
+    unanswered: impl Fn() -> bool + Send + 'static,
+) {
+    tokio::spawn(async move {
+        for _ in 0..REPEATS {
+            tokio::time::sleep(ANSWER_WITHIN).await;
+            if !unanswered() {
+                return;
+            }
+            send(&link, &topic, body.clone()).await;
+        }
+    });
 }
 
 /// A device that missed a notification or dropped off with its job asks for its next job

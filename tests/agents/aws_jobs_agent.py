@@ -14,6 +14,8 @@ Modes:
                     nothing
   long-step         start-next with stepTimeoutInMinutes=5, work 25 s (far longer than the
                     job's attempt timeout), then update SUCCEEDED (must be accepted)
+  missed-notify     loses the first notify-next that names a job (as a device whose broker
+                    dropped it), then as succeed once notified again
 
 Prints one JSON line per event; the last line is {"done": true, ...} and the exit code is 0
 when the agent saw what its mode expects.
@@ -42,7 +44,7 @@ def main():
     p.add_argument("--thing", required=True)
     p.add_argument("--mode", required=True,
                    choices=["succeed", "fail", "version-mismatch", "step-timeout",
-                            "after-cancel", "long-step"])
+                            "after-cancel", "long-step", "missed-notify"])
     p.add_argument("--timeout", type=float, default=240)
     args = p.parse_args()
     thing = args.thing
@@ -79,9 +81,15 @@ def main():
                 include_job_execution_state=True),
             QOS)
 
+    missed = []
+
     def on_next(event):
         if event.execution is None:
             say(event="notify-next", execution=None)
+            return
+        if args.mode == "missed-notify" and not missed:
+            missed.append(event.execution.job_id)
+            say(event="notify-next-missed", job_id=event.execution.job_id)
             return
         say(event="notify-next", job_id=event.execution.job_id,
             status=event.execution.status)
@@ -108,7 +116,7 @@ def main():
         if e.status != "IN_PROGRESS":
             finish(False, error="start-next did not put the execution IN_PROGRESS")
             return
-        if args.mode == "succeed":
+        if args.mode in ("succeed", "missed-notify"):
             update(e.job_id, "SUCCEEDED", e.version_number, "final",
                    {"firmware": "2.0.0"})
         elif args.mode == "fail":

@@ -796,6 +796,51 @@ async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_u
 }
 
 #[tokio::test]
+async fn an_aws_iot_jobs_device_that_missed_its_notification_is_notified_again_and_finishes() {
+    let _topics = AWS_TOPICS.lock().await;
+    let mut env = aws_env();
+    env.push(("FLEETBATCH_WORKER__MQTT__AWS_RENOTIFY_MS", "2000"));
+    let app = spawn_app(1, &env).await;
+    let thing = format!("py-{}-deaf", &app.names.namespace()[1..9]);
+    let record = json!({"id": thing, "groups": ["agents"], "model": "py",
+        "hardware_revision": "A", "firmware_version": "1.0.0"});
+    app.import_ndjson(format!("{record}\n").into_bytes()).await;
+    let (child, rx) = start_agent(&thing, "missed-notify").await;
+
+    // The device loses the job's notify-next (as when a broker drops it) and never asks on
+    // its own: only a second notification gets the job done before its deadline.
+    let id = app
+        .create_job(&firmware_job(json!({
+            "target": {"devices": [thing]},
+            "retry": {"attempt_timeout_secs": 30, "max_attempts": 1, "deadline_secs": 60}
+        })))
+        .await;
+    let (ok, events) = finish_agent(child, rx).await;
+    assert!(ok, "the device never got its job: {events:#?}");
+    let heard: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .filter(|e| e.starts_with("notify-next"))
+        .collect();
+    assert_eq!(
+        heard[..2],
+        ["notify-next-missed", "notify-next"],
+        "{events:#?}"
+    );
+    let job = app.wait_for_job(id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "COMPLETED", "{job}");
+    let statuses = app.statuses(id).await;
+    assert_eq!(
+        statuses[&thing].state,
+        ExecutionState::Succeeded,
+        "{:?}",
+        statuses[&thing]
+    );
+    assert_eq!(statuses[&thing].attempts, 1, "{:?}", statuses[&thing]);
+    app.teardown().await;
+}
+
+#[tokio::test]
 async fn an_aws_iot_jobs_device_that_connects_after_a_cancel_is_not_handed_the_job() {
     let _topics = AWS_TOPICS.lock().await;
     let env = aws_env();

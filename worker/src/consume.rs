@@ -246,8 +246,9 @@ async fn split(ctx: &Context, delivery: Delivery, tasks: &[DeviceTask]) {
 /// Applies the outcomes of a batch's tasks: forwarded and handed-back copies are published
 /// (grouped by destination), dead-lettered tasks go to the dead-letter exchange one by one,
 /// all confirmed; then the batch is acked. If any of that fails the whole batch is handed
-/// back: its finished tasks re-publish their stored results without reaching their devices
-/// again, and a copy already forwarded meets the same idempotency key.
+/// back: its finished tasks re-publish their saved results (or, once the coordinator recorded
+/// them, are acked at their recorded status) without reaching their devices again, and a copy
+/// already forwarded meets the same idempotency key.
 async fn settle_batch(
     ctx: &Context,
     delivery: Delivery,

@@ -101,6 +101,12 @@ pub struct MqttSettings {
     /// parked (no worker slot) until the device changes the execution; at most half the
     /// attempt timeout.
     pub aws_hold_ms: u64,
+    /// AWS IoT Jobs: how long an execution waits QUEUED (the device has not asked for it)
+    /// before the device is sent `notify-next` again, and again after each such wait; 0: only
+    /// when the execution is new (as AWS IoT Jobs does). A notification lost on the way (a
+    /// broker drops QoS 1 messages for a client that falls behind) otherwise leaves the
+    /// device never asking for its job.
+    pub aws_renotify_ms: u64,
 }
 
 /// How workers reach devices over HTTP.

@@ -171,6 +171,8 @@ impl MqttTransport {
                     attempt_timeout: settings.worker.attempt_timeout(),
                     dedupe: (!m.shared_subscriptions)
                         .then(|| std::time::Duration::from_millis(m.request_dedupe_ms.max(1))),
+                    renotify: (m.aws_renotify_ms > 0)
+                        .then(|| std::time::Duration::from_millis(m.aws_renotify_ms)),
                 },
             )
         });

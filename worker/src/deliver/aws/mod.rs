@@ -64,6 +64,8 @@ struct Inner {
     attempt_timeout: Duration,
     /// Without a shared subscription: the window in which one worker claims each request.
     dedupe: Option<Duration>,
+    /// How long an execution waits QUEUED before its device is notified again.
+    renotify: Option<Duration>,
     /// Without a shared subscription: identical requests seen, by hash: (count, last seen).
     seen: std::sync::Mutex<HashMap<u128, (u32, std::time::Instant)>>,
     queue: Script,
@@ -74,12 +76,17 @@ struct Inner {
     finish: Script,
 }
 
-/// What a task whose execution is not terminal waits for.
-fn waiting_for(e: &Record) -> DeviceWait {
+/// What a task whose execution is not terminal waits for: the device to ask for it (and, with
+/// `renotify`, a fresh `notify-next` after that long: a device that missed the first one
+/// learns of its job then), or to finish it (its step timer, if any).
+fn waiting_for(e: &Record, renotify: Option<Duration>, now_ms: u64) -> DeviceWait {
     let started = e.status() == "IN_PROGRESS";
     let step = e.num("step_deadline").filter(|d| started && *d > 0);
+    let again = renotify
+        .filter(|_| !started)
+        .map(|r| now_ms.saturating_add(r.as_millis() as u64));
     DeviceWait {
-        until_ms: step,
+        until_ms: step.or(again),
         started,
         version: e.num("version").unwrap_or(0),
         why: match (started, step) {
@@ -112,6 +119,9 @@ pub(crate) struct Timing {
     pub(crate) attempt_timeout: Duration,
     /// Without a shared subscription: the window in which one worker claims each request.
     pub(crate) dedupe: Option<Duration>,
+    /// How long an execution waits QUEUED before its device is notified again (`None`: only
+    /// when it is new).
+    pub(crate) renotify: Option<Duration>,
 }
 
 impl AwsJobs {
@@ -127,6 +137,7 @@ impl AwsJobs {
             hold,
             attempt_timeout,
             dedupe,
+            renotify,
         }: Timing,
     ) -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
@@ -140,6 +151,7 @@ impl AwsJobs {
             hold,
             attempt_timeout,
             dedupe,
+            renotify,
             seen: Default::default(),
             queue: script(QUEUE),
             check: script(CHECK),
@@ -223,8 +235,12 @@ impl AwsJobs {
         if let Some(done) = self.outcome(req, &exec) {
             return done;
         }
-        if answer.created {
-            // notify-next goes out when the thing's next job changes, not on every look.
+        if answer.created || exec.status() == "QUEUED" {
+            // notify-next goes out when the thing's next job changes, and again when the task
+            // comes back to an execution the device has not asked for (after `renotify`,
+            // or a worker's restart): a notification can be lost on the way (a broker drops
+            // QoS 1 messages for a client that falls behind), and a device never told of its
+            // job would never ask.
             self.notify(&req.device_id).await;
         }
         let hold = self.hold(req);
@@ -241,7 +257,7 @@ impl AwsJobs {
             let now = tokio::time::Instant::now();
             if now >= until {
                 return Err(DeliverError::Waiting {
-                    wait: waiting_for(&exec),
+                    wait: waiting_for(&exec, self.0.renotify, shared::now_ms()),
                 });
             }
             tokio::select! {
