@@ -230,13 +230,24 @@ async fn product_run(args: &BenchArgs, latency_ms: u64) -> anyhow::Result<Value>
     outcome
 }
 
-/// Redis's `used_memory`, in bytes.
+/// Redis's `used_memory`, in bytes, once the objects it frees in the background (deleted
+/// keys, `UNLINK`) are freed (waiting 30 s at most): otherwise a job deleted just before
+/// would be counted, or its freeing subtracted from the next one's bytes.
 async fn redis_used_bytes(redis: &mut RedisConn) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO memory has no used_memory")
+    let mut waits = 0;
+    loop {
+        let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if field("lazyfree_pending_objects:").unwrap_or(0) == 0 || waits >= 300 {
+            return field("used_memory:").context("INFO memory has no used_memory");
+        }
+        waits += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Redis's own CPU seconds (user + system) since it started.
