@@ -68,7 +68,7 @@ pub struct Context {
     /// Status scripts.
     pub scripts: Scripts,
     /// Claims, merged into one Redis call per batch while the worker is busy.
-    pub records: crate::idempotency::Records,
+    pub claims: crate::idempotency::Claims,
     /// Fires when the worker starts shutting down.
     pub shutdown: CancellationToken,
     /// Metrics.
@@ -246,7 +246,7 @@ async fn process(ctx: &Context, task: &DeviceTask) -> anyhow::Result<Outcome> {
     let claimed = in_progress(ctx, task, task.attempts, None, None);
     let recorded_attempts = match idempotency::try_claim(
         &mut redis,
-        &ctx.records,
+        &ctx.claims,
         &ctx.names,
         task,
         &ctx.worker_id,

@@ -244,16 +244,16 @@ static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 static HOLD_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}{HOLD_LUA}", store::STATUS_LUA)));
 
-/// The claims of many executions, merged into one script call per batch while a worker is
+/// Claims of many executions, merged into one script call per batch while a worker is
 /// busy (group commit: [`shared::coalesce`]); cheap to clone. Saved results are not merged:
 /// measured, a script saving a batch of them took Redis more CPU than the pipelined `SET`s
 /// (each result's bytes are copied into Lua and back) and saved the worker nothing.
 #[derive(Debug, Clone)]
-pub struct Records {
-    claims: ScriptBatcher<(i64, Vec<u8>)>,
+pub struct Claims {
+    batch: ScriptBatcher<(i64, Vec<u8>)>,
 }
 
-impl Records {
+impl Claims {
     /// Executions a call serves at most (a call holds Redis for its duration).
     const BATCH: usize = 64;
     /// Batched calls under way at once.
@@ -261,13 +261,13 @@ impl Records {
 
     /// Starts the batching task on the current runtime.
     pub fn start(redis: RedisConn) -> Self {
-        let claims = script_batcher(
+        let batch = script_batcher(
             redis,
             Arc::new(CLAIM_MANY_SCRIPT.clone()),
             Self::BATCH,
             Self::IN_FLIGHT,
         );
-        Self { claims }
+        Self { batch }
     }
 }
 
@@ -281,7 +281,7 @@ fn batch_error(e: CoalesceError<Arc<redis::RedisError>>) -> IdempotencyError {
 
 /// Tries to claim `task`'s execution for `worker`; on success the device's status becomes
 /// `in_progress` (its attempts raised to those already recorded). The first try goes through
-/// `records` with other handlers' claims; a device whose lane holds another job is claimed
+/// `claims` with other handlers' claims; a device whose lane holds another job is claimed
 /// again alone, with that job's keys.
 ///
 /// # Errors
@@ -289,7 +289,7 @@ fn batch_error(e: CoalesceError<Arc<redis::RedisError>>) -> IdempotencyError {
 #[allow(clippy::too_many_arguments)]
 pub async fn try_claim(
     redis: &mut RedisConn,
-    records: &Records,
+    claims: &Claims,
     names: &Names,
     task: &DeviceTask,
     worker: &str,
@@ -304,8 +304,8 @@ pub async fn try_claim(
     } else {
         String::new()
     };
-    let first = records
-        .claims
+    let mut answer = claims
+        .batch
         .call(ScriptItem {
             keys: vec![
                 names.idempotency(task.execution_id),
@@ -324,7 +324,6 @@ pub async fn try_claim(
         .await
         .map_err(batch_error)?;
     let mut others: Vec<String> = Vec::new();
-    let mut answer = first;
     loop {
         let (claimed, value) = &answer;
         match lane_to_learn(*claimed, value, task.job_id, &mut others) {
@@ -615,14 +614,14 @@ mod tests {
             .set(names.idempotency(of("d4").execution_id), "c:other")
             .await
             .expect("claim");
-        let records = Records::start(conn.clone());
+        let claims = Claims::start(conn.clone());
         let tasks: Vec<DeviceTask> = ["d1", "d2", "d3", "d4", "d9"].map(of).into();
         let answers = futures::future::join_all(tasks.iter().map(|t| {
-            let (records, names, mut conn) = (records.clone(), names.clone(), conn.clone());
+            let (claims, names, mut conn) = (claims.clone(), names.clone(), conn.clone());
             async move {
                 try_claim(
                     &mut conn,
-                    &records,
+                    &claims,
                     &names,
                     t,
                     "a",
@@ -696,7 +695,7 @@ mod tests {
     ) -> NextAction {
         try_claim(
             conn,
-            &Records::start(conn.clone()),
+            &Claims::start(conn.clone()),
             names,
             task,
             worker,
@@ -754,7 +753,7 @@ mod tests {
         assert!(matches!(
             try_claim(
                 &mut conn.clone(),
-                &Records::start(conn.clone()),
+                &Claims::start(conn.clone()),
                 &names,
                 &second,
                 "b",
@@ -878,7 +877,7 @@ mod tests {
         let (mut conn, names, task) = setup().await;
         try_claim(
             &mut conn.clone(),
-            &Records::start(conn.clone()),
+            &Claims::start(conn.clone()),
             &names,
             &task,
             "a",

@@ -153,7 +153,7 @@ impl Worker {
             reporter,
             transport,
             scripts: store::Scripts::new(),
-            records: crate::idempotency::Records::start(redis.clone()),
+            claims: crate::idempotency::Claims::start(redis.clone()),
             shutdown: CancellationToken::new(),
             metrics,
             active,
