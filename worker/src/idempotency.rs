@@ -297,32 +297,29 @@ pub async fn try_claim(
     in_progress: &DeviceStatus,
     exclusive: bool,
 ) -> Result<NextAction, IdempotencyError> {
-    let claim = format!("{CLAIM}{worker}");
+    // One execution's keys and arguments, as the batched script and the single one read them
+    // (made again only for a device whose lane holds another job).
     let status = serde_json::to_string(in_progress)?;
-    let job = if exclusive {
-        task.job_id.to_string()
-    } else {
-        String::new()
+    let item = || ScriptItem {
+        keys: vec![
+            names.idempotency(task.execution_id),
+            names.job_status(task.job_id),
+            names.device_lane(&task.device_id),
+        ],
+        args: vec![
+            format!("{CLAIM}{worker}").into(),
+            lease.as_millis().to_string().into(),
+            task.device_id.clone().into(),
+            status.clone().into(),
+            in_progress.attempts.to_string().into(),
+            if exclusive {
+                task.job_id.to_string().into()
+            } else {
+                Vec::new()
+            },
+        ],
     };
-    let mut answer = claims
-        .batch
-        .call(ScriptItem {
-            keys: vec![
-                names.idempotency(task.execution_id),
-                names.job_status(task.job_id),
-                names.device_lane(&task.device_id),
-            ],
-            args: vec![
-                claim.clone().into(),
-                lease.as_millis().to_string().into(),
-                task.device_id.clone().into(),
-                status.clone().into(),
-                in_progress.attempts.to_string().into(),
-                job.clone().into(),
-            ],
-        })
-        .await
-        .map_err(batch_error)?;
+    let mut answer = claims.batch.call(item()).await.map_err(batch_error)?;
     let mut others: Vec<String> = Vec::new();
     loop {
         let (claimed, value) = &answer;
@@ -331,15 +328,14 @@ pub async fn try_claim(
             None if *claimed == -3 => {}
             None => break,
         }
-        let mut call = CLAIM_SCRIPT.key(names.idempotency(task.execution_id));
-        call.key(names.job_status(task.job_id))
-            .key(names.device_lane(&task.device_id))
-            .arg(&claim)
-            .arg(lease.as_millis() as u64)
-            .arg(&task.device_id)
-            .arg(&status)
-            .arg(in_progress.attempts)
-            .arg(&job);
+        let ScriptItem { keys, args } = item();
+        let mut call = CLAIM_SCRIPT.prepare_invoke();
+        for k in &keys {
+            call.key(k);
+        }
+        for a in &args {
+            call.arg(a);
+        }
         lane_keys(&mut call, names, &others);
         answer = call.invoke_async(redis).await?;
     }
