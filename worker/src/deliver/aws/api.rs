@@ -21,26 +21,21 @@ impl AwsJobs {
     /// n-th copy of a request has the same name everywhere, while a device that repeats a
     /// request sends a new one. Called in arrival order.
     pub(crate) fn request_name(&self, m: &Message) -> Option<String> {
-        let window = self.0.dedupe?;
+        self.0.dedupe?;
         let mut id = m.topic.as_bytes().to_vec();
         id.push(0);
         id.extend_from_slice(&m.payload);
         let hash = xxhash_rust::xxh3::xxh3_128(&id);
-        let now = std::time::Instant::now();
-        let mut seen = self.0.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() > 100_000 {
-            seen.retain(|_, (_, last)| now.duration_since(*last) < window);
-        }
-        let entry = seen.entry(hash).or_insert((0, now));
-        if now.duration_since(entry.1) >= window {
-            entry.0 = 0;
-        }
-        entry.0 += 1;
-        entry.1 = now;
+        let copy = self
+            .0
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next(hash, std::time::Instant::now());
         Some(format!(
             "{}:aws:req:{hash:032x}:{}",
             self.0.names.key_prefix(),
-            entry.0
+            copy
         ))
     }
 

@@ -22,7 +22,7 @@
 
 use devices::keys::DeviceKeys;
 use shared::redis_conn::RedisConn;
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use devices::{aws, mqtt::Link};
@@ -36,6 +36,7 @@ use super::request::{DeliverError, DeliveryRequest, DeviceWait, Reply};
 use crate::jobs::JobCache;
 
 mod api;
+mod copies;
 mod documents;
 mod scripts;
 
@@ -66,8 +67,8 @@ struct Inner {
     dedupe: Option<Duration>,
     /// How long an execution waits QUEUED before its device is notified again.
     renotify: Option<Duration>,
-    /// Without a shared subscription: identical requests seen, by hash: (count, last seen).
-    seen: std::sync::Mutex<HashMap<u128, (u32, std::time::Instant)>>,
+    /// Without a shared subscription: which copy of each recent request this is.
+    seen: std::sync::Mutex<copies::Copies>,
     queue: Script,
     check: Script,
     pending: Script,
@@ -152,7 +153,10 @@ impl AwsJobs {
             attempt_timeout,
             dedupe,
             renotify,
-            seen: Default::default(),
+            seen: std::sync::Mutex::new(copies::Copies::new(
+                dedupe.unwrap_or(Duration::from_millis(1)),
+                std::time::Instant::now(),
+            )),
             queue: script(QUEUE),
             check: script(CHECK),
             pending: script(PENDING),
