@@ -129,6 +129,31 @@ async fn the_benchmark_measures_a_device_path_with_the_devices_own_counts_and_co
 }
 
 #[tokio::test]
+async fn the_aws_iot_jobs_path_is_measured_against_its_raw_mqtt_exchange_in_the_same_run() {
+    // Act: devices on the AWS IoT Jobs API over MQTT, and before them the bare five-message
+    // exchange through the same broker.
+    let line = bench(&["--devices-over", "aws-iot-jobs"]).await;
+
+    // Assert: exact, and the raw MQTT floor measured, with its broker CPU and the ratio.
+    assert_eq!(line["devices_over"], "aws-iot-jobs", "{line}");
+    assert_eq!(line["all_exact"], true, "{line}");
+    let raw = line["raw_devices_per_s"].as_f64().unwrap_or(0.0);
+    let rate = line["devices_per_s"].as_f64().unwrap_or(0.0);
+    assert!(raw > 0.0, "{line}");
+    assert!(
+        (line["ratio"].as_f64().unwrap_or(0.0) - rate / raw).abs() < 0.01,
+        "{line}"
+    );
+    assert!(
+        line["raw_mqtt_broker_cpu_us_per_device"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{line}"
+    );
+}
+
+#[tokio::test]
 async fn chaos_exits_0_when_every_check_holds_and_non_zero_when_the_run_fails() {
     let bin = harness::cluster::bin_dir()
         .expect("binaries")

@@ -27,6 +27,7 @@ use super::demo::{DevicesOver, fleet_sim_audit};
 use crate::{progress, sandbox::Sandbox};
 
 mod raw;
+mod raw_mqtt;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
@@ -99,8 +100,34 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         args.devices, args.repeat, args.workers, args.concurrency
     );
 
+    // Over MQTT the raw pipeline is the MQTT exchange the path needs at the least (the
+    // broker's floor for it); otherwise the raw broker pipeline.
+    let exchange = match args.devices_over {
+        DevicesOver::Mqtt => Some(raw_mqtt::Exchange::Fleetbatch),
+        DevicesOver::AwsIotJobs => Some(raw_mqtt::Exchange::AwsIotJobs),
+        DevicesOver::Simulator | DevicesOver::Http => None,
+    };
     let mut raw_rates = Vec::new();
+    let mut raw_mqtt_cpu = Vec::new();
     for i in 0..if args.no_raw { 0 } else { args.repeat } {
+        if let Some(exchange) = exchange {
+            let before = mqtt_broker_cpu();
+            let (rate, secs) = raw_mqtt::raw_mqtt_pipeline(
+                &settings.worker.mqtt,
+                exchange,
+                args.devices,
+                u64::from(args.concurrency) * args.workers as u64,
+            )
+            .await?;
+            let cpu = mqtt_broker_cpu() - before;
+            eprintln!(
+                "raw MQTT pipeline ({exchange:?}) run {}: {rate:.0} devices/s ({secs:.1}s, MQTT broker CPU {cpu:.1}s)",
+                i + 1,
+            );
+            raw_rates.push(rate);
+            raw_mqtt_cpu.push(cpu);
+            continue;
+        }
         let broker_before = broker_cpu();
         let (rate, secs) = raw::raw_pipeline(&settings, args.devices, args.concurrency).await?;
         eprintln!(
@@ -111,6 +138,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         raw_rates.push(rate);
     }
     let raw = median(raw_rates);
+    let raw_mqtt_cpu = median(raw_mqtt_cpu);
     eprintln!("raw pipeline median: {raw:.0} devices/s");
 
     let mut lines = Vec::new();
@@ -193,6 +221,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             line["cpu_us_per_device"]["fleet_sim"] =
                 json!(per_device_us(med("fleet_sim_cpu_s"), args.devices));
             line["fleet_sim_peak_bytes_per_device"] = json!(med("fleet_sim_peak_bytes_per_device"));
+            if exchange.is_some() && raw > 0.0 {
+                // The raw MQTT pipeline's broker CPU a device: the floor of the path.
+                line["raw_mqtt_broker_cpu_us_per_device"] =
+                    json!(per_device_us(raw_mqtt_cpu, args.devices));
+            }
         }
         if args.cancel_at > 0.0 {
             line["cancel_stop_ms"] = json!(med("cancel_stop_ms"));

@@ -4,6 +4,7 @@
 
 use devices::{aws, mqtt::Message};
 use serde_json::{Map, Value, json};
+use shared::coalesce::ScriptItem;
 use uuid::Uuid;
 
 use super::{
@@ -42,20 +43,17 @@ impl AwsJobs {
     /// Whether this worker answers a request: always with a shared subscription; otherwise
     /// when it is the first worker to claim the request's name in Redis.
     async fn claim_request(&self, name: Option<String>) -> bool {
-        let (Some(name), Some(window)) = (name, self.0.dedupe) else {
+        let (Some(name), Some(window), Some(claims)) = (name, self.0.dedupe, &self.0.claims) else {
             return true;
         };
-        let mut redis = self.0.redis.clone();
-        let claimed: Result<Option<String>, _> = redis::cmd("SET")
-            .arg(&name)
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(window.as_millis() as u64)
-            .query_async(&mut redis)
+        let claimed = claims
+            .call(ScriptItem {
+                keys: vec![name],
+                args: vec![window.as_millis().to_string().into_bytes()],
+            })
             .await;
         match claimed {
-            Ok(r) => r.is_some(),
+            Ok(won) => won == 1,
             Err(e) => {
                 tracing::warn!(error.message = %e, "request not claimed: Redis unavailable");
                 false
@@ -136,7 +134,7 @@ impl AwsJobs {
             .await
             .map_err(|e| reject("InternalError", e))?;
         let (list, _) = self
-            .pending(thing)
+            .pending(thing, &[])
             .await
             .map_err(|e| reject("InternalError", e))?;
         let of = |status: &str| -> Vec<Value> {
@@ -149,20 +147,27 @@ impl AwsJobs {
     }
 
     async fn start_next(&self, thing: &str, body: &Value) -> Result<Value, Rejection> {
-        let details = status_details(body)?;
-        let step = step_minutes(body)?;
-        self.withdraw_canceled(thing)
-            .await
-            .map_err(|e| reject("InternalError", e))?;
+        let details = status_details(body)?.unwrap_or_default();
+        let step = step_minutes(body)?
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let retention = self.0.retention.as_secs().to_string();
+        // One call when the thing has nothing pending, two otherwise: the script names the
+        // pending jobs, and the second call withdraws those of canceled jobs and starts the
+        // next one.
         let a = self
-            .run_over_pending(
-                &self.0.start_next,
-                thing,
-                &[
-                    details.unwrap_or_default(),
-                    step.map(|s| s.to_string()).unwrap_or_default(),
-                ],
-            )
+            .run_over_pending(&self.0.start_next, thing, &[], |jobs| {
+                let (details, step, retention) = (details.clone(), step.clone(), retention.clone());
+                async move {
+                    let mut stopped = Vec::new();
+                    for job in jobs {
+                        if self.stopped(&job).await? {
+                            stopped.push(job);
+                        }
+                    }
+                    Ok(vec![details, step, stopped.join(","), retention])
+                }
+            })
             .await
             .map_err(|e| reject("InternalError", e))?;
         Ok(match a.exec {
@@ -186,7 +191,7 @@ impl AwsJobs {
                 .await
                 .map_err(|e| reject("InternalError", e))?;
             let (list, now) = self
-                .pending(thing)
+                .pending(thing, &[])
                 .await
                 .map_err(|e| reject("InternalError", e))?;
             return Ok(match pick_next(&list) {
@@ -290,7 +295,11 @@ impl AwsJobs {
                 let wake = json!({"executionId": shared::state::execution_id(id, thing)});
                 self.send(holder, wake).await;
             }
-            self.notify(thing).await;
+            if a.alone {
+                self.send_notifications(thing, &[], a.now).await;
+            } else {
+                self.notify(thing, &[]).await;
+            }
         }
         let mut out = Map::new();
         if body

@@ -41,8 +41,9 @@ mod documents;
 mod scripts;
 
 use documents::{pick_next, secs, summary};
-use scripts::{CHECK, START_NEXT};
+use scripts::{CHECK, CLAIM, START_NEXT};
 use scripts::{FINISH, PENDING, PRELUDE, QUEUE, Record, ScriptAnswer, UPDATE};
+use shared::coalesce::{ScriptBatcher, script_batcher};
 
 /// How often a waiting attempt re-reads its execution (step timers, missed wake-ups).
 const POLL: Duration = Duration::from_secs(2);
@@ -69,6 +70,9 @@ struct Inner {
     renotify: Option<Duration>,
     /// Without a shared subscription: which copy of each recent request this is.
     seen: std::sync::Mutex<copies::Copies>,
+    /// Without a shared subscription: claims of requests, those made at the same moment
+    /// sent in one call.
+    claims: Option<ScriptBatcher<i64>>,
     queue: Script,
     check: Script,
     pending: Script,
@@ -142,6 +146,8 @@ impl AwsJobs {
         }: Timing,
     ) -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let claims =
+            dedupe.map(|_| script_batcher(redis.clone(), Arc::new(Script::new(CLAIM)), 64, 4));
         Self(Arc::new(Inner {
             link,
             redis,
@@ -157,6 +163,7 @@ impl AwsJobs {
                 dedupe.unwrap_or(Duration::from_millis(1)),
                 std::time::Instant::now(),
             )),
+            claims,
             queue: script(QUEUE),
             check: script(CHECK),
             pending: script(PENDING),
@@ -187,20 +194,24 @@ impl AwsJobs {
         serde_json::from_str(&raw).map_err(|e| format!("corrupt execution state: {e}"))
     }
 
-    /// Runs PENDING or START_NEXT (`args` first, then the thing's pending jobs with their
-    /// execution keys): called again with the pending jobs the script names until it knew
-    /// them all.
-    async fn run_over_pending(
+    /// Runs PENDING or START_NEXT (the arguments `args` makes of the jobs given, then those
+    /// jobs with their execution keys), first with the jobs the caller guesses are pending,
+    /// then again with the pending jobs the script names until it knew them all.
+    async fn run_over_pending<F>(
         &self,
         script: &Script,
         thing: &str,
-        args: &[String],
-    ) -> Result<ScriptAnswer, String> {
-        let mut jobs: Vec<String> = Vec::new();
+        guess: &[String],
+        args: impl Fn(Vec<String>) -> F,
+    ) -> Result<ScriptAnswer, String>
+    where
+        F: std::future::Future<Output = Result<Vec<String>, String>>,
+    {
+        let mut jobs: Vec<String> = guess.to_vec();
         for _ in 0..8 {
             let mut keys = vec![self.0.names.aws_pending(thing)];
             keys.extend(jobs.iter().map(|j| self.0.names.aws_execution(j, thing)));
-            let mut all = args.to_vec();
+            let mut all = args(jobs.clone()).await?;
             all.extend(jobs.iter().cloned());
             let a = self.run(script, &keys, &all).await?;
             match a.unknown {
@@ -245,7 +256,15 @@ impl AwsJobs {
             // or a worker's restart): a notification can be lost on the way (a broker drops
             // QoS 1 messages for a client that falls behind), and a device never told of its
             // job would never ask.
-            self.notify(&req.device_id).await;
+            if answer.alone {
+                let mut only = exec.clone();
+                only.0.insert("job".into(), json!(job));
+                self.send_notifications(&req.device_id, &[only], answer.now)
+                    .await;
+            } else {
+                self.notify(&req.device_id, std::slice::from_ref(&job))
+                    .await;
+            }
         }
         let hold = self.hold(req);
         let until = tokio::time::Instant::now() + hold;
@@ -278,7 +297,7 @@ impl AwsJobs {
             if let Some(done) = self.outcome(req, &exec) {
                 if exec.status() == "TIMED_OUT" {
                     // The step timer ended it: the thing's next job moves up.
-                    self.notify(&req.device_id).await;
+                    self.notify(&req.device_id, &[]).await;
                 }
                 return done;
             }
@@ -381,7 +400,7 @@ impl AwsJobs {
         inv.arg(&job).arg(status).arg(self.0.retention.as_secs());
         let mut redis = self.0.redis.clone();
         match inv.invoke_async::<i64>(&mut redis).await {
-            Ok(1) => self.notify(&req.device_id).await,
+            Ok(1) => self.notify(&req.device_id, &[]).await,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error.message = %e, "execution not concluded; it stays pending for the device")
@@ -403,28 +422,20 @@ impl AwsJobs {
     /// is never handed the job. (Executions already IN_PROGRESS go on, as in AWS IoT Jobs
     /// without `force`.) The worker waiting for such an execution concludes it CANCELED.
     async fn withdraw_canceled(&self, thing: &str) -> Result<(), String> {
-        let (list, _) = self.pending(thing).await?;
+        let (list, _) = self.pending(thing, &[]).await?;
         for e in list.iter().filter(|e| e.status() == "QUEUED") {
-            let Some(job) = e.str("job").and_then(|j| Uuid::parse_str(j).ok()) else {
+            let Some(job) = e.str("job") else {
                 continue;
             };
-            let mut redis = self.0.redis.clone();
-            let state = match self.0.jobs.get(&mut redis, &self.0.names, job).await {
-                Ok(Some(view)) => Some(view.state),
-                Ok(None) => None,
-                Err(e) => return Err(format!("job state unavailable: {e}")),
-            };
-            if state.is_some_and(|s| !s.is_stopping() && !s.is_finished()) {
+            if !self.stopped(job).await? {
                 continue;
             }
-            let job = job.to_string();
             let mut inv = self.0.finish.prepare_invoke();
-            for k in self.exec_keys(&job, thing) {
+            for k in self.exec_keys(job, thing) {
                 inv.key(k);
             }
-            inv.arg(&job)
-                .arg("CANCELED")
-                .arg(self.0.retention.as_secs());
+            inv.arg(job).arg("CANCELED").arg(self.0.retention.as_secs());
+            let mut redis = self.0.redis.clone();
             let _: i64 = inv
                 .invoke_async(&mut redis)
                 .await
@@ -434,8 +445,26 @@ impl AwsJobs {
         Ok(())
     }
 
-    async fn pending(&self, thing: &str) -> Result<(Vec<Record>, u64), String> {
-        let a = self.run_over_pending(&self.0.pending, thing, &[]).await?;
+    /// Whether `job` was canceled, aborted or finished (or no longer exists): its QUEUED
+    /// executions are withdrawn rather than handed to a device.
+    async fn stopped(&self, job: &str) -> Result<bool, String> {
+        let Ok(id) = Uuid::parse_str(job) else {
+            return Ok(false);
+        };
+        let mut redis = self.0.redis.clone();
+        match self.0.jobs.get(&mut redis, &self.0.names, id).await {
+            Ok(Some(view)) => Ok(view.state.is_stopping() || view.state.is_finished()),
+            Ok(None) => Ok(true),
+            Err(e) => Err(format!("job state unavailable: {e}")),
+        }
+    }
+
+    /// The thing's pending executions (`guess`: the jobs probably pending, saving a call when
+    /// right).
+    async fn pending(&self, thing: &str, guess: &[String]) -> Result<(Vec<Record>, u64), String> {
+        let a = self
+            .run_over_pending(&self.0.pending, thing, guess, |_| async { Ok(vec![]) })
+            .await?;
         let list = match a.list {
             Value::Array(items) => items
                 .into_iter()
@@ -447,18 +476,19 @@ impl AwsJobs {
     }
 
     /// Sends `notify-next` (the thing's next pending execution, with its document) and
-    /// `notify` (summaries of all pending ones).
-    async fn notify(&self, thing: &str) {
-        let (list, now) = match self.pending(thing).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(thing, error.message = %e, "notifications not sent");
-                return;
-            }
-        };
+    /// `notify` (summaries of all pending ones); `guess` as for [`Self::pending`].
+    async fn notify(&self, thing: &str, guess: &[String]) {
+        match self.pending(thing, guess).await {
+            Ok((list, now)) => self.send_notifications(thing, &list, now).await,
+            Err(e) => tracing::warn!(thing, error.message = %e, "notifications not sent"),
+        }
+    }
+
+    /// `notify-next` and `notify` for the thing's pending executions `list`.
+    async fn send_notifications(&self, thing: &str, list: &[Record], now: u64) {
         let mut next = Map::new();
         next.insert("timestamp".into(), json!(secs(now)));
-        if let Some(e) = pick_next(&list) {
+        if let Some(e) = pick_next(list) {
             next.insert(
                 "execution".into(),
                 self.execution(thing, e, now, true).await,
@@ -467,7 +497,7 @@ impl AwsJobs {
         self.send(&aws::topic(thing, "notify-next"), Value::Object(next))
             .await;
         let mut by_status: Map<String, Value> = Map::new();
-        for e in &list {
+        for e in list {
             let entry = by_status
                 .entry(e.status().to_owned())
                 .or_insert_with(|| json!([]));

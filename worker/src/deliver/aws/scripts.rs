@@ -50,7 +50,8 @@ end
 ";
 
 /// QUEUE: KEYS exec, pending; ARGV job, holder. Creates the execution (QUEUED, version 1)
-/// or refreshes its holder; says which.
+/// or refreshes its holder; says which, and whether it is the thing's only pending one (its
+/// notifications then need nothing more from storage).
 pub(super) const QUEUE: &str = r"
 local now = now_ms()
 local created = false
@@ -63,7 +64,18 @@ else
   expire(KEYS[1], KEYS[2], ARGV[1], now)
   redis.call('HSET', KEYS[1], 'holder', ARGV[2])
 end
-return cjson.encode({exec = tbl(KEYS[1]), now = now, created = created})
+local alone = redis.call('ZCARD', KEYS[2]) == 1 and redis.call('ZSCORE', KEYS[2], ARGV[1]) ~= false
+return cjson.encode({exec = tbl(KEYS[1]), now = now, created = created, alone = alone})
+";
+
+/// CLAIM: for each request, KEYS its name, ARGV how long the claim lasts (ms); 1 for each
+/// request this call claimed, 0 for one claimed before.
+pub(super) const CLAIM: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[i]) and 1 or 0
+end
+return out
 ";
 
 /// CHECK: KEYS exec, pending; ARGV job.
@@ -96,16 +108,26 @@ end
 return cjson.encode({list = out, now = now})
 ";
 
-/// START_NEXT: KEYS pending, then the execution of each job in ARGV[3..]; ARGV details JSON
-/// or '', step minutes or '', then the pending jobs the caller knows (`unknown` as PENDING).
+/// START_NEXT: KEYS pending, then the execution of each job in ARGV[5..]; ARGV details JSON
+/// or '', step minutes or '', the jobs canceled or aborted (joined by ','), retention
+/// seconds, then the pending jobs the caller knows (`unknown` as PENDING). QUEUED executions
+/// of canceled jobs are withdrawn (CANCELED) before the next one is picked: a device that
+/// asks after a cancel is never handed the job.
 pub(super) const START_NEXT: &str = r"
 local now = now_ms()
-local jobs, known = execs(KEYS[1], 3, 2)
+local jobs, known = execs(KEYS[1], 5, 2)
 if not jobs then return cjson.encode({unknown = known, now = now}) end
+local stopped = {}
+for j in string.gmatch(ARGV[3], '[^,]+') do stopped[j] = true end
 local ip, q
 for _, job in ipairs(jobs) do
   local st = expire(known[job], KEYS[1], job, now)
-  if st == 'IN_PROGRESS' and not ip then ip = job
+  if st == 'QUEUED' and stopped[job] then
+    redis.call('HSET', known[job], 'status', 'CANCELED', 'updated', now)
+    redis.call('HINCRBY', known[job], 'version', 1)
+    redis.call('ZREM', KEYS[1], job)
+    redis.call('EXPIRE', known[job], ARGV[4])
+  elseif st == 'IN_PROGRESS' and not ip then ip = job
   elseif st == 'QUEUED' and not q then q = job
   elseif not st then redis.call('ZREM', KEYS[1], job) end
 end
@@ -126,7 +148,8 @@ return cjson.encode({exec = e, now = now})
 ";
 
 /// UPDATE: KEYS exec, pending; ARGV job, status, details JSON or '', expected version or '',
-/// step minutes or '', retention seconds.
+/// step minutes or '', retention seconds. A final status says whether the thing has nothing
+/// else pending (`alone`).
 pub(super) const UPDATE: &str = r"
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -152,6 +175,8 @@ else
   redis.call('HDEL', KEYS[1], 'step_deadline')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[6])
+  return cjson.encode({exec = tbl(KEYS[1]), now = now,
+    alone = redis.call('ZCARD', KEYS[2]) == 0})
 end
 return cjson.encode({exec = tbl(KEYS[1]), now = now})
 ";
@@ -212,6 +237,10 @@ pub(super) struct ScriptAnswer {
     /// QUEUE: the execution was created by this call.
     #[serde(default)]
     pub(super) created: bool,
+    /// QUEUE: the execution is the thing's only pending one; UPDATE to a final status: the
+    /// thing has no other pending execution. Its notifications are then known without a read.
+    #[serde(default)]
+    pub(super) alone: bool,
     /// PENDING, START_NEXT: the thing's pending jobs, when the call lacked the key of one.
     #[serde(default)]
     pub(super) unknown: Option<String>,
