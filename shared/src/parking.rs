@@ -243,13 +243,25 @@ pub async fn announce(
     Ok(n)
 }
 
-const WAKE_DEVICE: &str = r#"
-local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  n = n + redis.call('ZADD', KEYS[2], 'XX', 'CH', ARGV[1], id)
+/// Lua: `wake_device(parked, due, now)` makes every task parked for a device (its set
+/// `parked`, [`Names::parked_device`]) due at `now` in `due` ([`Names::parked_due`]); returns
+/// how many. For scripts that change what a device's parked tasks wait for and wake them in
+/// the same call.
+pub const WAKE_DEVICE_LUA: &str = r#"
+local function wake_device(parked, due, now)
+  local n = 0
+  for _, id in ipairs(redis.call('SMEMBERS', parked)) do
+    n = n + redis.call('ZADD', due, 'XX', 'CH', now, id)
+  end
+  return n
 end
-return n
 "#;
+
+static WAKE_DEVICE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        "{WAKE_DEVICE_LUA}return wake_device(KEYS[1], KEYS[2], ARGV[1])"
+    ))
+});
 
 /// Makes every task parked for `device` due at `now_ms`; their next handlers look again and
 /// park again what still has to wait. Returns how many were woken.
@@ -262,7 +274,7 @@ pub async fn wake_device(
     device: &str,
     now_ms: u64,
 ) -> Result<u64, StoreError> {
-    let n: u64 = Script::new(WAKE_DEVICE)
+    let n: u64 = WAKE_DEVICE
         .key(names.parked_device(device))
         .key(names.parked_due())
         .arg(now_ms)

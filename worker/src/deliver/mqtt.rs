@@ -69,7 +69,8 @@ impl Waiting {
         (WaitGuard(self, execution), rx)
     }
 
-    fn route(&self, execution: Uuid, payload: Bytes) -> bool {
+    /// Hands `payload` to the attempt waiting for `execution`; false when none waits here.
+    pub(crate) fn route(&self, execution: Uuid, payload: Bytes) -> bool {
         let waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
         waiting
             .get(&execution)
@@ -82,7 +83,7 @@ struct Inner {
     link: Link,
     prefix: String,
     reply_topic: String,
-    waiting: Waiting,
+    waiting: Arc<Waiting>,
     aws: Option<AwsJobs>,
     /// Replies refused because they do not carry the attempt's nonce (forged or stale).
     refused: prometheus::IntCounter,
@@ -158,9 +159,11 @@ impl MqttTransport {
             names.clone(),
             shutdown.clone(),
         ));
+        let waiting = Arc::new(Waiting::default());
         let aws = (m.protocol == DeviceProtocol::AwsIotJobs).then(|| {
             AwsJobs::new(
                 link.clone(),
+                waiting.clone(),
                 redis.clone(),
                 names.clone(),
                 reply_topic.clone(),
@@ -180,7 +183,7 @@ impl MqttTransport {
             link,
             prefix: m.topic_prefix.clone(),
             reply_topic,
-            waiting: Waiting::default(),
+            waiting,
             aws,
             refused,
             presence,

@@ -156,25 +156,36 @@ impl AwsJobs {
         // pending jobs, and the second call withdraws those of canceled jobs and starts the
         // next one.
         let a = self
-            .run_over_pending(&self.0.start_next, thing, &[], |jobs| {
-                let (details, step, retention) = (details.clone(), step.clone(), retention.clone());
-                async move {
-                    let mut stopped = Vec::new();
-                    for job in jobs {
-                        if self.stopped(&job).await? {
-                            stopped.push(job);
+            .run_over_pending(
+                &self.0.start_next,
+                thing,
+                (&self.parking_keys(thing), &[]),
+                |jobs| {
+                    let (details, step, retention) =
+                        (details.clone(), step.clone(), retention.clone());
+                    async move {
+                        let mut stopped = Vec::new();
+                        for job in jobs {
+                            if self.stopped(&job).await? {
+                                stopped.push(job);
+                            }
                         }
+                        Ok(vec![
+                            details,
+                            step,
+                            stopped.join(","),
+                            retention,
+                            shared::now_ms().to_string(),
+                        ])
                     }
-                    Ok(vec![details, step, stopped.join(","), retention])
-                }
-            })
+                },
+            )
             .await
             .map_err(|e| reject("InternalError", e))?;
         Ok(match a.exec {
+            // The script woke the task waiting for this execution (it started, and may carry
+            // a step timer now).
             Some(e) => {
-                // The task waiting for this execution looks again (it started, and may
-                // carry a step timer now).
-                self.wake_waiting(thing).await;
                 json!({"execution": self.execution(thing, &e, a.now, true).await})
             }
             None => json!({}),
@@ -240,10 +251,13 @@ impl AwsJobs {
                     .ok_or_else(|| reject("InvalidRequest", "expectedVersion must be a number"))?,
             ),
         };
+        let [parked, due] = self.parking_keys(thing);
+        let mut keys = self.exec_keys(job, thing);
+        keys.extend([parked, due]);
         let a = self
             .run(
                 &self.0.update,
-                &self.exec_keys(job, thing),
+                &keys,
                 &[
                     job.to_owned(),
                     status.to_owned(),
@@ -251,6 +265,7 @@ impl AwsJobs {
                     expected.map(|v| v.to_string()).unwrap_or_default(),
                     step.map(|s| s.to_string()).unwrap_or_default(),
                     self.0.retention.as_secs().to_string(),
+                    shared::now_ms().to_string(),
                 ],
             )
             .await
@@ -286,14 +301,20 @@ impl AwsJobs {
             return Err(reject("InternalError", "execution vanished"));
         };
         e.0.insert("job".into(), json!(job));
-        // The task parked for this execution looks again: it ended, or the device reported
-        // progress (perhaps with a new step timer).
-        self.wake_waiting(thing).await;
         if e.is_terminal() {
             // Wake the worker holding the task, then move the thing on to its next job.
             if let (Some(holder), Ok(id)) = (e.str("holder"), Uuid::parse_str(job)) {
-                let wake = json!({"executionId": shared::state::execution_id(id, thing)});
-                self.send(holder, wake).await;
+                let execution = shared::state::execution_id(id, thing);
+                let wake = json!({"executionId": execution});
+                // The holder is this worker: woken here, not through the broker.
+                let here = holder == self.0.holder
+                    && self
+                        .0
+                        .waiting
+                        .route(execution, bytes::Bytes::from(wake.to_string()));
+                if !here {
+                    self.send(holder, wake).await;
+                }
             }
             if a.alone {
                 self.send_notifications(thing, &[], a.now).await;

@@ -55,6 +55,9 @@ pub struct AwsJobs(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     link: Link,
+    /// This worker's attempts waiting for their device (woken here when this worker holds the
+    /// task of an execution a device changed).
+    waiting: Arc<super::mqtt::Waiting>,
     redis: RedisConn,
     names: Names,
     holder: String,
@@ -133,6 +136,7 @@ impl AwsJobs {
     /// The API over `link`, with state in `redis`; `holder` is this worker's reply topic.
     pub(crate) fn new(
         link: Link,
+        waiting: Arc<super::mqtt::Waiting>,
         redis: RedisConn,
         names: Names,
         holder: String,
@@ -145,11 +149,17 @@ impl AwsJobs {
             renotify,
         }: Timing,
     ) -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let script = |body: &str| {
+            Script::new(&format!(
+                "{PRELUDE}{}{body}",
+                shared::parking::WAKE_DEVICE_LUA
+            ))
+        };
         let claims =
             dedupe.map(|_| script_batcher(redis.clone(), Arc::new(Script::new(CLAIM)), 64, 4));
         Self(Arc::new(Inner {
             link,
+            waiting,
             redis,
             names,
             holder,
@@ -194,14 +204,15 @@ impl AwsJobs {
         serde_json::from_str(&raw).map_err(|e| format!("corrupt execution state: {e}"))
     }
 
-    /// Runs PENDING or START_NEXT (the arguments `args` makes of the jobs given, then those
-    /// jobs with their execution keys), first with the jobs the caller guesses are pending,
-    /// then again with the pending jobs the script names until it knew them all.
+    /// Runs PENDING or START_NEXT (keys: the thing's pending set, `lead`, then the jobs'
+    /// executions; arguments: those `args` makes of the jobs given, then the jobs), first
+    /// with the jobs the caller guesses are pending, then again with the pending jobs the
+    /// script names until it knew them all.
     async fn run_over_pending<F>(
         &self,
         script: &Script,
         thing: &str,
-        guess: &[String],
+        (lead, guess): (&[String], &[String]),
         args: impl Fn(Vec<String>) -> F,
     ) -> Result<ScriptAnswer, String>
     where
@@ -210,6 +221,7 @@ impl AwsJobs {
         let mut jobs: Vec<String> = guess.to_vec();
         for _ in 0..8 {
             let mut keys = vec![self.0.names.aws_pending(thing)];
+            keys.extend(lead.iter().cloned());
             keys.extend(jobs.iter().map(|j| self.0.names.aws_execution(j, thing)));
             let mut all = args(jobs.clone()).await?;
             all.extend(jobs.iter().cloned());
@@ -328,15 +340,9 @@ impl AwsJobs {
         }
     }
 
-    /// Wakes the tasks parked for `thing`: it changed one of its executions.
-    pub(super) async fn wake_waiting(&self, thing: &str) {
-        let mut redis = self.0.redis.clone();
-        if let Err(e) =
-            shared::parking::wake_device(&mut redis, &self.0.names, thing, shared::now_ms()).await
-        {
-            // The task still wakes at its step timer or the job's deadline.
-            tracing::warn!(thing, error.message = %e, "waiting task not woken");
-        }
+    /// The keys of the thing's parked tasks and of the due set, for scripts that wake them.
+    fn parking_keys(&self, thing: &str) -> [String; 2] {
+        [self.0.names.parked_device(thing), self.0.names.parked_due()]
     }
 
     /// The attempt's result once the execution is terminal.
@@ -463,7 +469,9 @@ impl AwsJobs {
     /// right).
     async fn pending(&self, thing: &str, guess: &[String]) -> Result<(Vec<Record>, u64), String> {
         let a = self
-            .run_over_pending(&self.0.pending, thing, guess, |_| async { Ok(vec![]) })
+            .run_over_pending(&self.0.pending, thing, (&[], guess), |_| async {
+                Ok(vec![])
+            })
             .await?;
         let list = match a.list {
             Value::Array(items) => items

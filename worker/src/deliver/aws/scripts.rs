@@ -108,14 +108,16 @@ end
 return cjson.encode({list = out, now = now})
 ";
 
-/// START_NEXT: KEYS pending, then the execution of each job in ARGV[5..]; ARGV details JSON
-/// or '', step minutes or '', the jobs canceled or aborted (joined by ','), retention
-/// seconds, then the pending jobs the caller knows (`unknown` as PENDING). QUEUED executions
-/// of canceled jobs are withdrawn (CANCELED) before the next one is picked: a device that
-/// asks after a cancel is never handed the job.
+/// START_NEXT: KEYS pending, the thing's parked tasks and the due set (parking), then the
+/// execution of each job in ARGV[6..]; ARGV details JSON or '', step minutes or '', the jobs
+/// canceled or aborted (joined by ','), retention seconds, the caller's clock (ms), then the
+/// pending jobs the caller knows (`unknown` as PENDING). QUEUED executions of canceled jobs
+/// are withdrawn (CANCELED) before the next one is picked: a device that asks after a cancel
+/// is never handed the job. The thing's parked tasks are woken when it has an execution
+/// under way (the task of the one started looks again).
 pub(super) const START_NEXT: &str = r"
 local now = now_ms()
-local jobs, known = execs(KEYS[1], 5, 2)
+local jobs, known = execs(KEYS[1], 6, 4)
 if not jobs then return cjson.encode({unknown = known, now = now}) end
 local stopped = {}
 for j in string.gmatch(ARGV[3], '[^,]+') do stopped[j] = true end
@@ -144,12 +146,15 @@ if not ip then
 end
 local e = tbl(key)
 e.job = job
+wake_device(KEYS[2], KEYS[3], ARGV[5])
 return cjson.encode({exec = e, now = now})
 ";
 
-/// UPDATE: KEYS exec, pending; ARGV job, status, details JSON or '', expected version or '',
-/// step minutes or '', retention seconds. A final status says whether the thing has nothing
-/// else pending (`alone`).
+/// UPDATE: KEYS exec, pending, the thing's parked tasks and the due set (parking); ARGV job,
+/// status, details JSON or '', expected version or '', step minutes or '', retention seconds,
+/// the caller's clock (ms). A final status says whether the thing has nothing else pending
+/// (`alone`). The thing's parked tasks are woken by any change (the task of this execution
+/// looks again: it ended, or the device reported progress, perhaps with a new step timer).
 pub(super) const UPDATE: &str = r"
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -163,6 +168,7 @@ if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= tonumber(redis.call('HGET', KEYS[1], '
   return cjson.encode({code = 'VersionMismatch', exec = tbl(KEYS[1]), now = now})
 end
 local new = ARGV[2]
+wake_device(KEYS[3], KEYS[4], ARGV[7])
 redis.call('HSET', KEYS[1], 'status', new, 'updated', now)
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'details', ARGV[3]) end
