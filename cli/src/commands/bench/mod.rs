@@ -5,8 +5,10 @@
 //! durability ([`raw`]): with lapin and the product's message sizes (persistent messages,
 //! pipelined publisher confirms, acks in bulk, prefetch equal to the workers' concurrency, one
 //! Redis `SET NX` per task) it publishes N tasks, consumes them, publishes a result per task
-//! (confirmed before the task is acked) and consumes the results. Then **fleetbatch itself** on the same N: a coordinator and K
-//! workers as real processes with the built-in simulator, from job creation to COMPLETED.
+//! (confirmed before the task is acked) and consumes the results; for devices reached over
+//! MQTT, the path's bare MQTT exchange through the same broker instead ([`raw_mqtt`]). Then
+//! **fleetbatch itself** on the same N: a coordinator and K workers as real processes with
+//! the built-in simulator (or `fleet-sim`), from job creation to COMPLETED.
 //! Each case runs several times; medians are reported, and one JSON line per latency case.
 
 use devices::keys::DeviceKeys;
@@ -58,7 +60,8 @@ pub(crate) struct BenchArgs {
     no_raw: bool,
     /// How the devices are reached: the built-in simulator, or a `fleet-sim` process on this
     /// machine over MQTT (fleetbatch protocol or AWS IoT Jobs API) or HTTP; its CPU, its
-    /// memory per device and the MQTT broker's CPU are then reported too.
+    /// memory per device and the MQTT broker's CPU are then reported too. Over MQTT the raw
+    /// pipeline is the path's bare MQTT exchange through the same broker.
     #[arg(long, value_enum, default_value = "simulator")]
     devices_over: DevicesOver,
 }
