@@ -41,6 +41,14 @@ local function execs(zkey, from, first)
   end
   return jobs, known
 end
+-- Ends pending execution `key` of `job` with `status` (fleetbatch's doing, not the device's):
+-- out of the thing's pending set `zkey`, kept `retention` seconds.
+local function finish(key, zkey, job, status, now, retention)
+  redis.call('HSET', key, 'status', status, 'updated', now)
+  redis.call('HINCRBY', key, 'version', 1)
+  redis.call('ZREM', zkey, job)
+  redis.call('EXPIRE', key, retention)
+end
 local function tbl(key)
   local r = redis.call('HGETALL', key)
   local t = {}
@@ -125,10 +133,7 @@ local ip, q
 for _, job in ipairs(jobs) do
   local st = expire(known[job], KEYS[1], job, now)
   if st == 'QUEUED' and stopped[job] then
-    redis.call('HSET', known[job], 'status', 'CANCELED', 'updated', now)
-    redis.call('HINCRBY', known[job], 'version', 1)
-    redis.call('ZREM', KEYS[1], job)
-    redis.call('EXPIRE', known[job], ARGV[4])
+    finish(known[job], KEYS[1], job, 'CANCELED', now, ARGV[4])
   elseif st == 'IN_PROGRESS' and not ip then ip = job
   elseif st == 'QUEUED' and not q then q = job
   elseif not st then redis.call('ZREM', KEYS[1], job) end
@@ -193,11 +198,11 @@ pub(super) const FINISH: &str = r"
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local st = expire(KEYS[1], KEYS[2], ARGV[1], now)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated', now)
-redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('ZREM', KEYS[2], ARGV[1])
+if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
+finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], now, ARGV[3])
 return 1
 ";
 
