@@ -10,8 +10,8 @@ Modes:
                     VersionMismatch), then update SUCCEEDED with the right version
   step-timeout      start-next with stepTimeoutInMinutes=1, wait past the timer, then update
                     SUCCEEDED (must be rejected with InvalidStateTransition: it TIMED_OUT)
-  after-cancel      connects after its only job was canceled: start-next must hand it
-                    nothing
+  after-cancel      connects after its only job was canceled: get-pending must list
+                    nothing, describe $next and start-next must hand it nothing
   long-step         start-next with stepTimeoutInMinutes=5, work 25 s (far longer than the
                     job's attempt timeout), then update SUCCEEDED (must be accepted)
   missed-notify     loses the first notify-next that names a job (as a device whose broker
@@ -35,6 +35,53 @@ QOS = mqtt.QoS.AT_LEAST_ONCE
 
 def say(**event):
     print(json.dumps(event), flush=True)
+
+
+def asked_first(jobs, thing):
+    """get-pending, then describe $next, as an agent may ask before it starts anything;
+    True when neither names a job."""
+    answers = {}
+    got = threading.Event()
+
+    def on(kind):
+        def keep(resp):
+            answers[kind] = resp
+            if len(answers) == 2:
+                got.set()
+        return keep
+
+    def on_rejected(err):
+        say(event="request-rejected", code=err.code, message=err.message)
+
+    subs = [
+        jobs.subscribe_to_get_pending_job_executions_accepted(
+            iotjobs.GetPendingJobExecutionsSubscriptionRequest(thing_name=thing), QOS,
+            on("pending")),
+        jobs.subscribe_to_get_pending_job_executions_rejected(
+            iotjobs.GetPendingJobExecutionsSubscriptionRequest(thing_name=thing), QOS,
+            on_rejected),
+        jobs.subscribe_to_describe_job_execution_accepted(
+            iotjobs.DescribeJobExecutionSubscriptionRequest(thing_name=thing, job_id="$next"),
+            QOS, on("next")),
+        jobs.subscribe_to_describe_job_execution_rejected(
+            iotjobs.DescribeJobExecutionSubscriptionRequest(thing_name=thing, job_id="$next"),
+            QOS, on_rejected),
+    ]
+    for future, _topic in subs:
+        future.result(10)
+    jobs.publish_get_pending_job_executions(
+        iotjobs.GetPendingJobExecutionsRequest(thing_name=thing, client_token="pending"), QOS)
+    jobs.publish_describe_job_execution(
+        iotjobs.DescribeJobExecutionRequest(thing_name=thing, job_id="$next",
+                                            client_token="next"), QOS)
+    if not got.wait(30):
+        say(event="no-answer", got=sorted(answers))
+        return False
+    pending, nxt = answers["pending"], answers["next"]
+    named = [j.job_id for j in (pending.queued_jobs or []) + (pending.in_progress_jobs or [])]
+    say(event="asked", pending=named,
+        next=nxt.execution.job_id if nxt.execution else None)
+    return not named and nxt.execution is None
 
 
 def main():
@@ -193,6 +240,8 @@ def main():
     for future, _topic in subs:
         future.result(10)
     say(event="ready", thing=thing)
+    if args.mode == "after-cancel" and not asked_first(jobs, thing):
+        finish(False, error="get-pending or describe $next named the canceled job")
     # Pick up anything queued before this agent connected.
     start_next()
     if not done.wait(args.timeout):

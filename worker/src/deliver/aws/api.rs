@@ -23,10 +23,11 @@ impl AwsJobs {
     /// request sends a new one. Called in arrival order.
     pub(crate) fn request_name(&self, m: &Message) -> Option<String> {
         self.0.dedupe?;
-        let mut id = m.topic.as_bytes().to_vec();
-        id.push(0);
-        id.extend_from_slice(&m.payload);
-        let hash = xxhash_rust::xxh3::xxh3_128(&id);
+        let mut id = xxhash_rust::xxh3::Xxh3::new();
+        id.update(m.topic.as_bytes());
+        id.update(&[0]);
+        id.update(&m.payload);
+        let hash = id.digest128();
         let copy = self
             .0
             .seen
@@ -130,9 +131,6 @@ impl AwsJobs {
     }
 
     async fn get_pending(&self, thing: &str) -> Result<Value, Rejection> {
-        self.withdraw_canceled(thing)
-            .await
-            .map_err(|e| reject("InternalError", e))?;
         let (list, _) = self
             .pending(thing, &[])
             .await
@@ -164,16 +162,10 @@ impl AwsJobs {
                     let (details, step, retention) =
                         (details.clone(), step.clone(), retention.clone());
                     async move {
-                        let mut stopped = Vec::new();
-                        for job in jobs {
-                            if self.stopped(&job).await? {
-                                stopped.push(job);
-                            }
-                        }
                         Ok(vec![
                             details,
                             step,
-                            stopped.join(","),
+                            self.stopped_of(&jobs).await?,
                             retention,
                             shared::now_ms().to_string(),
                         ])
@@ -198,9 +190,6 @@ impl AwsJobs {
             .and_then(Value::as_bool)
             .unwrap_or(true);
         if job == "$next" {
-            self.withdraw_canceled(thing)
-                .await
-                .map_err(|e| reject("InternalError", e))?;
             let (list, now) = self
                 .pending(thing, &[])
                 .await

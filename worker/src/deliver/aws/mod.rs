@@ -149,7 +149,9 @@ impl AwsJobs {
             renotify,
         }: Timing,
     ) -> Self {
-        let script = |body: &str| {
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        // The scripts that wake the thing's parked tasks themselves.
+        let waking = |body: &str| {
             Script::new(&format!(
                 "{PRELUDE}{}{body}",
                 shared::parking::WAKE_DEVICE_LUA
@@ -177,8 +179,8 @@ impl AwsJobs {
             queue: script(QUEUE),
             check: script(CHECK),
             pending: script(PENDING),
-            start_next: script(START_NEXT),
-            update: script(UPDATE),
+            start_next: waking(START_NEXT),
+            update: waking(UPDATE),
             finish: script(FINISH),
         }))
     }
@@ -423,34 +425,6 @@ impl AwsJobs {
         )
     }
 
-    /// Withdraws (CANCELED) the thing's QUEUED executions of jobs that were canceled or
-    /// aborted, before the thing is told what is pending: a device that asks after a cancel
-    /// is never handed the job. (Executions already IN_PROGRESS go on, as in AWS IoT Jobs
-    /// without `force`.) The worker waiting for such an execution concludes it CANCELED.
-    async fn withdraw_canceled(&self, thing: &str) -> Result<(), String> {
-        let (list, _) = self.pending(thing, &[]).await?;
-        for e in list.iter().filter(|e| e.status() == "QUEUED") {
-            let Some(job) = e.str("job") else {
-                continue;
-            };
-            if !self.stopped(job).await? {
-                continue;
-            }
-            let mut inv = self.0.finish.prepare_invoke();
-            for k in self.exec_keys(job, thing) {
-                inv.key(k);
-            }
-            inv.arg(job).arg("CANCELED").arg(self.0.retention.as_secs());
-            let mut redis = self.0.redis.clone();
-            let _: i64 = inv
-                .invoke_async(&mut redis)
-                .await
-                .map_err(|e| format!("execution state unavailable: {e}"))?;
-            tracing::info!(thing, job_id = %job, "queued execution of a canceled job withdrawn");
-        }
-        Ok(())
-    }
-
     /// Whether `job` was canceled, aborted or finished (or no longer exists): its QUEUED
     /// executions are withdrawn rather than handed to a device.
     async fn stopped(&self, job: &str) -> Result<bool, String> {
@@ -465,12 +439,25 @@ impl AwsJobs {
         }
     }
 
-    /// The thing's pending executions (`guess`: the jobs probably pending, saving a call when
-    /// right).
+    /// Those of `jobs` that are [`Self::stopped`], joined by ',' (as the scripts take them).
+    async fn stopped_of(&self, jobs: &[String]) -> Result<String, String> {
+        let mut stopped = Vec::new();
+        for job in jobs {
+            if self.stopped(job).await? {
+                stopped.push(job.as_str());
+            }
+        }
+        Ok(stopped.join(","))
+    }
+
+    /// The thing's pending executions, those of canceled jobs withdrawn first (`guess`: the
+    /// jobs probably pending, saving a call when right).
     async fn pending(&self, thing: &str, guess: &[String]) -> Result<(Vec<Record>, u64), String> {
+        let retention = self.0.retention.as_secs().to_string();
         let a = self
-            .run_over_pending(&self.0.pending, thing, (&[], guess), |_| async {
-                Ok(vec![])
+            .run_over_pending(&self.0.pending, thing, (&[], guess), |jobs| {
+                let retention = retention.clone();
+                async move { Ok(vec![self.stopped_of(&jobs).await?, retention]) }
             })
             .await?;
         let list = match a.list {

@@ -94,18 +94,25 @@ expire(KEYS[1], KEYS[2], ARGV[1], now)
 return cjson.encode({exec = tbl(KEYS[1]), now = now})
 ";
 
-/// PENDING: KEYS pending, then the execution of each job in ARGV; ARGV the pending jobs the
-/// caller knows. The thing's QUEUED and IN_PROGRESS executions in queue order, or `unknown`
-/// (the pending jobs) when one was not given.
+/// PENDING: KEYS pending, then the execution of each job in ARGV[3..]; ARGV the jobs
+/// canceled or aborted (joined by ','), retention seconds, then the pending jobs the caller
+/// knows. The thing's QUEUED and IN_PROGRESS executions in queue order, or `unknown` (the
+/// pending jobs) when one was not given. QUEUED executions of canceled jobs are withdrawn
+/// (CANCELED) first, as START_NEXT does: a device that asks after a cancel is never told of
+/// the job.
 pub(super) const PENDING: &str = r"
 local now = now_ms()
-local jobs, known = execs(KEYS[1], 1, 2)
+local jobs, known = execs(KEYS[1], 3, 2)
 if not jobs then return cjson.encode({unknown = known, now = now}) end
+local stopped = {}
+for j in string.gmatch(ARGV[1], '[^,]+') do stopped[j] = true end
 local out = {}
 for _, job in ipairs(jobs) do
   local key = known[job]
   local st = expire(key, KEYS[1], job, now)
-  if st == 'QUEUED' or st == 'IN_PROGRESS' then
+  if st == 'QUEUED' and stopped[job] then
+    finish(key, KEYS[1], job, 'CANCELED', now, ARGV[2])
+  elseif st == 'QUEUED' or st == 'IN_PROGRESS' then
     local e = tbl(key)
     e.job = job
     table.insert(out, e)
