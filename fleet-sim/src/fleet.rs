@@ -184,6 +184,10 @@ pub(crate) struct Totals {
     /// Deliveries to a device while it was announced offline (a real device would never
     /// have received them): must stay 0.
     pub(crate) offline_deliveries: u64,
+    /// Deliveries over HTTP, by HTTP version (`HTTP/1.1`, `HTTP/2.0`).
+    pub(crate) http_versions: BTreeMap<String, u64>,
+    /// HTTP connections accepted (deliveries and report endpoints alike).
+    pub(crate) http_connections: u64,
     /// Devices played as offline (`--offline`), and when they came online (ms since the
     /// epoch; absent while they are offline).
     pub(crate) offline_devices: u64,

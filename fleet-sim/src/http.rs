@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, State},
-    http::StatusCode,
+    http::{StatusCode, Version},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -17,6 +17,13 @@ use devices::{
     protocol::DeviceRequest,
     simdevice::{Answer, SimOutcome},
 };
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 
@@ -35,11 +42,60 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .with_state(fleet)
 }
 
+/// Serves the [`router`] on `listener` until `shutdown`: HTTP/1.1, and HTTP/2 with or without TLS
+/// (prior knowledge), as a gateway in front of the whole fleet would: one HTTP/2 connection
+/// carries up to [`STREAMS`] deliveries at once.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    fleet: Arc<Fleet>,
+    shutdown: CancellationToken,
+) {
+    let router = router(fleet.clone());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(STREAMS);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, say: wait, as the connections in hand end.
+                    tracing::warn!(error.message = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        fleet.totals().http_connections += 1;
+        let _ = stream.set_nodelay(true);
+        let (builder, service) = (builder.clone(), TowerToHyperService::new(router.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+    }
+}
+
+/// Deliveries one HTTP/2 connection may carry at once: the workers' concurrency, not a web
+/// server's 200, since one connection stands for a whole fleet.
+const STREAMS: u32 = 16_384;
+
 async fn deliver(
     State(fleet): State<Arc<Fleet>>,
     Path(id): Path<String>,
+    version: Version,
     Json(req): Json<DeviceRequest>,
 ) -> Response {
+    *fleet
+        .totals()
+        .http_versions
+        .entry(format!("{version:?}"))
+        .or_default() += 1;
     if req.device_id != id {
         return (StatusCode::BAD_REQUEST, "deviceId does not match the URL").into_response();
     }

@@ -3,9 +3,9 @@
 //!
 //! The devices speak the fleetbatch device protocol over MQTT, or the AWS IoT Jobs device API
 //! over MQTT (`worker.mqtt.protocol` of the same settings the workers read, or `--mqtt`), and
-//! the fleetbatch protocol over HTTP (`POST /devices/{id}/jobs` on `--listen`). They behave
-//! as `simulator.*` says (latency, transient and permanent failures, rejections, offline
-//! devices, hangs, slow reboots), apply each execution once, and report what they saw on
+//! the fleetbatch protocol over HTTP/1.1 or HTTP/2 (`POST /devices/{id}/jobs` on `--listen`).
+//! They behave as `simulator.*` says (latency, transient and permanent failures, rejections,
+//! offline devices, hangs, slow reboots), apply each execution once, and report what they saw on
 //! `GET /stats`, `GET /devices/{id}` and `GET /readings/{job}`.
 //!
 //! Layout: [`fleet`] (device memory), [`plain`] (fleetbatch protocol), [`aws`] (AWS IoT Jobs
@@ -179,10 +179,7 @@ async fn run() -> anyhow::Result<()> {
         serde_json::json!({"listening": address.to_string(), "devices": args.devices, "mqtt": format!("{mode:?}")})
     );
     tracing::info!(%address, devices = args.devices, mqtt = ?mode, "fleet-sim ready");
-    let stop = shutdown.clone();
-    axum::serve(listener, http::router(fleet.clone()))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
+    http::serve(listener, fleet.clone(), shutdown.clone()).await;
     println!("{}", serde_json::to_string(&*fleet.totals())?);
     Ok(())
 }

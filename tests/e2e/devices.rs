@@ -408,17 +408,59 @@ async fn aws_iot_jobs_devices_run_fleetbatch_jobs_unmodified() {
     app.teardown().await;
 }
 
-#[tokio::test]
-async fn http_devices_return_readings_and_the_report_summarises_them() {
+/// Two workers with the shared fleet behaviour, speaking HTTP `version` to a fleet-sim to be
+/// started on the port returned.
+async fn http_app(version: &str) -> (TestApp, u16) {
     let port = harness::cluster::free_port().expect("port");
     let template = format!("http://127.0.0.1:{port}/devices/{{device_id}}/jobs");
     let mut env: Vec<(&str, &str)> = FLEET.to_vec();
     env.extend([
         ("FLEETBATCH_WORKER__TRANSPORT", "http"),
         ("FLEETBATCH_WORKER__HTTP__URL_TEMPLATE", template.as_str()),
+        ("FLEETBATCH_WORKER__HTTP__VERSION", version),
         ("FLEETBATCH_WORKER__ATTEMPT_TIMEOUT_MS", "1500"),
     ]);
-    let mut app = spawn_app(2, &env).await;
+    (spawn_app(2, &env).await, port)
+}
+
+#[tokio::test]
+async fn http2_deliveries_share_a_few_connections_to_the_gateway_and_reach_every_device_once() {
+    let (mut app, port) = http_app("http2").await;
+    let n = 3_000;
+    let sim = start_sim(&mut app, Some(port), n, "none").await;
+    let before = get_json(&app, &format!("{sim}/stats")).await["http_connections"]
+        .as_u64()
+        .expect("http_connections");
+
+    // Every device in its one right state, each applied once, no delivery beyond the
+    // attempts recorded; offline devices' unanswered requests time out as streams.
+    firmware_over_fleet_sim(&app, &sim, n, Some(0)).await;
+
+    let stats = get_json(&app, &format!("{sim}/stats")).await;
+    let deliveries = stats["deliveries"].as_u64().expect("deliveries");
+    assert!(deliveries >= n, "{stats}");
+    assert_eq!(
+        stats["http_versions"],
+        json!({"HTTP/2.0": deliveries}),
+        "every delivery over HTTP/2: {stats}"
+    );
+    // Two workers, a connection each (one more apiece if one was lost), and the test's own
+    // report reads on one; HTTP/1.1 takes one per delivery in flight, hundreds here.
+    let opened = stats["http_connections"]
+        .as_u64()
+        .expect("http_connections")
+        - before;
+    eprintln!("{deliveries} deliveries over HTTP/2 on {opened} connections");
+    assert!(
+        opened <= 5,
+        "{opened} connections for {deliveries} deliveries: {stats}"
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn http_devices_return_readings_and_the_report_summarises_them() {
+    let (mut app, port) = http_app("auto").await;
     let n = 3_000;
     let sim = start_sim(&mut app, Some(port), n, "none").await;
 

@@ -43,8 +43,9 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
     /// How the devices are reached: the built-in simulator, or a `fleet-sim` process over
-    /// MQTT with the fleetbatch protocol, over MQTT with the AWS IoT Jobs API, or over HTTP
-    /// (MQTT: the broker of the settings, by default 127.0.0.1:1883).
+    /// MQTT with the fleetbatch protocol, over MQTT with the AWS IoT Jobs API, over HTTP/1.1,
+    /// or over HTTP/2 without TLS, as to a gateway (MQTT: the broker of the settings, by
+    /// default 127.0.0.1:1883).
     #[arg(long, value_enum, default_value = "simulator")]
     devices_over: DevicesOver,
 }
@@ -55,6 +56,7 @@ pub(crate) enum DevicesOver {
     Mqtt,
     AwsIotJobs,
     Http,
+    Http2,
 }
 
 impl DevicesOver {
@@ -64,7 +66,7 @@ impl DevicesOver {
         let transport = match self {
             DevicesOver::Simulator => "simulator",
             DevicesOver::Mqtt | DevicesOver::AwsIotJobs => "mqtt",
-            DevicesOver::Http => "http",
+            DevicesOver::Http | DevicesOver::Http2 => "http",
         };
         let mut env = vec![
             ("FLEETBATCH_WORKER__TRANSPORT", transport.to_owned()),
@@ -73,6 +75,9 @@ impl DevicesOver {
                 format!("http://127.0.0.1:{http_port}/devices/{{device_id}}/jobs"),
             ),
         ];
+        if self == DevicesOver::Http2 {
+            env.push(("FLEETBATCH_WORKER__HTTP__VERSION", "http2".into()));
+        }
         if self == DevicesOver::AwsIotJobs {
             env.push(("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs".into()));
             // Agents start the job, then report: allow for the extra round trips.
@@ -93,7 +98,7 @@ impl DevicesOver {
             DevicesOver::Simulator => return Ok(None),
             DevicesOver::Mqtt => "fleetbatch",
             DevicesOver::AwsIotJobs => "aws-iot-jobs",
-            DevicesOver::Http => "none",
+            DevicesOver::Http | DevicesOver::Http2 => "none",
         };
         let devices = devices.to_string();
         let base = sandbox

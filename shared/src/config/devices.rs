@@ -109,12 +109,27 @@ pub struct MqttSettings {
     pub aws_renotify_ms: u64,
 }
 
+/// Which HTTP version workers speak to devices or their gateway.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HttpVersion {
+    /// HTTP/2 where TLS negotiates it (ALPN), HTTP/1.1 otherwise.
+    Auto,
+    /// HTTP/1.1 only: one connection for each delivery in flight.
+    Http1,
+    /// HTTP/2 only, without TLS too (prior knowledge, "h2c"): the deliveries to one host
+    /// share a connection, as many in flight as the server allows.
+    Http2,
+}
+
 /// How workers reach devices over HTTP.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// URL POSTed for each delivery; `{device_id}` is replaced by the (URL-encoded) device id.
     pub url_template: String,
+    /// HTTP version spoken.
+    pub version: HttpVersion,
     /// PEM file of an extra CA to trust for `https` URLs.
     pub ca_file: Option<String>,
     /// Largest response body accepted.

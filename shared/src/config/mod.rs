@@ -24,7 +24,8 @@ mod devices;
 mod services;
 
 pub use devices::{
-    DeviceProtocol, HttpSettings, MqttSettings, MqttVersion, SimulatorSettings, TransportKind,
+    DeviceProtocol, HttpSettings, HttpVersion, MqttSettings, MqttVersion, SimulatorSettings,
+    TransportKind,
 };
 pub(crate) use services::redact_url;
 pub use services::{
@@ -400,6 +401,23 @@ mod tests {
         assert!(
             Settings::load_from(None, &env).is_err(),
             "a near miss is a typo"
+        );
+    }
+
+    #[test]
+    fn the_http_version_loads_and_an_unknown_one_is_refused_naming_the_field() {
+        let env = |v: &str| {
+            HashMap::from([("FLEETBATCH_WORKER__HTTP__VERSION".to_owned(), v.to_owned())])
+        };
+        let s = Settings::load_from(None, &HashMap::new()).expect("defaults");
+        assert_eq!(s.worker.http.version, HttpVersion::Auto);
+        let s = Settings::load_from(None, &env("http2")).expect("http2");
+        assert_eq!(s.worker.http.version, HttpVersion::Http2);
+        let err = Settings::load_from(None, &env("http3")).expect_err("refused");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(
+            chain.contains("worker.http.version") && chain.contains("http3"),
+            "{chain}"
         );
     }
 

@@ -1,14 +1,15 @@
 //! The HTTP transport: one POST of the fleetbatch request document per attempt, to the device
 //! or its gateway, answered by a reply document in the response body.
 //!
-//! Owns the HTTP client (TLS with the system roots plus an optional CA, connection reuse) and
-//! the mapping of responses to outcomes: 2xx carries the reply document; 408, 429 and 5xx
-//! (with or without a body) and connection errors are transient; other statuses are
-//! permanent failures. It never records outcomes.
+//! Owns the HTTP client (TLS with the system roots plus an optional CA, connection reuse,
+//! HTTP/1.1 or HTTP/2 as `worker.http.version` says) and the mapping of responses to
+//! outcomes: 2xx carries the reply document; 408, 429 and 5xx (with or without a body) and
+//! connection errors are transient; other statuses are permanent failures. It never records
+//! outcomes.
 
 use devices::protocol::DeviceReply;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use shared::config::HttpSettings;
+use shared::config::{HttpSettings, HttpVersion};
 
 use super::request::{DeliverError, DeliveryRequest, Reply, reply_outcome};
 
@@ -56,6 +57,11 @@ impl HttpTransport {
         let mut builder = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .user_agent(concat!("fleetbatch-worker/", env!("CARGO_PKG_VERSION")));
+        builder = match settings.version {
+            HttpVersion::Auto => builder,
+            HttpVersion::Http1 => builder.http1_only(),
+            HttpVersion::Http2 => builder.http2_prior_knowledge(),
+        };
         if let Some(path) = &settings.ca_file {
             let pem = std::fs::read(path).map_err(|e| HttpSetupError::Ca {
                 path: path.clone(),

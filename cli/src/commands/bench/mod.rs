@@ -108,7 +108,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let exchange = match args.devices_over {
         DevicesOver::Mqtt => Some(raw_mqtt::Exchange::Fleetbatch),
         DevicesOver::AwsIotJobs => Some(raw_mqtt::Exchange::AwsIotJobs),
-        DevicesOver::Simulator | DevicesOver::Http => None,
+        DevicesOver::Simulator | DevicesOver::Http | DevicesOver::Http2 => None,
     };
     let mut raw_rates = Vec::new();
     let mut raw_mqtt_cpu = Vec::new();
