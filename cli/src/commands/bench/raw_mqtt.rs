@@ -6,10 +6,12 @@
 //! - AWS IoT Jobs API: `notify-next`, the device's `start-next`, `start-next/accepted`, its
 //!   final `update`, `update/accepted` (5 messages a device).
 //!
-//! Both sides live in this process, over MQTT 5 at QoS 1 as the product's messages are: one
-//! service connection, and the devices spread over [`DEVICE_CONNECTIONS`] connections, each
-//! subscribed to its own devices' topics (as `fleet-sim`'s). A window of devices is under way
-//! at once. It never touches fleetbatch's state.
+//! Both sides live in this process, over MQTT 5 at QoS 1 as the product's messages are: the
+//! devices and the service side are each spread over [`CONNECTIONS`] connections, each
+//! subscribed to its own devices' topics (as `fleet-sim`'s), so that no connection has more
+//! messages waiting than a broker queues for one client (Mosquitto: 1,000, beyond which it
+//! drops them). A window of devices is under way at once. It never touches fleetbatch's
+//! state.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +21,8 @@ use shared::config::MqttSettings;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Connections the devices are spread over.
-const DEVICE_CONNECTIONS: u64 = 8;
+/// Connections the devices are spread over, and the service side's.
+const CONNECTIONS: u64 = 8;
 /// How long the pipeline may go without a device finishing before it is called stalled (a
 /// broker dropping messages).
 const STALL: Duration = Duration::from_secs(20);
@@ -41,6 +43,18 @@ fn thing(run: &str, n: u64) -> String {
 fn number(topic: &str) -> Option<u64> {
     let thing = topic.split('/').find(|s| s.starts_with("raw-"))?;
     thing.rsplit('-').next()?.parse().ok()
+}
+
+/// The topics the service side listens on for device `n`.
+fn service_topics(exchange: Exchange, run: &str, n: u64) -> Vec<String> {
+    let t = thing(run, n);
+    match exchange {
+        Exchange::Fleetbatch => vec![format!("rawbench/{run}/replies/{t}")],
+        Exchange::AwsIotJobs => vec![
+            format!("$aws/things/{t}/jobs/start-next"),
+            format!("$aws/things/{t}/jobs/raw/update"),
+        ],
+    }
 }
 
 /// The topics device `n` listens on.
@@ -67,46 +81,51 @@ pub(super) async fn raw_mqtt_pipeline(
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let service_topics = match exchange {
-        Exchange::Fleetbatch => vec![format!("rawbench/{run}/replies")],
-        Exchange::AwsIotJobs => vec![
-            "$aws/things/+/jobs/start-next".to_owned(),
-            "$aws/things/+/jobs/+/update".to_owned(),
-        ],
-    };
-    let (service, mut service_rx) = mqtt::connect(
-        settings,
-        &format!("fleetbatch-rawbench-{run}"),
-        service_topics,
-        stop.clone(),
-    )?;
+    // Both sides: CONNECTIONS connections each, device n on connection n % CONNECTIONS;
+    // what a side hears comes in on one channel with the link to answer on.
+    let mut service = Vec::new();
     let mut links = Vec::new();
+    let (to_service, mut service_rx) = mpsc::channel::<(Link, Message)>(4096);
     let (to_devices, mut device_rx) = mpsc::channel::<(Link, Message)>(4096);
-    for k in 0..DEVICE_CONNECTIONS {
-        let topics: Vec<String> = (k..devices)
-            .step_by(DEVICE_CONNECTIONS as usize)
-            .flat_map(|n| device_topics(exchange, &run, n))
-            .collect();
-        let (link, mut rx) = mqtt::connect(
-            settings,
-            &format!("fleetbatch-rawbench-{run}-{k}"),
-            topics,
-            stop.clone(),
-        )?;
-        links.push(link.clone());
-        let tx = to_devices.clone();
-        tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                if tx.send((link.clone(), m)).await.is_err() {
-                    return;
-                }
+    for (side, topics_of, tx) in [
+        (
+            "s",
+            service_topics as fn(Exchange, &str, u64) -> Vec<String>,
+            &to_service,
+        ),
+        ("d", device_topics, &to_devices),
+    ] {
+        for k in 0..CONNECTIONS {
+            let topics: Vec<String> = (k..devices)
+                .step_by(CONNECTIONS as usize)
+                .flat_map(|n| topics_of(exchange, &run, n))
+                .collect();
+            let (link, mut rx) = mqtt::connect(
+                settings,
+                &format!("fleetbatch-rawbench-{run}-{side}{k}"),
+                topics,
+                stop.clone(),
+            )?;
+            if side == "s" {
+                service.push(link.clone());
+            } else {
+                links.push(link.clone());
             }
-        });
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if tx.send((link.clone(), m)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
     }
+    drop(to_service);
     drop(to_devices);
     // Subscriptions are sent on connecting: wait for every connection, then a moment.
     let ready = Instant::now();
-    while !(service.is_connected() && links.iter().all(Link::is_connected)) {
+    while !(service.iter().chain(&links).all(Link::is_connected)) {
         anyhow::ensure!(
             ready.elapsed() < Duration::from_secs(60),
             "raw MQTT pipeline: not connected to the MQTT broker"
@@ -124,7 +143,7 @@ pub(super) async fn raw_mqtt_pipeline(
                 let t = thing(&run, n);
                 let (topic, body) = match exchange {
                     Exchange::Fleetbatch => (
-                        format!("rawbench/{run}/replies"),
+                        format!("rawbench/{run}/replies/{t}"),
                         format!(r#"{{"deviceId":"{t}","status":"SUCCEEDED","readings":{{}}}}"#),
                     ),
                     Exchange::AwsIotJobs if m.topic.ends_with("/notify-next") => (
@@ -163,15 +182,16 @@ pub(super) async fn raw_mqtt_pipeline(
             ),
         }
     };
+    let on = |n: u64| &service[(n % CONNECTIONS) as usize];
     while next < devices.min(window) {
         let (topic, body) = kick(next);
-        service.publish(&topic, body.into_bytes(), None).await?;
+        on(next).publish(&topic, body.into_bytes(), None).await?;
         next += 1;
     }
     let mut last_progress = Instant::now();
     while done < devices {
         let m = tokio::time::timeout(Duration::from_secs(1), service_rx.recv()).await;
-        let m = match m {
+        let (link, m) = match m {
             Ok(Some(m)) => m,
             Ok(None) => anyhow::bail!("raw MQTT pipeline: the service connection closed"),
             Err(_) => {
@@ -195,7 +215,7 @@ pub(super) async fn raw_mqtt_pipeline(
                 let body = format!(
                     r#"{{"timestamp":1,"clientToken":"raw","execution":{{"jobId":"raw","thingName":"{t}","status":"IN_PROGRESS","versionNumber":2,"executionNumber":1}}}}"#
                 );
-                service.publish(&reply, body.into_bytes(), None).await?;
+                link.publish(&reply, body.into_bytes(), None).await?;
                 finished
             }
         };
@@ -204,7 +224,7 @@ pub(super) async fn raw_mqtt_pipeline(
             last_progress = Instant::now();
             if next < devices {
                 let (topic, body) = kick(next);
-                service.publish(&topic, body.into_bytes(), None).await?;
+                on(next).publish(&topic, body.into_bytes(), None).await?;
                 next += 1;
             }
         }
