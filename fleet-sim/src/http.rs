@@ -1,8 +1,9 @@
 //! The HTTP face of the fleet: `POST /devices/{id}/jobs` plays the device, and `/stats`,
 //! `/devices/{id}` and `/readings/{job}` report what the devices saw.
 //!
-//! Owns the HTTP routes. A silent device (offline, hung) holds the request open until the
-//! caller gives up, as a real unreachable device behind a gateway would.
+//! Owns the HTTP server (HTTP/1.1 and HTTP/2 on one port) and its routes. A silent device
+//! (offline, hung) holds the request open until the caller gives up, as a real unreachable
+//! device behind a gateway would.
 
 use std::sync::Arc;
 
@@ -17,7 +18,6 @@ use devices::{
     protocol::DeviceRequest,
     simdevice::{Answer, SimOutcome},
 };
-
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
@@ -42,9 +42,10 @@ pub(crate) fn router(fleet: Arc<Fleet>) -> Router {
         .with_state(fleet)
 }
 
-/// Serves the [`router`] on `listener` until `shutdown`: HTTP/1.1, and HTTP/2 with or without TLS
-/// (prior knowledge), as a gateway in front of the whole fleet would: one HTTP/2 connection
-/// carries up to [`STREAMS`] deliveries at once.
+/// Serves the [`router`] on `listener` until `shutdown`, HTTP/1.1 and HTTP/2 (without TLS, by
+/// prior knowledge) on the same port, as a gateway in front of the whole fleet would: one
+/// HTTP/2 connection carries up to [`STREAMS`] deliveries at once. Connections still open
+/// at shutdown are dropped (a hung device's request never ends by itself).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     fleet: Arc<Fleet>,
