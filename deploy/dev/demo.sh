@@ -4,7 +4,7 @@
 # --devices 100000).
 #   deploy/dev/demo.sh
 #   deploy/dev/demo.sh --devices 20000 --json
-#   deploy/dev/demo.sh --devices 100000 --devices-over mqtt   # or aws-iot-jobs, http
+#   deploy/dev/demo.sh --devices 100000 --devices-over mqtt   # or aws-iot-jobs, http, http2
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/dev/toolchain.sh
