@@ -87,13 +87,14 @@ pub(super) async fn raw_mqtt_pipeline(
     let mut links = Vec::new();
     let (to_service, mut service_rx) = mpsc::channel::<(Link, Message)>(4096);
     let (to_devices, mut device_rx) = mpsc::channel::<(Link, Message)>(4096);
-    for (side, topics_of, tx) in [
+    for (side, topics_of, tx, side_links) in [
         (
             "s",
             service_topics as fn(Exchange, &str, u64) -> Vec<String>,
             &to_service,
+            &mut service,
         ),
-        ("d", device_topics, &to_devices),
+        ("d", device_topics, &to_devices, &mut links),
     ] {
         for k in 0..CONNECTIONS {
             let topics: Vec<String> = (k..devices)
@@ -106,11 +107,7 @@ pub(super) async fn raw_mqtt_pipeline(
                 topics,
                 stop.clone(),
             )?;
-            if side == "s" {
-                service.push(link.clone());
-            } else {
-                links.push(link.clone());
-            }
+            side_links.push(link.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 while let Some(m) = rx.recv().await {
