@@ -40,7 +40,19 @@ use super::{
 
 /// Attempts waiting for messages about their execution, by execution id.
 #[derive(Debug, Default)]
-pub(crate) struct Waiting(Mutex<HashMap<Uuid, mpsc::UnboundedSender<Bytes>>>);
+pub(crate) struct Waiting(Mutex<HashMap<Uuid, mpsc::UnboundedSender<Routed>>>);
+
+/// What reaches an attempt waiting for its device.
+#[derive(Debug)]
+pub(crate) enum Routed {
+    /// A message on this worker's reply topic: a device's reply, or another worker's word
+    /// that an AWS IoT Jobs execution changed. Anyone who may publish there could have sent
+    /// it: the attempt checks it, or reads the execution from storage.
+    Message(Bytes),
+    /// An AWS IoT Jobs execution as this worker's own answer to its device's final update
+    /// left it: final, and never from the network.
+    Concluded(Box<aws::Record>),
+}
 
 /// Removes a waiting attempt when it ends (answered, timed out or dropped).
 pub(crate) struct WaitGuard<'a>(&'a Waiting, Uuid);
@@ -60,7 +72,7 @@ impl Waiting {
     pub(crate) fn register(
         &self,
         execution: Uuid,
-    ) -> (WaitGuard<'_>, mpsc::UnboundedReceiver<Bytes>) {
+    ) -> (WaitGuard<'_>, mpsc::UnboundedReceiver<Routed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.0
             .lock()
@@ -70,7 +82,7 @@ impl Waiting {
     }
 
     /// Hands `payload` to the attempt waiting for `execution`; false when none waits here.
-    pub(crate) fn route(&self, execution: Uuid, payload: Bytes) -> bool {
+    pub(crate) fn route(&self, execution: Uuid, payload: Routed) -> bool {
         let waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
         waiting
             .get(&execution)
@@ -204,7 +216,11 @@ impl MqttTransport {
             if m.topic == self.0.reply_topic {
                 match serde_json::from_slice::<Addressed>(&m.payload) {
                     Ok(a) => {
-                        if !self.0.waiting.route(a.execution_id, m.payload) {
+                        if !self
+                            .0
+                            .waiting
+                            .route(a.execution_id, Routed::Message(m.payload))
+                        {
                             tracing::debug!(execution_id = %a.execution_id, "late reply: no attempt waiting");
                         }
                     }
@@ -261,7 +277,7 @@ impl MqttTransport {
     async fn deliver_plain(
         &self,
         req: &DeliveryRequest,
-        mut rx: mpsc::UnboundedReceiver<Bytes>,
+        mut rx: mpsc::UnboundedReceiver<Routed>,
     ) -> Result<Reply, DeliverError> {
         let nonce = Uuid::new_v4().simple().to_string();
         let mut body = req.to_device_request(Some(self.0.reply_topic.clone()));
@@ -300,8 +316,11 @@ impl MqttTransport {
                     continue;
                 }
             };
-            let Some(payload) = payload else {
-                return Err(DeliverError::Transient("MQTT dispatcher stopped".into()));
+            let payload = match payload {
+                Some(Routed::Message(p)) => p,
+                // Only the AWS IoT Jobs API concludes executions in process.
+                Some(Routed::Concluded(_)) => continue,
+                None => return Err(DeliverError::Transient("MQTT dispatcher stopped".into())),
             };
             // Only the device asked can answer: the reply must carry this attempt's nonce.
             let raw: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();

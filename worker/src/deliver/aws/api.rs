@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 use shared::coalesce::ScriptItem;
 use uuid::Uuid;
 
+use super::super::mqtt::Routed;
 use super::{
     AwsJobs,
     documents::{
@@ -294,15 +295,15 @@ impl AwsJobs {
             // Wake the worker holding the task, then move the thing on to its next job.
             if let (Some(holder), Ok(id)) = (e.str("holder"), Uuid::parse_str(job)) {
                 let execution = shared::state::execution_id(id, thing);
-                let wake = json!({"executionId": execution});
-                // The holder is this worker: woken here, not through the broker.
+                // The holder is this worker: woken here with the final execution (its task
+                // needs no read), not through the broker.
                 let here = holder == self.0.holder
                     && self
                         .0
                         .waiting
-                        .route(execution, bytes::Bytes::from(wake.to_string()));
+                        .route(execution, Routed::Concluded(Box::new(e.clone())));
                 if !here {
-                    self.send(holder, wake).await;
+                    self.send(holder, json!({"executionId": execution})).await;
                 }
             }
             if a.alone {

@@ -24,7 +24,6 @@ use devices::keys::DeviceKeys;
 use shared::redis_conn::RedisConn;
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use devices::{aws, mqtt::Link};
 use redis::Script;
 use serde_json::{Map, Value, json};
@@ -41,8 +40,9 @@ mod documents;
 mod scripts;
 
 use documents::{pick_next, secs, summary};
+pub(crate) use scripts::Record;
 use scripts::{CHECK, CLAIM, START_NEXT};
-use scripts::{FINISH, PENDING, PRELUDE, QUEUE, Record, ScriptAnswer, UPDATE};
+use scripts::{FINISH, PENDING, PRELUDE, QUEUE, ScriptAnswer, UPDATE};
 use shared::coalesce::{ScriptBatcher, script_batcher};
 
 /// How often a waiting attempt re-reads its execution (step timers, missed wake-ups).
@@ -76,6 +76,10 @@ struct Inner {
     /// Without a shared subscription: claims of requests, those made at the same moment
     /// sent in one call.
     claims: Option<ScriptBatcher<i64>>,
+    /// The jobs this worker last saw pending on things, newest first: the scripts that read a
+    /// thing's pending executions are first given these, and need a second call only when
+    /// the thing has another.
+    recent: std::sync::Mutex<std::collections::VecDeque<String>>,
     queue: Script,
     check: Script,
     pending: Script,
@@ -176,6 +180,7 @@ impl AwsJobs {
                 std::time::Instant::now(),
             )),
             claims,
+            recent: std::sync::Mutex::default(),
             queue: script(QUEUE),
             check: script(CHECK),
             pending: script(PENDING),
@@ -221,6 +226,11 @@ impl AwsJobs {
         F: std::future::Future<Output = Result<Vec<String>, String>>,
     {
         let mut jobs: Vec<String> = guess.to_vec();
+        for job in self.recent_jobs() {
+            if !jobs.contains(&job) {
+                jobs.push(job);
+            }
+        }
         for _ in 0..8 {
             let mut keys = vec![self.0.names.aws_pending(thing)];
             keys.extend(lead.iter().cloned());
@@ -229,11 +239,36 @@ impl AwsJobs {
             all.extend(jobs.iter().cloned());
             let a = self.run(script, &keys, &all).await?;
             match a.unknown {
-                Some(listed) => jobs = listed.split(',').map(str::to_owned).collect(),
+                Some(listed) => {
+                    jobs = listed.split(',').map(str::to_owned).collect();
+                    for job in &jobs {
+                        self.saw_pending(job);
+                    }
+                }
                 None => return Ok(a),
             }
         }
         Err("the thing's pending jobs kept changing".into())
+    }
+
+    /// How many jobs [`Self::recent_jobs`] remembers.
+    const RECENT: usize = 8;
+
+    /// Remembers `job` as pending on some thing.
+    fn saw_pending(&self, job: &str) {
+        let mut recent = self.0.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.front().is_some_and(|j| j == job) {
+            return;
+        }
+        recent.retain(|j| j != job);
+        recent.push_front(job.to_owned());
+        recent.truncate(Self::RECENT);
+    }
+
+    /// The jobs last seen pending, newest first.
+    fn recent_jobs(&self) -> Vec<String> {
+        let recent = self.0.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
     }
 
     fn exec_keys(&self, job: &str, thing: &str) -> Vec<String> {
@@ -250,9 +285,10 @@ impl AwsJobs {
     pub(crate) async fn deliver(
         &self,
         req: &DeliveryRequest,
-        mut wake: mpsc::UnboundedReceiver<Bytes>,
+        mut wake: mpsc::UnboundedReceiver<super::mqtt::Routed>,
     ) -> Result<Reply, DeliverError> {
         let job = req.job_id.to_string();
+        self.saw_pending(&job);
         let keys = self.exec_keys(&job, &req.device_id);
         let answer = self
             .run(&self.0.queue, &keys, &[job.clone(), self.0.holder.clone()])
@@ -297,17 +333,24 @@ impl AwsJobs {
                     wait: waiting_for(&exec, self.0.renotify, shared::now_ms()),
                 });
             }
-            tokio::select! {
-                _ = wake.recv() => {}
-                _ = tokio::time::sleep((until - now).min(POLL)) => {}
-            }
-            let answer = self
-                .run(&self.0.check, &keys, std::slice::from_ref(&job))
-                .await
-                .map_err(DeliverError::Transient)?;
-            exec = answer
-                .exec
-                .ok_or_else(|| DeliverError::Transient("execution state vanished".into()))?;
+            let concluded = tokio::select! {
+                w = wake.recv() => match w {
+                    Some(super::mqtt::Routed::Concluded(e)) => Some(*e),
+                    _ => None,
+                },
+                _ = tokio::time::sleep((until - now).min(POLL)) => None,
+            };
+            exec = match concluded {
+                // This worker answered the device's final update: the execution is final as
+                // that answer left it, so it needs no read.
+                Some(e) => e,
+                None => self
+                    .run(&self.0.check, &keys, std::slice::from_ref(&job))
+                    .await
+                    .map_err(DeliverError::Transient)?
+                    .exec
+                    .ok_or_else(|| DeliverError::Transient("execution state vanished".into()))?,
+            };
             if let Some(done) = self.outcome(req, &exec) {
                 if exec.status() == "TIMED_OUT" {
                     // The step timer ended it: the thing's next job moves up.

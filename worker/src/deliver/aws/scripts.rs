@@ -5,25 +5,40 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
-/// Lua shared by the scripts: the Redis clock, and the step-timer check that turns an
-/// IN_PROGRESS execution whose timer ran out into TIMED_OUT before anything reads it.
+/// Lua shared by the scripts: the Redis clock, an execution read once into a table, and the
+/// step-timer check that turns an IN_PROGRESS execution whose timer ran out into TIMED_OUT
+/// before anything reads it. Each script reads an execution with one HGETALL and writes it
+/// with one HSET: a call from Lua costs about as much as the command it runs, and these
+/// scripts run several times a device.
 pub(super) const PRELUDE: &str = r"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function expire(key, zkey, job, now)
-  local st = redis.call('HGET', key, 'status')
-  if st == 'IN_PROGRESS' then
-    local d = tonumber(redis.call('HGET', key, 'step_deadline') or '0')
+-- The execution at `key` as a table, or nil when there is none.
+local function load(key)
+  local r = redis.call('HGETALL', key)
+  if #r == 0 then return nil end
+  local t = {}
+  for i = 1, #r, 2 do t[r[i]] = r[i + 1] end
+  return t
+end
+-- Sets fields of execution `e` (stored at `key`): `kv` alternates names and values.
+local function put(key, e, kv)
+  for i = 1, #kv, 2 do e[kv[i]] = kv[i + 1] end
+  redis.call('HSET', key, unpack(kv))
+end
+-- The status of execution `e` of `job`, TIMED_OUT (and out of the thing's pending set
+-- `zkey`) once its step timer ran out.
+local function expire(e, key, zkey, job, now)
+  if e.status == 'IN_PROGRESS' then
+    local d = tonumber(e.step_deadline or '0')
     if d and d > 0 and now >= d then
-      redis.call('HSET', key, 'status', 'TIMED_OUT', 'updated', now)
-      redis.call('HINCRBY', key, 'version', 1)
+      put(key, e, {'status', 'TIMED_OUT', 'updated', now, 'version', tonumber(e.version) + 1})
       redis.call('ZREM', zkey, job)
-      return 'TIMED_OUT'
     end
   end
-  return st
+  return e.status
 end
 -- The jobs pending for a thing (sorted set `zkey`) with their execution keys, given, never
 -- built: job ARGV[from + i] has its execution at KEYS[first + i]. A pending job without a
@@ -41,19 +56,12 @@ local function execs(zkey, from, first)
   end
   return jobs, known
 end
--- Ends pending execution `key` of `job` with `status` (fleetbatch's doing, not the device's):
--- out of the thing's pending set `zkey`, kept `retention` seconds.
-local function finish(key, zkey, job, status, now, retention)
-  redis.call('HSET', key, 'status', status, 'updated', now)
-  redis.call('HINCRBY', key, 'version', 1)
+-- Ends pending execution `e` of `job` (at `key`) with `status` (fleetbatch's doing, not the
+-- device's): out of the thing's pending set `zkey`, kept `retention` seconds.
+local function finish(e, key, zkey, job, status, now, retention)
+  put(key, e, {'status', status, 'updated', now, 'version', tonumber(e.version) + 1})
   redis.call('ZREM', zkey, job)
   redis.call('EXPIRE', key, retention)
-end
-local function tbl(key)
-  local r = redis.call('HGETALL', key)
-  local t = {}
-  for i = 1, #r, 2 do t[r[i]] = r[i + 1] end
-  return t
 end
 ";
 
@@ -63,17 +71,20 @@ end
 pub(super) const QUEUE: &str = r"
 local now = now_ms()
 local created = false
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'queued', now, 'updated', now,
-    'version', 1, 'number', 1, 'holder', ARGV[2])
+local e = load(KEYS[1])
+if not e then
+  e = {}
+  put(KEYS[1], e, {'status', 'QUEUED', 'queued', now, 'updated', now,
+    'version', 1, 'number', 1, 'holder', ARGV[2]})
   redis.call('ZADD', KEYS[2], now, ARGV[1])
   created = true
 else
-  expire(KEYS[1], KEYS[2], ARGV[1], now)
-  redis.call('HSET', KEYS[1], 'holder', ARGV[2])
+  expire(e, KEYS[1], KEYS[2], ARGV[1], now)
+  if e.holder ~= ARGV[2] then put(KEYS[1], e, {'holder', ARGV[2]}) end
 end
-local alone = redis.call('ZCARD', KEYS[2]) == 1 and redis.call('ZSCORE', KEYS[2], ARGV[1]) ~= false
-return cjson.encode({exec = tbl(KEYS[1]), now = now, created = created, alone = alone})
+local first = redis.call('ZRANGE', KEYS[2], 0, 1)
+local alone = #first == 1 and first[1] == ARGV[1]
+return cjson.encode({exec = e, now = now, created = created, alone = alone})
 ";
 
 /// CLAIM: for each request, KEYS its name, ARGV how long the claim lasts (ms); 1 for each
@@ -89,9 +100,10 @@ return out
 /// CHECK: KEYS exec, pending; ARGV job.
 pub(super) const CHECK: &str = r"
 local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 0 then return cjson.encode({now = now}) end
-expire(KEYS[1], KEYS[2], ARGV[1], now)
-return cjson.encode({exec = tbl(KEYS[1]), now = now})
+local e = load(KEYS[1])
+if not e then return cjson.encode({now = now}) end
+expire(e, KEYS[1], KEYS[2], ARGV[1], now)
+return cjson.encode({exec = e, now = now})
 ";
 
 /// PENDING: KEYS pending, then the execution of each job in ARGV[3..]; ARGV the jobs
@@ -109,11 +121,11 @@ for j in string.gmatch(ARGV[1], '[^,]+') do stopped[j] = true end
 local out = {}
 for _, job in ipairs(jobs) do
   local key = known[job]
-  local st = expire(key, KEYS[1], job, now)
+  local e = load(key)
+  local st = e and expire(e, key, KEYS[1], job, now)
   if st == 'QUEUED' and stopped[job] then
-    finish(key, KEYS[1], job, 'CANCELED', now, ARGV[2])
+    finish(e, key, KEYS[1], job, 'CANCELED', now, ARGV[2])
   elseif st == 'QUEUED' or st == 'IN_PROGRESS' then
-    local e = tbl(key)
     e.job = job
     table.insert(out, e)
   elseif not st then
@@ -138,25 +150,27 @@ local stopped = {}
 for j in string.gmatch(ARGV[3], '[^,]+') do stopped[j] = true end
 local ip, q
 for _, job in ipairs(jobs) do
-  local st = expire(known[job], KEYS[1], job, now)
+  local e = load(known[job])
+  local st = e and expire(e, known[job], KEYS[1], job, now)
   if st == 'QUEUED' and stopped[job] then
-    finish(known[job], KEYS[1], job, 'CANCELED', now, ARGV[4])
-  elseif st == 'IN_PROGRESS' and not ip then ip = job
-  elseif st == 'QUEUED' and not q then q = job
+    finish(e, known[job], KEYS[1], job, 'CANCELED', now, ARGV[4])
+  elseif st == 'IN_PROGRESS' and not ip then ip = {job, e}
+  elseif st == 'QUEUED' and not q then q = {job, e}
   elseif not st then redis.call('ZREM', KEYS[1], job) end
 end
-local job = ip or q
-if not job then return cjson.encode({now = now}) end
-local key = known[job]
+local next = ip or q
+if not next then return cjson.encode({now = now}) end
+local job, e = next[1], next[2]
 if not ip then
-  redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started', now, 'updated', now)
-  redis.call('HINCRBY', key, 'version', 1)
-  if ARGV[1] ~= '' then redis.call('HSET', key, 'details', ARGV[1]) end
+  local kv = {'status', 'IN_PROGRESS', 'started', now, 'updated', now,
+    'version', tonumber(e.version) + 1}
+  if ARGV[1] ~= '' then table.insert(kv, 'details') table.insert(kv, ARGV[1]) end
   if ARGV[2] ~= '' then
-    redis.call('HSET', key, 'step_deadline', now + tonumber(ARGV[2]) * 60000)
+    table.insert(kv, 'step_deadline')
+    table.insert(kv, now + tonumber(ARGV[2]) * 60000)
   end
+  put(known[job], e, kv)
 end
-local e = tbl(key)
 e.job = job
 wake_device(KEYS[2], KEYS[3], ARGV[5])
 return cjson.encode({exec = e, now = now})
@@ -169,53 +183,58 @@ return cjson.encode({exec = e, now = now})
 /// looks again: it ended, or the device reported progress, perhaps with a new step timer).
 pub(super) const UPDATE: &str = r"
 local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local e = load(KEYS[1])
+if not e then
   return cjson.encode({code = 'ResourceNotFound', now = now})
 end
-local st = expire(KEYS[1], KEYS[2], ARGV[1], now)
+local st = expire(e, KEYS[1], KEYS[2], ARGV[1], now)
 if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then
-  return cjson.encode({code = 'InvalidStateTransition', exec = tbl(KEYS[1]), now = now})
+  return cjson.encode({code = 'InvalidStateTransition', exec = e, now = now})
 end
-if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= tonumber(redis.call('HGET', KEYS[1], 'version')) then
-  return cjson.encode({code = 'VersionMismatch', exec = tbl(KEYS[1]), now = now})
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= tonumber(e.version) then
+  return cjson.encode({code = 'VersionMismatch', exec = e, now = now})
 end
 local new = ARGV[2]
 wake_device(KEYS[3], KEYS[4], ARGV[7])
-redis.call('HSET', KEYS[1], 'status', new, 'updated', now)
-redis.call('HINCRBY', KEYS[1], 'version', 1)
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'details', ARGV[3]) end
+local kv = {'status', new, 'updated', now, 'version', tonumber(e.version) + 1}
+if ARGV[3] ~= '' then table.insert(kv, 'details') table.insert(kv, ARGV[3]) end
 if new == 'IN_PROGRESS' then
-  if not redis.call('HGET', KEYS[1], 'started') then redis.call('HSET', KEYS[1], 'started', now) end
+  if not e.started then table.insert(kv, 'started') table.insert(kv, now) end
   if ARGV[5] ~= '' then
-    redis.call('HSET', KEYS[1], 'step_deadline', now + tonumber(ARGV[5]) * 60000)
+    table.insert(kv, 'step_deadline')
+    table.insert(kv, now + tonumber(ARGV[5]) * 60000)
   end
-else
-  redis.call('HDEL', KEYS[1], 'step_deadline')
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  return cjson.encode({exec = tbl(KEYS[1]), now = now,
-    alone = redis.call('ZCARD', KEYS[2]) == 0})
+  put(KEYS[1], e, kv)
+  return cjson.encode({exec = e, now = now})
 end
-return cjson.encode({exec = tbl(KEYS[1]), now = now})
+put(KEYS[1], e, kv)
+if e.step_deadline then
+  redis.call('HDEL', KEYS[1], 'step_deadline')
+  e.step_deadline = nil
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return cjson.encode({exec = e, now = now, alone = redis.call('ZCARD', KEYS[2]) == 0})
 ";
 
 /// FINISH: KEYS exec, pending; ARGV job, status, retention seconds. Ends a pending execution
 /// the device did not finish; returns whether it changed anything.
 pub(super) const FINISH: &str = r"
 local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local st = expire(KEYS[1], KEYS[2], ARGV[1], now)
+local e = load(KEYS[1])
+if not e then return 0 end
+local st = expire(e, KEYS[1], KEYS[2], ARGV[1], now)
 if st ~= 'QUEUED' and st ~= 'IN_PROGRESS' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return 0
 end
-finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], now, ARGV[3])
+finish(e, KEYS[1], KEYS[2], ARGV[1], ARGV[2], now, ARGV[3])
 return 1
 ";
 
 /// One execution as stored (every field a string, as Redis keeps them).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
-pub(super) struct Record(pub(super) HashMap<String, Value>);
+pub(crate) struct Record(pub(super) HashMap<String, Value>);
 
 impl Record {
     pub(super) fn str(&self, k: &str) -> Option<&str> {
