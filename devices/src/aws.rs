@@ -17,6 +17,10 @@ pub const AGENT_OPERATIONS: [&str; 5] = [
     "+/update/rejected",
 ];
 
+/// The same answers and notifications in three filters a thing, as a client that subscribes
+/// to each of its things' topics uses them (fewer filters for the broker to hold and match).
+pub const AGENT_FILTERS: [&str; 3] = ["notify-next", "start-next/+", "+/update/+"];
+
 /// The topic of `operation` for `thing`: `$aws/things/{thing}/jobs/{operation}`.
 pub fn topic(thing: &str, operation: &str) -> String {
     format!("$aws/things/{thing}/jobs/{operation}")

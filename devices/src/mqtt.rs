@@ -129,6 +129,18 @@ fn transport(settings: &MqttSettings, tls: bool) -> Result<Transport, MqttError>
     })
 }
 
+/// QoS 1 filters made anew for each (re)subscription rather than kept for the life of the
+/// connection: a client playing a large fleet names each device's topics, hundreds of bytes
+/// a device.
+#[derive(Clone)]
+pub struct MadeFilters(pub std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>);
+
+impl std::fmt::Debug for MadeFilters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MadeFilters(..)")
+    }
+}
+
 /// Topic filters to subscribe to.
 #[derive(Debug, Clone, Default)]
 pub struct Subscriptions {
@@ -140,30 +152,34 @@ pub struct Subscriptions {
     /// client queue limit (Mosquitto's `max_queued_messages`), which drops QoS 1 messages
     /// beyond it.
     pub at_most_once: Vec<String>,
+    /// More filters at QoS 1, made at each subscription.
+    pub made: Option<MadeFilters>,
 }
 
 impl From<Vec<String>> for Subscriptions {
     fn from(at_least_once: Vec<String>) -> Self {
         Self {
             at_least_once,
-            at_most_once: Vec::new(),
+            ..Self::default()
         }
     }
 }
 
 impl Subscriptions {
     fn is_empty(&self) -> bool {
-        self.at_least_once.is_empty() && self.at_most_once.is_empty()
+        self.at_least_once.is_empty() && self.at_most_once.is_empty() && self.made.is_none()
     }
 
     /// Every filter, made by `make(filter, at_least_once)`, in groups of at most
     /// [`SUBSCRIBE_CHUNK`] (one SUBSCRIBE packet each).
-    fn chunks<F>(&self, make: impl Fn(&str, bool) -> F) -> Vec<Vec<F>> {
+    fn chunks<F>(&self, make: impl Fn(String, bool) -> F) -> Vec<Vec<F>> {
+        let made = self.made.as_ref().map(|m| (m.0)()).unwrap_or_default();
         let mut all = self
             .at_least_once
             .iter()
-            .map(|f| make(f, true))
-            .chain(self.at_most_once.iter().map(|f| make(f, false)))
+            .map(|f| make(f.clone(), true))
+            .chain(made.into_iter().map(|f| make(f, true)))
+            .chain(self.at_most_once.iter().map(|f| make(f.clone(), false)))
             .peekable();
         let mut chunks = Vec::new();
         while all.peek().is_some() {
@@ -361,9 +377,7 @@ impl Session for V4Session {
                 QoS::AtMostOnce
             }
         };
-        for chunk in
-            filters.chunks(|f, once| rumqttc::SubscribeFilter::new(f.to_owned(), qos(once)))
-        {
+        for chunk in filters.chunks(|f, once| rumqttc::SubscribeFilter::new(f, qos(once))) {
             self.client
                 .try_subscribe_many(chunk)
                 .map_err(|e| e.to_string())?;
@@ -412,7 +426,7 @@ impl Session for V5Session {
                 QoS::AtMostOnce
             }
         };
-        for chunk in filters.chunks(|f, once| Filter::new(f.to_owned(), qos(once))) {
+        for chunk in filters.chunks(|f, once| Filter::new(f, qos(once))) {
             self.client
                 .try_subscribe_many(chunk)
                 .map_err(|e| e.to_string())?;
@@ -575,5 +589,26 @@ mod tests {
         assert!(parse_url("mqtt://:1883").is_err());
         assert!(parse_url("mqtt://host:99999").is_err());
         assert!(parse_url("mqtt://user:pw@host").is_err());
+    }
+
+    #[test]
+    fn made_filters_are_subscribed_at_least_once_in_packets_of_bounded_size() {
+        let subs = Subscriptions {
+            at_least_once: vec!["a".into()],
+            at_most_once: vec!["p/+".into()],
+            made: Some(MadeFilters(std::sync::Arc::new(|| {
+                (0..1000).map(|i| format!("t/{i}")).collect()
+            }))),
+        };
+        assert!(!subs.is_empty());
+        let chunks = subs.chunks(|f, once| (f, once));
+        assert_eq!(
+            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+            [SUBSCRIBE_CHUNK, SUBSCRIBE_CHUNK, 1002 - 2 * SUBSCRIBE_CHUNK]
+        );
+        let all: Vec<(String, bool)> = chunks.into_iter().flatten().collect();
+        assert_eq!(all[0], ("a".to_owned(), true));
+        assert_eq!(all[1000], ("t/999".to_owned(), true));
+        assert_eq!(all[1001], ("p/+".to_owned(), false));
     }
 }

@@ -34,14 +34,10 @@ pub(crate) fn subscriptions() -> Vec<String> {
 
 /// The same topics for the named things only (a connection playing a share of the fleet:
 /// a broker that cannot share `$aws/...` subscriptions still spreads the fleet's messages
-/// over several connections, as over the devices' own).
-pub(crate) fn subscriptions_of<'a>(things: impl Iterator<Item = &'a str>) -> Vec<String> {
+/// over several connections, as over the devices' own), three filters a thing.
+pub(crate) fn subscriptions_of(things: impl Iterator<Item = String>) -> Vec<String> {
     things
-        .flat_map(|t| {
-            aws::AGENT_OPERATIONS
-                .iter()
-                .map(move |op| aws::topic(t, op))
-        })
+        .flat_map(|t| aws::AGENT_FILTERS.iter().map(move |op| aws::topic(&t, op)))
         .collect()
 }
 

@@ -115,20 +115,28 @@ async fn run() -> anyhow::Result<()> {
         MqttMode::AwsIotJobs if split_things => connections - 1,
         _ => 0,
     };
-    let subscriptions_of = |k: u64| -> Vec<String> {
+    let devices = args.devices;
+    let subscriptions_of = |k: u64| -> devices::mqtt::Subscriptions {
         if split_things {
-            let things: Vec<String> = (0..args.devices)
-                .filter(|i| i % connections == k)
-                .map(|i| format!("dev-{i:07}"))
-                .collect();
-            aws::subscriptions_of(things.iter().map(String::as_str))
+            // Made at each (re)subscription, not kept: hundreds of bytes a device otherwise.
+            devices::mqtt::Subscriptions {
+                made: Some(devices::mqtt::MadeFilters(Arc::new(move || {
+                    aws::subscriptions_of(
+                        (k..devices)
+                            .step_by(connections as usize)
+                            .map(|i| format!("dev-{i:07}")),
+                    )
+                }))),
+                ..Default::default()
+            }
         } else if extra > 0 {
             subscriptions
                 .iter()
                 .map(|f| format!("$share/{id}/{f}"))
-                .collect()
+                .collect::<Vec<_>>()
+                .into()
         } else {
-            subscriptions.clone()
+            subscriptions.clone().into()
         }
     };
     let working = plain::Working::default();

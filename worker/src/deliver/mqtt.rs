@@ -161,6 +161,7 @@ impl MqttTransport {
             mqtt::Subscriptions {
                 at_least_once: subscriptions,
                 at_most_once: vec![protocol::presence_filter(&m.topic_prefix)],
+                made: None,
             },
             shutdown.clone(),
         )?;
