@@ -11,7 +11,7 @@
 //! behind); the API answers a repeat as it answered the first.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
 };
 
@@ -49,9 +49,15 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     // Decisions taken at notify-next, carried out at start-next/accepted.
-    let pending: Arc<Mutex<HashMap<(String, String), Decision>>> = Arc::default();
-    // Final updates sent and not answered yet: (thing, job).
-    let updating: Unanswered = Arc::default();
+    let pending: Pending = Arc::default();
+    // Requests sent and not answered yet, repeated by one task.
+    let unanswered: Unanswered = Arc::default();
+    tokio::spawn(repeat_unanswered(
+        link.clone(),
+        unanswered.clone(),
+        pending.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let m = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -109,14 +115,12 @@ pub(crate) async fn serve(
                 let topic = aws::topic(&thing, "start-next");
                 let token = format!("{thing}:{job}");
                 send(&link, &topic, json!({"clientToken": token})).await;
-                let (link, pending, key) = (link.clone(), pending.clone(), (thing, job.to_owned()));
-                let body = json!({"clientToken": format!("{}:{}:again", key.0, key.1)});
-                repeat_until_answered(link, topic, body, move || {
-                    pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains_key(&key)
-                });
+                let again = json!({"clientToken": format!("{thing}:{job}:again")});
+                wait_for_answer(
+                    &unanswered,
+                    (thing, job.to_owned(), Asked::StartNext),
+                    &again,
+                );
             }
             "start-next/accepted" => {
                 let Some(exec) = body.get("execution") else {
@@ -133,6 +137,7 @@ pub(crate) async fn serve(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&(thing.clone(), job.clone()));
+                lock(&unanswered).remove(&(thing.clone(), job.clone(), Asked::StartNext));
                 // Asked for on connecting, without a notification first: the device takes
                 // the job now.
                 let decision = match taken {
@@ -162,7 +167,7 @@ pub(crate) async fn serve(
                     .get("versionNumber")
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
-                let (fleet, link, updating) = (fleet.clone(), link.clone(), updating.clone());
+                let (fleet, link, unanswered) = (fleet.clone(), link.clone(), unanswered.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(after).await;
                     let (status, details) = match outcome {
@@ -198,17 +203,13 @@ pub(crate) async fn serve(
                         "expectedVersion": version,
                         "clientToken": format!("{thing}:{job}:final"),
                     });
-                    let key = (thing, job);
-                    lock(&updating).insert(key.clone());
-                    send(&link, &topic, body.clone()).await;
-                    repeat_until_answered(link, topic, body, move || {
-                        lock(&updating).contains(&key)
-                    });
+                    wait_for_answer(&unanswered, (thing, job, Asked::Update), &body);
+                    send(&link, &topic, body).await;
                 });
             }
             r if r.ends_with("/update/accepted") || r.ends_with("/update/rejected") => {
                 let job = r.split('/').next().unwrap_or_default().to_owned();
-                lock(&updating).remove(&(thing.clone(), job));
+                lock(&unanswered).remove(&(thing.clone(), job, Asked::Update));
                 if r.ends_with("/rejected") {
                     tracing::debug!(thing = %thing, topic = %m.topic, body = %body, "update rejected");
                 }
@@ -221,10 +222,32 @@ pub(crate) async fn serve(
     }
 }
 
-/// Requests sent and not answered yet, by (thing, job).
-type Unanswered = Arc<Mutex<HashSet<(String, String)>>>;
+/// Decisions taken at notify-next, by (thing, job).
+type Pending = Arc<Mutex<HashMap<(String, String), Decision>>>;
 
-fn lock(u: &Unanswered) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+/// Which request of a device waits for its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Asked {
+    /// `start-next`, answered once `start-next/accepted` names the job notified.
+    StartNext,
+    /// The final `{jobId}/update`, answered by `update/accepted` or `update/rejected`.
+    Update,
+}
+
+/// A request sent and not answered yet: what to send again, when, and how many more times.
+#[derive(Debug)]
+struct Repeat {
+    payload: Vec<u8>,
+    due: tokio::time::Instant,
+    left: u32,
+}
+
+/// Requests sent and not answered yet, by (thing, job, which), repeated by one task
+/// ([`repeat_unanswered`]) rather than a task each: when the broker is busy, tens of
+/// thousands wait at once, and a task each held about 1 KB.
+type Unanswered = Arc<Mutex<HashMap<(String, String, Asked), Repeat>>>;
+
+fn lock(u: &Unanswered) -> std::sync::MutexGuard<'_, HashMap<(String, String, Asked), Repeat>> {
     u.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -232,23 +255,71 @@ fn lock(u: &Unanswered) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> 
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 const REPEATS: u32 = 12;
 
-/// Sends `body` to `topic` again every [`ANSWER_WITHIN`] while `unanswered()` holds, at most
-/// [`REPEATS`] times.
-fn repeat_until_answered(
+/// Notes that request `key` waits for its answer: `body` is sent again after
+/// [`ANSWER_WITHIN`] while it does, at most [`REPEATS`] times.
+fn wait_for_answer(unanswered: &Unanswered, key: (String, String, Asked), body: &Value) {
+    let Ok(payload) = serde_json::to_vec(body) else {
+        return;
+    };
+    let due = tokio::time::Instant::now() + ANSWER_WITHIN;
+    lock(unanswered).insert(
+        key,
+        Repeat {
+            payload,
+            due,
+            left: REPEATS,
+        },
+    );
+}
+
+/// The topic a request is sent on.
+fn topic_of(thing: &str, job: &str, asked: Asked) -> String {
+    match asked {
+        Asked::StartNext => aws::topic(thing, "start-next"),
+        Asked::Update => aws::job_topic(thing, job, "update"),
+    }
+}
+
+/// Sends again, once a second, the requests whose answer is overdue; drops those answered
+/// (a `start-next` whose notified job was taken) and those repeated [`REPEATS`] times.
+async fn repeat_unanswered(
     link: Link,
-    topic: String,
-    body: Value,
-    unanswered: impl Fn() -> bool + Send + 'static,
+    unanswered: Unanswered,
+    pending: Pending,
+    shutdown: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        for _ in 0..REPEATS {
-            tokio::time::sleep(ANSWER_WITHIN).await;
-            if !unanswered() {
-                return;
-            }
-            send(&link, &topic, body.clone()).await;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
         }
-    });
+        let now = tokio::time::Instant::now();
+        let mut again = Vec::new();
+        {
+            let pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            lock(&unanswered).retain(|(thing, job, asked), r| {
+                if r.due > now {
+                    return true;
+                }
+                let answered = *asked == Asked::StartNext
+                    && !pending.contains_key(&(thing.clone(), job.clone()));
+                if answered || r.left == 0 {
+                    return false;
+                }
+                r.left -= 1;
+                r.due = now + ANSWER_WITHIN;
+                again.push((topic_of(thing, job, *asked), r.payload.clone()));
+                true
+            });
+        }
+        for (topic, payload) in again {
+            if let Err(e) = link.publish(&topic, payload, None).await {
+                tracing::warn!(topic, error.message = %e, "publish failed");
+            }
+        }
+    }
 }
 
 /// A device that missed a notification or dropped off with its job asks for its next job

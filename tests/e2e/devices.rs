@@ -837,6 +837,111 @@ async fn devices_verify_signed_job_documents_through_a_key_rotation_and_reject_u
     app.teardown().await;
 }
 
+/// What a device sends on the topics `heard` listens to (operation and body) within `window`.
+async fn listen(
+    heard: &mut tokio::sync::mpsc::Receiver<devices::mqtt::Message>,
+    window: Duration,
+) -> Vec<(String, Value)> {
+    let mut got = Vec::new();
+    let end = tokio::time::Instant::now() + window;
+    while let Ok(Some(m)) = tokio::time::timeout_at(end, heard.recv()).await {
+        let op = m
+            .topic
+            .rsplit("/jobs/")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        got.push((op, serde_json::from_slice(&m.payload).unwrap_or_default()));
+    }
+    got
+}
+
+/// A simulated AWS IoT Jobs device repeats a request it hears no answer to, as an agent with
+/// request timeouts does (a broker may drop a QoS 1 message for a client that falls behind),
+/// and stops once answered: `start-next` until `start-next/accepted` names its job, its final
+/// `update` until `update/accepted`.
+#[tokio::test]
+async fn a_simulated_aws_iot_jobs_device_repeats_unanswered_requests_until_answered() {
+    let _topics = AWS_TOPICS.lock().await;
+    // No workers: this test answers the device itself.
+    let mut app = spawn_app(
+        0,
+        &[
+            ("FLEETBATCH_WORKER__TRANSPORT", "mqtt"),
+            ("FLEETBATCH_WORKER__MQTT__PROTOCOL", "aws-iot-jobs"),
+            ("FLEETBATCH_WORKER__MQTT__VERSION", "5"),
+        ],
+    )
+    .await;
+    let port = harness::cluster::free_port().expect("port");
+    app.cluster
+        .start_fleet_sim(port, &["--devices", "16", "--mqtt", "aws-iot-jobs"])
+        .await
+        .expect("fleet-sim");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let thing = "dev-0000005";
+    let (link, mut heard) = devices::mqtt::connect(
+        &app.settings.worker.mqtt,
+        &format!("answers-{}", &app.names.namespace()[1..9]),
+        vec![
+            devices::aws::topic(thing, "start-next"),
+            devices::aws::topic(thing, "+/update"),
+        ],
+        stop.clone(),
+    )
+    .expect("connects");
+    while !link.is_connected() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let publish = |op: &str, body: Value| {
+        let (link, topic) = (link.clone(), devices::aws::topic(thing, op));
+        async move {
+            link.publish(&topic, body.to_string().into_bytes(), None)
+                .await
+                .expect("publish");
+        }
+    };
+    publish(
+        "notify-next",
+        json!({"timestamp": 1, "execution": {"jobId": "j1", "executionNumber": 1, "versionNumber": 1, "status": "QUEUED"}}),
+    )
+    .await;
+    // Unanswered: asked at once, and again about 5 s later.
+    let asked = listen(&mut heard, Duration::from_millis(8_500)).await;
+    let tokens: Vec<&str> = asked
+        .iter()
+        .map(|(op, b)| {
+            assert_eq!(op, "start-next", "{asked:?}");
+            b["clientToken"].as_str().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        tokens,
+        ["dev-0000005:j1", "dev-0000005:j1:again"],
+        "{asked:?}"
+    );
+
+    publish(
+        "start-next/accepted",
+        json!({"execution": {"jobId": "j1", "executionNumber": 1, "versionNumber": 2, "status": "IN_PROGRESS"}}),
+    )
+    .await;
+    // Answered: no more start-next; the final update comes, and again while unanswered.
+    let updates = listen(&mut heard, Duration::from_millis(8_500)).await;
+    assert_eq!(updates.len(), 2, "{updates:?}");
+    for (op, body) in &updates {
+        assert_eq!(op, "j1/update", "{updates:?}");
+        assert_eq!(body["status"], "SUCCEEDED");
+        assert_eq!(body["expectedVersion"], 2);
+    }
+    publish("j1/update/accepted", json!({"timestamp": 2})).await;
+    let after = listen(&mut heard, Duration::from_secs(7)).await;
+    assert!(after.is_empty(), "repeated after its answer: {after:?}");
+    stop.cancel();
+    app.teardown().await;
+}
+
 #[tokio::test]
 async fn an_aws_iot_jobs_device_that_missed_its_notification_is_notified_again_and_finishes() {
     let _topics = AWS_TOPICS.lock().await;
