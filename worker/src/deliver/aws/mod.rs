@@ -3,11 +3,12 @@
 //! Owns job executions as AWS IoT Jobs devices see them: state, `versionNumber`,
 //! `executionNumber`, times, status details and step timers, kept in Redis so that any worker
 //! can answer any device; and the request topics `$aws/things/{thing}/jobs/get`, `start-next`,
-//! `{jobId}/get` (`$next` included) and `{jobId}/update`, subscribed with a shared
-//! subscription so each request reaches one worker. A delivery queues the execution and sends
+//! `{jobId}/get` (`$next` included) and `{jobId}/update`, each request answered by one
+//! worker: through a shared subscription where the broker shares `$aws` topics, otherwise
+//! by the worker that claims it in Redis. A delivery queues the execution and sends
 //! `notify-next`/`notify` when it is new; the attempt then waits a short hold for the
-//! device's terminal update (routed to the worker holding the task through its reply topic,
-//! and polled from Redis). A device that has not finished by then leaves its execution
+//! device's terminal update (handed over in process when this worker answered it, else
+//! routed to the worker holding the task through its reply topic, and polled from Redis). A device that has not finished by then leaves its execution
 //! waiting in Redis, QUEUED or IN_PROGRESS, and its task parked without a worker slot; every
 //! change a device makes to an execution wakes its task ([`shared::parking::wake_device`]).
 //! State changes are Lua scripts: a version check and its write can never interleave with
