@@ -130,6 +130,10 @@ async fn the_benchmark_measures_a_device_path_with_the_devices_own_counts_and_co
 
 #[tokio::test]
 async fn the_aws_iot_jobs_path_is_measured_against_its_raw_mqtt_exchange_in_the_same_run() {
+    // Arrange: `$aws/things/...` topics are the same in every namespace; the other tests on
+    // them wait until this one is done.
+    let _topics = crate::devices::AWS_TOPICS.lock().await;
+
     // Act: devices on the AWS IoT Jobs API over MQTT, and before them the bare five-message
     // exchange through the same broker.
     let line = bench(&["--devices-over", "aws-iot-jobs"]).await;

@@ -282,8 +282,9 @@ pub(crate) fn aws_env() -> Vec<(&'static str, &'static str)> {
 }
 
 /// AWS IoT Jobs topics (`$aws/things/{thing}/jobs/...`) carry no namespace: the workers of one
-/// test would answer the requests of another test's devices. Tests that run AWS IoT Jobs
-/// workers hold this for their whole run.
+/// test would answer the requests of another test's devices, and a test listening on a thing's
+/// topics would hear another test's device of the same name. Tests that run AWS IoT Jobs
+/// workers or devices hold this for their whole run.
 pub(crate) static AWS_TOPICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
