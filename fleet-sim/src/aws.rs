@@ -119,7 +119,7 @@ pub(crate) async fn serve(
                 wait_for_answer(
                     &unanswered,
                     (thing, job.to_owned(), Asked::StartNext),
-                    &again,
+                    serialized(&again),
                 );
             }
             "start-next/accepted" => {
@@ -203,8 +203,9 @@ pub(crate) async fn serve(
                         "expectedVersion": version,
                         "clientToken": format!("{thing}:{job}:final"),
                     });
-                    wait_for_answer(&unanswered, (thing, job, Asked::Update), &body);
-                    send(&link, &topic, body).await;
+                    let payload = serialized(&body);
+                    wait_for_answer(&unanswered, (thing, job, Asked::Update), payload.clone());
+                    send_bytes(&link, &topic, payload).await;
                 });
             }
             r if r.ends_with("/update/accepted") || r.ends_with("/update/rejected") => {
@@ -255,12 +256,9 @@ fn lock(u: &Unanswered) -> std::sync::MutexGuard<'_, HashMap<(String, String, As
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 const REPEATS: u32 = 12;
 
-/// Notes that request `key` waits for its answer: `body` is sent again after
+/// Notes that request `key` waits for its answer: `payload` is sent again after
 /// [`ANSWER_WITHIN`] while it does, at most [`REPEATS`] times.
-fn wait_for_answer(unanswered: &Unanswered, key: (String, String, Asked), body: &Value) {
-    let Ok(payload) = serde_json::to_vec(body) else {
-        return;
-    };
+fn wait_for_answer(unanswered: &Unanswered, key: (String, String, Asked), payload: Vec<u8>) {
     let due = tokio::time::Instant::now() + ANSWER_WITHIN;
     lock(unanswered).insert(
         key,
@@ -315,9 +313,7 @@ async fn repeat_unanswered(
             });
         }
         for (topic, payload) in again {
-            if let Err(e) = link.publish(&topic, payload, None).await {
-                tracing::warn!(topic, error.message = %e, "publish failed");
-            }
+            send_bytes(&link, &topic, payload).await;
         }
     }
 }
@@ -339,9 +335,15 @@ pub(crate) async fn connected(link: &Link, thing: &str) {
 }
 
 async fn send(link: &Link, topic: &str, body: Value) {
-    let Ok(payload) = serde_json::to_vec(&body) else {
-        return;
-    };
+    send_bytes(link, topic, serialized(&body)).await;
+}
+
+/// A request's body as sent (a JSON value always serializes).
+fn serialized(body: &Value) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap_or_default()
+}
+
+async fn send_bytes(link: &Link, topic: &str, payload: Vec<u8>) {
     if let Err(e) = link.publish(topic, payload, None).await {
         tracing::warn!(topic, error.message = %e, "publish failed");
     }

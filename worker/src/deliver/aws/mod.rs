@@ -266,6 +266,12 @@ impl AwsJobs {
         recent.truncate(Self::RECENT);
     }
 
+    /// Forgets `job` as pending anywhere (it no longer exists).
+    fn forget(&self, job: &str) {
+        let mut recent = self.0.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|j| j != job);
+    }
+
     /// The jobs last seen pending, newest first.
     fn recent_jobs(&self) -> Vec<String> {
         let recent = self.0.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +326,8 @@ impl AwsJobs {
         let hold = self.hold(req);
         let until = tokio::time::Instant::now() + hold;
         loop {
-            if exec.status() == "QUEUED" && self.job_stopped(req.job_id).await {
+            // (A job whose state cannot be read is not taken for stopped.)
+            if exec.status() == "QUEUED" && self.stopped(&job).await == Ok(true) {
                 // A job canceled while its execution waits for the device: withdrawn now
                 // (the device is told its next job), not at the next look.
                 self.conclude(req, ExecutionState::Canceled).await;
@@ -460,17 +467,9 @@ impl AwsJobs {
         }
     }
 
-    /// Whether the job was canceled or aborted (as this worker's cache knows it).
-    async fn job_stopped(&self, job: Uuid) -> bool {
-        let mut redis = self.0.redis.clone();
-        matches!(
-            self.0.jobs.get(&mut redis, &self.0.names, job).await,
-            Ok(Some(view)) if view.state.is_stopping() || view.state.is_finished()
-        )
-    }
-
-    /// Whether `job` was canceled, aborted or finished (or no longer exists): its QUEUED
-    /// executions are withdrawn rather than handed to a device.
+    /// Whether `job` was canceled, aborted or finished (or no longer exists), as this worker's
+    /// cache knows it: its QUEUED executions are withdrawn rather than handed to a device. A
+    /// job found gone leaves the jobs remembered as recently pending.
     async fn stopped(&self, job: &str) -> Result<bool, String> {
         let Ok(id) = Uuid::parse_str(job) else {
             return Ok(false);
@@ -478,7 +477,10 @@ impl AwsJobs {
         let mut redis = self.0.redis.clone();
         match self.0.jobs.get(&mut redis, &self.0.names, id).await {
             Ok(Some(view)) => Ok(view.state.is_stopping() || view.state.is_finished()),
-            Ok(None) => Ok(true),
+            Ok(None) => {
+                self.forget(job);
+                Ok(true)
+            }
             Err(e) => Err(format!("job state unavailable: {e}")),
         }
     }
