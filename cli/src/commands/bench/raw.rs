@@ -57,7 +57,9 @@ pub(super) async fn raw_pipeline(
             )
             .await?;
     }
-    let redis = shared::store::connect(&settings.redis, "{bench-raw}").await?;
+    // This run's idempotency keys, deleted at its end (a key per device).
+    let keys: std::sync::Arc<str> = format!("{{bench-raw-{}}}", &tag[..8]).into();
+    let redis = shared::store::connect(&settings.redis, &keys).await?;
     let job_id = uuid::Uuid::now_v7();
     let props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -124,21 +126,27 @@ pub(super) async fn raw_pipeline(
         .await?;
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let acker = tokio::spawn(ack_watermark(tasks_ch.clone(), done_rx, n));
-    let (rq, rp, rr) = (results_q.clone(), props.clone(), redis.clone());
+    let (rq, rp, rr, rk) = (
+        results_q.clone(),
+        props.clone(),
+        redis.clone(),
+        keys.clone(),
+    );
     let handler = tokio::spawn(async move {
         let mut seen = 0;
         while let Some(Ok(d)) = tasks.next().await {
-            let (ch, q, p, mut redis, done) = (
+            let (ch, q, p, mut redis, done, keys) = (
                 reply_ch.clone(),
                 rq.clone(),
                 rp.clone(),
                 rr.clone(),
                 done_tx.clone(),
+                rk.clone(),
             );
             tokio::spawn(async move {
                 let task = shared::messages::decode_task(&d.data).ok()?;
                 let _: Option<String> = redis::cmd("SET")
-                    .arg(format!("{{bench-raw}}:idem:{}", task.execution_id))
+                    .arg(format!("{keys}:idem:{}", task.execution_id))
                     .arg("c")
                     .arg("NX")
                     .arg("PX")
@@ -222,7 +230,7 @@ pub(super) async fn raw_pipeline(
             .await;
     }
     let mut redis = redis;
-    shared::store::delete_matching(&mut redis, "bench-raw:idem:*").await?;
+    shared::store::delete_matching(&mut redis, &format!("{keys}:idem:*")).await?;
     let _ = conn.close(200, "done".into()).await;
     Ok((n as f64 / secs, secs))
 }
