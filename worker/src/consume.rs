@@ -225,22 +225,18 @@ async fn split(ctx: &Context, delivery: Delivery, tasks: &[DeviceTask]) {
             sent = Err(e);
         }
     }
-    let settled = match sent {
-        Ok(()) => {
-            tracing::info!(
-                tasks = tasks.len(),
-                "a redelivered batch goes on as one message a task"
-            );
-            delivery.acker.ack(BasicAckOptions::default()).await
-        }
-        Err(e) => {
-            tracing::warn!(error.message = %e, "could not split a redelivered batch; handing it back");
-            delivery.acker.nack(requeue()).await
-        }
-    };
-    if let Err(e) = settled {
-        tracing::warn!(error.message = %e, "could not settle a delivery");
+    if sent.is_ok() {
+        tracing::info!(
+            tasks = tasks.len(),
+            "a redelivered batch goes on as one message a task"
+        );
     }
+    ack_or_hand_back(
+        delivery,
+        sent,
+        "could not split a redelivered batch; handing it back",
+    )
+    .await;
 }
 
 /// Applies the outcomes of a batch's tasks: forwarded and handed-back copies are published
@@ -318,14 +314,24 @@ async fn settle_batch(
         Ok::<(), AmqpError>(())
     }
     .await;
-    let acked = match settled {
+    ack_or_hand_back(
+        delivery,
+        settled,
+        "could not settle a batch's tasks; handing the batch back",
+    )
+    .await;
+}
+
+/// Acks `delivery` once what it led to was published (`published`), else hands it back.
+async fn ack_or_hand_back(delivery: Delivery, published: Result<(), AmqpError>, failure: &str) {
+    let settled = match published {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
         Err(e) => {
-            tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(&e), "could not settle a batch's tasks; handing the batch back");
+            tracing::warn!(error.message = %e, error.cause_chain = %shared::telemetry::chain(&e), "{failure}");
             delivery.acker.nack(requeue()).await
         }
     };
-    if let Err(e) = acked {
+    if let Err(e) = settled {
         tracing::warn!(error.message = %e, "could not settle a delivery");
     }
 }
