@@ -1,8 +1,9 @@
 //! Retention: a finished job's data does not stay in Redis for ever.
 //!
-//! Owns the deletion of one job's data: its record, counters, statuses, state sets, waves,
-//! targets snapshot, slots, parked tasks, the idempotency record of each of its executions,
-//! and the device-side keys named after it (simulator memory, AWS IoT Jobs executions).
+//! Owns the deletion of one job's data, by name: its record, counters, statuses, state sets,
+//! waves, targets snapshot, parked tasks, the idempotency record of each of its executions,
+//! and the device-side keys named after it (simulator memory, AWS IoT Jobs executions); its
+//! in-flight slots lapse by themselves.
 //! `DELETE /v1/jobs/{id}` deletes a finished job at once; a sweep on every coordinator deletes
 //! jobs finished more than `coordinator.retention_secs` ago. It never deletes a job that is
 //! not finished (its planner and workers still write to it).
@@ -12,8 +13,10 @@ use std::{sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
 use shared::{
+    device_keys::DeviceKeys,
+    job::JobSpec,
     now_ms,
-    state::{JobState, execution_id},
+    state::{ExecutionState, JobState, execution_id},
     store::StoreError,
     topology::Names,
 };
@@ -28,6 +31,13 @@ const EVERY: Duration = Duration::from_secs(5);
 /// Deletes every key of finished job `id`; returns how many keys went. The caller checks
 /// that the job is finished.
 ///
+/// Keys are deleted by name, so the cost follows the job's size, not everything else Redis
+/// holds: the job's own keys (per state and per wave of its spec), the simulator's, and, found
+/// through its statuses, each execution's idempotency record and AWS IoT Jobs execution.
+/// Only a job whose spec cannot be read is looked for by pattern over the whole keyspace.
+/// Its in-flight slots are not named here: a slot is given back when its delivery ends, and
+/// one a stopped worker held lapses with its lease.
+///
 /// # Errors
 /// Redis errors.
 pub async fn delete_job_data(
@@ -35,8 +45,14 @@ pub async fn delete_job_data(
     names: &Names,
     id: Uuid,
 ) -> Result<u64, StoreError> {
+    let spec: Option<String> = redis.hget(names.job(id), "spec").await?;
+    let waves = spec
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<JobSpec>(s).ok())
+        .map(|s| s.rollout.waves.len());
     let mut deleted = 0u64;
-    // The idempotency record of each execution (named after the execution, not the job).
+    // Per execution, named after the job's devices (read before the status hash goes).
+    let job = id.to_string();
     let mut cursor: u64 = 0;
     loop {
         let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
@@ -49,7 +65,12 @@ pub async fn delete_job_data(
         if !pairs.is_empty() {
             let keys: Vec<String> = pairs
                 .iter()
-                .map(|(d, _)| names.idempotency(execution_id(id, d)))
+                .flat_map(|(d, _)| {
+                    [
+                        names.idempotency(execution_id(id, d)),
+                        names.aws_execution(&job, d),
+                    ]
+                })
                 .collect();
             let n: u64 = redis.unlink(&keys).await?;
             deleted += n;
@@ -69,9 +90,12 @@ pub async fn delete_job_data(
             .ignore();
         let () = pipe.query_async(redis).await?;
     }
-    // Every other key carries the job id in its name.
-    deleted +=
-        shared::store::delete_matching(redis, &format!("{}:*{id}*", names.key_prefix())).await?;
+    deleted += match waves {
+        Some(waves) => redis.unlink(job_keys(names, id, waves)).await?,
+        None => {
+            shared::store::delete_matching(redis, &format!("{}:*{id}*", names.key_prefix())).await?
+        }
+    };
     let mut pipe = redis::pipe();
     pipe.zrem(names.jobs(), id.to_string())
         .ignore()
@@ -82,6 +106,33 @@ pub async fn delete_job_data(
     let () = pipe.query_async(redis).await?;
     tracing::info!(job_id = %id, keys = deleted, "job data deleted");
     Ok(deleted)
+}
+
+/// The keys named after job `id` alone (not after one of its devices), for a spec of `waves`
+/// waves.
+fn job_keys(names: &Names, id: Uuid, waves: usize) -> Vec<String> {
+    let mut keys = vec![
+        names.job(id),
+        names.job_counts(id),
+        names.job_status(id),
+        names.job_targets(id),
+        names.job_wave_pool(id),
+        names.job_wave_counts(id),
+        names.job_wave_of(id),
+        names.planner_lock(id),
+        names.parked_job(id),
+        names.sim_deliveries(id),
+        names.sim_done(id),
+        names.sim_applied(id),
+        names.sim_totals(id),
+        names.sim_log(id),
+    ];
+    keys.extend(ExecutionState::ALL.map(|s| names.job_state_set(id, s)));
+    for wave in 0..waves {
+        keys.push(names.job_wave(id, wave));
+        keys.push(names.job_wave_candidates(id, wave));
+    }
+    keys
 }
 
 /// Deletes jobs finished more than `coordinator.retention_secs` ago, until `stop` fires

@@ -8,8 +8,9 @@
 //! - [`protocol`]: the fleetbatch device protocol's JSON documents and MQTT topics.
 //! - [`aws`]: the AWS IoT Jobs device API's topics, built and parsed in one place for both
 //!   sides.
-//! - [`keys`]: the Redis keys and MQTT names only the device side uses (simulator memory,
-//!   AWS IoT Jobs executions, the shared-subscription group).
+//! - [`keys`]: the Redis keys and MQTT names of the device side (simulator memory, AWS IoT
+//!   Jobs executions, the shared-subscription group), named in `shared` so that the
+//!   coordinator can delete a job's keys by name.
 //! - [`mqtt`]: one MQTT 3.1.1/5 connection (TLS, credentials, resubscription, reconnects).
 //! - [`simdevice`]: how a simulated device behaves (the workers' built-in simulator and
 //!   `fleet-sim`).
@@ -19,7 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod aws;
-pub mod keys;
+pub use shared::device_keys as keys;
 pub mod mqtt;
 pub mod protocol;
 pub mod simdevice;

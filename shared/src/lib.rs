@@ -13,6 +13,8 @@
 //! - [`device`]: the device record and the one attribute filter.
 //! - [`messages`]: the MessagePack wire types (`DeviceTask`, `TaskResult`, `ControlMessage`).
 //! - [`topology`]: exchange, queue, header and Redis key names, and `declare()`.
+//! - [`device_keys`]: the device side's Redis keys (simulator memory, AWS IoT Jobs
+//!   executions), named here so that a job's data can be deleted by name.
 //! - [`amqp`]: connecting, confirmed publishing and the trace-context header carrier.
 //! - [`store`]: Redis connection and the job records both sides read.
 //! - [`telemetry`]: tracing subscriber and OTLP export, set up in one place.
@@ -36,6 +38,7 @@ pub mod backoff;
 pub mod coalesce;
 pub mod config;
 pub mod device;
+pub mod device_keys;
 pub mod job;
 pub mod messages;
 pub mod parking;

@@ -209,11 +209,16 @@ async fn a_finished_jobs_data_goes_after_its_retention_and_delete_refuses_a_runn
     let app = spawn_app(1, &[("FLEETBATCH_COORDINATOR__RETENTION_SECS", "3")]).await;
     let n = 100;
     app.import_fleet(n).await;
-    let id = app.create_job(&firmware_job(json!({}))).await;
+    // In two waves, so that its keys include the waves'.
+    let id = app
+        .create_job(&firmware_job(json!({"rollout": {"waves": [
+            {"count": 40, "success_threshold": 0}, {}]}})))
+        .await;
     app.wait_for_job(id, Duration::from_secs(60)).await;
+    let kept = keys_of_job(&app, id, n).await;
     assert!(
-        !keys_of_job(&app, id, n).await.is_empty(),
-        "the job has data"
+        kept.iter().any(|k| k.contains(":wave:")),
+        "the job has data, its waves' too: {kept:?}"
     );
     // A job that has not finished is not deleted.
     let later = app

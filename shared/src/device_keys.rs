@@ -1,9 +1,10 @@
-//! Redis keys and MQTT names that only the device side uses: the built-in simulator's device
-//! memory, AWS IoT Jobs executions, the workers' shared-subscription group. They live in the
-//! deployment's namespace like every other key ([`shared::topology::Names`]); the coordinator
-//! never reads them.
+//! Redis keys and MQTT names of the device side: the built-in simulator's device memory, AWS
+//! IoT Jobs executions, the workers' shared-subscription group. They live in the deployment's
+//! namespace like every other key ([`crate::topology::Names`]). The workers' device transports
+//! and `fleet-sim` write and read them; the coordinator never reads them, and only deletes
+//! those named after a job with the job's other data (retention).
 
-use shared::topology::Names;
+use crate::topology::Names;
 use uuid::Uuid;
 
 /// The device side's keys, on a deployment's [`Names`].
