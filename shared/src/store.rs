@@ -433,6 +433,12 @@ local finals = {{IN_PROGRESS = 'COMPLETED', PAUSED = 'COMPLETED', CANCELING = 'C
 local final = finals[j[3] or '']
 local planned = tonumber(j[2])
 local fw = j[4]
+-- Counters are summed here and written once a call; the job's terminal count is kept
+-- current for the completion check.
+local waved = redis.call('EXISTS', KEYS[5]) == 1
+local terminal = tonumber(redis.call('HGET', KEYS[2], 'terminal')) or 0
+local counts, wave_counts = {{}}, {{}}
+local function add(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 1, n do
   local a, k = 3 + (i - 1) * 4, 7 + (i - 1) * 5
   local device, counter, status, state = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -448,11 +454,11 @@ for i = 1, n do
   else
     redis.call('HSET', KEYS[3], device, status)
     redis.call('SADD', KEYS[k + 1], device)
-    redis.call('HINCRBY', KEYS[2], counter, 1)
-    local wave = redis.call('HGET', KEYS[5], device)
+    add(counts, counter)
+    local wave = waved and redis.call('HGET', KEYS[5], device)
     if wave then
-      redis.call('HINCRBY', KEYS[7], wave .. ':' .. counter, 1)
-      redis.call('HINCRBY', KEYS[7], wave .. ':terminal', 1)
+      add(wave_counts, wave .. ':' .. counter)
+      add(wave_counts, wave .. ':terminal')
     end
     if state == 'SUCCEEDED' and fw and fw ~= '' and redis.call('EXISTS', KEYS[k + 2]) == 1 then
       redis.call('HSET', KEYS[k + 2], 'fw', fw)
@@ -462,7 +468,8 @@ for i = 1, n do
         redis.call('ZADD', KEYS[6], 'XX', ARGV[1], id)
       end
     end
-    local terminal = redis.call('HINCRBY', KEYS[2], 'terminal', 1)
+    add(counts, 'terminal')
+    terminal = terminal + 1
     codes[i] = 1
     if final and j[1] == '1' and planned == terminal then
       redis.call('HSET', KEYS[1], 'state', final, 'finished_at_ms', ARGV[1], 'updated_at_ms', ARGV[1])
@@ -472,6 +479,8 @@ for i = 1, n do
     end
   end
 end
+for field, by in pairs(counts) do redis.call('HINCRBY', KEYS[2], field, by) end
+for field, by in pairs(wave_counts) do redis.call('HINCRBY', KEYS[7], field, by) end
 return codes
 "#
     ))
