@@ -34,7 +34,7 @@ const EVERY: Duration = Duration::from_secs(5);
 /// Keys are deleted by name, so the cost follows the job's size, not everything else Redis
 /// holds: the job's own keys (per state and per wave of its spec), the simulator's, and, found
 /// through its statuses, each execution's idempotency record and AWS IoT Jobs execution.
-/// Only a job whose spec cannot be read is looked for by pattern over the whole keyspace.
+/// Only a job whose stored spec is corrupt is looked for by pattern over the whole keyspace.
 /// Its in-flight slots are not named here: a slot is given back when its delivery ends, and
 /// one a stopped worker held lapses with its lease.
 ///
@@ -46,10 +46,13 @@ pub async fn delete_job_data(
     id: Uuid,
 ) -> Result<u64, StoreError> {
     let spec: Option<String> = redis.hget(names.job(id), "spec").await?;
-    let waves = spec
-        .as_deref()
-        .and_then(|s| serde_json::from_str::<JobSpec>(s).ok())
-        .map(|s| s.rollout.waves.len());
+    // (A record already gone took its waves' keys with it: they go in one call.)
+    let waves = match spec {
+        None => Some(0),
+        Some(s) => serde_json::from_str::<JobSpec>(&s)
+            .ok()
+            .map(|s| s.rollout.waves.len()),
+    };
     let mut deleted = 0u64;
     // Per execution, named after the job's devices (read before the status hash goes).
     let job = id.to_string();
